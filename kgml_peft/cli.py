@@ -1,0 +1,187 @@
+"""The ``kgml-peft`` command line: a thin shell over the library.
+
+Every command's user errors (bad data, bad files, bad options) print one ``error: ...`` line on
+stderr and exit with code 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from kgml_peft import __version__
+from kgml_peft.errors import KgmlPeftError
+
+DEFAULT_BACKBONE = Path("checkpoints") / "demo.safetensors"
+
+
+class UserError(click.ClickException):
+    """A :class:`KgmlPeftError` on its way out of the CLI: one line, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # noqa: D102 - click API
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class Group(click.Group):
+    """A click group that turns the toolkit's errors into :class:`UserError`."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D102 - click API
+        try:
+            return super().invoke(ctx)
+        except KgmlPeftError as exc:
+            raise UserError(str(exc).replace("\n", " ")) from None
+        except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
+            raise UserError(f"{exc.strerror or exc}: {exc.filename}") from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kgml-peft")
+def cli() -> None:
+    """Site calibration of knowledge-guided carbon-flux models (KGML-ag) with small adapters."""
+
+
+def _echo_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@cli.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output table (.csv or .parquet).")
+@click.option("--observed", is_flag=True, help="Flux-tower flavour: few years, noise, gaps, only NEE/Reco.")
+@click.option("--seed", default=0, show_default=True, help="Random seed.")
+@click.option("--max-sites-per-region", type=click.IntRange(min=1), default=None,
+              help="Keep only the first N sites of each region (small data for tests).")
+@click.option("--max-years-per-site", type=click.IntRange(min=1), default=None,
+              help="Keep only the first N years of each site.")
+def synth(out: Path, observed: bool, seed: int, max_sites_per_region: int | None,
+          max_years_per_site: int | None) -> None:
+    """Generate process-model demo data (Iowa, Illinois, Indiana) in the data contract."""
+    from kgml_peft.data.synthetic import SynthConfig, simulate
+    from kgml_peft.data.tables import table_format, write_table
+
+    table_format(out)
+    config = SynthConfig(seed=seed, observed=observed, max_sites_per_region=max_sites_per_region,
+                         max_years_per_site=max_years_per_site)
+    frame = simulate(config)
+    write_table(frame, out)
+    years = frame.groupby("site")["date"].agg(lambda d: d.dt.year.nunique()).sum()
+    click.echo(f"wrote {out}: {len(frame)} site-days, {frame['site'].nunique()} sites, "
+               f"{years} site-years ({'observed' if observed else 'synthetic'})")
+
+
+@cli.command()
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path),
+              help="Synthetic (process-model) table for phases 1, 2 and 4.")
+@click.option("--observed", type=click.Path(path_type=Path), default=None,
+              help="Observed table (NEE/Reco, survey yields) for phases 3 and 5.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="TOML pretraining config (default: the built-in demo config).")
+@click.option("--name", default="demo", show_default=True, help="Checkpoint name.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("checkpoints"), show_default=True, help="Folder for <name>.safetensors.")
+@click.option("--seed", type=int, default=None, help="Override the config's seed.")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
+              help="Override the config's mixed precision.")
+@click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: str, out_dir: Path,
+             seed: int | None, mixed_precision: str | None, cpu: bool, quiet: bool) -> None:
+    """Global pretraining (Eq. 1) with the staged KGML-ag schedule; writes a backbone checkpoint."""
+    import dataclasses
+
+    from kgml_peft import schema
+    from kgml_peft.data.tables import load_table
+    from kgml_peft.store.atomic import check_writable_target
+    from kgml_peft.store.checkpoint import save_backbone
+    from kgml_peft.train.pretrain import PretrainConfig
+    from kgml_peft.train.pretrain import pretrain as run_pretrain
+
+    schema.check_site_id(name)
+    target = check_writable_target(out_dir / f"{name}.safetensors")
+    config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
+    if mixed_precision is not None:
+        config = dataclasses.replace(config, mixed_precision=mixed_precision)
+    features = config.backbone.features
+    synthetic = load_table(data, features, require_targets=("Ra", "Rh", "NEE", "Yield"))
+    obs = load_table(observed, features) if observed else None
+    start = time.perf_counter()
+    result = run_pretrain(synthetic, obs, config, cpu=cpu, progress=not quiet)
+    fp = save_backbone(target, result.model, result.scalers, result.summary)
+    for phase in result.summary["phases"]:
+        click.echo(f"phase {phase['name']:<11} steps {phase['steps']:>5}  "
+                   f"best epoch {phase['best_epoch']:>3}  val loss {phase['best_val_loss']:.4f}")
+    for skipped in result.summary["skipped_phases"]:
+        click.echo(f"phase {skipped:<11} skipped (no --observed data)")
+    click.echo(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB, fingerprint {fp[:16]}) "
+               f"in {time.perf_counter() - start:.0f} s")
+
+
+def _print_report(report: dict, as_json: bool, level: str) -> None:
+    from kgml_peft.evaluation import region_table
+
+    if as_json:
+        _echo_json(report)
+        return
+    table = region_table(report, level)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@cli.command()
+@click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
+              show_default=True, help="Backbone checkpoint (.safetensors).")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Table to evaluate.")
+@click.option("--site", default=None, help="A site id or region label (default: everything).")
+@click.option("--by", type=click.Choice(["region", "site"]), default="region", show_default=True,
+              help="Rows of the printed table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def evaluate(backbone: Path, data: Path, site: str | None, by: str, as_json: bool) -> None:
+    """MSE (scaled and physical units), R^2 and physics violations per region and site."""
+    from kgml_peft.data.tables import read_table
+    from kgml_peft.evaluation import evaluate as run_evaluate
+    from kgml_peft.store.checkpoint import load_backbone
+
+    model = load_backbone(backbone)
+    report = run_evaluate(model, read_table(data), site=site)
+    _print_report(report, as_json, f"{by}s")
+
+
+@cli.command()
+@click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
+              show_default=True, help="Backbone checkpoint (.safetensors).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the demo data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+def demo(backbone: Path, seed: int, as_json: bool) -> None:
+    """Synthesize the demo data and evaluate the shipped backbone per state."""
+    from kgml_peft.data.synthetic import SynthConfig, simulate
+    from kgml_peft.evaluation import evaluate as run_evaluate
+    from kgml_peft.store.checkpoint import load_backbone
+
+    model = load_backbone(backbone)
+    reports = {}
+    for flavour, observed in (("synthetic", False), ("observed", True)):
+        frame = simulate(SynthConfig(seed=seed, observed=observed))
+        reports[flavour] = run_evaluate(model, frame)
+    if as_json:
+        _echo_json(reports)
+        return
+    click.echo(f"backbone {backbone} (fingerprint {model.fingerprint[:16]})")
+    for flavour, report in reports.items():
+        click.echo(f"\n{flavour} demo data, per state (MSE in (gC m-2 d-1)^2, Yield in (t ha-1)^2):")
+        _print_report(report, False, "regions")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="kgml-peft")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Long site-day tables: read CSV/Parquet, validate against the data contract, write atomically.
+
+Validation errors name the column, the site and the first offending date, so a user can find the
+row, e.g. ``column TMAX_AIR has 3 NaN values (site IA-004, first 2003-07-14)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kgml_peft import schema
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.store.atomic import atomic_path
+
+_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+# What a value out of range usually means: the column was given in another unit.
+_UNIT_HINTS = {
+    "RADN": "W m-2 instead of MJ m-2 d-1? multiply W m-2 by 0.0864",
+    "TMAX_AIR": "Kelvin or Fahrenheit instead of degC?",
+    "HMAX_AIR": "a fraction instead of percent, or absolute humidity?",
+    "HDIF_AIR": "a fraction instead of percent, or absolute humidity?",
+    "GPP": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",
+    "NEE": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",
+    "Reco": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",
+    "TSOC": "percent instead of g kg-1? multiply by 10",
+}
+
+
+def table_format(path: str | os.PathLike) -> str:
+    """Return ``"csv"`` or ``"parquet"`` for a table path, from its extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in _FORMATS:
+        raise KgmlPeftError(f"{path}: unknown table format {suffix or '(none)'!r}; use .csv or .parquet")
+    return _FORMATS[suffix]
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a long site-day table from CSV or Parquet (by extension), without validating it."""
+    source = Path(path)
+    kind = table_format(source)
+    if source.is_dir():
+        raise KgmlPeftError(f"{source} is a directory, expected a {kind} file")
+    if not source.exists():
+        raise KgmlPeftError(f"data file {source} does not exist")
+    try:
+        if kind == "csv":
+            frame = pd.read_csv(source)
+        else:
+            frame = pd.read_parquet(source)
+    except pd.errors.EmptyDataError:
+        raise KgmlPeftError(f"{source} is empty") from None
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KgmlPeftError(f"cannot read {source} as {kind}: {first}") from None
+    except Exception as exc:  # pyarrow raises its own types for corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KgmlPeftError(f"cannot read {source} as {kind}: {first}") from None
+    if frame.empty:
+        raise KgmlPeftError(f"{source} has no rows")
+    return frame
+
+
+def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``frame`` as CSV or Parquet (by extension), atomically."""
+    kind = table_format(path)
+    with atomic_path(path) as tmp:
+        if kind == "csv":
+            frame.to_csv(tmp, index=False, date_format="%Y-%m-%d")
+        else:
+            frame.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def _missing_column(name: str, columns: Sequence[str], why: str) -> KgmlPeftError:
+    close = difflib.get_close_matches(name, [str(c) for c in columns], n=1, cutoff=0.6)
+    hint = f"; did you mean to rename {close[0]!r}?" if close else ""
+    return KgmlPeftError(f"missing column {name} ({why}){hint}")
+
+
+def _where(frame: pd.DataFrame, bad: pd.Series) -> str:
+    row = frame.loc[bad.to_numpy()].iloc[0]
+    return f"site {row[schema.SITE]}, first {pd.Timestamp(row[schema.DATE]).date()}"
+
+
+def _check_numeric(frame: pd.DataFrame, name: str, allow_nan: bool) -> None:
+    column = frame[name]
+    if column.dtype == bool or not pd.api.types.is_numeric_dtype(column):
+        converted = pd.to_numeric(column, errors="coerce")
+        bad = converted.isna() & column.notna()
+        if bad.any():
+            value = column[bad].iloc[0]
+            raise KgmlPeftError(
+                f"column {name} is not numeric: {bad.sum()} values such as {value!r} "
+                f"({_where(frame, bad)})"
+            )
+        frame[name] = converted.astype("float64")
+    else:
+        frame[name] = column.astype("float64")
+    values = frame[name]
+    nan = values.isna()
+    if nan.any() and not allow_nan:
+        raise KgmlPeftError(f"column {name} has {nan.sum()} NaN values ({_where(frame, nan)})")
+    inf = np.isinf(values.to_numpy())
+    if inf.any():
+        bad = pd.Series(inf, index=frame.index)
+        raise KgmlPeftError(f"column {name} has {inf.sum()} infinite values ({_where(frame, bad)})")
+    spec = schema.COLUMNS[name]
+    out = (values < spec.low) | (values > spec.high)
+    if out.any():
+        value = values[out].iloc[0]
+        hint = _UNIT_HINTS.get(name)
+        unit_hint = f"; {hint}" if hint else ""
+        raise KgmlPeftError(
+            f"column {name} has {out.sum()} values outside [{spec.low:g}, {spec.high:g}] {spec.unit}, "
+            f"e.g. {value:g} ({_where(frame, out)}){unit_hint}"
+        )
+
+
+def validate_table(
+    frame: pd.DataFrame,
+    features: Sequence[str],
+    targets: Sequence[str] | None = None,
+    require_targets: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Check a site-day table against the data contract and return a clean, sorted copy.
+
+    ``features`` must all be present, numeric, finite, without NaN and in physical range.
+    ``targets`` (default: every known target present in the table) may hold NaN (missing
+    observations are masked later) but not inf or out-of-range values. ``require_targets`` must be
+    present as columns. Raises :class:`KgmlPeftError` naming the column, site and date of the
+    first problem.
+    """
+    columns = list(frame.columns)
+    for name in schema.ID_COLUMNS:
+        if name not in frame.columns:
+            raise _missing_column(name, columns, "every table needs site, region and date")
+    for name in features:
+        if name not in frame.columns:
+            raise _missing_column(name, columns, "an input of the backbone")
+    for name in require_targets:
+        if name not in frame.columns:
+            raise _missing_column(name, columns, "a target this command needs")
+    if targets is None:
+        targets = [t for t in schema.TARGETS if t in frame.columns]
+    keep = list(schema.ID_COLUMNS) + list(dict.fromkeys([*features, *targets]))
+    frame = frame[keep].copy()
+
+    for name in (schema.SITE, schema.REGION):
+        if frame[name].isna().any():
+            raise KgmlPeftError(f"column {name} has {frame[name].isna().sum()} empty values")
+        frame[name] = frame[name].astype(str)
+    for site in frame[schema.SITE].unique():
+        schema.check_site_id(site)
+    for region in frame[schema.REGION].unique():
+        if not region.strip():
+            raise KgmlPeftError("column region has empty values")
+
+    dates = pd.to_datetime(frame[schema.DATE], errors="coerce")
+    bad_dates = dates.isna()
+    if bad_dates.any():
+        row = frame.loc[bad_dates].iloc[0]
+        raise KgmlPeftError(
+            f"column date has {bad_dates.sum()} values that are not dates, e.g. "
+            f"{row[schema.DATE]!r} (site {row[schema.SITE]})"
+        )
+    frame[schema.DATE] = dates.dt.normalize()
+    if hasattr(frame[schema.DATE].dt, "tz") and frame[schema.DATE].dt.tz is not None:
+        frame[schema.DATE] = frame[schema.DATE].dt.tz_localize(None)
+
+    dup = frame.duplicated([schema.SITE, schema.DATE], keep="first")
+    if dup.any():
+        raise KgmlPeftError(f"{dup.sum()} duplicate site-dates ({_where(frame, dup)})")
+    regions = frame.groupby(schema.SITE)[schema.REGION].nunique()
+    if (regions > 1).any():
+        site = regions[regions > 1].index[0]
+        raise KgmlPeftError(f"site {site} has more than one region")
+
+    for name in features:
+        _check_numeric(frame, name, allow_nan=False)
+    for name in targets:
+        if name not in features:
+            _check_numeric(frame, name, allow_nan=True)
+
+    days = frame.groupby(schema.SITE).size()
+    short = days[days < schema.DAYS_PER_YEAR]
+    if len(short):
+        site = short.index[0]
+        raise KgmlPeftError(
+            f"site {site} has only {short.iloc[0]} days; at least one complete year "
+            f"({schema.DAYS_PER_YEAR} days) is needed"
+        )
+    return frame.sort_values([schema.SITE, schema.DATE], kind="stable").reset_index(drop=True)
+
+
+def load_table(
+    path: str | os.PathLike,
+    features: Sequence[str],
+    targets: Sequence[str] | None = None,
+    require_targets: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Read and validate a table in one call (see :func:`read_table`, :func:`validate_table`)."""
+    return validate_table(read_table(path), features, targets, require_targets)
+
+
+def select_sites(frame: pd.DataFrame, selector: str | None) -> pd.DataFrame:
+    """Rows of one site id or of one region label; ``None`` or ``"all"`` keeps every row."""
+    if selector is None or selector == "all":
+        return frame
+    by_site = frame[frame[schema.SITE] == selector]
+    if len(by_site):
+        return by_site.reset_index(drop=True)
+    by_region = frame[frame[schema.REGION] == selector]
+    if len(by_region):
+        return by_region.reset_index(drop=True)
+    sites = sorted(frame[schema.SITE].unique())
+    regions = sorted(frame[schema.REGION].unique())
+    raise KgmlPeftError(
+        f"unknown site or region {selector!r}; the data has regions {', '.join(regions)} "
+        f"and {len(sites)} sites (e.g. {', '.join(sites[:3])})"
+    )

@@ -1,0 +1,130 @@
+"""The KGML-ag backbone (CO2 version, Liu et al. 2024), built from a config.
+
+Wiring (B = batch of site-years, T = 365 days, F = features, H = hidden size)::
+
+    x [B,T,F] --gru_basis (2 layers)--> b [B,T,H]
+    b --attention over days--> pooled [B,H] --MLP--> Yield [B]
+    [b, x] --gru_ra (1 layer)--> Linear --> Ra [B,T]
+    [b, x] --gru_rh (2 layers)--> Linear --> Rh [B,T]
+    [Ra, Rh, x] --gru_nee (1 layer)--> Linear --> NEE [B,T]
+
+All outputs are in the scaled (z-score) units of the backbone's scalers. The GRU modules keep the
+names above because site adapters target their weights (``gru_ra.weight_ih_l0`` ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from kgml_peft import schema
+from kgml_peft.errors import KgmlPeftError
+
+#: The recurrent modules, in the order they run.
+GRU_NAMES: tuple[str, ...] = ("gru_basis", "gru_ra", "gru_rh", "gru_nee")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Architecture of a KGML-ag backbone. The feature list fixes the input columns and order."""
+
+    features: tuple[str, ...] = field(default=schema.DEFAULT_FEATURES)
+    hidden_size: int = 32
+    dropout: float = 0.1
+    attention_size: int = 16
+    yield_hidden: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", schema.check_feature_names(self.features))
+        if self.hidden_size < 1 or self.attention_size < 1 or self.yield_hidden < 1:
+            raise KgmlPeftError("hidden_size, attention_size and yield_hidden must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise KgmlPeftError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        data = asdict(self)
+        data["features"] = list(self.features)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BackboneConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {"features", "hidden_size", "dropout", "attention_size", "yield_hidden"}
+        extra = set(data) - known
+        if extra:
+            raise KgmlPeftError(f"unknown backbone config key {sorted(extra)[0]!r}")
+        data = dict(data)
+        if "features" in data:
+            data["features"] = tuple(data["features"])
+        return cls(**data)
+
+
+class KGMLag(nn.Module):
+    """KGML-ag: daily Ra, Rh, NEE and annual yield from daily inputs (see module docstring)."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        f, h = len(config.features), config.hidden_size
+        self.gru_basis = nn.GRU(f, h, num_layers=2, batch_first=True, dropout=config.dropout)
+        self.drop = nn.Dropout(config.dropout)
+        self.attn_score = nn.Sequential(
+            nn.Linear(h, config.attention_size), nn.Tanh(), nn.Linear(config.attention_size, 1)
+        )
+        self.yield_head = nn.Sequential(
+            nn.Linear(h, config.yield_hidden), nn.ReLU(), nn.Linear(config.yield_hidden, 1)
+        )
+        self.gru_ra = nn.GRU(h + f, h, num_layers=1, batch_first=True)
+        self.ra_out = nn.Linear(h, 1)
+        self.gru_rh = nn.GRU(h + f, h, num_layers=2, batch_first=True, dropout=config.dropout)
+        self.rh_out = nn.Linear(h, 1)
+        self.gru_nee = nn.GRU(2 + f, h, num_layers=1, batch_first=True)
+        self.nee_out = nn.Linear(h, 1)
+
+    def forward(
+        self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run one year (or any number of days) of inputs ``x`` [B, T, F].
+
+        ``state`` carries the GRU hidden states from the previous year of the same sites (the
+        ``state`` entry of a previous call); ``None`` starts from zeros. Returns ``Ra``, ``Rh``,
+        ``NEE`` [B, T], ``Yield`` [B] (scaled units) and ``state``.
+        """
+        if x.dim() != 3 or x.shape[-1] != len(self.config.features):
+            raise KgmlPeftError(
+                f"expected inputs of shape [batch, days, {len(self.config.features)}], "
+                f"got {list(x.shape)}"
+            )
+        state = state or {}
+        basis, h_basis = self.gru_basis(x, state.get("gru_basis"))
+        basis = self.drop(basis)
+        weights = torch.softmax(self.attn_score(basis).squeeze(-1), dim=1)
+        pooled = torch.einsum("bt,bth->bh", weights, basis)
+        yield_ = self.yield_head(pooled).squeeze(-1)
+        joint = torch.cat([basis, x], dim=-1)
+        h_ra_seq, h_ra = self.gru_ra(joint, state.get("gru_ra"))
+        ra = self.ra_out(h_ra_seq).squeeze(-1)
+        h_rh_seq, h_rh = self.gru_rh(joint, state.get("gru_rh"))
+        rh = self.rh_out(self.drop(h_rh_seq)).squeeze(-1)
+        nee_in = torch.cat([ra.unsqueeze(-1), rh.unsqueeze(-1), x], dim=-1)
+        h_nee_seq, h_nee = self.gru_nee(nee_in, state.get("gru_nee"))
+        nee = self.nee_out(h_nee_seq).squeeze(-1)
+        return {
+            "Ra": ra,
+            "Rh": rh,
+            "NEE": nee,
+            "Yield": yield_,
+            "state": {"gru_basis": h_basis, "gru_ra": h_ra, "gru_rh": h_rh, "gru_nee": h_nee},
+        }
+
+
+def build_backbone(config: BackboneConfig, seed: int | None = None) -> KGMLag:
+    """A freshly initialised backbone; ``seed`` makes the initial weights reproducible."""
+    if seed is None:
+        return KGMLag(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return KGMLag(config)

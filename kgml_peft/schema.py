@@ -1,0 +1,121 @@
+"""The data contract: column names, units, physical ranges and site-id rules.
+
+Everything that reads or writes a table refers to the names here, so that one place says what a
+column means. Units follow DESIGN.md: fluxes in gC m-2 d-1, radiation in MJ m-2 d-1, temperatures
+in degC, humidity in percent relative humidity, wind in m s-1, precipitation in mm d-1.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kgml_peft.errors import KgmlPeftError
+
+#: Identifier columns of the long table.
+SITE = "site"
+REGION = "region"
+DATE = "date"
+ID_COLUMNS: tuple[str, ...] = (SITE, REGION, DATE)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the data contract: its unit and the range a physical value can take."""
+
+    name: str
+    unit: str
+    low: float
+    high: float
+    description: str
+    #: True for soil properties that are constant for a site.
+    static: bool = False
+
+
+_COLUMNS: tuple[Column, ...] = (
+    # daily weather
+    Column("RADN", "MJ m-2 d-1", 0.0, 45.0, "incoming shortwave radiation, daily total"),
+    Column("TMAX_AIR", "degC", -50.0, 55.0, "daily maximum air temperature"),
+    Column("TDIF_AIR", "degC", 0.0, 40.0, "daily air temperature range (max - min)"),
+    Column("HMAX_AIR", "%", 0.0, 100.0, "daily maximum relative humidity"),
+    Column("HDIF_AIR", "%", 0.0, 100.0, "daily relative humidity range (max - min)"),
+    Column("WIND", "m s-1", 0.0, 40.0, "daily mean wind speed"),
+    Column("PRECN", "mm d-1", 0.0, 500.0, "daily precipitation"),
+    # management and vegetation
+    Column("Crop_Type", "1 = corn, 0 = soybean", 0.0, 1.0, "crop grown in the year"),
+    Column("GPP", "gC m-2 d-1", -5.0, 50.0, "gross primary production (an input, as in KGML-ag)"),
+    Column("Year", "year", 1900.0, 2100.0, "calendar year"),
+    # static soil properties (top soil)
+    Column("TBKDS", "g cm-3", 0.5, 2.5, "bulk density", static=True),
+    Column("TSAND", "%", 0.0, 100.0, "sand content", static=True),
+    Column("TSILT", "%", 0.0, 100.0, "silt content", static=True),
+    Column("TFC", "m3 m-3", 0.0, 1.0, "volumetric water content at field capacity", static=True),
+    Column("TWP", "m3 m-3", 0.0, 1.0, "volumetric water content at wilting point", static=True),
+    Column("TKSat", "mm h-1", 0.0, 2000.0, "saturated hydraulic conductivity", static=True),
+    Column("TSOC", "g kg-1", 0.0, 600.0, "soil organic carbon concentration", static=True),
+    Column("TPH", "pH", 2.0, 12.0, "soil pH", static=True),
+    Column("TCEC", "cmol kg-1", 0.0, 200.0, "cation exchange capacity", static=True),
+    # targets
+    Column("Ra", "gC m-2 d-1", -10.0, 60.0, "autotrophic respiration"),
+    Column("Rh", "gC m-2 d-1", -10.0, 60.0, "heterotrophic respiration"),
+    Column("NEE", "gC m-2 d-1", -60.0, 60.0, "net ecosystem exchange = Reco - GPP (+ = source)"),
+    Column("Reco", "gC m-2 d-1", -10.0, 80.0, "ecosystem respiration = Ra + Rh"),
+    Column("Yield", "t ha-1", 0.0, 30.0, "annual grain yield, dry matter"),
+)
+
+COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}
+
+#: KGML-ag inputs in their canonical order.
+ALL_INPUTS: tuple[str, ...] = (
+    "RADN", "TMAX_AIR", "TDIF_AIR", "HMAX_AIR", "HDIF_AIR", "WIND", "PRECN", "Crop_Type", "GPP",
+    "Year", "TBKDS", "TSAND", "TSILT", "TFC", "TWP", "TKSat", "TSOC", "TPH", "TCEC",
+)
+#: The default backbone features: all KGML-ag inputs except ``Year``, which carries no physics and
+#: extrapolates outside its training range whenever validation years come after training years.
+DEFAULT_FEATURES: tuple[str, ...] = tuple(f for f in ALL_INPUTS if f != "Year")
+
+#: Daily flux targets predicted by the backbone, in output order.
+FLUX_OUTPUTS: tuple[str, ...] = ("Ra", "Rh", "NEE")
+#: Daily targets a table may carry; ``Reco`` is compared with the predicted Ra + Rh.
+DAILY_TARGETS: tuple[str, ...] = ("Ra", "Rh", "NEE", "Reco")
+#: Annual target (one value per site-year, repeated or given on any day of the year).
+ANNUAL_TARGETS: tuple[str, ...] = ("Yield",)
+TARGETS: tuple[str, ...] = DAILY_TARGETS + ANNUAL_TARGETS
+
+#: Days per year window. Leap years lose 29 February, so every window has the same length.
+DAYS_PER_YEAR = 365
+
+SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_site_id(site: object) -> str:
+    """Return ``site`` as a string if it is a safe site id, else raise :class:`KgmlPeftError`.
+
+    Site ids become file names (``adapters/<site>.safetensors``), so they may only contain
+    letters, digits, ``_``, ``.`` and ``-``, must start with a letter or digit, and are at most 64
+    characters long.
+    """
+    text = str(site)
+    if not SITE_ID_PATTERN.fullmatch(text):
+        raise KgmlPeftError(
+            f"unsafe site id {text!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+def check_feature_names(features: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Validate a backbone feature list against the known KGML-ag inputs."""
+    features = tuple(features)
+    if not features:
+        raise KgmlPeftError("the feature list is empty")
+    unknown = [f for f in features if f not in ALL_INPUTS]
+    if unknown:
+        raise KgmlPeftError(
+            f"unknown feature {unknown[0]!r}; known inputs are: {', '.join(ALL_INPUTS)}"
+        )
+    if len(set(features)) != len(features):
+        raise KgmlPeftError("the feature list names a column twice")
+    if "GPP" not in features:
+        raise KgmlPeftError("the feature list must contain GPP (the mass balance needs it)")
+    return features

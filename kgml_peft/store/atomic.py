@@ -1,0 +1,50 @@
+"""Atomic file writes: write to a temporary file in the target folder, then rename over the target.
+
+A reader (or a crash) therefore sees either the old file or the complete new one, never a half
+written file. ``os.replace`` is atomic on POSIX and Windows when both paths are on one file system,
+which is why the temporary file lives next to the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from kgml_peft.errors import KgmlPeftError
+
+
+def check_writable_target(path: str | os.PathLike) -> Path:
+    """Check that ``path`` can be written as a file: its folder exists and it is not a folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise KgmlPeftError(f"{target} is a directory, expected a file path")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise KgmlPeftError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise KgmlPeftError(f"output folder {folder} is not writable")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    If the body raises, the temporary file is removed and ``path`` is left as it was.
+    """
+    target = check_writable_target(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

@@ -1,0 +1,157 @@
+"""Backbone checkpoints: one safetensors file, tensors + JSON metadata, fingerprinted. No pickle.
+
+Layout of ``checkpoints/<name>.safetensors``:
+
+* tensors: the backbone's ``state_dict`` under its own names (``gru_basis.weight_ih_l0`` ...),
+  float32;
+* ``__metadata__`` (strings): ``format`` = ``kgml-peft/backbone``, ``format_version``, ``config``
+  (JSON :class:`~kgml_peft.model.backbone.BackboneConfig`), ``features``, ``targets``, ``scalers``
+  (JSON means/stds), ``training`` (JSON summary: seed, phases, data hashes, validation curves),
+  ``fingerprint``, ``toolkit_version``, ``torch_version``.
+
+The fingerprint is a SHA-256 over the canonical JSON of the config and scalers and over every
+tensor's name, dtype, shape and bytes: everything that decides the backbone's predictions, and
+nothing else (training logs do not change it). Adapters record it and are refused on a backbone
+with another fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from kgml_peft import __version__, schema
+from kgml_peft.data.windows import Scalers
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model.backbone import BackboneConfig, KGMLag
+from kgml_peft.store.atomic import atomic_path
+
+FORMAT = "kgml-peft/backbone"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone: the model (eval mode), its config, scalers, fingerprint and metadata."""
+
+    model: KGMLag
+    config: BackboneConfig
+    scalers: Scalers
+    fingerprint: str
+    training: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _canonical(data: object) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def fingerprint(
+    state_dict: dict[str, torch.Tensor], config: BackboneConfig, scalers: Scalers
+) -> str:
+    """SHA-256 (hex) of config, scalers and tensors (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    digest.update(_canonical({"config": config.to_dict(), "scalers": scalers.to_dict()}))
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(_canonical([name, str(tensor.dtype), list(tensor.shape)]))
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_backbone(
+    path: str | os.PathLike,
+    model: KGMLag,
+    scalers: Scalers,
+    training: dict | None = None,
+) -> str:
+    """Write ``model`` with its scalers and training summary atomically; return the fingerprint."""
+    config = model.config
+    scalers.require([*config.features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
+    tensors = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
+    fp = fingerprint(tensors, config, scalers)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "features": json.dumps(list(config.features)),
+        "targets": json.dumps(list(schema.TARGETS)),
+        "scalers": json.dumps(scalers.to_dict(), sort_keys=True),
+        "training": json.dumps(training or {}, sort_keys=True),
+        "fingerprint": fp,
+        "toolkit_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return fp
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.exists():
+        raise KgmlPeftError(f"backbone {path} does not exist")
+    if path.is_dir():
+        raise KgmlPeftError(f"backbone {path} is a directory, expected a .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise KgmlPeftError(f"backbone {path} is not a readable safetensors file ({first})") from None
+    return tensors, metadata
+
+
+def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
+    """Load and verify a backbone checkpoint (format, shapes, finite values, fingerprint)."""
+    source = Path(path)
+    tensors, metadata = _read(source)
+    if metadata.get("format") != FORMAT:
+        raise KgmlPeftError(
+            f"{source} is not a kgml-peft backbone (format {metadata.get('format')!r})"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise KgmlPeftError(
+            f"{source} has backbone format version {metadata.get('format_version')!r}; "
+            f"this toolkit reads version {FORMAT_VERSION}"
+        )
+    try:
+        config = BackboneConfig.from_dict(json.loads(metadata["config"]))
+        scalers = Scalers.from_dict(json.loads(metadata["scalers"]))
+        training = json.loads(metadata.get("training", "{}"))
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise KgmlPeftError(f"{source} has unreadable metadata ({exc})") from None
+    model = KGMLag(config)
+    expected = model.state_dict()
+    if set(tensors) != set(expected):
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise KgmlPeftError(f"{source} does not match its config: {what}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise KgmlPeftError(
+                f"{source}: tensor {name} has shape {list(tensor.shape)}, "
+                f"the config needs {list(expected[name].shape)}"
+            )
+        if tensor.dtype != torch.float32:
+            raise KgmlPeftError(f"{source}: tensor {name} is {tensor.dtype}, expected float32")
+        if not torch.isfinite(tensor).all():
+            raise KgmlPeftError(f"{source}: tensor {name} contains NaN or inf")
+    fp = fingerprint(tensors, config, scalers)
+    if metadata.get("fingerprint") != fp:
+        raise KgmlPeftError(
+            f"{source}: fingerprint mismatch (stored {metadata.get('fingerprint', '')[:16]}, "
+            f"computed {fp[:16]}); the file was modified or is corrupt"
+        )
+    model.load_state_dict(tensors)
+    model.to(device).eval()
+    return Backbone(model=model, config=config, scalers=scalers, fingerprint=fp,
+                    training=training, path=source)

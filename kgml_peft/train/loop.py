@@ -1,0 +1,189 @@
+"""One Accelerate training loop for every phase of pretraining (and, later, calibration).
+
+A phase names its data, its target weights, which modules train, epochs, learning rate, batch size
+and the physics weight. The loop runs on whatever device Accelerate picks (``--cpu`` forces CPU),
+supports mixed precision, logs the validation loss after every epoch with the global optimizer step,
+stops early when the validation loss stops improving and restores the best weights of the phase.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from kgml_peft import schema
+from kgml_peft.data.windows import Scalers, WindowDataset
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model.outputs import physical, scaled_targets
+from kgml_peft.train.objectives import objective, target_errors
+
+DATA_SOURCES = ("synthetic", "observed")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One stage of training: data, targets (name -> loss weight), trainable modules, optimiser."""
+
+    name: str
+    data: str = "synthetic"
+    targets: dict[str, float] = field(default_factory=lambda: {"Ra": 1.0, "Rh": 1.0, "NEE": 1.0})
+    #: module-name prefixes that train (``"*"`` = all); everything else is frozen in this phase
+    trainable: tuple[str, ...] = ("*",)
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    physics_weight: float = 0.1
+    response_weight: float = 0.0
+    #: epochs without validation improvement before stopping (0 = run all epochs)
+    patience: int = 0
+
+    def __post_init__(self) -> None:
+        if self.data not in DATA_SOURCES:
+            raise KgmlPeftError(f"phase {self.name}: data must be one of {DATA_SOURCES}")
+        unknown = [t for t in self.targets if t not in schema.TARGETS]
+        if unknown:
+            raise KgmlPeftError(f"phase {self.name}: unknown target {unknown[0]!r}")
+        if not self.targets:
+            raise KgmlPeftError(f"phase {self.name}: no targets")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise KgmlPeftError(f"phase {self.name}: epochs >= 0, batch_size >= 1, lr > 0 needed")
+        object.__setattr__(self, "trainable", tuple(self.trainable))
+        object.__setattr__(self, "targets", {k: float(v) for k, v in self.targets.items()})
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        data = asdict(self)
+        data["trainable"] = list(self.trainable)
+        return data
+
+
+def set_trainable(model: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter except those whose name starts with one of ``prefixes``."""
+    params = []
+    for name, param in model.named_parameters():
+        train = "*" in prefixes or any(name.startswith(p) for p in prefixes)
+        param.requires_grad_(train)
+        if train:
+            params.append(param)
+    if not params:
+        raise KgmlPeftError(f"no parameter matches the trainable prefixes {list(prefixes)}")
+    return params
+
+
+def validation_loss(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    scalers: Scalers,
+    weights: dict[str, float],
+    accelerator: Accelerator,
+) -> float:
+    """Weighted masked MSE (scaled units) of the phase's targets over a whole loader."""
+    names = tuple(weights)
+    model.eval()
+    sse_total = torch.zeros(len(names), dtype=torch.float64)
+    count_total = torch.zeros(len(names), dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            with accelerator.autocast():
+                out = model(batch["x"])
+            out = {k: v.float() for k, v in out.items() if k != "state"}
+            sse, count = target_errors(scaled_targets(out, scalers, physical(out, scalers)), batch, names)
+            sse, count = accelerator.gather_for_metrics((sse, count))
+            sse_total += sse.double().sum(0).cpu()
+            count_total += count.double().sum(0).cpu()
+    per_target = sse_total / count_total.clamp_min(1.0)
+    w = torch.tensor([weights[n] for n in names], dtype=torch.float64)
+    return float((per_target * w).sum() / w.sum())
+
+
+@dataclass
+class PhaseResult:
+    """What a phase did: its curve (one entry per epoch), best epoch and optimizer steps."""
+
+    name: str
+    curve: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = float("nan")
+    steps: int = 0
+
+
+def run_phase(
+    model: torch.nn.Module,
+    phase: PhaseConfig,
+    train_set: WindowDataset,
+    val_set: WindowDataset | None,
+    scalers: Scalers,
+    accelerator: Accelerator,
+    *,
+    seed: int,
+    tolerance: float,
+    step_offset: int = 0,
+    reference: torch.nn.Module | None = None,
+    response_feature: int | None = None,
+    progress: bool = True,
+) -> PhaseResult:
+    """Train ``model`` (already prepared by ``accelerator``) for one phase; keep its best weights."""
+    raw = accelerator.unwrap_model(model)
+    params = set_trainable(raw, phase.trainable)
+    optimizer = torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(train_set, batch_size=phase.batch_size, shuffle=True, generator=generator)
+    val_loader = DataLoader(val_set, batch_size=max(phase.batch_size, 64)) if val_set else None
+    optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+
+    result = PhaseResult(name=phase.name)
+    best_state = copy.deepcopy(raw.state_dict())
+    best = val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator) if val_loader else float("nan")
+    result.curve.append({"phase": phase.name, "epoch": 0, "step": step_offset,
+                         "train_loss": None, "val_loss": val_loss})
+    result.best_val_loss = best
+    stale = 0
+    bar = tqdm(range(1, phase.epochs + 1), desc=phase.name, disable=not progress, leave=False,
+               unit="epoch")
+    step = step_offset
+    for epoch in bar:
+        model.train()
+        total, batches = 0.0, 0
+        for batch in train_loader:
+            with accelerator.autocast():
+                loss = objective(model, batch, scalers, phase.targets, phase.physics_weight,
+                                 tolerance, reference, phase.response_weight, response_feature)
+            if not torch.isfinite(loss):
+                raise KgmlPeftError(
+                    f"phase {phase.name}: the loss became {loss.item()} at epoch {epoch}; "
+                    "lower the learning rate"
+                )
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+            step += 1
+        train_loss = total / max(batches, 1)
+        if val_loader is not None:
+            val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
+        result.curve.append({"phase": phase.name, "epoch": epoch, "step": step,
+                             "train_loss": train_loss, "val_loss": val_loss})
+        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        if val_loader is None or val_loss < best:
+            best, stale = val_loss, 0
+            result.best_epoch, result.best_val_loss = epoch, val_loss
+            best_state = copy.deepcopy(raw.state_dict())
+        else:
+            stale += 1
+            if phase.patience and stale >= phase.patience:
+                break
+    raw.load_state_dict(best_state)
+    set_trainable(raw, ("*",))
+    result.steps = step - step_offset
+    model.eval()
+    return result

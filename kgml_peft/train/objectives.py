@@ -1,0 +1,93 @@
+"""Training objectives: masked multi-target prediction loss plus lambda * L_phys (Eq. 1).
+
+Later objectives (Eq. 2's mu-anchor, Eq. 3's rho-penalty) add terms to the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from kgml_peft import schema
+from kgml_peft.data.windows import Scalers
+from kgml_peft.model import physics
+from kgml_peft.model.outputs import physical, scaled_targets
+
+
+def target_errors(
+    scaled: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], names: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample sum of squared errors and observation counts, [B, len(names)] each."""
+    sse, count = [], []
+    for name in names:
+        if name in schema.DAILY_TARGETS:
+            j = schema.DAILY_TARGETS.index(name)
+            target, mask = batch["daily"][..., j], batch["daily_mask"][..., j]
+            dims = (1,)
+        else:
+            j = schema.ANNUAL_TARGETS.index(name)
+            target, mask = batch["annual"][..., j], batch["annual_mask"][..., j]
+            dims = ()
+        m = mask.to(scaled[name].dtype)
+        sq = torch.where(mask, scaled[name] - target, torch.zeros_like(target)).square() * m
+        sse.append(sq.sum(dim=dims) if dims else sq)
+        count.append(m.sum(dim=dims) if dims else m)
+    return torch.stack(sse, -1), torch.stack(count, -1)
+
+
+def prediction_loss(
+    scaled: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    weights: Mapping[str, float],
+) -> torch.Tensor:
+    """Weighted sum of each target's masked MSE (scaled units); unobserved targets add 0."""
+    names = tuple(weights)
+    sse, count = target_errors(scaled, batch, names)
+    per_target = sse.sum(0) / count.sum(0).clamp_min(1.0)
+    w = torch.tensor([weights[n] for n in names], dtype=per_target.dtype, device=per_target.device)
+    return (per_target * w).sum()
+
+
+def physics_loss(
+    phys: Mapping[str, torch.Tensor], gpp: torch.Tensor, scalers: Scalers, tolerance: float
+) -> torch.Tensor:
+    """L_phys = mass-balance excess + negative Ra/Rh, both divided by the NEE scale."""
+    scale = scalers.std["NEE"]
+    mass = physics.mass_balance_loss(
+        phys["Ra"], phys["Rh"], phys["NEE"], gpp, tolerance=tolerance, scale=scale
+    )
+    return mass + physics.nonnegativity_loss(phys["Ra"], phys["Rh"], scale=scale)
+
+
+def objective(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    scalers: Scalers,
+    weights: Mapping[str, float],
+    physics_weight: float,
+    tolerance: float,
+    reference: torch.nn.Module | None = None,
+    response_weight: float = 0.0,
+    response_feature: int | None = None,
+) -> torch.Tensor:
+    """Eq. 1: L_pred + lambda * L_phys (+ response consistency against ``reference``)."""
+    out = model(batch["x"])
+    phys = physical(out, scalers)
+    loss = prediction_loss(scaled_targets(out, scalers, phys), batch, weights)
+    if physics_weight:
+        loss = loss + physics_weight * physics_loss(phys, batch["gpp"], scalers, tolerance)
+    if reference is not None and response_weight and response_feature is not None:
+        def predict(x: torch.Tensor, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return physical(net(x), scalers)
+
+        mine = physics.perturbed_response(
+            lambda x: predict(x, model), batch["x"], response_feature, 1.0, base=phys
+        )
+        with torch.no_grad():
+            ref = physics.perturbed_response(
+                lambda x: predict(x, reference), batch["x"], response_feature, 1.0
+            )
+        resp = sum(physics.response_consistency_loss(mine[k], ref[k]) for k in mine)
+        loss = loss + response_weight * resp
+    return loss

@@ -1,0 +1,215 @@
+"""Global pretraining (Eq. 1) with the staged KGML-ag schedule.
+
+Default phases (``PretrainConfig().phases``), in order:
+
+1. ``yield_ra``    synthetic data, Yield + Ra, trains gru_basis, the yield head and gru_ra;
+2. ``fluxes``      synthetic data, Ra + Rh + NEE (+ Reco), trains everything;
+3. ``yield_tune``  observed survey yields, trains only the attention and yield head;
+4. ``maintain``    synthetic Ra + Rh + NEE again, so the flux branches keep their process knowledge;
+5. ``observed``    flux-tower style observations (NEE, Reco with gaps), all flux branches, low lr,
+                   response consistency against the model as it stood after phase 4.
+
+Scalers are fitted once, on the training years of the synthetic data, and stored with the backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from kgml_peft import schema
+from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows, make_windows, split_by_year
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model.backbone import BackboneConfig, KGMLag, build_backbone
+from kgml_peft.train.loop import PhaseConfig, PhaseResult, run_phase
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+_FLUX_BRANCHES = ("gru_ra", "ra_out", "gru_rh", "rh_out", "gru_nee", "nee_out")
+
+
+def default_phases() -> tuple[PhaseConfig, ...]:
+    """The demo schedule (five KGML-ag steps), sized to run in a few minutes on 2 CPU cores."""
+    return (
+        PhaseConfig("yield_ra", "synthetic", {"Yield": 1.0, "Ra": 1.0},
+                    ("gru_basis", "attn_score", "yield_head", "gru_ra", "ra_out"),
+                    epochs=12, lr=3e-3, physics_weight=0.0),
+        PhaseConfig("fluxes", "synthetic", {"Ra": 1.0, "Rh": 1.0, "NEE": 1.0, "Reco": 0.5},
+                    ("*",), epochs=30, lr=2e-3, physics_weight=0.1, patience=6),
+        PhaseConfig("yield_tune", "observed", {"Yield": 1.0}, ("attn_score", "yield_head"),
+                    epochs=10, lr=1e-3, physics_weight=0.0, patience=4),
+        PhaseConfig("maintain", "synthetic", {"Ra": 1.0, "Rh": 1.0, "NEE": 1.0, "Reco": 0.5},
+                    _FLUX_BRANCHES, epochs=4, lr=5e-4, physics_weight=0.1),
+        PhaseConfig("observed", "observed", {"NEE": 1.0, "Reco": 1.0},
+                    ("gru_basis", *_FLUX_BRANCHES), epochs=25, lr=5e-4, batch_size=16,
+                    physics_weight=0.1, response_weight=0.05, patience=6),
+    )
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """A whole pretraining run: architecture, phases, seed, validation split, physics tolerance."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    phases: tuple[PhaseConfig, ...] = field(default_factory=default_phases)
+    seed: int = 0
+    val_fraction: float = 0.2
+    tolerance: float = 0.05
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            raise KgmlPeftError("pretraining needs at least one phase")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise KgmlPeftError("mixed_precision must be no, fp16 or bf16")
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (stored in the checkpoint's training summary)."""
+        return {
+            "backbone": self.backbone.to_dict(),
+            "phases": [p.to_dict() for p in self.phases],
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "tolerance": self.tolerance,
+            "mixed_precision": self.mixed_precision,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PretrainConfig:
+        """Build from a dict shaped like :meth:`to_dict` (every key optional)."""
+        data = dict(data)
+        known = {"backbone", "phases", "seed", "val_fraction", "tolerance", "mixed_precision"}
+        extra = set(data) - known
+        if extra:
+            raise KgmlPeftError(f"unknown pretraining config key {sorted(extra)[0]!r}")
+        kwargs: dict = {k: data[k] for k in ("seed", "val_fraction", "tolerance", "mixed_precision") if k in data}
+        if "backbone" in data:
+            kwargs["backbone"] = BackboneConfig.from_dict(data["backbone"])
+        if "phases" in data:
+            try:
+                kwargs["phases"] = tuple(PhaseConfig(**p) for p in data["phases"])
+            except TypeError as exc:
+                raise KgmlPeftError(f"bad phase in config: {exc}") from None
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> PretrainConfig:
+        """Read a TOML config file (see ``configs/demo.toml``)."""
+        source = Path(path)
+        if not source.is_file():
+            raise KgmlPeftError(f"config file {source} does not exist")
+        try:
+            data = tomllib.loads(source.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise KgmlPeftError(f"cannot parse {source}: {exc}") from None
+        return cls.from_dict(data)
+
+
+@dataclass
+class PretrainResult:
+    """The trained backbone, its scalers and the training summary stored in the checkpoint."""
+
+    model: KGMLag
+    scalers: Scalers
+    summary: dict
+
+
+def frame_hash(frame: pd.DataFrame) -> str:
+    """SHA-256 of a table's contents (row order and columns included), for data provenance."""
+    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    digest = hashlib.sha256(hashed.tobytes())
+    digest.update(",".join(map(str, frame.columns)).encode())
+    return digest.hexdigest()
+
+
+def _split(windows: YearWindows, fraction: float) -> tuple[YearWindows, YearWindows | None]:
+    train, val = split_by_year(windows, fraction)
+    return windows.subset(train), (windows.subset(val) if len(val) else None)
+
+
+def pretrain(
+    synthetic: pd.DataFrame,
+    observed: pd.DataFrame | None = None,
+    config: PretrainConfig | None = None,
+    *,
+    cpu: bool = False,
+    progress: bool = True,
+) -> PretrainResult:
+    """Run Eq. 1's staged pretraining on validated tables and return the trained backbone.
+
+    Phases whose data is ``observed`` are skipped (and recorded as skipped) when ``observed`` is
+    ``None``. Same tables, config and seed give the same weights on CPU.
+    """
+    config = config or PretrainConfig()
+    set_seed(config.seed, deterministic=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+    features = config.backbone.features
+
+    data: dict[str, tuple[YearWindows, YearWindows | None]] = {}
+    data["synthetic"] = _split(make_windows(synthetic, features), config.val_fraction)
+    if observed is not None:
+        data["observed"] = _split(make_windows(observed, features), config.val_fraction)
+    scalers = Scalers.fit(data["synthetic"][0])
+    scalers.require([*features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
+    sets = {k: (WindowDataset(tr, scalers), WindowDataset(va, scalers) if va is not None else None)
+            for k, (tr, va) in data.items()}
+
+    model = build_backbone(config.backbone, seed=config.seed)
+    model = accelerator.prepare(model)
+    gpp_index = features.index("GPP")
+    results: list[PhaseResult] = []
+    skipped: list[str] = []
+    step = 0
+    reference: KGMLag | None = None
+    for i, phase in enumerate(config.phases):
+        if phase.data not in sets:
+            skipped.append(phase.name)
+            continue
+        if phase.response_weight and reference is None:
+            reference = copy.deepcopy(accelerator.unwrap_model(model)).eval()
+            for p in reference.parameters():
+                p.requires_grad_(False)
+        train_set, val_set = sets[phase.data]
+        result = run_phase(model, phase, train_set, val_set, scalers, accelerator,
+                           seed=config.seed + i, tolerance=config.tolerance, step_offset=step,
+                           reference=reference, response_feature=gpp_index, progress=progress)
+        step += result.steps
+        results.append(result)
+
+    model = accelerator.unwrap_model(model).cpu().eval()
+    summary = {
+        "config": config.to_dict(),
+        "data": {
+            name: {
+                "hash": frame_hash(frame),
+                "sites": int(frame[schema.SITE].nunique()),
+                "train_site_years": len(data[name][0]),
+                "val_site_years": len(data[name][1]) if data[name][1] is not None else 0,
+                "first_date": str(frame[schema.DATE].min().date()),
+                "last_date": str(frame[schema.DATE].max().date()),
+            }
+            for name, frame in (("synthetic", synthetic), ("observed", observed))
+            if frame is not None
+        },
+        "phases": [
+            {"name": r.name, "steps": r.steps, "best_epoch": r.best_epoch,
+             "best_val_loss": r.best_val_loss} for r in results
+        ],
+        "skipped_phases": skipped,
+        "curves": [entry for r in results for entry in r.curve],
+        "total_steps": step,
+    }
+    return PretrainResult(model=model, scalers=scalers, summary=summary)
