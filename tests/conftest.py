@@ -1,0 +1,65 @@
+"""Shared fixtures: a small valid site-day table and a real (untrained) backbone on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kgml_peft import schema
+from kgml_peft.data.windows import Scalers, make_windows
+from kgml_peft.data.tables import validate_table
+from kgml_peft.model.backbone import BackboneConfig, build_backbone
+from kgml_peft.store.checkpoint import save_backbone
+
+
+def make_frame(sites: dict[str, str] | None = None, years: tuple[int, ...] = (2003, 2004),
+               seed: int = 0) -> pd.DataFrame:
+    """A small in-range table with a seasonal cycle and exact mass balance (not the simulator)."""
+    sites = sites or {"IA-001": "IA", "IL-001": "IL"}
+    rng = np.random.default_rng(seed)
+    frames = []
+    for site, region in sites.items():
+        dates = pd.date_range(f"{years[0]}-01-01", f"{years[-1]}-12-31", freq="D")
+        season = np.sin(2 * np.pi * (dates.dayofyear.to_numpy() - 100) / 365).clip(0)
+        n = len(dates)
+        frame = pd.DataFrame({"site": site, "region": region, "date": dates})
+        frame["RADN"] = 5 + 18 * season + rng.uniform(0, 2, n)
+        frame["TMAX_AIR"] = -2 + 28 * season + rng.normal(0, 2, n)
+        frame["TDIF_AIR"] = 10 + rng.uniform(0, 3, n)
+        frame["HMAX_AIR"] = 90 + rng.uniform(0, 5, n)
+        frame["HDIF_AIR"] = 30 + rng.uniform(0, 10, n)
+        frame["WIND"] = 4 + rng.uniform(0, 2, n)
+        frame["PRECN"] = rng.exponential(2.5, n)
+        frame["Crop_Type"] = (dates.year % 2).astype(float)
+        frame["GPP"] = 15 * season ** 2 + rng.uniform(0, 0.5, n)
+        frame["Year"] = dates.year.astype(float)
+        for name, value in {"TBKDS": 1.3, "TSAND": 20.0, "TSILT": 60.0, "TFC": 0.33, "TWP": 0.15,
+                            "TKSat": 15.0, "TSOC": 25.0, "TPH": 6.5, "TCEC": 20.0}.items():
+            frame[name] = value + rng.uniform(0, 0.01)
+        frame["Ra"] = 0.45 * frame["GPP"] + 0.2
+        frame["Rh"] = 0.5 + 2.5 * season
+        frame["NEE"] = frame["Ra"] + frame["Rh"] - frame["GPP"]
+        frame["Reco"] = frame["Ra"] + frame["Rh"]
+        frame["Yield"] = 10.0 + 0.1 * (dates.year - years[0]) + rng.uniform(0, 0.1)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.fixture
+def frame() -> pd.DataFrame:
+    """A valid two-site, two-year table."""
+    return make_frame()
+
+
+@pytest.fixture(scope="session")
+def backbone_path(tmp_path_factory) -> Path:
+    """A real, untrained backbone checkpoint (fixed seed) with scalers fitted on ``make_frame``."""
+    config = BackboneConfig(hidden_size=8, attention_size=4, yield_hidden=8)
+    table = validate_table(make_frame(), config.features)
+    scalers = Scalers.fit(make_windows(table, config.features))
+    path = tmp_path_factory.mktemp("backbone") / "tiny.safetensors"
+    save_backbone(path, build_backbone(config, seed=0), scalers, {"note": "untrained test backbone"})
+    return path

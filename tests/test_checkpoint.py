@@ -1,0 +1,89 @@
+"""Backbone checkpoints: round trip, fingerprint stability, refusal of foreign or changed files."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.store.checkpoint import FORMAT, fingerprint, load_backbone, save_backbone
+
+
+def test_round_trip_keeps_tensors_scalers_and_predictions(backbone_path, tmp_path):
+    loaded = load_backbone(backbone_path)
+    copy = tmp_path / "copy.safetensors"
+    fp = save_backbone(copy, loaded.model, loaded.scalers, loaded.training)
+    again = load_backbone(copy)
+    assert fp == loaded.fingerprint == again.fingerprint
+    assert again.scalers == loaded.scalers and again.config == loaded.config
+    x = torch.randn(2, 365, len(loaded.config.features))
+    torch.testing.assert_close(again.model(x)["NEE"], loaded.model(x)["NEE"], rtol=0, atol=0)
+    # same tensors bit for bit and same metadata (safetensors orders header keys at random)
+    a, b = load_file(str(copy)), load_file(str(backbone_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(copy), framework="pt") as x, safe_open(str(backbone_path), framework="pt") as y:
+        assert x.metadata() == y.metadata()
+
+
+def test_fingerprint_depends_on_weights_and_scalers_not_on_training_log(backbone_path, tmp_path):
+    b = load_backbone(backbone_path)
+    state = b.model.state_dict()
+    fp = fingerprint(state, b.config, b.scalers)
+    other_log = tmp_path / "log.safetensors"
+    assert save_backbone(other_log, b.model, b.scalers, {"note": "other"}) == fp
+    state2 = {k: v.clone() for k, v in state.items()}
+    state2["nee_out.bias"] += 1e-6
+    assert fingerprint(state2, b.config, b.scalers) != fp
+    scalers = type(b.scalers)(mean=dict(b.scalers.mean), std=dict(b.scalers.std))
+    scalers.mean["GPP"] += 0.1
+    assert fingerprint(state, b.config, scalers) != fp
+
+
+def test_metadata_holds_config_scalers_fingerprint(backbone_path):
+    with safe_open(str(backbone_path), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["format"] == FORMAT
+    assert json.loads(meta["config"])["hidden_size"] == 8
+    assert "GPP" in json.loads(meta["scalers"])["mean"]
+    assert json.loads(meta["features"])[0] == "RADN"
+    assert len(meta["fingerprint"]) == 64
+
+
+def test_modified_tensor_is_refused(backbone_path, tmp_path):
+    tensors = load_file(str(backbone_path))
+    with safe_open(str(backbone_path), framework="pt") as handle:
+        meta = handle.metadata()
+    tensors["ra_out.bias"] = tensors["ra_out.bias"] + 1
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(KgmlPeftError, match="fingerprint mismatch"):
+        load_backbone(bad)
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(KgmlPeftError, match="not a readable safetensors file"):
+        load_backbone(path)
+    assert not marker.exists()
+
+
+def test_failed_write_leaves_previous_file(backbone_path, tmp_path):
+    b = load_backbone(backbone_path)
+    target = tmp_path / "kept.safetensors"
+    save_backbone(target, b.model, b.scalers, {})
+    before = target.read_bytes()
+
+    with pytest.raises(TypeError):
+        save_backbone(target, b.model, b.scalers, {"bad": object()})  # not JSON serialisable
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.safetensors"]
