@@ -42,8 +42,15 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kgml-peft")
-def cli() -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              envvar="KGML_PEFT_THREADS",
+              help="CPU threads for torch. The GRUs are small and step day by day, so one thread "
+                   "is as fast as several and never slowed down by other busy processes.")
+def cli(threads: int) -> None:
     """Site calibration of knowledge-guided carbon-flux models (KGML-ag) with small adapters."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _echo_json(data: object) -> None:
@@ -64,8 +71,10 @@ def synth(out: Path, observed: bool, seed: int, max_sites_per_region: int | None
     """Generate process-model demo data (Iowa, Illinois, Indiana) in the data contract."""
     from kgml_peft.data.synthetic import SynthConfig, simulate
     from kgml_peft.data.tables import table_format, write_table
+    from kgml_peft.store.atomic import check_writable_target
 
     table_format(out)
+    check_writable_target(out)  # fail before simulating, not after
     config = SynthConfig(seed=seed, observed=observed, max_sites_per_region=max_sites_per_region,
                          max_years_per_site=max_years_per_site)
     frame = simulate(config)
@@ -104,7 +113,10 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
 
     schema.check_site_id(name)
     target = check_writable_target(out_dir / f"{name}.safetensors")
-    config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
+    try:
+        config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
+    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type in the TOML
+        raise KgmlPeftError(f"bad value in config {config_path}: {exc}") from None
     if seed is not None:
         config = dataclasses.replace(config, seed=seed)
     if mixed_precision is not None:
@@ -176,6 +188,50 @@ def demo(backbone: Path, seed: int, as_json: bool) -> None:
     for flavour, report in reports.items():
         click.echo(f"\n{flavour} demo data, per state (MSE in (gC m-2 d-1)^2, Yield in (t ha-1)^2):")
         _print_report(report, False, "regions")
+
+
+@cli.group()
+def backbone() -> None:
+    """Inspect and compare backbone checkpoints."""
+
+
+@backbone.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def backbone_show(path: Path, as_json: bool) -> None:
+    """Verify a checkpoint and print its config, fingerprint and training summary."""
+    from kgml_peft.store.checkpoint import load_backbone
+
+    b = load_backbone(path)
+    n_params = sum(p.numel() for p in b.model.parameters())
+    info = {"path": str(path), "fingerprint": b.fingerprint, "bytes": path.stat().st_size,
+            "parameters": n_params, "config": b.config.to_dict(),
+            "phases": b.training.get("phases", []), "data": b.training.get("data", {})}
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"{path}: {info['bytes'] / 1024:.0f} KiB, {n_params} parameters, "
+               f"fingerprint {b.fingerprint}")
+    click.echo(f"features: {', '.join(b.config.features)}")
+    click.echo(f"hidden size {b.config.hidden_size}, dropout {b.config.dropout}")
+    for phase in info["phases"]:
+        click.echo(f"phase {phase['name']:<11} steps {phase['steps']:>5}  "
+                   f"val loss {phase['best_val_loss']:.4f}")
+
+
+@backbone.command("compare")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+def backbone_compare(a: Path, b: Path) -> None:
+    """Exit 0 if two checkpoints hold the same tensors (bit for bit) and metadata, else 1."""
+    from kgml_peft.store.checkpoint import compare_checkpoints
+
+    diffs = compare_checkpoints(a, b)
+    if diffs:
+        for line in diffs:
+            click.echo(line)
+        raise SystemExit(1)
+    click.echo("identical tensors and metadata")
 
 
 def main() -> None:

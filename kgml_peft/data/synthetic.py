@@ -110,31 +110,32 @@ PROCESS_PARAMETERS: tuple[str, ...] = (
 
 #: State means. Climate after Des Moines (IA), Champaign (IL) and Indianapolis (IN); soils after
 #: Des Moines-lobe clay loams (IA), Drummer-type silty clay loams (IL) and Crosby/Brookston silt
-#: loams (IN). Process parameters differ by roughly 10-25 % between states.
+#: loams (IN). Process parameters differ by 5-21 % between states (LUE least: 5-10 %, so that the
+#: states' GPP stays realistic); docs/simulator.md tabulates them.
 REGION_PARAMETERS: dict[str, RegionParameters] = {
     "IA": RegionParameters(
-        name="Iowa", latitude=41.6, t_mean=9.5, t_amplitude=15.5, tdif_mean=11.5,
-        precip_annual=900.0, precip_seasonality=0.60, wet_fraction=0.29, transmissivity=0.61,
+        name="Iowa", latitude=41.6, t_mean=9.5, t_amplitude=15.5, tdif_mean=12.5,
+        precip_annual=900.0, precip_seasonality=0.60, wet_fraction=0.29, transmissivity=0.63,
         winter_cloudiness=0.02, wind_mean=4.6, plant_doy_corn=118.0, plant_doy_soy=134.0,
         tsoc=30.0, sand=32.0, silt=40.0, ph=6.4,
-        lue_corn=2.35, lue_soy=1.55, q10_ra=2.0, q10_rh=2.2, rm_ref=0.010, k_soc=0.040,
-        k_litter=1.4, hi_corn=0.52, hi_soy=0.38,
+        lue_corn=1.75, lue_soy=1.27, q10_ra=2.0, q10_rh=2.2, rm_ref=0.010, k_soc=0.030,
+        k_litter=1.4, hi_corn=0.56, hi_soy=0.40,
     ),
     "IL": RegionParameters(
-        name="Illinois", latitude=40.1, t_mean=10.75, t_amplitude=13.75, tdif_mean=11.0,
-        precip_annual=1000.0, precip_seasonality=0.35, wet_fraction=0.32, transmissivity=0.61,
+        name="Illinois", latitude=40.1, t_mean=10.75, t_amplitude=13.75, tdif_mean=12.0,
+        precip_annual=960.0, precip_seasonality=0.35, wet_fraction=0.32, transmissivity=0.63,
         winter_cloudiness=0.05, wind_mean=4.3, plant_doy_corn=115.0, plant_doy_soy=132.0,
         tsoc=26.0, sand=12.0, silt=60.0, ph=6.3,
-        lue_corn=2.60, lue_soy=1.72, q10_ra=1.75, q10_rh=2.6, rm_ref=0.0085, k_soc=0.047,
-        k_litter=1.6, hi_corn=0.56, hi_soy=0.41,
+        lue_corn=1.84, lue_soy=1.18, q10_ra=1.7, q10_rh=2.6, rm_ref=0.0115, k_soc=0.034,
+        k_litter=1.7, hi_corn=0.51, hi_soy=0.44,
     ),
     "IN": RegionParameters(
-        name="Indiana", latitude=39.8, t_mean=11.25, t_amplitude=13.25, tdif_mean=10.5,
-        precip_annual=1050.0, precip_seasonality=0.20, wet_fraction=0.35, transmissivity=0.60,
+        name="Indiana", latitude=39.8, t_mean=11.25, t_amplitude=13.25, tdif_mean=11.5,
+        precip_annual=1065.0, precip_seasonality=0.20, wet_fraction=0.35, transmissivity=0.63,
         winter_cloudiness=0.07, wind_mean=3.9, plant_doy_corn=124.0, plant_doy_soy=138.0,
         tsoc=20.0, sand=18.0, silt=62.0, ph=6.6,
-        lue_corn=2.15, lue_soy=1.40, q10_ra=2.3, q10_rh=1.85, rm_ref=0.0115, k_soc=0.034,
-        k_litter=1.2, hi_corn=0.48, hi_soy=0.35,
+        lue_corn=1.58, lue_soy=1.33, q10_ra=2.4, q10_rh=1.8, rm_ref=0.0085, k_soc=0.036,
+        k_litter=1.15, hi_corn=0.62, hi_soy=0.36,
     ),
 }
 
@@ -185,13 +186,13 @@ class CropTraits:
 #: Crop traits, keyed by ``Crop_Type`` (1 = corn, 0 = soybean).
 CROPS: dict[int, CropTraits] = {
     1: CropTraits(
-        name="corn", t_base=10.0, t_cap=30.0, green_half=470.0, green_width=85.0, sen_half=1320.0,
-        sen_width=90.0, maturity=1500.0, drydown_days=21, fapar_max=0.93, t_min=8.0, t_opt=28.0,
-        t_max=42.0, grain_c=0.45, seed_c=1.5, kc=1.15,
+        name="corn", t_base=10.0, t_cap=30.0, green_half=400.0, green_width=80.0, sen_half=1430.0,
+        sen_width=90.0, maturity=1600.0, drydown_days=21, fapar_max=0.93, t_min=8.0, t_opt=28.0,
+        t_max=42.0, grain_c=0.44, seed_c=1.5, kc=1.15,
     ),
     0: CropTraits(
-        name="soybean", t_base=10.0, t_cap=30.0, green_half=560.0, green_width=90.0,
-        sen_half=1260.0, sen_width=80.0, maturity=1420.0, drydown_days=14, fapar_max=0.90,
+        name="soybean", t_base=10.0, t_cap=30.0, green_half=620.0, green_width=140.0,
+        sen_half=1420.0, sen_width=90.0, maturity=1540.0, drydown_days=14, fapar_max=0.90,
         t_min=5.0, t_opt=25.0, t_max=40.0, grain_c=0.52, seed_c=2.5, kc=1.05,
     ),
 }
@@ -207,14 +208,21 @@ SITE_LAYOUT: dict[str, tuple[int, ...]] = {
 # shared constants of the process model
 T_REF = 20.0  #: reference temperature of the Q10 functions, degC
 PAR_FRACTION = 0.48  #: PAR / shortwave radiation
+DIFFUSE_GAIN = 1.5  #: relative LUE gain of a fully overcast day (diffuse light is used better)
 GROWTH_RESPIRATION = 0.25  #: fraction of (GPP - Rm) respired for growth
-HUMIFICATION = 0.20  #: fraction of decomposed litter carbon that becomes soil organic carbon
+HUMIFICATION = 0.35  #: fraction of decomposed litter carbon that becomes soil organic carbon
 SOC_DEPTH_M = 0.30  #: depth of the soil organic carbon pool, m
 ROOT_DEPTH_MM = 1000.0  #: root-zone depth of the water bucket, mm
 WATER_STRESS_POINT = 0.5  #: relative available water below which GPP is reduced
+SOIL_EVAPORATION = 0.3  #: bare-soil evaporation of a wet soil, x PET
+RH_MOISTURE_MIN = 0.2  #: moisture scalar of decomposition in a soil at wilting point
+RH_MOISTURE_OPT = 0.6  #: relative available water above which decomposition is not water-limited
 HARVEST_DOY_MAX = 305  #: latest harvest (1 November; immature crops are killed by frost)
 SOIL_LAG_DAYS = 6.0  #: time constant of soil temperature following air temperature, days
+LITTER_START = 500.0  #: crop residue carbon on 1 January of the first year, gC m-2
 STATE_COUPLING = 0.8  #: weight of the state-wide component of daily weather anomalies
+PRECIP_GAMMA_SHAPE = 0.8  #: shape of the gamma distribution of wet-day precipitation amounts
+WET_PERSISTENCE = 0.5  #: probability that a wet day follows a wet day
 
 SOIL_COLUMNS: tuple[str, ...] = (
     "TBKDS", "TSAND", "TSILT", "TFC", "TWP", "TKSat", "TSOC", "TPH", "TCEC",
@@ -349,7 +357,7 @@ def _calendar(first_year: int, n_years: int) -> _Calendar:
     year = dates.year.to_numpy()
     years = np.arange(first_year, first_year + n_years)
     starts = np.searchsorted(year, np.append(years, years[-1] + 1))
-    return _Calendar(dates, years, year - first_year, dates.dayofyear.to_numpy(), starts)
+    return _Calendar(dates, years, year - first_year, dates.day_of_year.to_numpy(), starts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,30 +439,44 @@ def _vapour_pressure(t: np.ndarray) -> np.ndarray:
     return 0.6108 * np.exp(17.27 * t / (t + 237.3))
 
 
-def _wet_days(u: np.ndarray, p01: np.ndarray, p11: float) -> np.ndarray:
-    """First-order wet/dry Markov chain: wet[t] = u[t] < P(wet | wet[t-1])."""
-    wet = np.empty(u.shape, dtype=bool)
-    prev = u[0] < p01[0] / (1.0 - p11 + p01[0])
-    wet[0] = prev
+def _markov_chain(u: np.ndarray, p_enter: np.ndarray, p_stay: float) -> np.ndarray:
+    """Two-state Markov chain along axis 0: on[t] = u[t] < (p_stay if on[t-1] else p_enter[t]).
+
+    Starts from the stationary probability. Used for wet/dry days and for tower data gaps.
+    """
+    on = np.empty(u.shape, dtype=bool)
+    prev = u[0] < p_enter[0] / (1.0 - p_stay + p_enter[0])
+    on[0] = prev
     for t in range(1, len(u)):
-        prev = u[t] < np.where(prev, p11, p01[t])
-        wet[t] = prev
-    return wet
+        prev = u[t] < np.where(prev, p_stay, p_enter[t])
+        on[t] = prev
+    return on
 
 
-def _weather(config: SynthConfig, sites: list[_Site], cal: _Calendar) -> dict[str, np.ndarray]:
-    """Daily weather, each array (n_days, n_sites); also ``TMEAN`` (degC) and ``INFLOW`` (mm)."""
+@dataclass(frozen=True)
+class _Anomalies:
+    """Standardised random weather anomalies, (n_days, n_sites) unless noted."""
+
+    temperature: np.ndarray  # AR(1), state + site components
+    transmissivity: np.ndarray  # AR(1), state + site components
+    wind: np.ndarray  # AR(1), state + site components
+    dew: np.ndarray  # AR(1), site only
+    tdif: np.ndarray  # AR(1), site only
+    wet_uniform: np.ndarray  # uniform draws for the wet/dry chain, partly shared by a state
+    amount: np.ndarray  # gamma draws with mean 1 for wet-day amounts
+    year: np.ndarray  # (n_days, n_sites, 3) state-year anomalies: temperature, precip, radiation
+    site: np.ndarray  # (n_sites, 3) static site offsets: temperature, precip, wind
+
+
+def _anomalies(config: SynthConfig, sites: list[_Site], cal: _Calendar) -> _Anomalies:
+    """Draw all random weather numbers: one generator per state-year and per site-year."""
     n_days, n_sites = len(cal.doy), len(sites)
     states = sorted({s.region for s in sites})
     col = np.array([states.index(s.region) for s in sites])
-    par = {f.name: np.array([getattr(REGION_PARAMETERS[s.region], f.name) for s in sites])
-           for f in fields(RegionParameters) if f.name != "name"}
-
-    # --- random numbers, one generator per state-year and per site-year
-    n_state_ar, n_site_ar = 3, 5  # state: T, transmissivity, wind; site: + dew depression, TDIF
+    n_state_ar, n_site_ar = 3, 5  # state: T, transmissivity, wind; site: + dew point, TDIF
     state_eps = np.empty((n_days, len(states), n_state_ar))
     state_u = np.empty((n_days, len(states)))
-    state_year = np.empty((len(cal.years), len(states), 3))  # T offset, precip factor, trans
+    state_year = np.empty((len(cal.years), len(states), 3))
     for k, region in enumerate(states):
         for y, year in enumerate(cal.years):
             a, b = cal.starts[y], cal.starts[y + 1]
@@ -463,15 +485,15 @@ def _weather(config: SynthConfig, sites: list[_Site], cal: _Calendar) -> dict[st
             state_eps[a:b, k] = rng.standard_normal((b - a, n_state_ar))
             state_u[a:b, k] = rng.random(b - a)
     site_eps = np.empty((n_days, n_sites, n_site_ar))
-    site_u = np.empty((n_days, n_sites, 2))  # coupling draw, own wet/dry draw
-    site_gamma = np.empty((n_days, n_sites))
+    site_u = np.empty((n_days, n_sites, 2))  # coupling draw, the site's own wet/dry draw
+    amount = np.empty((n_days, n_sites))
     for i, site in enumerate(sites):
         for y, year in enumerate(cal.years):
             a, b = cal.starts[y], cal.starts[y + 1]
             rng = _rng(config.seed, "site_weather", *site.key, int(year))
             site_eps[a:b, i] = rng.standard_normal((b - a, n_site_ar))
             site_u[a:b, i] = rng.random((b - a, 2))
-            site_gamma[a:b, i] = rng.gamma(PRECIP_GAMMA_SHAPE, 1.0 / PRECIP_GAMMA_SHAPE, b - a)
+            amount[a:b, i] = rng.gamma(PRECIP_GAMMA_SHAPE, 1.0 / PRECIP_GAMMA_SHAPE, b - a)
     offsets = np.array([_rng(config.seed, "site_climate", *s.key).standard_normal(3)
                         for s in sites]).reshape(n_sites, 3)
 
@@ -482,65 +504,80 @@ def _weather(config: SynthConfig, sites: list[_Site], cal: _Calendar) -> dict[st
     state_ar = ar[:, : len(states) * n_state_ar].reshape(n_days, len(states), n_state_ar)
     site_ar = ar[:, len(states) * n_state_ar:].reshape(n_days, n_sites, n_site_ar)
     c_state, c_site = STATE_COUPLING, np.sqrt(1.0 - STATE_COUPLING**2)
-    z_t = c_state * state_ar[:, col, 0] + c_site * site_ar[:, :, 0]
-    z_tr = c_state * state_ar[:, col, 1] + c_site * site_ar[:, :, 1]
-    z_w = c_state * state_ar[:, col, 2] + c_site * site_ar[:, :, 2]
-    z_dep, z_tdif = site_ar[:, :, 3], site_ar[:, :, 4]
-    year_anom = state_year[cal.year_index][:, col]  # (n_days, n_sites, 3)
+    mixed = c_state * state_ar[:, col] + c_site * site_ar[:, :, :n_state_ar]
+    return _Anomalies(
+        temperature=mixed[:, :, 0], transmissivity=mixed[:, :, 1], wind=mixed[:, :, 2],
+        dew=site_ar[:, :, 3], tdif=site_ar[:, :, 4],
+        # a site takes the state's uniform draw with probability STATE_COUPLING
+        wet_uniform=np.where(site_u[:, :, 0] < STATE_COUPLING, state_u[:, col], site_u[:, :, 1]),
+        amount=amount, year=state_year[cal.year_index][:, col], site=offsets,
+    )
 
+
+def _region_arrays(sites: list[_Site]) -> dict[str, np.ndarray]:
+    """Every numeric field of REGION_PARAMETERS as an (n_sites,) array."""
+    return {f.name: np.array([getattr(REGION_PARAMETERS[s.region], f.name) for s in sites])
+            for f in fields(RegionParameters) if f.name != "name"}
+
+
+def _seasonal(doy: np.ndarray, peak_doy: float) -> np.ndarray:
+    """cos of the annual cycle: +1 on ``peak_doy``, -1 half a year later."""
+    return np.cos(2.0 * np.pi * (doy - peak_doy) / 365.25)
+
+
+def _weather(config: SynthConfig, sites: list[_Site], cal: _Calendar) -> dict[str, np.ndarray]:
+    """Daily weather, each array (n_days, n_sites).
+
+    Besides the table's weather columns: ``TMEAN`` (daily mean temperature, degC) and
+    ``CLOUDINESS`` (1 - RADN / clear-sky radiation).
+    """
+    par = _region_arrays(sites)
+    z = _anomalies(config, sites, cal)
     doy = cal.doy[:, None].astype(float)
-    winter = np.cos(2.0 * np.pi * (doy - 18.0) / 365.25)  # +1 mid-January, -1 mid-July
+    winter = _seasonal(doy, 18.0)  # +1 mid-January, -1 mid-July
 
-    # --- precipitation: wet/dry Markov chain (wet days partly shared across a state), gamma amounts
-    wet_prob = par["wet_fraction"] * (1.0 + 0.15 * np.cos(2.0 * np.pi * (doy - 150.0) / 365.25))
-    p11 = 0.50
-    p01 = wet_prob * (1.0 - p11) / (1.0 - wet_prob)
-    u = np.where(site_u[:, :, 0] < STATE_COUPLING, state_u[:, col], site_u[:, :, 1])
-    wet = _wet_days(u, p01, p11)
+    # precipitation: wet/dry Markov chain, gamma amounts, state-year and site factors
+    wet_prob = par["wet_fraction"] * (1.0 + 0.15 * _seasonal(doy, 150.0))
+    p01 = wet_prob * (1.0 - WET_PERSISTENCE) / (1.0 - wet_prob)  # stationary frequency wet_prob
+    wet = _markov_chain(z.wet_uniform, p01, WET_PERSISTENCE)
     mean_daily = par["precip_annual"] / 365.25 * (
-        1.0 + par["precip_seasonality"] * np.cos(2.0 * np.pi * (doy - 165.0) / 365.25)
+        1.0 + par["precip_seasonality"] * _seasonal(doy, 165.0)
     )
-    precip_factor = np.exp(0.15 * year_anom[:, :, 1] - 0.5 * 0.15**2) * np.exp(
-        0.05 * offsets[:, 1] - 0.5 * 0.05**2
+    factor = np.exp(0.15 * z.year[:, :, 1] - 0.5 * 0.15**2) * np.exp(
+        0.05 * z.site[:, 1] - 0.5 * 0.05**2
     )
-    precn = np.where(wet, np.minimum(mean_daily / wet_prob * precip_factor * site_gamma, 250.0), 0.0)
+    precn = np.where(wet, np.minimum(mean_daily / wet_prob * factor * z.amount, 250.0), 0.0)
 
-    # --- radiation: extraterrestrial x transmissivity (lower on wet, cloudy days)
+    # radiation: extraterrestrial x transmissivity, low on wet (cloudy) days, cloudier winters
     extra = _extraterrestrial_radiation(doy, par["latitude"])
-    trans_dry = par["transmissivity"] - par["winter_cloudiness"] * np.maximum(winter, 0.0) * 2.0
-    trans = np.where(wet, 0.30, trans_dry) + 0.08 * z_tr + 0.02 * year_anom[:, :, 2]
+    trans_dry = par["transmissivity"] - 2.0 * par["winter_cloudiness"] * np.maximum(winter, 0.0)
+    trans = np.where(wet, 0.30, trans_dry) + 0.08 * z.transmissivity + 0.02 * z.year[:, :, 2]
     trans = np.clip(trans, 0.06, 0.76)
     radn = extra * trans
 
-    # --- temperature: seasonal sinusoid + AR(1) anomalies (larger in winter) + year/site offsets
-    t_clim = par["t_mean"] - par["t_amplitude"] * winter
+    # temperature: seasonal sinusoid + AR(1) anomalies (larger in winter) + year/site offsets
     t_sd = 3.6 + 1.4 * winter
-    tmean = (t_clim + t_sd * z_t + 0.8 * year_anom[:, :, 0] + 0.3 * offsets[:, 0]
-             - 0.8 * wet)
-    tdif_clim = par["tdif_mean"] + 1.0 * np.cos(4.0 * np.pi * (doy - 100.0) / 365.25)
-    tdif = np.clip(tdif_clim * (trans / trans_dry) ** 0.7 + 1.3 * z_tdif, 1.0, 25.0)
-    tmax = tmean + 0.5 * tdif
-    tmin = tmean - 0.5 * tdif
+    tmean = (par["t_mean"] - par["t_amplitude"] * winter + t_sd * z.temperature
+             + 0.8 * z.year[:, :, 0] + 0.3 * z.site[:, 0] - 0.8 * wet)
+    tdif_clim = par["tdif_mean"] + np.cos(4.0 * np.pi * (doy - 100.0) / 365.25)
+    tdif = np.clip(tdif_clim * (trans / trans_dry) ** 0.7 + 1.3 * z.tdif, 1.0, 25.0)
+    tmax, tmin = tmean + 0.5 * tdif, tmean - 0.5 * tdif
 
-    # --- humidity: dew point a few degrees below the minimum temperature (less on wet days)
-    depression = np.maximum(0.0, (2.2 - 0.8 * winter) * np.where(wet, 0.3, 1.0) + 0.9 * z_dep)
+    # humidity: dew point a little below the minimum temperature (closer on wet days)
+    depression = np.maximum(0.0, (2.2 - 0.8 * winter) * np.where(wet, 0.3, 1.0) + 0.9 * z.dew)
     e_dew = _vapour_pressure(tmin - depression)
     hmax = np.clip(100.0 * e_dew / _vapour_pressure(tmin), 0.0, 100.0)
     hdif = np.clip(hmax - 100.0 * e_dew / _vapour_pressure(tmax), 0.0, 100.0)
 
-    # --- wind: spring maximum, lognormal AR(1) anomalies, a little windier on wet days
-    wind_clim = (par["wind_mean"] + 0.2 * offsets[:, 2]) * (
-        1.0 + 0.18 * np.cos(2.0 * np.pi * (doy - 95.0) / 365.25)
-    )
-    wind = np.clip(wind_clim * np.exp(0.30 * z_w - 0.045) * np.where(wet, 1.1, 1.0), 0.3, 25.0)
+    # wind: spring maximum, lognormal AR(1) anomalies, a little windier on wet days
+    wind_clim = (par["wind_mean"] + 0.2 * z.site[:, 2]) * (1.0 + 0.18 * _seasonal(doy, 95.0))
+    wind = np.clip(wind_clim * np.exp(0.30 * z.wind - 0.045) * np.where(wet, 1.1, 1.0), 0.3, 25.0)
 
     return {
         "RADN": radn, "TMAX_AIR": tmax, "TDIF_AIR": tdif, "HMAX_AIR": hmax, "HDIF_AIR": hdif,
         "WIND": wind, "PRECN": precn, "TMEAN": tmean,
+        "CLOUDINESS": np.clip(1.0 - radn / (0.75 * extra), 0.0, 1.0),
     }
-
-
-PRECIP_GAMMA_SHAPE = 0.8  #: shape of the gamma distribution of wet-day precipitation amounts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,7 +602,7 @@ def _management(
     for i, site in enumerate(sites):
         rng = _rng(config.seed, "rotation", *site.key)
         phase = int(rng.integers(0, 2))
-        jitter = rng.normal(0.0, 3.0, size=60)[:n_years]  # site-year jitter, prefix-stable
+        jitter = rng.normal(0.0, 3.0, size=max(60, n_years))[:n_years]  # prefix-stable
         p = REGION_PARAMETERS[site.region]
         crop[:, i] = (np.arange(n_years) + phase + 1) % 2
         base = np.where(crop[:, i] == 1, p.plant_doy_corn, p.plant_doy_soy)
@@ -580,7 +617,11 @@ def _trait(crop_day: np.ndarray, name: str) -> np.ndarray:
 def _phenology(
     tmean: np.ndarray, cal: _Calendar, crop: np.ndarray, plant: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Degree-day phenology: fAPAR, live fraction, planting and harvest days, each (n_days, n_sites)."""
+    """Degree-day phenology, each array (n_days, n_sites).
+
+    Returns the crop type, fAPAR, the live (not yet senescent) fraction of the biomass, and the
+    planting and harvest days (booleans).
+    """
     crop_day = crop[cal.year_index]
     plant_day = plant[cal.year_index]
     doy = cal.doy[:, None]
@@ -665,21 +706,22 @@ def _carbon(
 ) -> dict[str, np.ndarray]:
     """Run the water bucket and the carbon pools day by day (vectorised over sites).
 
-    Returns GPP, Ra, Rh (n_days, n_sites) and the yield in t ha-1 dry grain (n_years, n_sites).
+    Returns GPP, Ra, Rh (n_days, n_sites), the yield in t ha-1 dry grain (n_years, n_sites) and,
+    for diagnostics, the litter and soil organic carbon pools (n_days, n_sites), gC m-2.
     """
     crop_day, fapar = phen["crop"], phen["fapar"]
     tmean = weather["TMEAN"]
     corn = crop_day == 1
     lue = np.where(corn, params["lue_corn"], params["lue_soy"])
     tday = weather["TMAX_AIR"] - 0.25 * weather["TDIF_AIR"]
-    gpp_potential = (lue * fapar * PAR_FRACTION * weather["RADN"]
-                     * _temperature_response(tday, crop_day))
+    gpp_potential = (lue * (1.0 + DIFFUSE_GAIN * weather["CLOUDINESS"]) * fapar
+                     * PAR_FRACTION * weather["RADN"] * _temperature_response(tday, crop_day))
     rm_rate = params["rm_ref"] * phen["live"] * params["q10_ra"] ** ((tmean - T_REF) / 10.0)
     rh_temperature = params["q10_rh"] ** ((_soil_temperature(tmean) - T_REF) / 10.0)
     pet = _priestley_taylor(weather["RADN"], tmean)
     inflow = _snow(weather["PRECN"], tmean)
     transpiring = _trait(crop_day, "kc") * fapar
-    evaporating = 0.3 * (1.0 - fapar)
+    evaporating = SOIL_EVAPORATION * (1.0 - fapar)
     hi = np.where(corn, params["hi_corn"], params["hi_soy"])
     seed = _trait(crop_day, "seed_c")
     grain_c = _trait(crop_day, "grain_c")
@@ -690,10 +732,11 @@ def _carbon(
     biomass = np.zeros_like(capacity)
     soc = soils["TSOC"] * soils["TBKDS"] * SOC_DEPTH_M * 1000.0  # g kg-1 x kg m-3 x m -> gC m-2
     k_soc, k_litter = params["k_soc"] / 365.0, params["k_litter"] / 365.0
-    litter = np.where(crop_day[0] == 1, 180.0, 300.0)  # residue left by the previous year's crop
+    litter = np.full_like(capacity, LITTER_START)
 
     n_days = len(tmean)
     gpp, ra, rh = np.empty_like(tmean), np.empty_like(tmean), np.empty_like(tmean)
+    litter_pool, soc_pool = np.empty_like(tmean), np.empty_like(tmean)
     yield_t = np.zeros((len(cal.years), len(capacity)))
     for t in range(n_days):
         relative = water / capacity
@@ -710,13 +753,16 @@ def _carbon(
             biomass = np.where(harvest[t], 0.0, biomass)
         et = pet[t] * (transpiring[t] * f_water + evaporating[t] * relative)
         water = np.clip(water + inflow[t] - et, 0.0, capacity)
-        scalar = rh_temperature[t] * np.minimum(0.2 + 0.8 * relative / 0.6, 1.0)
+        moisture = RH_MOISTURE_MIN + (1.0 - RH_MOISTURE_MIN) * relative / RH_MOISTURE_OPT
+        scalar = rh_temperature[t] * np.minimum(moisture, 1.0)
         from_soc = k_soc * soc * scalar
         from_litter = k_litter * litter * scalar
         soc = soc + HUMIFICATION * from_litter - from_soc
         litter = litter - from_litter
         gpp[t], ra[t], rh[t] = g, r, from_soc + (1.0 - HUMIFICATION) * from_litter
-    return {"GPP": gpp, "Ra": ra, "Rh": rh, "Yield": yield_t}
+        litter_pool[t], soc_pool[t] = litter, soc
+    return {"GPP": gpp, "Ra": ra, "Rh": rh, "Yield": yield_t, "litter": litter_pool,
+            "soc": soc_pool}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -777,7 +823,9 @@ def _observe(
                        * (1.0 + 0.6 * np.cos(2.0 * np.pi * (doy - 18.0) / 365.25)), 0.0, 0.9)
     keep_going = 1.0 - 1.0 / config.gap_length
     start = np.broadcast_to(fraction * (1.0 - keep_going) / (1.0 - fraction), (n_days, n_sites))
-    gap = _wet_days(u, start, keep_going) if config.gap_fraction > 0 else np.zeros(u.shape, bool)
+    gap = np.zeros(u.shape, dtype=bool)
+    if config.gap_fraction > 0:
+        gap = _markov_chain(u, start, keep_going)
 
     nee = np.where(gap, np.nan, nee)
     survey = fluxes["Yield"] * np.exp(config.yield_noise * yield_noise

@@ -44,11 +44,11 @@ def table_format(path: str | os.PathLike) -> str:
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a long site-day table from CSV or Parquet (by extension), without validating it."""
     source = Path(path)
-    kind = table_format(source)
     if source.is_dir():
-        raise KgmlPeftError(f"{source} is a directory, expected a {kind} file")
+        raise KgmlPeftError(f"{source} is a directory, expected a .csv or .parquet file")
     if not source.exists():
         raise KgmlPeftError(f"data file {source} does not exist")
+    kind = table_format(source)
     try:
         if kind == "csv":
             frame = pd.read_csv(source)
@@ -79,7 +79,13 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def _missing_column(name: str, columns: Sequence[str], why: str) -> KgmlPeftError:
-    close = difflib.get_close_matches(name, [str(c) for c in columns], n=1, cutoff=0.6)
+    # Only suggest columns that are not already contract columns under their right name
+    # (``TMAX_AIR`` missing must not suggest renaming the present ``HMAX_AIR``); a match that
+    # differs only in case wins over a merely similar name.
+    known = {*schema.ID_COLUMNS, *schema.COLUMNS}
+    candidates = [str(c) for c in columns if str(c) not in known]
+    close = [c for c in candidates if c.lower() == name.lower()]
+    close = close or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     hint = f"; did you mean to rename {close[0]!r}?" if close else ""
     return KgmlPeftError(f"missing column {name} ({why}){hint}")
 

@@ -9,6 +9,7 @@ an error. Scalers are fitted on the training windows only and stored with the ba
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -200,8 +201,9 @@ def split_by_year(windows: YearWindows, val_fraction: float = 0.2) -> tuple[np.n
 
     A site with a single year keeps it for training. Returns (train index, validation index).
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise KgmlPeftError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) \
+            or not 0.0 <= val_fraction < 1.0:
+        raise KgmlPeftError(f"validation fraction must be a number in [0, 1), got {val_fraction!r}")
     train: list[int] = []
     val: list[int] = []
     for site in dict.fromkeys(windows.sites):

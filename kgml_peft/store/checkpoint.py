@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,26 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and raw string metadata of a safetensors file, without building a model."""
+    return _read(Path(path))
+
+
+def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
+    """Differences between two checkpoints: tensors (bit for bit) and metadata values.
+
+    An empty list means the files hold the same tensors and metadata. (Their bytes may still
+    differ: safetensors writes metadata keys in no fixed order.)
+    """
+    ta, ma = read_checkpoint(a)
+    tb, mb = read_checkpoint(b)
+    diffs = [f"tensor {k} only in {a if k in ta else b}" for k in sorted(set(ta) ^ set(tb))]
+    diffs += [f"tensor {k} differs" for k in sorted(set(ta) & set(tb))
+              if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k])]
+    diffs += [f"metadata {k} differs" for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
+    return diffs
+
+
 def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
     """Load and verify a backbone checkpoint (format, shapes, finite values, fingerprint)."""
     source = Path(path)
@@ -126,8 +147,16 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
         config = BackboneConfig.from_dict(json.loads(metadata["config"]))
         scalers = Scalers.from_dict(json.loads(metadata["scalers"]))
         training = json.loads(metadata.get("training", "{}"))
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
         raise KgmlPeftError(f"{source} has unreadable metadata ({exc})") from None
+    for name in (*config.features, *schema.FLUX_OUTPUTS, "Reco", "Yield"):
+        mean, std = scalers.mean.get(name), scalers.std.get(name)
+        if mean is None or std is None:
+            raise KgmlPeftError(f"{source} has no scaler for {name}")
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise KgmlPeftError(
+                f"{source} has a bad scaler for {name} (mean {mean:g}, std {std:g})"
+            )
     model = KGMLag(config)
     expected = model.state_dict()
     if set(tensors) != set(expected):

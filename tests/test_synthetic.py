@@ -1,0 +1,251 @@
+"""Tests of the process-based simulator (kgml_peft.data.synthetic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kgml_peft import schema
+from kgml_peft.data.synthetic import (
+    PROCESS_PARAMETERS,
+    REGION_PARAMETERS,
+    SITE_LAYOUT,
+    SynthConfig,
+    simulate,
+    site_parameters,
+)
+from kgml_peft.errors import KgmlPeftError
+
+SMALL = SynthConfig(max_sites_per_region=2, max_years_per_site=3)
+EXPECTED_COLUMNS = [
+    schema.SITE, schema.REGION, schema.DATE, *schema.ALL_INPUTS, "Ra", "Rh", "NEE", "Reco", "Yield",
+]
+WEATHER = ["RADN", "TMAX_AIR", "TDIF_AIR", "HMAX_AIR", "HDIF_AIR", "WIND", "PRECN"]
+
+
+@pytest.fixture(scope="module")
+def small() -> pd.DataFrame:
+    return simulate(SMALL)
+
+
+@pytest.fixture(scope="module")
+def full() -> pd.DataFrame:
+    return simulate(SynthConfig())
+
+
+@pytest.fixture(scope="module")
+def observed() -> pd.DataFrame:
+    return simulate(SynthConfig(observed=True))
+
+
+@pytest.fixture(scope="module")
+def annual(full: pd.DataFrame) -> pd.DataFrame:
+    """Annual sums per site-year of the default data set."""
+    return full.groupby(["region", "site", "Year"]).agg(
+        crop=("Crop_Type", "first"), GPP=("GPP", "sum"), Reco=("Reco", "sum"),
+        NEE=("NEE", "sum"), peak=("GPP", "max"), Yield=("Yield", "first"),
+        PRECN=("PRECN", "sum"),
+    ).reset_index()
+
+
+def assert_in_ranges(frame: pd.DataFrame) -> None:
+    for name, column in schema.COLUMNS.items():
+        values = frame[name].dropna()
+        assert values.between(column.low, column.high).all(), (
+            name, values.min(), values.max()
+        )
+
+
+# --- layout of the table -------------------------------------------------------------------------
+
+
+def test_columns_types_and_order(small: pd.DataFrame) -> None:
+    assert list(small.columns) == EXPECTED_COLUMNS
+    assert small[schema.DATE].dtype == np.dtype("datetime64[ns]")
+    for name in EXPECTED_COLUMNS[3:]:
+        assert small[name].dtype == np.float64, name
+    assert all(schema.SITE_ID_PATTERN.fullmatch(s) for s in small[schema.SITE].unique())
+    assert set(small[schema.REGION]) == {"IA", "IL", "IN"}
+    assert set(small["Crop_Type"]) <= {0.0, 1.0}
+
+
+def test_sorted_and_every_calendar_day(small: pd.DataFrame) -> None:
+    keys = small[[schema.SITE, schema.DATE]]
+    assert keys.equals(keys.sort_values([schema.SITE, schema.DATE]).reset_index(drop=True))
+    for _, group in small.groupby(schema.SITE):
+        dates = group[schema.DATE]
+        assert (dates.diff().dropna() == pd.Timedelta(days=1)).all()
+        assert dates.iloc[0] == pd.Timestamp("2000-01-01")
+        assert dates.iloc[-1] == pd.Timestamp("2002-12-31")
+        assert pd.Timestamp("2000-02-29") in set(dates)
+        assert (group["Year"] == group[schema.DATE].dt.year).all()
+
+
+def test_yield_and_crop_constant_within_a_year(small: pd.DataFrame) -> None:
+    per_year = small.groupby([schema.SITE, "Year"])
+    assert (per_year["Yield"].nunique() == 1).all()
+    assert (per_year["Crop_Type"].nunique() == 1).all()
+    # corn-soybean rotation
+    crops = per_year["Crop_Type"].first().unstack()
+    assert (crops.diff(axis=1).abs().iloc[:, 1:] == 1).all().all()
+
+
+# --- physics -------------------------------------------------------------------------------------
+
+
+def test_mass_balance(small: pd.DataFrame) -> None:
+    np.testing.assert_allclose(
+        small["NEE"], small["Ra"] + small["Rh"] - small["GPP"], rtol=0, atol=1e-9
+    )
+    np.testing.assert_allclose(small["Reco"], small["Ra"] + small["Rh"], rtol=0, atol=1e-9)
+    assert (small["Ra"] >= 0).all() and (small["Rh"] >= 0).all()
+    assert (small["GPP"] >= 0).all()
+
+
+def test_every_value_in_range_and_complete(full: pd.DataFrame) -> None:
+    assert not full.isna().any().any()
+    assert_in_ranges(full)
+
+
+def test_static_soil_per_site(full: pd.DataFrame) -> None:
+    soil = ["TBKDS", "TSAND", "TSILT", "TFC", "TWP", "TKSat", "TSOC", "TPH", "TCEC"]
+    assert (full.groupby(schema.SITE)[soil].nunique() == 1).all().all()
+    sites = full.groupby(schema.SITE)[soil].first()
+    assert sites["TBKDS"].between(1.15, 1.55).all()
+    assert sites["TSOC"].between(15, 40).all()
+    assert (sites["TFC"] > sites["TWP"] + 0.05).all()
+
+
+def test_state_climates(full: pd.DataFrame, annual: pd.DataFrame) -> None:
+    month = full[schema.DATE].dt.month
+    tmean = full["TMAX_AIR"] - full["TDIF_AIR"] / 2
+    jan = tmean[month == 1].groupby(full[schema.REGION]).mean()
+    jul = tmean[month == 7].groupby(full[schema.REGION]).mean()
+    assert jan["IA"] < jan["IL"] < jan["IN"]
+    assert jan.between(-8, 0).all() and jul.between(22, 27).all()
+    precip = annual.groupby("region")["PRECN"].mean()
+    assert precip["IA"] < precip["IL"] < precip["IN"]
+    assert precip.between(800, 1200).all()
+    radn = full["RADN"].groupby([full[schema.REGION], month]).mean().unstack()
+    assert radn[1].between(5, 8).all() and radn[[6, 7]].mean(axis=1).between(19, 25).all()
+
+
+def test_magnitudes_match_midwest_cropland(annual: pd.DataFrame) -> None:
+    corn = annual[annual["crop"] == 1].mean(numeric_only=True)
+    soy = annual[annual["crop"] == 0].mean(numeric_only=True)
+    # ranges of the Nebraska FLUXNET2015 corn and soybean sites (docs/simulator.md)
+    assert 1200 <= corn["GPP"] <= 1900
+    assert 900 <= corn["Reco"] <= 1400
+    assert -450 <= corn["NEE"] <= -200
+    assert 18 <= corn["peak"] <= 28
+    assert 600 <= soy["GPP"] <= 1100
+    assert 600 <= soy["Reco"] <= 1150
+    assert -200 <= soy["NEE"] <= 200
+    assert 10 <= soy["peak"] <= 16
+    assert 8.5 <= corn["Yield"] <= 13
+    assert 3 <= soy["Yield"] <= 4.2
+
+
+# --- data volume and heterogeneity ---------------------------------------------------------------
+
+
+def test_default_volume_ratio(annual: pd.DataFrame) -> None:
+    site_years = annual.groupby("region").size()
+    assert site_years.to_dict() == {"IA": 164, "IN": 108, "IL": 88}
+    assert site_years["IA"] * 27 == site_years["IN"] * 41
+    assert site_years["IA"] * 22 == site_years["IL"] * 41
+    assert (annual.groupby("site").size() >= 18).all()
+    assert sum(sum(v) for v in SITE_LAYOUT.values()) == len(annual)
+
+
+def test_shrunk_config_is_a_prefix_of_the_default(small: pd.DataFrame, full: pd.DataFrame) -> None:
+    subset = full[full[schema.SITE].isin(set(small[schema.SITE]))
+                  & (full[schema.DATE] < pd.Timestamp("2003-01-01"))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(subset, small)
+
+
+def test_state_heterogeneity() -> None:
+    for name in PROCESS_PARAMETERS:
+        means = [getattr(p, name) for p in REGION_PARAMETERS.values()]
+        assert max(means) >= 1.10 * min(means), name
+    table = site_parameters()
+    assert list(table["site"]) == sorted(table["site"])
+    by_state = table.groupby("region")[list(PROCESS_PARAMETERS)]
+    means, spread = by_state.mean(), by_state.std() / by_state.mean()
+    for name in PROCESS_PARAMETERS:
+        assert means[name].max() >= 1.08 * means[name].min(), name
+        assert spread[name].between(0.01, 0.15).all(), name
+    assert table.groupby("region")["TSOC"].mean().nunique() == 3
+    assert (table["n_years"] >= 18).all()
+
+
+# --- determinism ---------------------------------------------------------------------------------
+
+
+def test_deterministic(small: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(simulate(SMALL), small)
+    other = simulate(SynthConfig(seed=1, max_sites_per_region=2, max_years_per_site=3))
+    assert list(other[schema.SITE]) == list(small[schema.SITE])
+    assert not np.allclose(other["TMAX_AIR"], small["TMAX_AIR"])
+    assert not np.allclose(other["NEE"], small["NEE"])
+    pd.testing.assert_frame_equal(site_parameters(SMALL), site_parameters(SMALL))
+
+
+def test_bad_configs_are_refused() -> None:
+    with pytest.raises(KgmlPeftError):
+        simulate(SynthConfig(regions=("NE",)))
+    with pytest.raises(KgmlPeftError):
+        simulate(SynthConfig(max_sites_per_region=0))
+    with pytest.raises(KgmlPeftError):
+        simulate(SynthConfig(seed=-1))
+
+
+# --- observed (flux-tower) flavour ---------------------------------------------------------------
+
+
+def test_observed_targets(observed: pd.DataFrame) -> None:
+    assert list(observed.columns) == EXPECTED_COLUMNS
+    assert observed["Ra"].isna().all() and observed["Rh"].isna().all()
+    assert observed["NEE"].isna().any()
+    assert (observed["NEE"].isna() == observed["Reco"].isna()).all()
+    assert 0.10 <= observed["NEE"].isna().mean() <= 0.25
+    month = observed[schema.DATE].dt.month
+    gaps = observed["NEE"].isna()
+    assert gaps[month.isin([12, 1, 2])].mean() > gaps[month.isin([6, 7, 8])].mean()
+    assert not observed[list(schema.ALL_INPUTS)].isna().any().any()
+    assert not observed["Yield"].isna().any()
+    assert_in_ranges(observed)
+    # Reco is derived from NEE and GPP as in ONEFlux partitioning
+    seen = ~gaps
+    np.testing.assert_allclose(observed.loc[seen, "Reco"],
+                               observed.loc[seen, "NEE"] + observed.loc[seen, "GPP"], atol=1e-9)
+
+
+def test_observed_years(observed: pd.DataFrame, full: pd.DataFrame) -> None:
+    assert set(observed[schema.SITE]) == set(full[schema.SITE])
+    years = observed.groupby(schema.SITE)["Year"].agg(["min", "max", "nunique"])
+    assert years["nunique"].between(3, 5).all()
+    assert (years["max"] - years["min"] + 1 == years["nunique"]).all()
+    days = observed.groupby([schema.SITE, "Year"]).size()
+    assert days.isin([365, 366]).all()
+    table = site_parameters(SynthConfig(observed=True)).set_index("site")
+    assert (table["obs_first_year"] == years["min"]).all()
+    assert (table["obs_last_year"] == years["max"]).all()
+
+
+def test_observed_weather_equals_process_model_weather(
+    observed: pd.DataFrame, full: pd.DataFrame
+) -> None:
+    both = observed.merge(full, on=[schema.SITE, schema.DATE], suffixes=("_obs", "_sim"))
+    assert len(both) == len(observed)
+    for name in [*WEATHER, "Crop_Type", "Year", "TSOC", "TFC"]:
+        np.testing.assert_array_equal(both[f"{name}_obs"], both[f"{name}_sim"], err_msg=name)
+    # the truth differs from the process model (reality gap + noise), but not wildly
+    assert not np.allclose(both["GPP_obs"], both["GPP_sim"])
+    assert np.corrcoef(both["GPP_obs"], both["GPP_sim"])[0, 1] > 0.95
+    seen = both["NEE_obs"].notna()
+    assert np.corrcoef(both.loc[seen, "NEE_obs"], both.loc[seen, "NEE_sim"])[0, 1] > 0.8
+    ratio = both.groupby([schema.SITE, "Year_obs"])[["Yield_obs", "Yield_sim"]].first()
+    ratio = ratio["Yield_obs"] / ratio["Yield_sim"]
+    assert not np.allclose(ratio, 1.0) and ratio.between(0.6, 1.5).all()
