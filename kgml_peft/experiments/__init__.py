@@ -1,0 +1,1 @@
+"""Reports and figures (the paper's evaluation is built here)."""
