@@ -188,10 +188,10 @@ def demo(backbone: Path, seed: int, as_json: bool) -> None:
     for flavour, report in reports.items():
         click.echo(f"\n{flavour} demo data (seed {seed}), all site-years, per state "
                    "(MSE in (gC m-2 d-1)^2, Yield in (t ha-1)^2):")
+        _print_report(report, False, "regions")
     if seed == 0:
         click.echo("\nSeed 0 is the data the shipped backbone was pretrained on (80 % of its years); "
                    "--seed 1 simulates unseen sites.")
-        _print_report(report, False, "regions")
 
 
 @cli.group()
