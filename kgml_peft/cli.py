@@ -36,11 +36,19 @@ class Group(click.Group):
             return super().invoke(ctx)
         except KgmlPeftError as exc:
             raise UserError(str(exc).replace("\n", " ")) from None
+        except click.UsageError as exc:  # bad option values of a subcommand: one line too
+            if isinstance(exc, UserError):
+                raise
+            command = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+            raise UserError(f"{command}{exc.format_message()}".replace("\n", " ")) from None
         except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
             raise UserError(f"{exc.strerror or exc}: {exc.filename}") from None
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+Group.group_class = Group  # nested groups (``backbone``) handle errors the same way
+
+
+@click.group("kgml-peft", cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kgml-peft")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               envvar="KGML_PEFT_THREADS",
@@ -111,7 +119,7 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
     from kgml_peft.train.pretrain import PretrainConfig
     from kgml_peft.train.pretrain import pretrain as run_pretrain
 
-    schema.check_site_id(name)
+    schema.check_site_id(name, "checkpoint name")
     target = check_writable_target(out_dir / f"{name}.safetensors")
     try:
         config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
@@ -128,8 +136,9 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
     result = run_pretrain(synthetic, obs, config, cpu=cpu, progress=not quiet)
     fp = save_backbone(target, result.model, result.scalers, result.summary)
     for phase in result.summary["phases"]:
-        click.echo(f"phase {phase['name']:<11} steps {phase['steps']:>5}  "
-                   f"best epoch {phase['best_epoch']:>3}  val loss {phase['best_val_loss']:.4f}")
+        val = phase["best_val_loss"]
+        click.echo(f"phase {phase['name']:<11} steps {phase['steps']:>5}  best epoch "
+                   f"{phase['best_epoch']:>3}  val loss {'-' if val is None else f'{val:.4f}'}")
     for skipped in result.summary["skipped_phases"]:
         click.echo(f"phase {skipped:<11} skipped (no --observed data)")
     click.echo(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB, fingerprint {fp[:16]}) "
@@ -227,8 +236,9 @@ def backbone_show(path: Path, as_json: bool, plot: Path | None) -> None:
     click.echo(f"features: {', '.join(b.config.features)}")
     click.echo(f"hidden size {b.config.hidden_size}, dropout {b.config.dropout}")
     for phase in info["phases"]:
+        val = phase["best_val_loss"]
         click.echo(f"phase {phase['name']:<11} steps {phase['steps']:>5}  "
-                   f"val loss {phase['best_val_loss']:.4f}")
+                   f"val loss {'-' if val is None else f'{val:.4f}'}")
 
 
 @backbone.command("compare")

@@ -88,7 +88,7 @@ DAYS_PER_YEAR = 365
 SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def check_site_id(site: object) -> str:
+def check_site_id(site: object, what: str = "site id") -> str:
     """Return ``site`` as a string if it is a safe site id, else raise :class:`KgmlPeftError`.
 
     Site ids become file names (``adapters/<site>.safetensors``), so they may only contain
@@ -98,7 +98,7 @@ def check_site_id(site: object) -> str:
     text = str(site)
     if not SITE_ID_PATTERN.fullmatch(text):
         raise KgmlPeftError(
-            f"unsafe site id {text!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            f"unsafe {what} {text!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
             "starting with a letter or digit"
         )
     return text

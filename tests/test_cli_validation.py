@@ -338,13 +338,6 @@ def tiny(top: str) -> str:
         '[[phases]]\nname = "a"\nepochs = 1\n'
 
 
-def known_bug(id: str, setup: Callable[[Env], list[str]], key: str):
-    """A config value of the wrong type that only fails inside training (traceback, exit 1)."""
-    return pytest.param(Case(setup, (key,)), id=id, marks=pytest.mark.xfail(
-        reason=f"PretrainConfig does not type-check {key!r}; fix belongs in kgml_peft/train/pretrain.py",
-        strict=False))
-
-
 def write_bytes_config(content: bytes) -> Callable[[Env], list[str]]:
     def setup(env: Env) -> list[str]:
         path = env.tmp / "config.toml"
@@ -483,8 +476,18 @@ CASES = [
     # --- synth options
     case("synth-unknown-extension", synth_case("--out", "demo.txt"), "unknown table format '.txt'"),
     case("synth-missing-folder", synth_case("--out", "nowhere/demo.csv"), "output folder nowhere does not exist"),
+    # --- click's own option errors, also one line
+    case("evaluate-bad-choice", lambda env: env.evaluate(env.data(), None, "--by", "foo"),
+         "kgml-peft evaluate:", "'foo' is not one of"),
+    case("evaluate-missing-data", lambda env: ["evaluate", "--backbone", str(env.backbone)],
+         "Missing option '--data'"),
+    case("pretrain-bad-mixed-precision", lambda env: env.pretrain("--mixed-precision", "fp8"),
+         "'fp8' is not one of"),
+    case("synth-out-is-directory", lambda env: ["synth", "--out", str(env.tmp)], "is a directory"),
+    case("backbone-show-unknown-option", lambda env: ["backbone", "show", str(env.backbone), "--nope"],
+         "kgml-peft backbone show: No such option '--nope'"),
     # --- pretrain options and config: all fail before training
-    case("pretrain-unsafe-name", lambda env: env.pretrain("--name", "../evil"), "unsafe site id '../evil'",
+    case("pretrain-unsafe-name", lambda env: env.pretrain("--name", "../evil"), "unsafe checkpoint name '../evil'",
          absent=("evil.safetensors",)),
     case("pretrain-missing-out-dir", lambda env: env.pretrain("--out-dir", str(env.tmp / "no" / "dir")),
          "output folder", "does not exist"),
@@ -500,16 +503,17 @@ CASES = [
     case("pretrain-config-mixed-precision", write_config('mixed_precision = "fp8"\n'),
          "mixed_precision must be no, fp16 or bf16"),
     case("pretrain-config-wrong-type", write_config('[backbone]\nhidden_size = "big"\n'),
-         "bad value in config", "config.toml", "not supported"),
+         "hidden_size must be int, got 'big'"),
     case("pretrain-config-backbone-not-table", write_config("backbone = 3\n"), "bad value in config"),
     case("pretrain-config-weight-not-number", write_config('[[phases]]\nname = "a"\ntargets = { Ra = "x" }\n'),
-         "bad value in config", "'x'"),
+         "phase a: target weight must be int or float, got 'x'"),
     case("pretrain-config-val-fraction-text", write_config(tiny('val_fraction = "x"\n')),
-         "validation fraction must be a number in [0, 1), got 'x'"),
+         "val_fraction must be int or float, got 'x'"),
     case("pretrain-config-val-fraction-one", write_config(tiny("val_fraction = 1.0\n")),
-         "validation fraction must be a number in [0, 1), got 1.0"),
-    known_bug("pretrain-config-seed-text", write_config(tiny('seed = "abc"\n')), "seed"),
-    known_bug("pretrain-config-tolerance-text", write_config(tiny('tolerance = "x"\n')), "tolerance"),
+         "val_fraction must be in [0, 1), got 1.0"),
+    case("pretrain-config-seed-text", write_config(tiny('seed = "abc"\n')), "seed must be int, got 'abc'"),
+    case("pretrain-config-tolerance-text", write_config(tiny('tolerance = "x"\n')),
+         "tolerance must be int or float, got 'x'"),
     case("pretrain-config-not-utf8", write_bytes_config(b"seed = \xff\n"), "cannot parse", "config.toml"),
     case("pretrain-config-not-toml", write_config("seed = = 1\n[backbone\n"), "cannot parse", "config.toml"),
     case("pretrain-data-missing-target",

@@ -168,13 +168,18 @@ def validate_table(
         if not region.strip():
             raise KgmlPeftError("column region has empty values")
 
-    dates = pd.to_datetime(frame[schema.DATE], errors="coerce")
+    raw_dates = frame[schema.DATE]
+    if pd.api.types.is_numeric_dtype(raw_dates):  # e.g. 20030714, as in FLUXNET's TIMESTAMP
+        raw_dates = raw_dates.astype("Int64").astype(str)
+        dates = pd.to_datetime(raw_dates, format="%Y%m%d", errors="coerce")
+    else:
+        dates = pd.to_datetime(raw_dates, errors="coerce")
     bad_dates = dates.isna()
     if bad_dates.any():
         row = frame.loc[bad_dates].iloc[0]
         raise KgmlPeftError(
             f"column date has {bad_dates.sum()} values that are not dates, e.g. "
-            f"{row[schema.DATE]!r} (site {row[schema.SITE]})"
+            f"'{row[schema.DATE]}' (site {row[schema.SITE]})"
         )
     frame[schema.DATE] = dates.dt.normalize()
     if hasattr(frame[schema.DATE].dt, "tz") and frame[schema.DATE].dt.tz is not None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kgml_peft import schema
-from kgml_peft.errors import KgmlPeftError
+from kgml_peft.errors import KgmlPeftError, expect_type
 
 #: The recurrent modules, in the order they run.
 GRU_NAMES: tuple[str, ...] = ("gru_basis", "gru_ra", "gru_rh", "gru_nee")
@@ -37,7 +37,11 @@ class BackboneConfig:
     yield_hidden: int = 32
 
     def __post_init__(self) -> None:
+        expect_type(self.features, (list, tuple), "features")
         object.__setattr__(self, "features", schema.check_feature_names(self.features))
+        for key in ("hidden_size", "attention_size", "yield_hidden"):
+            expect_type(getattr(self, key), int, key)
+        expect_type(self.dropout, (int, float), "dropout")
         if self.hidden_size < 1 or self.attention_size < 1 or self.yield_hidden < 1:
             raise KgmlPeftError("hidden_size, attention_size and yield_hidden must be positive")
         if not 0.0 <= self.dropout < 1.0:

@@ -85,7 +85,7 @@ def save_backbone(
         "features": json.dumps(list(config.features)),
         "targets": json.dumps(list(schema.TARGETS)),
         "scalers": json.dumps(scalers.to_dict(), sort_keys=True),
-        "training": json.dumps(training or {}, sort_keys=True),
+        "training": json.dumps(training or {}, sort_keys=True, allow_nan=False),
         "fingerprint": fp,
         "toolkit_version": __version__,
         "torch_version": torch.__version__.split("+")[0],

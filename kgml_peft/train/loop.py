@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from kgml_peft import schema
 from kgml_peft.data.windows import Scalers, WindowDataset
-from kgml_peft.errors import KgmlPeftError
+from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.outputs import physical, scaled_targets
 from kgml_peft.train.objectives import objective, target_errors
 
@@ -45,6 +45,15 @@ class PhaseConfig:
     patience: int = 0
 
     def __post_init__(self) -> None:
+        expect_type(self.name, str, "phase name")
+        for key in ("epochs", "batch_size", "patience"):
+            expect_type(getattr(self, key), int, f"phase {self.name}: {key}")
+        for key in ("lr", "weight_decay", "physics_weight", "response_weight"):
+            expect_type(getattr(self, key), (int, float), f"phase {self.name}: {key}")
+        expect_type(self.targets, dict, f"phase {self.name}: targets")
+        expect_type(self.trainable, (list, tuple), f"phase {self.name}: trainable")
+        for weight in self.targets.values():
+            expect_type(weight, (int, float), f"phase {self.name}: target weight")
         if self.data not in DATA_SOURCES:
             raise KgmlPeftError(f"phase {self.name}: data must be one of {DATA_SOURCES}")
         unknown = [t for t in self.targets if t not in schema.TARGETS]
@@ -110,7 +119,7 @@ class PhaseResult:
     name: str
     curve: list[dict] = field(default_factory=list)
     best_epoch: int = 0
-    best_val_loss: float = float("nan")
+    best_val_loss: float | None = None
     steps: int = 0
 
 
@@ -142,7 +151,10 @@ def run_phase(
 
     result = PhaseResult(name=phase.name)
     best_state = copy.deepcopy(raw.state_dict())
-    best = val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator) if val_loader else float("nan")
+    val_loss: float | None = None
+    if val_loader is not None:
+        val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
+    best = val_loss
     result.curve.append({"phase": phase.name, "epoch": 0, "step": step_offset,
                          "train_loss": None, "val_loss": val_loss})
     result.best_val_loss = best
@@ -173,8 +185,8 @@ def run_phase(
             val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
         result.curve.append({"phase": phase.name, "epoch": epoch, "step": step,
                              "train_loss": train_loss, "val_loss": val_loss})
-        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-        if val_loader is None or val_loss < best:
+        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-")
+        if val_loss is None or best is None or val_loss < best:
             best, stale = val_loss, 0
             result.best_epoch, result.best_val_loss = epoch, val_loss
             best_state = copy.deepcopy(raw.state_dict())

@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 
 from kgml_peft import schema
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows, make_windows, split_by_year
-from kgml_peft.errors import KgmlPeftError
+from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import BackboneConfig, KGMLag, build_backbone
 from kgml_peft.train.loop import PhaseConfig, PhaseResult, run_phase
 
@@ -70,6 +70,14 @@ class PretrainConfig:
     mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
+        expect_type(self.seed, int, "seed")
+        expect_type(self.val_fraction, (int, float), "val_fraction")
+        expect_type(self.tolerance, (int, float), "tolerance")
+        expect_type(self.mixed_precision, str, "mixed_precision")
+        if not 0 <= self.val_fraction < 1:
+            raise KgmlPeftError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.tolerance < 0:
+            raise KgmlPeftError(f"tolerance must be >= 0, got {self.tolerance}")
         if not self.phases:
             raise KgmlPeftError("pretraining needs at least one phase")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -153,6 +161,21 @@ def pretrain(
     ``None``. Same tables, config and seed give the same weights on CPU.
     """
     config = config or PretrainConfig()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _pretrain(synthetic, observed, config, cpu=cpu, progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _pretrain(
+    synthetic: pd.DataFrame,
+    observed: pd.DataFrame | None,
+    config: PretrainConfig,
+    *,
+    cpu: bool,
+    progress: bool,
+) -> PretrainResult:
     set_seed(config.seed, deterministic=True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
