@@ -121,10 +121,7 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
 
     schema.check_site_id(name, "checkpoint name")
     target = check_writable_target(out_dir / f"{name}.safetensors")
-    try:
-        config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
-    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type in the TOML
-        raise KgmlPeftError(f"bad value in config {config_path}: {exc}") from None
+    config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
     if seed is not None:
         config = dataclasses.replace(config, seed=seed)
     if mixed_precision is not None:

@@ -167,3 +167,12 @@ def test_shipped_checkpoint_is_regenerated_bit_for_bit(tmp_path):
     result = CliRunner().invoke(cli, ["backbone", "compare", str(tmp_path / "demo.safetensors"),
                                       str(ROOT / "checkpoints" / "demo.safetensors")])
     assert result.exit_code == 0, result.output
+
+
+def test_mixed_precision_bf16_trains_on_cpu(tables):
+    synthetic, _ = tables
+    config = PretrainConfig(backbone=TINY.backbone, phases=TINY.phases[1:2], mixed_precision="bf16")
+    result = pretrain(synthetic, None, config, cpu=True, progress=False)
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # weights stay fp32
+    assert result.summary["config"]["mixed_precision"] == "bf16"

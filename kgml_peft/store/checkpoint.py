@@ -95,7 +95,9 @@ def save_backbone(
     return fp
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and raw string metadata of a safetensors file, without building a model."""
+    path = Path(source)
     if not path.exists():
         raise KgmlPeftError(f"backbone {path} does not exist")
     if path.is_dir():
@@ -108,11 +110,6 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise KgmlPeftError(f"backbone {path} is not a readable safetensors file ({first})") from None
     return tensors, metadata
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and raw string metadata of a safetensors file, without building a model."""
-    return _read(Path(path))
 
 
 def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
@@ -133,7 +130,7 @@ def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]
 def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
     """Load and verify a backbone checkpoint (format, shapes, finite values, fingerprint)."""
     source = Path(path)
-    tensors, metadata = _read(source)
+    tensors, metadata = read_checkpoint(source)
     if metadata.get("format") != FORMAT:
         raise KgmlPeftError(
             f"{source} is not a kgml-peft backbone (format {metadata.get('format')!r})"

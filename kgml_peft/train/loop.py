@@ -73,6 +73,16 @@ class PhaseConfig:
         return data
 
 
+def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Accelerator:
+    """An Accelerator for one run. Accelerate keeps one process-wide state and refuses a second
+    Accelerator with another precision, so an earlier run's accelerator-level state is cleared
+    first (the distributed process state is kept: this stays correct under ``accelerate launch``)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # no public API for this
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
 def set_trainable(model: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
     """Freeze every parameter except those whose name starts with one of ``prefixes``."""
     params = []

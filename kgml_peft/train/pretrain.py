@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from kgml_peft import schema
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows, make_windows, split_by_year
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import BackboneConfig, KGMLag, build_backbone
-from kgml_peft.train.loop import PhaseConfig, PhaseResult, run_phase
+from kgml_peft.train.loop import PhaseConfig, PhaseResult, make_accelerator, run_phase
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,7 +121,10 @@ class PretrainConfig:
             data = tomllib.loads(source.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise KgmlPeftError(f"cannot parse {source}: {exc}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, AttributeError) as exc:  # e.g. ``backbone = 3``
+            raise KgmlPeftError(f"bad value in config {source}: {exc}") from None
 
 
 @dataclass
@@ -178,7 +180,7 @@ def _pretrain(
 ) -> PretrainResult:
     set_seed(config.seed, deterministic=True)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+    accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     features = config.backbone.features
 
     data: dict[str, tuple[YearWindows, YearWindows | None]] = {}
