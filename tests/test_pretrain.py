@@ -151,6 +151,8 @@ def test_demo_command_on_the_shipped_backbone():
         assert set(regions) == {"IA", "IL", "IN"}
         for group in regions.values():
             assert 0 < group["targets"]["NEE"]["mse"] < 10
+            # more GPP -> more substrate -> more autotrophic respiration, as in the simulator
+            assert group["physics"]["ra_gpp_response_mean"] > 0
     shipped = load_backbone(ROOT / "checkpoints" / "demo.safetensors")
     assert (ROOT / "checkpoints" / "demo.safetensors").stat().st_size <= 2 * 1024 * 1024
     assert shipped.training["config"] == PretrainConfig().to_dict()

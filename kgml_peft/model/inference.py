@@ -7,6 +7,7 @@ import torch
 
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows
 from kgml_peft.model.outputs import physical
+from kgml_peft.model.physics import perturbed_response
 
 PREDICTED = ("Ra", "Rh", "NEE", "Reco", "Yield")
 
@@ -38,11 +39,19 @@ def gpp_response(
     delta_gpp: float = 1.0,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
-    """Change of Ra and Rh (gC m-2 d-1) per window-day when GPP is raised by ``delta_gpp``."""
-    shifted = windows.subset(np.arange(len(windows)))
+    """Change of Ra and Rh (gC m-2 d-1) per window-day when GPP is raised by ``delta_gpp``
+    (gC m-2 d-1), computed with :func:`~kgml_peft.model.physics.perturbed_response`."""
+    model.eval()
+    x = WindowDataset(windows, scalers).x
     j = windows.features.index("GPP")
-    shifted.inputs = shifted.inputs.copy()
-    shifted.inputs[..., j] += delta_gpp
-    base = predict_windows(model, scalers, windows, batch_size)
-    moved = predict_windows(model, scalers, shifted, batch_size)
-    return {name: moved[name] - base[name] for name in ("Ra", "Rh")}
+    delta = delta_gpp / scalers.std["GPP"]  # the inputs are z-scores
+
+    def predict(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return physical(model(batch), scalers)
+
+    chunks: dict[str, list[np.ndarray]] = {"Ra": [], "Rh": []}
+    for start in range(0, len(x), batch_size):
+        response = perturbed_response(predict, x[start:start + batch_size], j, delta)
+        for name in chunks:
+            chunks[name].append(response[name].float().numpy().astype("float64"))
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
