@@ -12,4 +12,4 @@ trap 'rm -rf "$work"' EXIT
 kgml-peft synth --seed 0 --out "$work/demo.parquet"
 kgml-peft synth --seed 0 --observed --out "$work/demo-observed.parquet"
 kgml-peft pretrain --data "$work/demo.parquet" --observed "$work/demo-observed.parquet" \
-    --config configs/demo.toml --name demo --out-dir "$out_dir" --cpu --quiet
+    --config configs/demo.toml --name demo --out-dir "$out_dir" --cpu --quiet --force

@@ -28,19 +28,36 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def _one_line(exc: click.UsageError) -> UserError:
+    command = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+    return UserError(f"{command}{exc.format_message()}".replace("\n", " "))
+
+
 class Group(click.Group):
-    """A click group that turns the toolkit's errors into :class:`UserError`."""
+    """A click group that turns the toolkit's errors and click's usage errors into one-line
+    :class:`UserError` messages (exit code 2)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # noqa: D102 - click API
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a bare group name: click prints the help
+        except click.UsageError as exc:  # the group's own options, e.g. --threads 0
+            if isinstance(exc, UserError):
+                raise
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context):  # noqa: D102 - click API
         try:
             return super().invoke(ctx)
         except KgmlPeftError as exc:
             raise UserError(str(exc).replace("\n", " ")) from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise
         except click.UsageError as exc:  # bad option values of a subcommand: one line too
             if isinstance(exc, UserError):
                 raise
-            command = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
-            raise UserError(f"{command}{exc.format_message()}".replace("\n", " ")) from None
+            raise _one_line(exc) from None
         except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
             raise UserError(f"{exc.strerror or exc}: {exc.filename}") from None
 
@@ -107,8 +124,10 @@ def synth(out: Path, observed: bool, seed: int, max_sites_per_region: int | None
               help="Override the config's mixed precision.")
 @click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint of the same name.")
 def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: str, out_dir: Path,
-             seed: int | None, mixed_precision: str | None, cpu: bool, quiet: bool) -> None:
+             seed: int | None, mixed_precision: str | None, cpu: bool, quiet: bool,
+             force: bool) -> None:
     """Global pretraining (Eq. 1) with the staged KGML-ag schedule; writes a backbone checkpoint."""
     import dataclasses
 
@@ -121,6 +140,8 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
 
     schema.check_site_id(name, "checkpoint name")
     target = check_writable_target(out_dir / f"{name}.safetensors")
+    if target.exists() and not force:
+        raise KgmlPeftError(f"{target} exists; pass --force to replace it, or choose another --name")
     config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
     if seed is not None:
         config = dataclasses.replace(config, seed=seed)

@@ -77,13 +77,14 @@ def test_pickle_is_never_loaded(tmp_path):
     assert not marker.exists()
 
 
-def test_failed_write_leaves_previous_file(backbone_path, tmp_path):
+def test_refused_save_leaves_previous_file(backbone_path, tmp_path):
+    """A save that is refused (no scalers) changes nothing; the rollback of a write that fails
+    half-way is tested on atomic_path itself in test_tables.py."""
     b = load_backbone(backbone_path)
     target = tmp_path / "kept.safetensors"
     save_backbone(target, b.model, b.scalers, {})
     before = target.read_bytes()
-
-    with pytest.raises(TypeError):
-        save_backbone(target, b.model, b.scalers, {"bad": object()})  # not JSON serialisable
+    with pytest.raises(KgmlPeftError, match="no scaler"):
+        save_backbone(target, b.model, type(b.scalers)(mean={}, std={}), {})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["kept.safetensors"]

@@ -182,6 +182,35 @@ def bad_date(f: pd.DataFrame) -> None:
     f.loc[row, "date"] = "2003-02-31"
 
 
+def day_month_dates(f: pd.DataFrame) -> pd.DataFrame:
+    f["date"] = f["date"].dt.strftime("%d/%m/%Y")  # ambiguous day/month order: refused
+    return f
+
+
+def fractional_numeric_date(f: pd.DataFrame) -> pd.DataFrame:
+    f["date"] = f["date"].dt.strftime("%Y%m%d").astype(float)
+    f.loc[3, "date"] = 20030104.5
+    return f
+
+
+def blank_region(f: pd.DataFrame) -> None:
+    f.loc[f["site"] == "IL-001", "region"] = "   "
+
+
+def existing_checkpoint(env: Env) -> list[str]:
+    (env.tmp / "ckpt").mkdir(exist_ok=True)
+    (env.tmp / "ckpt" / "demo.safetensors").write_bytes(b"a good checkpoint")
+    return env.pretrain()
+
+
+def observed_without_nee(env: Env) -> list[str]:
+    observed = env.data(lambda f: f.drop(columns=["NEE", "Reco"]), name="obs.csv")
+    config = env.tmp / "config.toml"
+    config.write_text(tiny("") + '[[phases]]\nname = "obs"\ndata = "observed"\n'
+                      'targets = { NEE = 1.0, Reco = 1.0 }\nepochs = 1\n')
+    return env.pretrain("--observed", str(observed), "--config", str(config))
+
+
 # --- setups ----------------------------------------------------------------------------------
 
 
@@ -401,6 +430,14 @@ CASES = [
     case("target-negative-yield", data_case(setv("Yield", -1.0, "IA-001", "2004-10-01")),
          "column Yield", "outside [0, 30]", "site IA-001", "2004-10-01"),
     # --- dates and rows
+    case("day-month-dates", data_case(day_month_dates), "column date", "use YYYY-MM-DD or YYYYMMDD"),
+    case("fractional-numeric-date", data_case(fractional_numeric_date), "'20030104.5'", "site IA-001"),
+    case("blank-region", data_case(blank_region), "column region has empty values"),
+    case("group-option-threads-zero", lambda env: ["--threads", "0", "demo"],
+         "kgml-peft: Invalid value for '--threads'"),
+    case("pretrain-existing-checkpoint", existing_checkpoint, "exists; pass --force"),
+    case("pretrain-observed-without-targets", observed_without_nee,
+         "phase obs: the observed data has no values for NEE, Reco"),
     case("bad-date-string", data_case(bad_date), "column date", "not dates", "'2003-02-31'", "site IL-001"),
     case("duplicate-site-date", data_case(duplicate_row),
          "1 duplicate site-dates (site IL-001, first 2004-03-05)"),

@@ -178,3 +178,31 @@ def test_mixed_precision_bf16_trains_on_cpu(tables):
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # weights stay fp32
     assert result.summary["config"]["mixed_precision"] == "bf16"
+
+
+def test_reco_is_derived_when_the_synthetic_table_has_none(tables):
+    synthetic, _ = tables
+    config = PretrainConfig(backbone=TINY.backbone, phases=TINY.phases[1:2])
+    with_col = pretrain(synthetic, None, config, cpu=True, progress=False)
+    without = pretrain(synthetic.drop(columns=["Reco"]), None, config, cpu=True, progress=False)
+    assert with_col.scalers == without.scalers
+    assert all(torch.equal(a, b) for a, b in zip(with_col.model.state_dict().values(),
+                                                without.model.state_dict().values()))
+
+
+def test_cli_pretrain_refuses_to_overwrite_without_force(tables, tmp_path):
+    synthetic, _ = tables
+    write_table(synthetic, tmp_path / "syn.parquet")
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    args = ["pretrain", "--data", str(tmp_path / "syn.parquet"), "--config", str(tmp_path / "tiny.toml"),
+            "--cpu", "--quiet", "--out-dir", str(tmp_path)]
+    runner = CliRunner()
+    assert runner.invoke(cli, args).exit_code == 0
+    first = (tmp_path / "demo.safetensors").read_bytes()
+    refused = runner.invoke(cli, [*args, "--seed", "3"])
+    assert refused.exit_code == 2 and "--force" in refused.output
+    assert (tmp_path / "demo.safetensors").read_bytes() == first
+    forced = runner.invoke(cli, [*args, "--seed", "3", "--force"])
+    assert forced.exit_code == 0
+    assert (tmp_path / "demo.safetensors").read_bytes() != first
+    assert load_backbone(tmp_path / "demo.safetensors").training["config"]["seed"] == 3

@@ -129,6 +129,35 @@ def _check_numeric(frame: pd.DataFrame, name: str, allow_nan: bool) -> None:
         )
 
 
+_OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
+
+
+def _parse_dates(frame: pd.DataFrame) -> pd.Series:
+    """Dates as midnight timestamps. Accepts datetimes, ISO 8601 strings (a time of day and a UTC
+    offset are dropped, keeping the local date) and integers YYYYMMDD (FLUXNET's TIMESTAMP).
+    Other spellings (``01/02/2003``) are refused rather than guessed: day/month order is
+    ambiguous."""
+    raw = frame[schema.DATE]
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        dates = raw.dt.tz_localize(None) if raw.dt.tz is not None else raw
+    elif pd.api.types.is_numeric_dtype(raw) and raw.dtype != bool:
+        values = raw.to_numpy(dtype="float64", na_value=np.nan)
+        whole = np.isfinite(values) & (values == np.round(values)) & (values >= 1e7) & (values < 1e8)
+        text = pd.Series(np.where(whole, values, 0).astype("int64").astype(str), index=raw.index)
+        dates = pd.to_datetime(text.where(whole), format="%Y%m%d", errors="coerce")
+    else:
+        text = raw.astype("string").str.strip().str.replace(_OFFSET, "", regex=True)
+        dates = pd.to_datetime(text, format="ISO8601", errors="coerce")
+    bad = dates.isna()
+    if bad.any():
+        row = frame.loc[bad].iloc[0]
+        raise KgmlPeftError(
+            f"column date has {bad.sum()} values that are not dates, e.g. '{row[schema.DATE]}' "
+            f"(site {row[schema.SITE]}); use YYYY-MM-DD or YYYYMMDD"
+        )
+    return dates.dt.normalize()
+
+
 def validate_table(
     frame: pd.DataFrame,
     features: Sequence[str],
@@ -168,22 +197,7 @@ def validate_table(
         if not region.strip():
             raise KgmlPeftError("column region has empty values")
 
-    raw_dates = frame[schema.DATE]
-    if pd.api.types.is_numeric_dtype(raw_dates):  # e.g. 20030714, as in FLUXNET's TIMESTAMP
-        raw_dates = raw_dates.astype("Int64").astype(str)
-        dates = pd.to_datetime(raw_dates, format="%Y%m%d", errors="coerce")
-    else:
-        dates = pd.to_datetime(raw_dates, errors="coerce")
-    bad_dates = dates.isna()
-    if bad_dates.any():
-        row = frame.loc[bad_dates].iloc[0]
-        raise KgmlPeftError(
-            f"column date has {bad_dates.sum()} values that are not dates, e.g. "
-            f"'{row[schema.DATE]}' (site {row[schema.SITE]})"
-        )
-    frame[schema.DATE] = dates.dt.normalize()
-    if hasattr(frame[schema.DATE].dt, "tz") and frame[schema.DATE].dt.tz is not None:
-        frame[schema.DATE] = frame[schema.DATE].dt.tz_localize(None)
+    frame[schema.DATE] = _parse_dates(frame)
 
     dup = frame.duplicated([schema.SITE, schema.DATE], keep="first")
     if dup.any():

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from accelerate.utils import set_seed
@@ -144,6 +145,23 @@ def frame_hash(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def _check_phase_targets(phase: PhaseConfig, train: YearWindows) -> None:
+    """A phase must have observations of every target it trains on (else it would learn nothing)."""
+    empty = [t for t in phase.targets if not np.isfinite(train.target(t)).any()]
+    if empty:
+        raise KgmlPeftError(
+            f"phase {phase.name}: the {phase.data} data has no values for {', '.join(empty)} "
+            "in its training years; provide them or drop the phase/target from the config"
+        )
+
+
+def with_reco(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``Reco = Ra + Rh`` where a table has Ra and Rh but no Reco column."""
+    if "Reco" in frame.columns or not {"Ra", "Rh"} <= set(frame.columns):
+        return frame
+    return frame.assign(Reco=frame["Ra"] + frame["Rh"])
+
+
 def _split(windows: YearWindows, fraction: float) -> tuple[YearWindows, YearWindows | None]:
     train, val = split_by_year(windows, fraction)
     return windows.subset(train), (windows.subset(val) if len(val) else None)
@@ -184,6 +202,7 @@ def _pretrain(
     features = config.backbone.features
 
     data: dict[str, tuple[YearWindows, YearWindows | None]] = {}
+    synthetic = with_reco(synthetic)
     data["synthetic"] = _split(make_windows(synthetic, features), config.val_fraction)
     if observed is not None:
         data["observed"] = _split(make_windows(observed, features), config.val_fraction)
@@ -191,6 +210,9 @@ def _pretrain(
     scalers.require([*features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
     sets = {k: (WindowDataset(tr, scalers), WindowDataset(va, scalers) if va is not None else None)
             for k, (tr, va) in data.items()}
+    for phase in config.phases:  # fail before any training, not in the middle of it
+        if phase.data in data:
+            _check_phase_targets(phase, data[phase.data][0])
 
     model = build_backbone(config.backbone, seed=config.seed)
     model = accelerator.prepare(model)
