@@ -206,3 +206,19 @@ def test_cli_pretrain_refuses_to_overwrite_without_force(tables, tmp_path):
     assert forced.exit_code == 0
     assert (tmp_path / "demo.safetensors").read_bytes() != first
     assert load_backbone(tmp_path / "demo.safetensors").training["config"]["seed"] == 3
+
+
+def test_val_every_logs_validation_loss_per_step_without_changing_training(tables):
+    synthetic, _ = tables
+    phase = PhaseConfig("fluxes", "synthetic", {"Ra": 1.0, "Rh": 1.0, "NEE": 1.0}, epochs=2,
+                        batch_size=2)
+    plain = pretrain(synthetic, None, PretrainConfig(backbone=TINY.backbone, phases=(phase,)),
+                     cpu=True, progress=False)
+    stepwise = PhaseConfig(**{**phase.to_dict(), "val_every": 1})
+    logged = pretrain(synthetic, None, PretrainConfig(backbone=TINY.backbone, phases=(stepwise,)),
+                      cpu=True, progress=False)
+    steps = [c["step"] for c in logged.summary["curves"]]
+    assert steps == list(range(0, logged.summary["total_steps"] + 1))  # a validation loss per step
+    assert len(plain.summary["curves"]) == 3  # epoch 0, 1, 2
+    a, b = plain.model.state_dict(), logged.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # validating in between changes nothing

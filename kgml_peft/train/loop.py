@@ -43,10 +43,13 @@ class PhaseConfig:
     response_weight: float = 0.0
     #: epochs without validation improvement before stopping (0 = run all epochs)
     patience: int = 0
+    #: also log the validation loss every N optimizer steps within an epoch (0 = at epoch ends
+    #: only); early stopping and the best-weights choice still look at epoch ends
+    val_every: int = 0
 
     def __post_init__(self) -> None:
         expect_type(self.name, str, "phase name")
-        for key in ("epochs", "batch_size", "patience"):
+        for key in ("epochs", "batch_size", "patience", "val_every"):
             expect_type(getattr(self, key), int, f"phase {self.name}: {key}")
         for key in ("lr", "weight_decay", "physics_weight", "response_weight"):
             expect_type(getattr(self, key), (int, float), f"phase {self.name}: {key}")
@@ -61,8 +64,10 @@ class PhaseConfig:
             raise KgmlPeftError(f"phase {self.name}: unknown target {unknown[0]!r}")
         if not self.targets:
             raise KgmlPeftError(f"phase {self.name}: no targets")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise KgmlPeftError(f"phase {self.name}: epochs >= 0, batch_size >= 1, lr > 0 needed")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.val_every < 0:
+            raise KgmlPeftError(
+                f"phase {self.name}: epochs >= 0, batch_size >= 1, lr > 0, val_every >= 0 needed"
+            )
         object.__setattr__(self, "trainable", tuple(self.trainable))
         object.__setattr__(self, "targets", {k: float(v) for k, v in self.targets.items()})
 
@@ -154,7 +159,10 @@ def run_phase(
     optimizer = torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train_set, batch_size=phase.batch_size, shuffle=True, generator=generator)
-    val_loader = DataLoader(val_set, batch_size=max(phase.batch_size, 64)) if val_set else None
+    # The validation loader gets its own generator: iterating a loader otherwise draws from the
+    # global RNG, and validating would then change the dropout masks of the following steps.
+    val_loader = (DataLoader(val_set, batch_size=max(phase.batch_size, 64),
+                             generator=torch.Generator().manual_seed(seed)) if val_set else None)
     optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
@@ -190,6 +198,13 @@ def run_phase(
             total += float(loss.detach())
             batches += 1
             step += 1
+            if (phase.val_every and val_loader is not None and step % phase.val_every == 0
+                    and batches < len(train_loader)):  # the epoch end logs its own entry
+                result.curve.append({
+                    "phase": phase.name, "epoch": epoch, "step": step, "train_loss": total / batches,
+                    "val_loss": validation_loss(model, val_loader, scalers, phase.targets, accelerator),
+                })
+                model.train()
         train_loss = total / max(batches, 1)
         if val_loader is not None:
             val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
