@@ -28,7 +28,10 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-def _one_line(exc: click.UsageError) -> UserError:
+def _one_line(exc: click.UsageError) -> click.UsageError | UserError:
+    """A usage error as one line; a bare group name (click shows its help) stays as it is."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        return exc
     command = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
     return UserError(f"{command}{exc.format_message()}".replace("\n", " "))
 
@@ -40,11 +43,7 @@ class Group(click.Group):
     def make_context(self, info_name, args, parent=None, **extra):  # noqa: D102 - click API
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
-            raise  # a bare group name: click prints the help
         except click.UsageError as exc:  # the group's own options, e.g. --threads 0
-            if isinstance(exc, UserError):
-                raise
             raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context):  # noqa: D102 - click API
@@ -52,11 +51,7 @@ class Group(click.Group):
             return super().invoke(ctx)
         except KgmlPeftError as exc:
             raise UserError(str(exc).replace("\n", " ")) from None
-        except click.exceptions.NoArgsIsHelpError:
-            raise
         except click.UsageError as exc:  # bad option values of a subcommand: one line too
-            if isinstance(exc, UserError):
-                raise
             raise _one_line(exc) from None
         except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
             raise UserError(f"{exc.strerror or exc}: {exc.filename}") from None
@@ -76,6 +71,13 @@ def cli(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _phase_line(phase: dict) -> str:
+    """One line of a training summary's phase: steps, best epoch, best validation loss."""
+    val = phase["best_val_loss"]
+    return (f"phase {phase['name']:<11} steps {phase['steps']:>5}  best epoch "
+            f"{phase['best_epoch']:>3}  val loss {'-' if val is None else f'{val:.4f}'}")
 
 
 def _echo_json(data: object) -> None:
@@ -154,9 +156,7 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
     result = run_pretrain(synthetic, obs, config, cpu=cpu, progress=not quiet)
     fp = save_backbone(target, result.model, result.scalers, result.summary)
     for phase in result.summary["phases"]:
-        val = phase["best_val_loss"]
-        click.echo(f"phase {phase['name']:<11} steps {phase['steps']:>5}  best epoch "
-                   f"{phase['best_epoch']:>3}  val loss {'-' if val is None else f'{val:.4f}'}")
+        click.echo(_phase_line(phase))
     for skipped in result.summary["skipped_phases"]:
         click.echo(f"phase {skipped:<11} skipped (no --observed data)")
     click.echo(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB, fingerprint {fp[:16]}) "
@@ -254,9 +254,7 @@ def backbone_show(path: Path, as_json: bool, plot: Path | None) -> None:
     click.echo(f"features: {', '.join(b.config.features)}")
     click.echo(f"hidden size {b.config.hidden_size}, dropout {b.config.dropout}")
     for phase in info["phases"]:
-        val = phase["best_val_loss"]
-        click.echo(f"phase {phase['name']:<11} steps {phase['steps']:>5}  "
-                   f"val loss {'-' if val is None else f'{val:.4f}'}")
+        click.echo(_phase_line(phase))
 
 
 @backbone.command("compare")

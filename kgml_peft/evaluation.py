@@ -30,7 +30,7 @@ def evaluate(
     frame = select_sites(frame, site)
     windows = make_windows(frame, features)
     preds = predict_windows(backbone.model, backbone.scalers, windows)
-    response = gpp_response(backbone.model, backbone.scalers, windows)
+    response = gpp_response(backbone.model, backbone.scalers, windows, base=preds)
 
     def metrics(index: np.ndarray) -> dict:
         return group_metrics(windows, preds, backbone.scalers, index, tolerance, response)

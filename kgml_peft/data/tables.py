@@ -56,10 +56,7 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
             frame = pd.read_parquet(source)
     except pd.errors.EmptyDataError:
         raise KgmlPeftError(f"{source} is empty") from None
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KgmlPeftError(f"cannot read {source} as {kind}: {first}") from None
-    except Exception as exc:  # pyarrow raises its own types for corrupt files
+    except Exception as exc:  # pandas, csv and pyarrow each raise their own types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KgmlPeftError(f"cannot read {source} as {kind}: {first}") from None
     if frame.empty:

@@ -134,11 +134,17 @@ class Scalers:
             std[name] = sd if sd > 1e-8 else 1.0
         return cls(mean=mean, std=std)
 
-    def require(self, names: Sequence[str]) -> None:
-        """Raise if a scaler is missing for one of ``names``."""
-        missing = [n for n in names if n not in self.mean]
-        if missing:
-            raise KgmlPeftError(f"no scaler for {', '.join(missing)}: the training data had no values")
+    def require(self, names: Sequence[str], source: str = "the training data") -> None:
+        """Raise unless every one of ``names`` has a finite mean and a finite std > 0;
+        ``source`` names where the scalers came from in the message."""
+        for name in names:
+            mean, std = self.mean.get(name), self.std.get(name)
+            if mean is None or std is None:
+                raise KgmlPeftError(f"{source} has no scaler for {name}")
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise KgmlPeftError(
+                    f"{source} has a bad scaler for {name} (mean {mean:g}, std {std:g})"
+                )
 
     def scale(self, name: str, values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Physical units -> z-score."""

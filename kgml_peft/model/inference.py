@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -10,6 +12,17 @@ from kgml_peft.model.outputs import physical
 from kgml_peft.model.physics import perturbed_response
 
 PREDICTED = ("Ra", "Rh", "NEE", "Reco", "Yield")
+
+
+def _in_batches(
+    x: torch.Tensor, batch_size: int, run: Callable[[int, int], dict[str, torch.Tensor]]
+) -> dict[str, np.ndarray]:
+    """Call ``run(start, stop)`` over consecutive slices of ``x``; concatenate its outputs."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(x), batch_size):
+        for name, value in run(start, min(start + batch_size, len(x))).items():
+            chunks.setdefault(name, []).append(value.float().cpu().numpy().astype("float64"))
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
 @torch.no_grad()
@@ -23,12 +36,12 @@ def predict_windows(
     """Ra, Rh, NEE, Reco [N, 365] (gC m-2 d-1) and Yield [N] (t ha-1) for every window."""
     model.eval()
     x = WindowDataset(windows, scalers).x
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in PREDICTED}
-    for start in range(0, len(x), batch_size):
-        phys = physical(model(x[start:start + batch_size].to(device)), scalers)
-        for name in PREDICTED:
-            chunks[name].append(phys[name].float().cpu().numpy().astype("float64"))
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+    def run(start: int, stop: int) -> dict[str, torch.Tensor]:
+        phys = physical(model(x[start:stop].to(device)), scalers)
+        return {name: phys[name] for name in PREDICTED}
+
+    return _in_batches(x, batch_size, run)
 
 
 @torch.no_grad()
@@ -38,9 +51,13 @@ def gpp_response(
     windows: YearWindows,
     delta_gpp: float = 1.0,
     batch_size: int = 64,
+    base: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Change of Ra and Rh (gC m-2 d-1) per window-day when GPP is raised by ``delta_gpp``
-    (gC m-2 d-1), computed with :func:`~kgml_peft.model.physics.perturbed_response`."""
+    (gC m-2 d-1), computed with :func:`~kgml_peft.model.physics.perturbed_response`.
+
+    ``base`` (the output of :func:`predict_windows` on the same windows) saves one forward pass.
+    """
     model.eval()
     x = WindowDataset(windows, scalers).x
     j = windows.features.index("GPP")
@@ -49,9 +66,10 @@ def gpp_response(
     def predict(batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return physical(model(batch), scalers)
 
-    chunks: dict[str, list[np.ndarray]] = {"Ra": [], "Rh": []}
-    for start in range(0, len(x), batch_size):
-        response = perturbed_response(predict, x[start:start + batch_size], j, delta)
-        for name in chunks:
-            chunks[name].append(response[name].float().numpy().astype("float64"))
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+    def run(start: int, stop: int) -> dict[str, torch.Tensor]:
+        known = None if base is None else {
+            name: torch.as_tensor(base[name][start:stop], dtype=torch.float32) for name in ("Ra", "Rh")
+        }
+        return perturbed_response(predict, x[start:stop], j, delta, base=known)
+
+    return _in_batches(x, batch_size, run)

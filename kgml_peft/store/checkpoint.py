@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,7 @@ def save_backbone(
 ) -> str:
     """Write ``model`` with its scalers and training summary atomically; return the fingerprint."""
     config = model.config
-    scalers.require([*config.features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
+    scalers.require([*config.features, *schema.TARGETS])
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
     fp = fingerprint(tensors, config, scalers)
     metadata = {
@@ -146,14 +145,7 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
         training = json.loads(metadata.get("training", "{}"))
     except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
         raise KgmlPeftError(f"{source} has unreadable metadata ({exc})") from None
-    for name in (*config.features, *schema.FLUX_OUTPUTS, "Reco", "Yield"):
-        mean, std = scalers.mean.get(name), scalers.std.get(name)
-        if mean is None or std is None:
-            raise KgmlPeftError(f"{source} has no scaler for {name}")
-        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-            raise KgmlPeftError(
-                f"{source} has a bad scaler for {name} (mean {mean:g}, std {std:g})"
-            )
+    scalers.require([*config.features, *schema.TARGETS], source=str(source))
     model = KGMLag(config)
     expected = model.state_dict()
     if set(tensors) != set(expected):

@@ -207,7 +207,7 @@ def _pretrain(
     if observed is not None:
         data["observed"] = _split(make_windows(observed, features), config.val_fraction)
     scalers = Scalers.fit(data["synthetic"][0])
-    scalers.require([*features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
+    scalers.require([*features, *schema.TARGETS])
     sets = {k: (WindowDataset(tr, scalers), WindowDataset(va, scalers) if va is not None else None)
             for k, (tr, va) in data.items()}
     for phase in config.phases:  # fail before any training, not in the middle of it
