@@ -221,6 +221,134 @@ def demo(backbone: Path, seed: int, as_json: bool) -> None:
                    "--seed 1 simulates unseen sites.")
 
 
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _calibration_config(config_path: Path | None, options: dict):
+    """The run's config: the TOML file (or defaults) with every given command-line option on top."""
+    from kgml_peft.calibration.config import CalibrationConfig
+    from kgml_peft.config_files import read_toml
+
+    data = read_toml(config_path) if config_path else {}
+    adapter = dict(data.get("adapter") or {})
+    for key in ("components", "lora_targets", "lora_weights", "block_targets"):
+        if options.get(key) is not None:
+            adapter[key] = _csv(options.pop(key))
+    for key in ("lora_rank", "lora_alpha", "bottleneck", "head", "head_hidden"):
+        if options.get(key) is not None:
+            adapter[key] = options.pop(key)
+    if adapter:
+        data["adapter"] = adapter
+    if options.get("targets") is not None:
+        data["targets"] = {t: 1.0 for t in _csv(options.pop("targets"))}
+    if options.get("unfreeze") is not None:
+        data["unfreeze"] = _csv(options.pop("unfreeze"))
+    data.update({k: v for k, v in options.items() if v is not None and k not in (
+        "components", "lora_targets", "lora_weights", "block_targets", "lora_rank", "lora_alpha",
+        "bottleneck", "head", "head_hidden", "targets", "unfreeze")})
+    return CalibrationConfig.from_dict(data)
+
+
+def _change(before: float | None, after: float | None) -> str:
+    if before is None or after is None or before == 0:
+        return "-"
+    return f"{100 * (after - before) / before:+.1f}%"
+
+
+def _print_calibration(result, path: Path, seconds: float, backbone_bytes: int) -> None:
+    summary = result.summary
+    data, metrics = summary["data"], summary["metrics"]
+    kind = "adapter parameters" if result.adapter is not None else "trained backbone parameters"
+    click.echo(f"{result.name} ({summary['scope']}, {len(summary['sites'])} site"
+               f"{'s' if len(summary['sites']) != 1 else ''}): {data['train_site_years']} training / "
+               f"{data['val_site_years']} validation site-years, {result.trained_parameters} {kind}")
+    before, after = metrics["before"], metrics["after"]
+    click.echo(f"  {'validation':<26}{'global':>10}{'calibrated':>12}{'change':>9}")
+    click.echo(f"  {'loss (scaled MSE)':<26}{before['loss']:>10.4f}{after['loss']:>12.4f}"
+               f"{_change(before['loss'], after['loss']):>9}")
+    for target, mse in after["mse"].items():
+        unit = "(t ha-1)^2" if target == "Yield" else "(gC m-2 d-1)^2"
+        label = f"{target} MSE {unit}"
+        click.echo(f"  {label:<26}{before['mse'][target]:>10.4f}{mse:>12.4f}"
+                   f"{_change(before['mse'][target], mse):>9}")
+    click.echo(f"  best epoch {metrics['best_epoch']} of {metrics['epochs_run']} "
+               f"({metrics['steps']} steps)")
+    size = path.stat().st_size
+    ratio = f", {backbone_bytes / size:.0f}x smaller than the backbone" if result.adapter is not None else ""
+    click.echo(f"wrote {path} ({size / 1024:.1f} KiB{ratio}) in {seconds:.0f} s")
+
+
+@cli.command(short_help="Calibrate the backbone to a site or region; writes an adapter.")
+@click.option("--site", required=True,
+              help="A site id, a region label (all its sites, pooled) or 'all' (one per region).")
+@click.option("--data", "data", type=click.Path(path_type=Path), default=None,
+              help="Site table (.csv/.parquet). Default: the built-in demo data (observed flavour, "
+                   "seed 0).")
+@click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
+              show_default=True, help="Global backbone checkpoint; never modified.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("adapters"), show_default=True, help="Adapter store (folder).")
+@click.option("--method", type=click.Choice(["adapter", "full", "scratch"]), default=None,
+              help="adapter (Eq. 3, default), full (Eq. 2: <site>-full.safetensors) or scratch "
+                   "(site-only baseline: <site>-scratch.safetensors).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="TOML calibration config; options given here override it.")
+@click.option("--components", default=None, help="Adapter parts, e.g. lora,blocks,head.")
+@click.option("--rank", "lora_rank", type=int, default=None, help="LoRA rank.")
+@click.option("--alpha", "lora_alpha", type=float, default=None, help="LoRA alpha.")
+@click.option("--lora-targets", default=None, help="GRUs with LoRA, e.g. gru_ra,gru_rh,gru_nee.")
+@click.option("--lora-weights", default=None, help="GRU matrices with LoRA: ih, hh or ih,hh.")
+@click.option("--block-targets", default=None, help="GRUs followed by a bottleneck block.")
+@click.option("--bottleneck", type=int, default=None, help="Inner size of the bottleneck blocks.")
+@click.option("--head", type=click.Choice(["affine", "mlp"]), default=None,
+              help="Calibration head: per-output scale/shift, or plus a residual feature MLP.")
+@click.option("--head-hidden", type=int, default=None, help="Hidden size of the head's MLP.")
+@click.option("--targets", default=None,
+              help="Targets to fit, e.g. NEE,Reco (default: every target the data observes).")
+@click.option("--unfreeze", default=None,
+              help="Backbone parameter prefixes that also train (mu-anchored), e.g. nee_out.")
+@click.option("--epochs", type=int, default=None, help="Maximum epochs.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--batch-size", type=int, default=None, help="Site-years per batch.")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None,
+              help="Learning-rate schedule.")
+@click.option("--patience", type=int, default=None,
+              help="Stop after this many epochs without validation improvement (0 = never).")
+@click.option("--rho", type=float, default=None, help="Weight of ||phi_s||^2 (Eq. 3).")
+@click.option("--mu", type=float, default=None, help="Weight of ||theta_s - theta||^2 (Eq. 2).")
+@click.option("--lambda", "physics_weight", type=float, default=None, help="Weight of L_phys.")
+@click.option("--response-weight", type=float, default=None,
+              help="Weight of GPP-response consistency with the global backbone.")
+@click.option("--val-fraction", type=float, default=None,
+              help="Fraction of each site's (last) years held out for early stopping.")
+@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
+@click.option("--dtype", "storage_dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="Storage dtype of the adapter tensors.")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None)
+@click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, config_path: Path | None,
+              cpu: bool, quiet: bool, force: bool, as_json: bool, **options) -> None:
+    """Calibrate the global backbone to a site or region (Eq. 3 adapter, or Eq. 2 / site-only
+    backbones with --method) and print validation MSE before and after."""
+    from kgml_peft.calibration.runs import run_calibration
+
+    config = _calibration_config(config_path, options)
+    runs = run_calibration(site, backbone_path=backbone, data=data, out_dir=out_dir, config=config,
+                           cpu=cpu, progress=not quiet, force=force)
+    if as_json:
+        _echo_json([{"path": str(r.path), "bytes": r.path.stat().st_size, "seconds": r.seconds,
+                     **r.result.summary} for r in runs])
+        return
+    if data is None:
+        click.echo("data: built-in demo data (observed flavour, seed 0)")
+    for run in runs:
+        _print_calibration(run.result, run.path, run.seconds, run.backbone_bytes)
+
+
 @cli.group()
 def backbone() -> None:
     """Inspect and compare backbone checkpoints."""

@@ -14,12 +14,14 @@ names above because site adapters target their weights (``gru_ra.weight_ih_l0`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from kgml_peft import schema
+from kgml_peft.config_files import check_keys
 from kgml_peft.errors import KgmlPeftError, expect_type
 
 #: The recurrent modules, in the order they run.
@@ -56,10 +58,8 @@ class BackboneConfig:
     @classmethod
     def from_dict(cls, data: dict) -> BackboneConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        known = {"features", "hidden_size", "dropout", "attention_size", "yield_hidden"}
-        extra = set(data) - known
-        if extra:
-            raise KgmlPeftError(f"unknown backbone config key {sorted(extra)[0]!r}")
+        check_keys(data, {"features", "hidden_size", "dropout", "attention_size", "yield_hidden"},
+                   "backbone config")
         data = dict(data)
         if "features" in data:
             data["features"] = tuple(data["features"])
@@ -89,13 +89,18 @@ class KGMLag(nn.Module):
         self.nee_out = nn.Linear(h, 1)
 
     def forward(
-        self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        state: dict[str, torch.Tensor] | None = None,
+        taps: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run one year (or any number of days) of inputs ``x`` [B, T, F].
 
         ``state`` carries the GRU hidden states from the previous year of the same sites (the
-        ``state`` entry of a previous call); ``None`` starts from zeros. Returns ``Ra``, ``Rh``,
-        ``NEE`` [B, T], ``Yield`` [B] (scaled units) and ``state``.
+        ``state`` entry of a previous call); ``None`` starts from zeros. ``taps`` maps GRU names
+        (:data:`GRU_NAMES`) to functions applied to that GRU's output sequence [B, T, H] before it
+        is used (site adapters insert their blocks here). Returns ``Ra``, ``Rh``, ``NEE`` [B, T],
+        ``Yield`` [B] (scaled units) and ``state``.
         """
         if x.dim() != 3 or x.shape[-1] != len(self.config.features):
             raise KgmlPeftError(
@@ -103,18 +108,28 @@ class KGMLag(nn.Module):
                 f"got {list(x.shape)}"
             )
         state = state or {}
-        basis, h_basis = self.gru_basis(x, state.get("gru_basis"))
+        taps = taps or {}
+
+        def run(name: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            seq, last = getattr(self, name)(inputs, state.get(name))
+            # batch_first GRU outputs are strided views; a contiguous copy makes the Linear layers
+            # after them take the same kernel whatever the weights' requires_grad (bit-exact
+            # outputs for frozen and trainable copies of one backbone)
+            seq = seq.contiguous()
+            return (taps[name](seq) if name in taps else seq), last
+
+        basis, h_basis = run("gru_basis", x)
         basis = self.drop(basis)
         weights = torch.softmax(self.attn_score(basis).squeeze(-1), dim=1)
         pooled = torch.einsum("bt,bth->bh", weights, basis)
         yield_ = self.yield_head(pooled).squeeze(-1)
         joint = torch.cat([basis, x], dim=-1)
-        h_ra_seq, h_ra = self.gru_ra(joint, state.get("gru_ra"))
+        h_ra_seq, h_ra = run("gru_ra", joint)
         ra = self.ra_out(h_ra_seq).squeeze(-1)
-        h_rh_seq, h_rh = self.gru_rh(joint, state.get("gru_rh"))
+        h_rh_seq, h_rh = run("gru_rh", joint)
         rh = self.rh_out(self.drop(h_rh_seq)).squeeze(-1)
         nee_in = torch.cat([ra.unsqueeze(-1), rh.unsqueeze(-1), x], dim=-1)
-        h_nee_seq, h_nee = self.gru_nee(nee_in, state.get("gru_nee"))
+        h_nee_seq, h_nee = run("gru_nee", nee_in)
         nee = self.nee_out(h_nee_seq).squeeze(-1)
         return {
             "Ra": ra,

@@ -17,14 +17,12 @@ with another fingerprint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kgml_peft import __version__, schema
@@ -32,6 +30,7 @@ from kgml_peft.data.windows import Scalers
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import BackboneConfig, KGMLag
 from kgml_peft.store.atomic import atomic_path
+from kgml_peft.store.hashing import content_hash, read_safetensors
 
 FORMAT = "kgml-peft/backbone"
 FORMAT_VERSION = "1"
@@ -49,21 +48,11 @@ class Backbone:
     path: Path | None = None
 
 
-def _canonical(data: object) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-
 def fingerprint(
     state_dict: dict[str, torch.Tensor], config: BackboneConfig, scalers: Scalers
 ) -> str:
     """SHA-256 (hex) of config, scalers and tensors (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    digest.update(_canonical({"config": config.to_dict(), "scalers": scalers.to_dict()}))
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(_canonical([name, str(tensor.dtype), list(tensor.shape)]))
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    return content_hash({"config": config.to_dict(), "scalers": scalers.to_dict()}, state_dict)
 
 
 def save_backbone(
@@ -95,20 +84,8 @@ def save_backbone(
 
 
 def read_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and raw string metadata of a safetensors file, without building a model."""
-    path = Path(source)
-    if not path.exists():
-        raise KgmlPeftError(f"backbone {path} does not exist")
-    if path.is_dir():
-        raise KgmlPeftError(f"backbone {path} is a directory, expected a .safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise KgmlPeftError(f"backbone {path} is not a readable safetensors file ({first})") from None
-    return tensors, metadata
+    """Tensors and raw string metadata of a backbone file, without building a model."""
+    return read_safetensors(source, "backbone")
 
 
 def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:

@@ -9,7 +9,8 @@ stops early when the validation loss stops improving and restores the best weigh
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import fnmatch
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from kgml_peft.model.outputs import physical, scaled_targets
 from kgml_peft.train.objectives import objective, target_errors
 
 DATA_SOURCES = ("synthetic", "observed")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class PhaseConfig:
     name: str
     data: str = "synthetic"
     targets: dict[str, float] = field(default_factory=lambda: {"Ra": 1.0, "Rh": 1.0, "NEE": 1.0})
-    #: module-name prefixes that train (``"*"`` = all); everything else is frozen in this phase
+    #: parameter-name prefixes or glob patterns that train (``"*"`` = all); everything else is
+    #: frozen in this phase
     trainable: tuple[str, ...] = ("*",)
     epochs: int = 10
     lr: float = 1e-3
@@ -46,6 +49,8 @@ class PhaseConfig:
     #: also log the validation loss every N optimizer steps within an epoch (0 = at epoch ends
     #: only); early stopping and the best-weights choice still look at epoch ends
     val_every: int = 0
+    #: learning rate over the phase: ``constant`` or ``cosine`` (decays to 0 at the last step)
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         expect_type(self.name, str, "phase name")
@@ -57,6 +62,9 @@ class PhaseConfig:
         expect_type(self.trainable, (list, tuple), f"phase {self.name}: trainable")
         for weight in self.targets.values():
             expect_type(weight, (int, float), f"phase {self.name}: target weight")
+        expect_type(self.schedule, str, f"phase {self.name}: schedule")
+        if self.schedule not in SCHEDULES:
+            raise KgmlPeftError(f"phase {self.name}: schedule must be one of {SCHEDULES}")
         if self.data not in DATA_SOURCES:
             raise KgmlPeftError(f"phase {self.name}: data must be one of {DATA_SOURCES}")
         unknown = [t for t in self.targets if t not in schema.TARGETS]
@@ -88,16 +96,17 @@ def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Accelera
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
-def set_trainable(model: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
-    """Freeze every parameter except those whose name starts with one of ``prefixes``."""
+def set_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter except those whose name starts with, or matches (glob), one of
+    ``patterns``; return the trainable ones."""
     params = []
     for name, param in model.named_parameters():
-        train = "*" in prefixes or any(name.startswith(p) for p in prefixes)
+        train = any(name.startswith(p) or fnmatch.fnmatchcase(name, p) for p in patterns)
         param.requires_grad_(train)
         if train:
             params.append(param)
     if not params:
-        raise KgmlPeftError(f"no parameter matches the trainable prefixes {list(prefixes)}")
+        raise KgmlPeftError(f"no parameter matches the trainable patterns {list(patterns)}")
     return params
 
 
@@ -151,10 +160,16 @@ def run_phase(
     step_offset: int = 0,
     reference: torch.nn.Module | None = None,
     response_feature: int | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> PhaseResult:
-    """Train ``model`` (already prepared by ``accelerator``) for one phase; keep its best weights."""
+    """Train ``model`` (already prepared by ``accelerator``) for one phase; keep its best weights.
+
+    ``penalty`` (no arguments) returns a regulariser added to every step's loss, e.g. Eq. 2's
+    mu-anchor or Eq. 3's rho-norm (:mod:`kgml_peft.train.objectives`).
+    """
     raw = accelerator.unwrap_model(model)
+    was_trainable = {name: p.requires_grad for name, p in raw.named_parameters()}
     params = set_trainable(raw, phase.trainable)
     optimizer = torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -166,6 +181,11 @@ def run_phase(
     optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
+    # Stepped by hand once per optimizer step over this process's batches (an accelerate-prepared
+    # scheduler would step once per process and needs the global step count instead).
+    total_steps = max(phase.epochs * len(train_loader), 1)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+                 if phase.schedule == "cosine" else None)
 
     result = PhaseResult(name=phase.name)
     best_state = copy.deepcopy(raw.state_dict())
@@ -187,6 +207,8 @@ def run_phase(
             with accelerator.autocast():
                 loss = objective(model, batch, scalers, phase.targets, phase.physics_weight,
                                  tolerance, reference, phase.response_weight, response_feature)
+                if penalty is not None:
+                    loss = loss + penalty()
             if not torch.isfinite(loss):
                 raise KgmlPeftError(
                     f"phase {phase.name}: the loss became {loss.item()} at epoch {epoch}; "
@@ -195,6 +217,8 @@ def run_phase(
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += float(loss.detach())
             batches += 1
             step += 1
@@ -220,7 +244,8 @@ def run_phase(
             if phase.patience and stale >= phase.patience:
                 break
     raw.load_state_dict(best_state)
-    set_trainable(raw, ("*",))
+    for name, p in raw.named_parameters():
+        p.requires_grad_(was_trainable[name])
     result.steps = step - step_offset
     model.eval()
     return result

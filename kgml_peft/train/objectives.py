@@ -1,11 +1,11 @@
-"""Training objectives: masked multi-target prediction loss plus lambda * L_phys (Eq. 1).
-
-Later objectives (Eq. 2's mu-anchor, Eq. 3's rho-penalty) add terms to the same function.
+"""Training objectives: masked multi-target prediction loss plus lambda * L_phys (Eq. 1), and the
+regularisers of site calibration: Eq. 2's anchor mu * ||theta_s - theta||^2 and Eq. 3's
+rho * ||phi_s||^2 (added by the training loop through its ``penalty`` hook).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -91,3 +91,15 @@ def objective(
         resp = sum(physics.response_consistency_loss(mine[k], ref[k]) for k in mine)
         loss = loss + response_weight * resp
     return loss
+
+
+def squared_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """||phi||^2: the sum of squares of every tensor in ``params`` (Eq. 3's adapter penalty)."""
+    terms = [p.float().square().sum() for p in params]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def anchor_distance(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """||theta_s - theta||^2 over (trained, global) tensor pairs (Eq. 2's anchor to the backbone)."""
+    terms = [(p.float() - ref.float()).square().sum() for p, ref in pairs]
+    return torch.stack(terms).sum() if terms else torch.zeros(())

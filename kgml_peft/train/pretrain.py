@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,15 +26,11 @@ import torch
 from accelerate.utils import set_seed
 
 from kgml_peft import schema
+from kgml_peft.config_files import check_keys, read_toml
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows, make_windows, split_by_year
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import BackboneConfig, KGMLag, build_backbone
 from kgml_peft.train.loop import PhaseConfig, PhaseResult, make_accelerator, run_phase
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 _FLUX_BRANCHES = ("gru_ra", "ra_out", "gru_rh", "rh_out", "gru_nee", "nee_out")
 
@@ -99,9 +94,7 @@ class PretrainConfig:
         """Build from a dict shaped like :meth:`to_dict` (every key optional)."""
         data = dict(data)
         known = {"backbone", "phases", "seed", "val_fraction", "tolerance", "mixed_precision"}
-        extra = set(data) - known
-        if extra:
-            raise KgmlPeftError(f"unknown pretraining config key {sorted(extra)[0]!r}")
+        check_keys(data, known, "pretraining config")
         kwargs: dict = {k: data[k] for k in ("seed", "val_fraction", "tolerance", "mixed_precision") if k in data}
         if "backbone" in data:
             kwargs["backbone"] = BackboneConfig.from_dict(data["backbone"])
@@ -116,12 +109,7 @@ class PretrainConfig:
     def from_toml(cls, path: str | os.PathLike) -> PretrainConfig:
         """Read a TOML config file (see ``configs/demo.toml``)."""
         source = Path(path)
-        if not source.is_file():
-            raise KgmlPeftError(f"config file {source} does not exist")
-        try:
-            data = tomllib.loads(source.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise KgmlPeftError(f"cannot parse {source}: {exc}") from None
+        data = read_toml(source)
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError, AttributeError) as exc:  # e.g. ``backbone = 3``

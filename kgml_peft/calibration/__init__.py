@@ -1,0 +1,1 @@
+"""Site calibration: adapters (LoRA + bottleneck blocks + head) and the Eq. 2/3 training runs."""

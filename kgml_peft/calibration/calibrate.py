@@ -1,0 +1,273 @@
+"""Calibrating a global backbone to one site or region (Eq. 2 and Eq. 3 of DESIGN.md).
+
+``calibrate(backbone, table, "IA")`` holds out the last years of each site (``val_fraction``),
+measures the global backbone on them, trains with the one Accelerate loop of
+:mod:`kgml_peft.train.loop` and measures again:
+
+* ``adapter`` (Eq. 3): phi_s on the frozen backbone; loss = L_pred + lambda L_phys
+  + rho ||phi_s||^2 (+ mu ||theta_s - theta||^2 on weights unfrozen with ``unfreeze``);
+* ``full`` (Eq. 2): every backbone weight trains; loss = L_pred + lambda L_phys + mu ||theta_s - theta||^2;
+* ``scratch``: the backbone's architecture from random weights, site data only (L_pred + lambda L_phys).
+
+Early stopping keeps the weights of the epoch with the lowest validation loss (epoch 0, the
+starting point, included). The backbone passed in is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate.utils import set_seed
+
+from kgml_peft import schema
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.site_model import SiteModel
+from kgml_peft.data.tables import select_sites, validate_table
+from kgml_peft.data.windows import WindowDataset, YearWindows, make_windows, split_by_year
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.metrics import group_metrics
+from kgml_peft.model.backbone import KGMLag, build_backbone
+from kgml_peft.model.inference import predict_windows
+from kgml_peft.store.adapter import Adapter
+from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.train.loop import PhaseConfig, make_accelerator, run_phase
+from kgml_peft.train.objectives import anchor_distance, squared_norm
+from kgml_peft.train.pretrain import frame_hash, with_reco
+
+
+@dataclass
+class CalibrationResult:
+    """What one calibration produced.
+
+    ``model`` is the calibrated model (a :class:`SiteModel` for the adapter method, a
+    :class:`KGMLag` otherwise), ``adapter`` the adapter to save (adapter method only), ``metrics``
+    the validation metrics ``before`` (global backbone) and ``after``, ``summary`` the provenance
+    stored in the output file, ``curve`` the per-epoch losses.
+    """
+
+    name: str
+    method: str
+    model: torch.nn.Module
+    adapter: Adapter | None
+    metrics: dict
+    summary: dict
+    curve: list[dict] = field(default_factory=list)
+
+    @property
+    def trained_parameters(self) -> int:
+        """Number of values the run trained (adapter size, or the whole backbone)."""
+        if self.adapter is not None:
+            return self.adapter.parameters
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def calibration_units(frame: pd.DataFrame, site: str) -> list[tuple[str, str, pd.DataFrame]]:
+    """What ``--site`` selects: ``[(name, scope, rows)]``. A site id gives that site, a region
+    label all sites of the region (one pooled unit), ``all`` one unit per region."""
+    schema.check_site_id(site, "site")
+    if site == "all":
+        for region in frame[schema.REGION].unique():
+            schema.check_site_id(region, "region label (it names the adapter file)")
+        return [(str(region), "region", rows.reset_index(drop=True))
+                for region, rows in frame.groupby(schema.REGION, sort=True)]
+    rows = select_sites(frame, site)
+    scope = "site" if (frame[schema.SITE] == site).any() else "region"
+    return [(site, scope, rows)]
+
+
+def validation_metrics(model: torch.nn.Module, backbone: Backbone, windows: YearWindows,
+                       weights: dict[str, float], tolerance: float) -> dict:
+    """Metrics of ``model`` on ``windows``: ``loss`` (the weighted scaled MSE early stopping
+    uses), per-target ``n``/``mse``/``mse_scaled``/``r2`` and physics violations."""
+    preds = predict_windows(model, backbone.scalers, windows)
+    group = group_metrics(windows, preds, backbone.scalers, np.arange(len(windows)), tolerance)
+    scored = {n: group["targets"][n]["mse_scaled"] for n in weights if n in group["targets"]}
+    total = sum(weights[n] for n in scored)
+    group["loss"] = sum(weights[n] * v for n, v in scored.items()) / total if total else None
+    return group
+
+
+def _targets(config: CalibrationConfig, train: YearWindows) -> dict[str, float]:
+    observed = [t for t in schema.TARGETS if np.isfinite(train.target(t)).any()]
+    if config.targets is None:
+        if not observed:
+            raise KgmlPeftError("the site's training years have no observed target "
+                                f"({', '.join(schema.TARGETS)})")
+        return {t: 1.0 for t in observed}
+    empty = [t for t in config.targets if t not in observed]
+    if empty:
+        raise KgmlPeftError(f"target {empty[0]} has no observations in the site's training years")
+    return dict(config.targets)
+
+
+def _model(backbone: Backbone, config: CalibrationConfig) -> tuple[torch.nn.Module, list[str], object]:
+    """The model to train, its trainable parameter patterns and its penalty (closure)."""
+    if config.method == "adapter":
+        model = SiteModel(backbone.model, config.adapter, seed=config.seed)
+        unfrozen = model.unfreeze(config.unfreeze) if config.unfreeze else []
+        adapter_params = list(model.adapter_parameters().values())
+        trainable = [n for n, p in model.named_parameters()
+                     if any(p is q for q in adapter_params)]
+        trainable += [n for n, p in model.named_parameters() if p.requires_grad and n not in trainable]
+
+        def penalty() -> torch.Tensor:
+            loss = config.rho * squared_norm(adapter_params)
+            if unfrozen:
+                loss = loss + config.mu * anchor_distance(model.anchored_pairs())
+            return loss
+
+        return model, trainable, penalty
+    if config.method == "full":
+        model = copy.deepcopy(backbone.model)
+        model.requires_grad_(True)
+        reference = [p.detach().clone() for p in model.parameters()]
+
+        def anchor() -> torch.Tensor:
+            params = list(model.parameters())
+            return config.mu * anchor_distance(
+                (p, r.to(p.device)) for p, r in zip(params, reference))
+
+        return model, ["*"], anchor
+    model = build_backbone(backbone.config, seed=config.seed)
+    return model, ["*"], None
+
+
+def calibrate(
+    backbone: Backbone,
+    frame: pd.DataFrame,
+    site: str,
+    config: CalibrationConfig | None = None,
+    *,
+    cpu: bool = False,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Calibrate ``backbone`` to ``site`` (a site id or a region label) on ``frame``.
+
+    ``frame`` is a table in the data contract (validated here). Same table, config and seed give
+    the same adapter tensors on CPU. Raises :class:`KgmlPeftError` for unusable data.
+    """
+    config = config or CalibrationConfig()
+    if site == "all":
+        raise KgmlPeftError("calibrate() takes one site or region; loop over calibration_units() "
+                            "for all regions")
+    table = validate_table(frame, backbone.config.features)
+    (name, scope, rows), = calibration_units(table, site)
+    return calibrate_unit(backbone, rows, name, scope, config, cpu=cpu, progress=progress)
+
+
+def calibrate_unit(
+    backbone: Backbone,
+    rows: pd.DataFrame,
+    name: str,
+    scope: str,
+    config: CalibrationConfig,
+    *,
+    cpu: bool = False,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Calibrate on already validated ``rows`` (one unit of :func:`calibration_units`)."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        set_seed(config.seed, deterministic=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return _calibrate(backbone, with_reco(rows), name, scope, config, cpu=cpu, progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _split(rows: pd.DataFrame, features: tuple[str, ...], fraction: float,
+           name: str) -> tuple[YearWindows, YearWindows]:
+    windows = make_windows(rows, features)
+    train, val = split_by_year(windows, fraction)
+    if len(val) == 0:
+        raise KgmlPeftError(
+            f"{name} has a single complete year per site; calibration needs at least two "
+            "(the last year of each site is held out for early stopping)"
+        )
+    return windows.subset(train), windows.subset(val)
+
+
+def _calibrate(backbone: Backbone, rows: pd.DataFrame, name: str, scope: str,
+               config: CalibrationConfig, *, cpu: bool, progress: bool) -> CalibrationResult:
+    features = backbone.config.features
+    train, val = _split(rows, features, config.val_fraction, name)
+    weights = _targets(config, train)
+    before = validation_metrics(backbone.model, backbone, val, weights, config.tolerance)
+
+    accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+    model, trainable, penalty = _model(backbone, config)
+    reference = None
+    if config.response_weight:
+        reference = copy.deepcopy(backbone.model).eval().requires_grad_(False)
+        reference = reference.to(accelerator.device)
+    phase = PhaseConfig(
+        name=f"calibrate {name}", data="observed", targets=weights, trainable=tuple(trainable),
+        epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+        physics_weight=config.physics_weight, response_weight=config.response_weight,
+        patience=config.patience, schedule=config.schedule,
+    )
+    prepared = accelerator.prepare(model)
+    result = run_phase(prepared, phase, WindowDataset(train, backbone.scalers),
+                       WindowDataset(val, backbone.scalers), backbone.scalers, accelerator,
+                       seed=config.seed, tolerance=config.tolerance, reference=reference,
+                       response_feature=features.index("GPP"), penalty=penalty, progress=progress)
+    model = accelerator.unwrap_model(prepared).cpu().eval()
+    if isinstance(model, SiteModel) and config.storage_dtype == "float16":
+        model.round_adapter(torch.float16)
+    after = validation_metrics(model, backbone, val, weights, config.tolerance)
+
+    summary = {
+        "site": name,
+        "scope": scope,
+        "sites": sorted(set(train.sites) | set(val.sites)),
+        "regions": sorted(set(train.regions) | set(val.regions)),
+        "targets": weights,
+        "calibration": config.to_dict(),
+        "data": {
+            "hash": frame_hash(rows),
+            "train_site_years": len(train),
+            "val_site_years": len(val),
+            "train_years": sorted({int(y) for y in train.years}),
+            "val_years": sorted({int(y) for y in val.years}),
+            "first_date": str(rows[schema.DATE].min().date()),
+            "last_date": str(rows[schema.DATE].max().date()),
+            "dropped_site_years": len(train.dropped),
+        },
+        "metrics": {
+            "before": _compact(before),
+            "after": _compact(after),
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.curve) - 1,
+            "steps": result.steps,
+        },
+        "backbone_fingerprint": backbone.fingerprint,
+    }
+    adapter = None
+    if isinstance(model, SiteModel):
+        info = {k: summary[k] for k in ("scope", "sites", "regions", "calibration", "data", "metrics")}
+        info.update(features=list(features), targets=weights)
+        adapter = Adapter(site=name, config=config.adapter, tensors=model.adapter_tensors(),
+                          backbone_fingerprint=backbone.fingerprint, info=info)
+    return CalibrationResult(name=name, method=config.method, model=model, adapter=adapter,
+                             metrics={"before": before, "after": after}, summary=summary,
+                             curve=result.curve)
+
+
+def _compact(metrics: dict) -> dict:
+    """The part of a metrics dict an adapter file keeps: loss, per-target n and MSE, mass balance."""
+    out = {"loss": metrics["loss"],
+           "mse": {k: v["mse"] for k, v in metrics["targets"].items()},
+           "n": {k: v["n"] for k, v in metrics["targets"].items()}}
+    out["mass_balance_violation_rate"] = metrics["physics"].get("mass_balance_violation_rate")
+    return out
+
+
+def site_checkpoint_model(result: CalibrationResult) -> KGMLag:
+    """The calibrated backbone of a ``full`` or ``scratch`` run (an ordinary backbone)."""
+    if not isinstance(result.model, KGMLag):
+        raise KgmlPeftError("only full and scratch calibrations produce a backbone checkpoint")
+    return result.model

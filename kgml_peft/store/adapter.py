@@ -1,0 +1,174 @@
+"""Adapter files: one safetensors file per site, kilobytes in size. No pickle.
+
+Tensors are namespaced by component (``lora.*``, ``blocks.*``, ``head.*``, and ``backbone.*`` for
+backbone weights a run unfroze), float32 or float16. The ``__metadata__`` strings are listed in
+:data:`METADATA_KEYS`; JSON-valued ones are JSON text. ``content_hash`` covers the adapter config
+and every tensor, so a tampered or damaged file is caught even when it still parses;
+``backbone_fingerprint`` ties the file to the one backbone it was trained on. The full byte layout
+is documented in ``docs/adapter-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from kgml_peft import __version__, schema
+from kgml_peft.calibration.config import STORAGE_DTYPES, AdapterConfig
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.store.atomic import atomic_path
+from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.store.hashing import content_hash, read_safetensors
+
+FORMAT = "kgml-peft/adapter"
+FORMAT_VERSION = "1"
+#: Tensor-name prefixes an adapter file may hold.
+NAMESPACES: tuple[str, ...] = ("lora.", "blocks.", "head.", "backbone.")
+#: Metadata keys whose values are JSON text.
+JSON_KEYS: tuple[str, ...] = ("sites", "regions", "features", "targets", "adapter_config",
+                              "calibration", "data", "metrics")
+#: Every metadata key, in the order ``adapters show`` prints them.
+METADATA_KEYS: tuple[str, ...] = (
+    "format", "format_version", "site", "scope", "sites", "regions", "backbone_fingerprint",
+    "features", "targets", "adapter_config", "calibration", "data", "metrics", "parameters",
+    "dtype", "content_hash", "toolkit_version", "peft_version", "torch_version",
+)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class Adapter:
+    """A site adapter: its tensors (float32 in memory), architecture and provenance.
+
+    ``info`` holds the JSON-decoded metadata: ``scope`` (``site`` or ``region``), ``sites``,
+    ``regions``, ``features``, ``targets`` (loss weights), ``calibration`` (the run's config),
+    ``data`` (summary and hash of the training table), ``metrics`` (validation before/after).
+    """
+
+    site: str
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    backbone_fingerprint: str
+    info: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def parameters(self) -> int:
+        """Number of stored values."""
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def _hash(config: AdapterConfig, fingerprint: str, tensors: dict[str, torch.Tensor]) -> str:
+    return content_hash({"adapter_config": config.to_dict(), "backbone_fingerprint": fingerprint},
+                        tensors)
+
+
+def save_adapter(path: str | os.PathLike, adapter: Adapter, dtype: str = "float32") -> Path:
+    """Write ``adapter`` atomically as a safetensors file (``dtype`` float32 or float16)."""
+    schema.check_site_id(adapter.site, "adapter site")
+    if dtype not in STORAGE_DTYPES:
+        raise KgmlPeftError(f"adapter dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    bad = [k for k in adapter.tensors if not k.startswith(NAMESPACES)]
+    if bad:
+        raise KgmlPeftError(f"adapter tensor {bad[0]} is outside the namespaces {NAMESPACES}")
+    tensors = {k: v.detach().cpu().to(_DTYPES[dtype]).contiguous() for k, v in sorted(adapter.tensors.items())}
+    nonfinite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if nonfinite:
+        raise KgmlPeftError(f"adapter tensor {nonfinite[0]} is not finite in {dtype}")
+    import peft
+
+    info = adapter.info
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "site": adapter.site,
+        "scope": info.get("scope", "site"),
+        "backbone_fingerprint": adapter.backbone_fingerprint,
+        "adapter_config": json.dumps(adapter.config.to_dict(), sort_keys=True),
+        "parameters": str(sum(t.numel() for t in tensors.values())),
+        "dtype": dtype,
+        "content_hash": _hash(adapter.config, adapter.backbone_fingerprint, tensors),
+        "toolkit_version": __version__,
+        "peft_version": peft.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+    }
+    for key in JSON_KEYS:
+        if key != "adapter_config":
+            metadata[key] = json.dumps(info.get(key), sort_keys=True, separators=(",", ":"),
+                                       allow_nan=False)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return target
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Read and check an adapter file on its own: format, metadata, integrity, finite values.
+
+    Use :func:`load_adapter` to also check it against a backbone.
+    """
+    source = Path(path)
+    tensors, metadata = read_safetensors(source, "adapter")
+    if metadata.get("format") != FORMAT:
+        found = metadata.get("format")
+        hint = " (it is a backbone checkpoint)" if found == "kgml-peft/backbone" else ""
+        raise KgmlPeftError(f"{source} is not a kgml-peft adapter (format {found!r}){hint}")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise KgmlPeftError(f"{source} has adapter format version {metadata.get('format_version')!r}; "
+                            f"this toolkit reads version {FORMAT_VERSION}")
+    missing = [k for k in METADATA_KEYS if k not in metadata]
+    if missing:
+        raise KgmlPeftError(f"{source} lacks the metadata field {missing[0]!r}")
+    try:
+        info = {k: json.loads(metadata[k]) for k in JSON_KEYS}
+        config = AdapterConfig.from_dict(info.pop("adapter_config"))
+    except (TypeError, ValueError, json.JSONDecodeError, KgmlPeftError) as exc:
+        raise KgmlPeftError(f"{source} has unreadable metadata ({exc})") from None
+    site = metadata["site"]
+    if not schema.SITE_ID_PATTERN.fullmatch(site):
+        raise KgmlPeftError(f"{source} names an unsafe site {site!r}")
+    dtype = metadata["dtype"]
+    if dtype not in _DTYPES:
+        raise KgmlPeftError(f"{source} declares dtype {dtype!r}; expected float32 or float16")
+    for name, tensor in tensors.items():
+        if not name.startswith(NAMESPACES):
+            raise KgmlPeftError(f"{source}: tensor {name} is outside the adapter namespaces")
+        if tensor.dtype != _DTYPES[dtype]:
+            raise KgmlPeftError(f"{source}: tensor {name} is {tensor.dtype}, the file declares {dtype}")
+        if not torch.isfinite(tensor).all():
+            raise KgmlPeftError(f"{source}: tensor {name} contains NaN or inf")
+    fingerprint = metadata["backbone_fingerprint"]
+    if _hash(config, fingerprint, tensors) != metadata["content_hash"]:
+        raise KgmlPeftError(f"{source}: content hash mismatch; the file was modified or is corrupt")
+    info.update(scope=metadata["scope"], dtype=dtype, parameters=int(metadata["parameters"]),
+                content_hash=metadata["content_hash"],
+                versions={k: metadata[k] for k in ("toolkit_version", "peft_version", "torch_version")})
+    return Adapter(site=site, config=config, tensors={k: v.float() for k, v in tensors.items()},
+                   backbone_fingerprint=fingerprint, info=info, path=source)
+
+
+def check_compatible(adapter: Adapter, backbone: Backbone) -> None:
+    """Refuse an adapter made for another backbone (fingerprint or features differ)."""
+    where = f"adapter {adapter.path}" if adapter.path else f"adapter {adapter.site}"
+    if adapter.backbone_fingerprint != backbone.fingerprint:
+        origin = f" {backbone.path}" if backbone.path else ""
+        raise KgmlPeftError(
+            f"{where} was trained on backbone {adapter.backbone_fingerprint[:16]}, not on "
+            f"backbone{origin} {backbone.fingerprint[:16]}; use the backbone it was made for"
+        )
+    if tuple(adapter.info.get("features") or ()) != tuple(backbone.config.features):
+        raise KgmlPeftError(f"{where} lists other features than backbone {backbone.fingerprint[:16]}")
+
+
+def load_adapter(path: str | os.PathLike, backbone: Backbone | None = None) -> Adapter:
+    """Read an adapter file (see :func:`read_adapter`) and, given a ``backbone``, check that it
+    was made for exactly that backbone."""
+    adapter = read_adapter(path)
+    if backbone is not None:
+        check_compatible(adapter, backbone)
+    return adapter

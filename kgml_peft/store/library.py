@@ -1,0 +1,135 @@
+"""The adapter store: a folder of ``<site>.safetensors`` files, and sharing files in and out.
+
+Sharing needs nothing but the adapter file and the same backbone: ``export_adapter`` copies a
+verified adapter out (with a short human-readable summary next to it), ``import_adapter`` checks a
+received file against the local backbone and adds it to a store. Every write is atomic and an
+existing file is only replaced when asked to (``force``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from kgml_peft import schema
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
+from kgml_peft.store.atomic import atomic_path, check_writable_target
+from kgml_peft.store.checkpoint import Backbone
+
+SUFFIX = ".safetensors"
+
+
+def adapter_path(store: str | os.PathLike, site: str) -> Path:
+    """``<store>/<site>.safetensors``; the site id must be safe as a file name."""
+    return Path(store) / f"{schema.check_site_id(site, 'site')}{SUFFIX}"
+
+
+def writable_target(path: Path, force: bool) -> Path:
+    """Check that ``path`` can be written now, and that an existing file may be replaced."""
+    check_writable_target(path)
+    if path.exists() and not force:
+        raise KgmlPeftError(f"{path} exists; pass --force to replace it")
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def adapter_summary(adapter: Adapter) -> str:
+    """A few human-readable lines: site, size, backbone, training data and validation metrics."""
+    info, cfg = adapter.info, adapter.config
+    calib, data, metrics = info.get("calibration") or {}, info.get("data") or {}, info.get("metrics") or {}
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    lines = [
+        f"kgml-peft adapter for {info.get('scope', 'site')} {adapter.site} "
+        f"({', '.join(info.get('sites') or [])})",
+        f"backbone fingerprint {adapter.backbone_fingerprint}",
+        f"components {', '.join(cfg.components)}; {adapter.parameters} parameters "
+        f"({info.get('dtype', 'float32')}); LoRA rank {cfg.lora_rank} on {', '.join(cfg.lora_parameters)}",
+        f"trained with rho {calib.get('rho')}, mu {calib.get('mu')}, lambda {calib.get('physics_weight')}, "
+        f"lr {calib.get('lr')}, seed {calib.get('seed')} on {data.get('train_site_years')} site-years "
+        f"({data.get('first_date')} to {data.get('last_date')}, data hash {str(data.get('hash'))[:16]})",
+        f"validation ({data.get('val_site_years')} site-years): loss {_fmt(before.get('loss'))} -> "
+        f"{_fmt(after.get('loss'))}",
+    ]
+    for target, mse in (after.get("mse") or {}).items():
+        lines.append(f"  {target} MSE {_fmt((before.get('mse') or {}).get(target))} -> {_fmt(mse)}")
+    versions = info.get("versions") or {}
+    if versions:
+        lines.append("made with " + ", ".join(f"{k.replace('_version', '')} {v}" for k, v in versions.items()))
+    lines.append("use: kgml-peft adapters verify FILE --backbone <the backbone with this fingerprint>")
+    return "\n".join(lines)
+
+
+def list_adapters(store: str | os.PathLike) -> list[dict]:
+    """One row per ``*.safetensors`` file of ``store`` (sorted by name). A file that cannot be
+    read as an adapter is listed with its ``error`` instead of failing the whole listing."""
+    folder = Path(store)
+    if not folder.is_dir():
+        raise KgmlPeftError(f"adapter store {folder} does not exist or is not a folder")
+    rows = []
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
+        row: dict = {"file": path.name, "bytes": path.stat().st_size}
+        try:
+            adapter = read_adapter(path)
+        except KgmlPeftError as exc:
+            row["error"] = str(exc)
+            rows.append(row)
+            continue
+        metrics = adapter.info.get("metrics") or {}
+        row.update(
+            site=adapter.site, scope=adapter.info.get("scope"), parameters=adapter.parameters,
+            components=",".join(adapter.config.components),
+            backbone=adapter.backbone_fingerprint[:16],
+            val_loss_before=(metrics.get("before") or {}).get("loss"),
+            val_loss_after=(metrics.get("after") or {}).get("loss"),
+            nee_mse_before=((metrics.get("before") or {}).get("mse") or {}).get("NEE"),
+            nee_mse_after=((metrics.get("after") or {}).get("mse") or {}).get("NEE"),
+        )
+        rows.append(row)
+    return rows
+
+
+def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
+                   backbone: Backbone | None = None, force: bool = False) -> tuple[Path, Path]:
+    """Copy a verified adapter to ``destination`` (a file, or a folder for ``<site>.safetensors``)
+    and write its summary to the same name with ``.txt``; return both paths."""
+    adapter = read_adapter(source)
+    if backbone is not None:
+        check_compatible(adapter, backbone)
+    dest = Path(destination)
+    if dest.is_dir():
+        dest = adapter_path(dest, adapter.site)
+    if dest.suffix != SUFFIX:
+        raise KgmlPeftError(f"export target {dest} must end in {SUFFIX}")
+    if dest.resolve() == Path(source).resolve():
+        raise KgmlPeftError(f"{dest} is the adapter itself; export to another file or folder")
+    summary = dest.with_suffix(".txt")
+    for path in (dest, summary):
+        writable_target(path, force)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(source, tmp)
+    with atomic_path(summary) as tmp:
+        tmp.write_text(adapter_summary(adapter) + "\n")
+    return dest, summary
+
+
+def import_adapter(source: str | os.PathLike, store: str | os.PathLike, backbone: Backbone,
+                   force: bool = False) -> Path:
+    """Check a received adapter (integrity, and made for ``backbone``) and copy it into ``store``
+    as ``<site>.safetensors``; return the new path."""
+    adapter = read_adapter(source)
+    check_compatible(adapter, backbone)
+    folder = Path(store)
+    if not folder.is_dir():
+        raise KgmlPeftError(f"adapter store {folder} does not exist or is not a folder")
+    dest = adapter_path(folder, adapter.site)
+    if dest.exists() and dest.resolve() == Path(source).resolve():
+        raise KgmlPeftError(f"{source} is already in the store {folder}")
+    writable_target(dest, force)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(source, tmp)
+    return dest
