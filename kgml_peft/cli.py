@@ -196,20 +196,32 @@ def evaluate(backbone: Path, data: Path, site: str | None, by: str, as_json: boo
 @click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
               show_default=True, help="Backbone checkpoint (.safetensors).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the demo data.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("adapters") / "demo", show_default=True,
+              help="Folder for the demo's adapters (created; its IA/IL/IN files are replaced).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
-def demo(backbone: Path, seed: int, as_json: bool) -> None:
-    """Synthesize the demo data and evaluate the shipped backbone per state."""
+def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -> None:
+    """Evaluate the shipped backbone per state on the demo data, then calibrate one adapter per
+    state (IA, IL, IN) and print validation MSE before and after."""
+    from kgml_peft.calibration.runs import run_calibration
     from kgml_peft.data.synthetic import SynthConfig, simulate
+    from kgml_peft.evaluation import calibration_table
     from kgml_peft.evaluation import evaluate as run_evaluate
     from kgml_peft.store.checkpoint import load_backbone
 
     model = load_backbone(backbone)
     reports = {}
+    frames = {}
     for flavour, observed in (("synthetic", False), ("observed", True)):
-        frame = simulate(SynthConfig(seed=seed, observed=observed))
-        reports[flavour] = run_evaluate(model, frame)
+        frames[flavour] = simulate(SynthConfig(seed=seed, observed=observed))
+        reports[flavour] = run_evaluate(model, frames[flavour])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = run_calibration("all", backbone_path=backbone, data=frames["observed"], out_dir=out_dir,
+                           progress=not quiet, force=True)
     if as_json:
-        _echo_json(reports)
+        _echo_json({**reports, "calibration": [{"path": str(r.path), "seconds": r.seconds,
+                                                **r.result.summary} for r in runs]})
         return
     click.echo(f"backbone {backbone} (fingerprint {model.fingerprint[:16]})")
     for flavour, report in reports.items():
@@ -219,6 +231,12 @@ def demo(backbone: Path, seed: int, as_json: bool) -> None:
     if seed == 0:
         click.echo("\nSeed 0 is the data the shipped backbone was pretrained on (80 % of its years); "
                    "--seed 1 simulates unseen sites.")
+    click.echo(f"\nper-state calibration on the observed demo data: validation = the last year of "
+               f"each site, global backbone -> adapter (MSE in the units above):")
+    table = calibration_table([r.result.summary | {"path": str(r.path), "bytes": r.path.stat().st_size,
+                                                   "seconds": r.seconds} for r in runs])
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"adapters written to {out_dir}/ (backbone {backbone.stat().st_size / 1024:.0f} KiB)")
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -398,6 +416,112 @@ def backbone_compare(a: Path, b: Path) -> None:
             click.echo(line)
         raise SystemExit(1)
     click.echo("identical tensors and metadata")
+
+
+@cli.group()
+def adapters() -> None:
+    """List, inspect, verify and share adapter files."""
+
+
+@adapters.command("list")
+@click.option("--store", type=click.Path(path_type=Path), default=Path("adapters"), show_default=True,
+              help="Adapter store (folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def adapters_list(store: Path, as_json: bool) -> None:
+    """One line per adapter: site, size, parameters, backbone and validation loss before/after."""
+    from kgml_peft.store.library import list_adapters
+
+    rows = list_adapters(store)
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no adapters in {store}")
+        return
+    click.echo(f"{'file':<28}{'site':<12}{'KiB':>6}{'params':>8}  {'backbone':<17}"
+               f"{'val loss':>9}{'-> after':>10}")
+    for row in rows:
+        if "error" in row:
+            click.echo(f"{row['file']:<28}unreadable: {row['error']}")
+            continue
+        before, after = row["val_loss_before"], row["val_loss_after"]
+        click.echo(f"{row['file']:<28}{row['site']:<12}{row['bytes'] / 1024:>6.1f}{row['parameters']:>8}  "
+                   f"{row['backbone']:<17}{'-' if before is None else f'{before:.4f}':>9}"
+                   f"{'-' if after is None else f'{after:.4f}':>10}")
+
+
+@adapters.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata and tensor list as JSON.")
+def adapters_show(path: Path, as_json: bool) -> None:
+    """Check one adapter file on its own and print its metadata."""
+    from kgml_peft.store.adapter import read_adapter
+    from kgml_peft.store.library import adapter_summary
+
+    adapter = read_adapter(path)
+    if as_json:
+        _echo_json({"path": str(path), "bytes": path.stat().st_size, "site": adapter.site,
+                    "backbone_fingerprint": adapter.backbone_fingerprint,
+                    "adapter_config": adapter.config.to_dict(), **adapter.info,
+                    "tensors": {k: list(v.shape) for k, v in adapter.tensors.items()}})
+        return
+    click.echo(f"{path}: {path.stat().st_size / 1024:.1f} KiB")
+    click.echo(adapter_summary(adapter))
+
+
+@adapters.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
+              show_default=True, help="The backbone the adapter must fit.")
+def adapters_verify(path: Path, backbone: Path) -> None:
+    """Check an adapter against a backbone: integrity, fingerprint, tensor shapes, a forward pass."""
+    import torch
+
+    from kgml_peft.calibration.site_model import apply_adapter
+    from kgml_peft.store.adapter import load_adapter
+    from kgml_peft.store.checkpoint import load_backbone
+
+    base = load_backbone(backbone)
+    adapter = load_adapter(path, base)
+    model = apply_adapter(base, adapter)
+    with torch.no_grad():
+        out = model(torch.zeros(1, 365, len(base.config.features)))
+    if not all(torch.isfinite(out[k]).all() for k in ("Ra", "Rh", "NEE", "Yield")):
+        raise KgmlPeftError(f"{path} gives non-finite predictions on backbone {backbone}")
+    click.echo(f"ok: {path} ({adapter.site}, {adapter.parameters} parameters) fits backbone "
+               f"{backbone} ({base.fingerprint[:16]})")
+
+
+@adapters.command("export")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("destination", type=click.Path(path_type=Path))
+@click.option("--backbone", type=click.Path(path_type=Path), default=None,
+              help="Also check the adapter against this backbone before exporting.")
+@click.option("--force", is_flag=True, help="Replace existing files at the destination.")
+def adapters_export(path: Path, destination: Path, backbone: Path | None, force: bool) -> None:
+    """Copy a verified adapter out for sharing (a file, or a folder), with a .txt summary."""
+    from kgml_peft.store.checkpoint import load_backbone
+    from kgml_peft.store.library import export_adapter
+
+    base = load_backbone(backbone) if backbone is not None else None
+    dest, summary = export_adapter(path, destination, base, force=force)
+    click.echo(f"wrote {dest} ({dest.stat().st_size / 1024:.1f} KiB) and {summary}")
+
+
+@adapters.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--store", type=click.Path(path_type=Path), default=Path("adapters"), show_default=True,
+              help="Adapter store (folder) to add it to.")
+@click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
+              show_default=True, help="The local backbone the adapter must fit.")
+@click.option("--force", is_flag=True, help="Replace an adapter of the same site in the store.")
+def adapters_import(path: Path, store: Path, backbone: Path, force: bool) -> None:
+    """Check a received adapter against the local backbone and add it to the store."""
+    from kgml_peft.store.checkpoint import load_backbone
+    from kgml_peft.store.library import import_adapter
+
+    dest = import_adapter(path, store, load_backbone(backbone), force=force)
+    click.echo(f"imported {path} as {dest}")
 
 
 def main() -> None:

@@ -63,3 +63,22 @@ def region_table(report: dict, level: str = "regions") -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
+
+
+def calibration_table(summaries: list[dict]) -> pd.DataFrame:
+    """One row per calibration summary (see :func:`~kgml_peft.calibration.calibrate.calibrate`):
+    size, validation loss and per-target MSE before and after, and the relative change."""
+    rows = []
+    for s in summaries:
+        before, after = s["metrics"]["before"], s["metrics"]["after"]
+        row: dict = {"site": s["site"], "val_site_years": s["data"]["val_site_years"]}
+        if "bytes" in s:
+            row["KiB"] = s["bytes"] / 1024
+        row["loss_global"], row["loss_adapter"] = before["loss"], after["loss"]
+        row["loss_change_%"] = 100 * (after["loss"] - before["loss"]) / before["loss"]
+        for target, mse in after["mse"].items():
+            row[f"{target}_global"], row[f"{target}_adapter"] = before["mse"][target], mse
+        if "seconds" in s:
+            row["seconds"] = s["seconds"]
+        rows.append(row)
+    return pd.DataFrame(rows)

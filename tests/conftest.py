@@ -67,3 +67,37 @@ def backbone_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("backbone") / "tiny.safetensors"
     save_backbone(path, build_backbone(config, seed=0), scalers, {"note": "untrained test backbone"})
     return path
+
+
+def tiny_calibration(**kwargs):
+    """A calibration config small enough for unit tests (a few epochs on the tiny backbone)."""
+    from kgml_peft.calibration.config import CalibrationConfig
+
+    kwargs.setdefault("epochs", 3)
+    kwargs.setdefault("batch_size", 2)
+    return CalibrationConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def adapter_path(backbone_path, tmp_path_factory) -> Path:
+    """A real adapter for IA-001, trained for a few epochs on ``backbone_path``."""
+    from kgml_peft.calibration.calibrate import calibrate
+    from kgml_peft.store.adapter import save_adapter
+    from kgml_peft.store.checkpoint import load_backbone
+
+    result = calibrate(load_backbone(backbone_path), make_frame(), "IA-001", tiny_calibration(),
+                       progress=False)
+    path = tmp_path_factory.mktemp("adapters") / "IA-001.safetensors"
+    save_adapter(path, result.adapter)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_backbone_path(tmp_path_factory) -> Path:
+    """A second tiny backbone (another seed, so another fingerprint) with the same architecture."""
+    config = BackboneConfig(hidden_size=8, attention_size=4, yield_hidden=8)
+    table = validate_table(make_frame(), config.features)
+    scalers = Scalers.fit(make_windows(table, config.features))
+    path = tmp_path_factory.mktemp("backbone") / "other.safetensors"
+    save_backbone(path, build_backbone(config, seed=1), scalers, {"note": "another backbone"})
+    return path
