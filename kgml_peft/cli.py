@@ -235,7 +235,9 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
                f"each site, global backbone -> adapter (MSE in the units above):")
     table = calibration_table([r.result.summary | {"path": str(r.path), "bytes": r.path.stat().st_size,
                                                    "seconds": r.seconds} for r in runs])
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    formats = {"KiB": "{:.1f}".format, "loss_change_%": "{:+.1f}".format, "seconds": "{:.0f}".format}
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}",
+                               formatters={k: f for k, f in formats.items() if k in table}))
     click.echo(f"adapters written to {out_dir}/ (backbone {backbone.stat().st_size / 1024:.0f} KiB)")
 
 

@@ -15,6 +15,23 @@ from kgml_peft.data.tables import validate_table
 from kgml_peft.model.backbone import BackboneConfig, build_backbone
 from kgml_peft.store.checkpoint import save_backbone
 
+
+@pytest.fixture
+def isolated_globals():
+    """CLI cases that get as far as training (a bad value found after set-up) touch process-wide
+    state: torch's deterministic mode and Accelerate's singleton state. Put both back."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+    except ImportError:  # pragma: no cover
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 # The backbone's GRUs are latency bound: one thread is as fast as two and immune to a busy CPU.
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""The CLI surface: help, version, synth, demo table, backbone show/plot, python -m."""
+"""The CLI surface: help, version, synth, demo (evaluation + calibration), backbone show/plot,\npython -m."""
 
 import subprocess
 import sys
@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from kgml_peft import __version__
 from kgml_peft.cli import cli
+from kgml_peft.store.adapter import read_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints" / "demo.safetensors"
@@ -53,13 +54,20 @@ def test_synth_is_deterministic_and_writes_both_formats(tmp_path):
     assert o["Ra"].isna().all() and o["NEE"].isna().any()
 
 
-def test_demo_prints_a_table_per_state():
-    result = CliRunner().invoke(cli, ["demo", "--backbone", str(DEMO)])
+@pytest.mark.slow
+def test_demo_evaluates_and_calibrates_every_state(tmp_path):
+    out = tmp_path / "demo-adapters"
+    result = CliRunner().invoke(cli, ["demo", "--backbone", str(DEMO), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     for region in ("IA", "IL", "IN"):
-        assert sum(line.split()[:1] == [region] for line in lines) == 2  # both flavours
-    assert "NEE_mse" in result.output and "fingerprint" in result.output
+        # evaluation tables of both flavours, and the calibration table
+        assert sum(line.split()[:1] == [region] for line in lines) == 3
+        adapter = read_adapter(out / f"{region}.safetensors")
+        before, after = adapter.info["metrics"]["before"], adapter.info["metrics"]["after"]
+        assert after["loss"] < before["loss"]
+        assert (out / f"{region}.safetensors").stat().st_size * 20 <= DEMO.stat().st_size
+    assert "NEE_mse" in result.output and "loss_global" in result.output
 
 
 def test_backbone_show_and_plot(tmp_path):

@@ -578,22 +578,6 @@ def _snapshot(root: Path) -> dict[str, bytes | None]:
             for p in sorted(root.rglob("*"))}
 
 
-@pytest.fixture
-def isolated_globals():
-    """Cases that get as far as ``pretrain`` (a bad value found after set-up) touch process-wide
-    state: torch's deterministic mode and Accelerate's singleton state. Put both back."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-    except ImportError:  # pragma: no cover
-        return
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize("spec", CASES)
 @pytest.mark.usefixtures("isolated_globals")
 def test_user_error_is_one_line(spec: Case, tmp_path: Path, backbone_path: Path, monkeypatch) -> None:
