@@ -350,15 +350,27 @@ def _print_calibration(result, path: Path, seconds: float, backbone_bytes: int) 
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the validation curves and before/after MSE to this PNG.")
 def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, config_path: Path | None,
-              cpu: bool, quiet: bool, force: bool, as_json: bool, **options) -> None:
+              cpu: bool, quiet: bool, force: bool, as_json: bool, plot: Path | None,
+              **options) -> None:
     """Calibrate the global backbone to a site or region (Eq. 3 adapter, or Eq. 2 / site-only
     backbones with --method) and print validation MSE before and after."""
     from kgml_peft.calibration.runs import run_calibration
 
+    from kgml_peft.store.atomic import check_writable_target
+
     config = _calibration_config(config_path, options)
+    if plot is not None:
+        check_writable_target(plot)
     runs = run_calibration(site, backbone_path=backbone, data=data, out_dir=out_dir, config=config,
                            cpu=cpu, progress=not quiet, force=force)
+    if plot is not None:
+        from kgml_peft.experiments.figures import plot_calibration
+
+        plot_calibration({r.result.name: {"curve": r.result.curve, "metrics": r.result.summary["metrics"]}
+                          for r in runs}, plot, f"Calibration of {backbone.name} ({config.method})")
     if as_json:
         _echo_json([{"path": str(r.path), "bytes": r.path.stat().st_size, "seconds": r.seconds,
                      **r.result.summary} for r in runs])
@@ -443,7 +455,10 @@ def adapters_list(store: Path, as_json: bool) -> None:
     click.echo(f"{'file':<28}{'site':<12}{'KiB':>6}{'params':>8}  {'backbone':<17}"
                f"{'val loss':>9}{'-> after':>10}")
     for row in rows:
-        if "error" in row:
+        if row["kind"] == "backbone":
+            click.echo(f"{row['file']:<28}{'(site backbone checkpoint: use it as --backbone)'}")
+            continue
+        if row["kind"] == "unreadable":
             click.echo(f"{row['file']:<28}unreadable: {row['error']}")
             continue
         before, after = row["val_loss_before"], row["val_loss_after"]

@@ -119,15 +119,17 @@ def test_float16_overflow_is_refused(adapter_path, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_list_store_with_a_corrupt_file(adapter_path, tmp_path):
+def test_list_store_with_a_corrupt_file_and_a_site_backbone(adapter_path, backbone_path, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     (store / "IA-001.safetensors").write_bytes(adapter_path.read_bytes())
+    (store / "IA-full.safetensors").write_bytes(backbone_path.read_bytes())
     (store / "broken.safetensors").write_bytes(b"\x00" * 20)
     rows = list_adapters(store)
-    assert [r["file"] for r in rows] == ["IA-001.safetensors", "broken.safetensors"]
+    assert [r["file"] for r in rows] == ["IA-001.safetensors", "IA-full.safetensors", "broken.safetensors"]
+    assert [r["kind"] for r in rows] == ["adapter", "backbone", "unreadable"]
     assert rows[0]["site"] == "IA-001" and rows[0]["parameters"] > 0 and "error" not in rows[0]
-    assert "not a readable safetensors file" in rows[1]["error"]
+    assert "not a readable safetensors file" in rows[2]["error"]
     with pytest.raises(KgmlPeftError, match="does not exist"):
         list_adapters(tmp_path / "nowhere")
 

@@ -141,11 +141,16 @@ def test_cli_pretrain_evaluate_show_compare(tables, tmp_path):
     assert one.exit_code == 0 and "IL-001" in one.output and "IA-001" not in one.output
 
 
-def test_demo_command_on_the_shipped_backbone():
-    result = CliRunner().invoke(cli, ["demo", "--backbone", str(ROOT / "checkpoints" / "demo.safetensors"),
-                                      "--json"])
-    assert result.exit_code == 0, result.output
-    reports = json.loads(result.output)
+def test_shipped_backbone_on_the_demo_data(tmp_path):
+    runner = CliRunner()
+    reports = {}
+    for flavour, extra in (("synthetic", []), ("observed", ["--observed"])):
+        table = tmp_path / f"{flavour}.parquet"
+        assert runner.invoke(cli, ["synth", "--out", str(table), *extra]).exit_code == 0
+        result = runner.invoke(cli, ["evaluate", "--backbone", str(ROOT / "checkpoints" / "demo.safetensors"),
+                                     "--data", str(table), "--json"])
+        assert result.exit_code == 0, result.output
+        reports[flavour] = json.loads(result.stdout)
     for flavour in ("synthetic", "observed"):
         regions = reports[flavour]["regions"]
         assert set(regions) == {"IA", "IL", "IN"}

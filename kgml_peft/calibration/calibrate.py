@@ -248,8 +248,10 @@ def _calibrate(backbone: Backbone, rows: pd.DataFrame, name: str, scope: str,
     }
     adapter = None
     if isinstance(model, SiteModel):
-        info = {k: summary[k] for k in ("scope", "sites", "regions", "calibration", "data", "metrics")}
-        info.update(features=list(features), targets=weights)
+        info = {k: summary[k] for k in ("scope", "sites", "regions", "data", "metrics")}
+        # the adapter architecture has its own metadata field (adapter_config)
+        calibration = {k: v for k, v in summary["calibration"].items() if k != "adapter"}
+        info.update(features=list(features), targets=weights, calibration=calibration)
         adapter = Adapter(site=name, config=config.adapter, tensors=model.adapter_tensors(),
                           backbone_fingerprint=backbone.fingerprint, info=info)
     return CalibrationResult(name=name, method=config.method, model=model, adapter=adapter,

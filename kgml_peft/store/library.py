@@ -16,7 +16,7 @@ from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
 from kgml_peft.store.atomic import atomic_path, check_writable_target
-from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.store.checkpoint import Backbone, load_backbone
 
 SUFFIX = ".safetensors"
 
@@ -65,18 +65,22 @@ def adapter_summary(adapter: Adapter) -> str:
 
 
 def list_adapters(store: str | os.PathLike) -> list[dict]:
-    """One row per ``*.safetensors`` file of ``store`` (sorted by name). A file that cannot be
-    read as an adapter is listed with its ``error`` instead of failing the whole listing."""
+    """One row per ``*.safetensors`` file of ``store`` (sorted by name). Site backbone checkpoints
+    (``--method full|scratch``) are listed with ``kind`` ``backbone``; a file that cannot be read is
+    listed with its ``error`` instead of failing the whole listing."""
     folder = Path(store)
     if not folder.is_dir():
         raise KgmlPeftError(f"adapter store {folder} does not exist or is not a folder")
     rows = []
     for path in sorted(folder.glob(f"*{SUFFIX}")):
-        row: dict = {"file": path.name, "bytes": path.stat().st_size}
+        row: dict = {"file": path.name, "bytes": path.stat().st_size, "kind": "adapter"}
         try:
             adapter = read_adapter(path)
         except KgmlPeftError as exc:
-            row["error"] = str(exc)
+            if _is_backbone(path):
+                row.update(kind="backbone", site=path.stem)
+            else:
+                row.update(kind="unreadable", error=str(exc))
             rows.append(row)
             continue
         metrics = adapter.info.get("metrics") or {}
@@ -91,6 +95,14 @@ def list_adapters(store: str | os.PathLike) -> list[dict]:
         )
         rows.append(row)
     return rows
+
+
+def _is_backbone(path: Path) -> bool:
+    try:
+        load_backbone(path)
+    except KgmlPeftError:
+        return False
+    return True
 
 
 def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
