@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from kgml_peft import __version__
-from kgml_peft.errors import KgmlPeftError
+from kgml_peft.errors import KgmlPeftError, expect_type
 
 DEFAULT_BACKBONE = Path("checkpoints") / "demo.safetensors"
 
@@ -251,7 +251,8 @@ def _calibration_config(config_path: Path | None, options: dict):
     from kgml_peft.config_files import read_toml
 
     data = read_toml(config_path) if config_path else {}
-    adapter = dict(data.get("adapter") or {})
+    expect_type(data.get("adapter", {}), dict, f"[adapter] of {config_path}")
+    adapter = dict(data.get("adapter", {}))
     for key in ("components", "lora_targets", "lora_weights", "block_targets"):
         if options.get(key) is not None:
             adapter[key] = _csv(options.pop(key))

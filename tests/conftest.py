@@ -75,15 +75,20 @@ def frame() -> pd.DataFrame:
     return make_frame()
 
 
-@pytest.fixture(scope="session")
-def backbone_path(tmp_path_factory) -> Path:
-    """A real, untrained backbone checkpoint (fixed seed) with scalers fitted on ``make_frame``."""
+def _tiny_backbone(tmp_path_factory, name: str, seed: int) -> Path:
+    """An untrained hidden-size-8 backbone with scalers fitted on ``make_frame``, saved to disk."""
     config = BackboneConfig(hidden_size=8, attention_size=4, yield_hidden=8)
     table = validate_table(make_frame(), config.features)
     scalers = Scalers.fit(make_windows(table, config.features))
-    path = tmp_path_factory.mktemp("backbone") / "tiny.safetensors"
-    save_backbone(path, build_backbone(config, seed=0), scalers, {"note": "untrained test backbone"})
+    path = tmp_path_factory.mktemp("backbone") / f"{name}.safetensors"
+    save_backbone(path, build_backbone(config, seed=seed), scalers, {"note": "untrained test backbone"})
     return path
+
+
+@pytest.fixture(scope="session")
+def backbone_path(tmp_path_factory) -> Path:
+    """A real, untrained backbone checkpoint (fixed seed) with scalers fitted on ``make_frame``."""
+    return _tiny_backbone(tmp_path_factory, "tiny", seed=0)
 
 
 def tiny_calibration(**kwargs):
@@ -112,9 +117,4 @@ def adapter_path(backbone_path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_backbone_path(tmp_path_factory) -> Path:
     """A second tiny backbone (another seed, so another fingerprint) with the same architecture."""
-    config = BackboneConfig(hidden_size=8, attention_size=4, yield_hidden=8)
-    table = validate_table(make_frame(), config.features)
-    scalers = Scalers.fit(make_windows(table, config.features))
-    path = tmp_path_factory.mktemp("backbone") / "other.safetensors"
-    save_backbone(path, build_backbone(config, seed=1), scalers, {"note": "another backbone"})
-    return path
+    return _tiny_backbone(tmp_path_factory, "other", seed=1)

@@ -77,6 +77,15 @@ def _rewrite(adapter_path, tmp_path, edit):
     (lambda t, m: t.update({"evil.x": torch.zeros(1)}), "outside the adapter namespaces"),
     (lambda t, m: t["head.scale"].fill_(float("nan")), "NaN or inf"),
     (lambda t, m: m.update(dtype="float16"), "the file declares float16"),
+    (lambda t, m: m.update(site="IL-001"), "content hash mismatch"),
+    (lambda t, m: m.update(features='["GPP"]'), "content hash mismatch"),
+    (lambda t, m: m.update(parameters="abc"), "'parameters' must be the number of stored values"),
+    (lambda t, m: m.update(features="5"), "'features' must be a JSON list of strings"),
+    (lambda t, m: m.update(sites="[1, 2]"), "'sites' must be a JSON list of strings"),
+    (lambda t, m: m.update(metrics="[1]"), "'metrics' must be a JSON object"),
+    (lambda t, m: m.update(metrics='{"before": 3}'), "before/after objects"),
+    (lambda t, m: m.update(calibration='"x"'), "'calibration' must be a JSON object"),
+    (lambda t, m: m.update(targets='{"GPP": 1}'), "'targets' must be a JSON object"),
 ])
 def test_damaged_files_are_refused(adapter_path, tmp_path, edit, message):
     path = _rewrite(adapter_path, tmp_path, edit)

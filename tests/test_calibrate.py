@@ -148,7 +148,11 @@ def test_calibration_units():
     ({"val_fraction": 0.0}, "val_fraction must be in"),
     ({"targets": {"GPP": 1.0}}, "unknown target 'GPP'"),
     ({"epochs": 0}, "epochs >= 1"),
-    ({"rho": -1.0}, "rho must be >= 0"),
+    ({"rho": -1.0}, "rho must be a finite number >= 0"),
+    ({"rho": float("nan")}, "rho must be a finite number"),
+    ({"mu": float("inf")}, "mu must be a finite number"),
+    ({"seed": -1}, "seed must be in"),
+    ({"targets": {"NEE": float("inf")}}, "weight of target NEE"),
     ({"method": "full", "unfreeze": ("nee_out",)}, "unfreeze only applies"),
     ({"storage_dtype": "int8"}, "storage_dtype"),
     ({"schedule": "step"}, "schedule must be"),
@@ -177,6 +181,10 @@ def test_data_problems_are_user_errors(backbone):
                   tiny_calibration(targets={"Yield": 1.0}), progress=False)
     with pytest.raises(KgmlPeftError, match="one site or region"):
         calibrate(backbone, make_frame(), "all", tiny_calibration(), progress=False)
+    blank_last_year = make_frame(years=(2003, 2004, 2005))
+    blank_last_year.loc[blank_last_year.date.dt.year == 2005, ["Ra", "Rh", "NEE", "Reco", "Yield"]] = float("nan")
+    with pytest.raises(KgmlPeftError, match="validation years \\(2005\\) have no observation"):
+        calibrate(backbone, blank_last_year, "IA", tiny_calibration(), progress=False)
 
 
 def test_site_model_round_adapter_matches_float16(backbone):

@@ -588,21 +588,27 @@ def test_user_error_is_one_line(spec: Case, tmp_path: Path, backbone_path: Path,
     before = _snapshot(tmp_path)
 
     result = _runner().invoke(cli, args, catch_exceptions=True)
+    check_user_error(result, args, spec.expect, tmp_path, before)
+    for name in spec.absent:
+        assert not (work / name).exists() and not (tmp_path / name).exists(), name
 
+
+def check_user_error(result, args: list[str], expect: tuple[str, ...], root: Path,
+                     before: dict[str, bytes | None]) -> None:
+    """Exit code 2, exactly one ``error:`` line on stderr naming every word of ``expect``, nothing
+    on stdout, no traceback, and no file under ``root`` created or changed since ``before``."""
     detail = f"args={args}\nstdout={result.stdout!r}\nstderr={result.stderr!r}\nexception={result.exception!r}"
     assert not (result.exception and not isinstance(result.exception, SystemExit)), detail
     assert result.exit_code == 2, detail
     assert "Traceback" not in result.output and "Traceback" not in result.stderr, detail
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and result.stderr.endswith("\n"), detail
-    line = lines[0]
-    assert line.startswith("error: "), detail
-    for word in spec.expect:
-        assert word in line, f"{word!r} not in {line!r}\n{detail}"
+    assert lines[0].startswith("error: "), detail
+    for word in expect:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}\n{detail}"
     assert result.stdout == "", detail
-    assert _snapshot(tmp_path) == before, "the command created or changed files"
-    for name in spec.absent:
-        assert not (work / name).exists() and not (tmp_path / name).exists(), name
+    assert _snapshot(root) == before, "the command created or changed files"
+    assert not (root / MARKER).exists() and not (root / "work" / MARKER).exists()
 
 
 def test_real_process_prints_one_line(tmp_path: Path, backbone_path: Path) -> None:

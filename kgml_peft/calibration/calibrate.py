@@ -91,17 +91,26 @@ def validation_metrics(model: torch.nn.Module, backbone: Backbone, windows: Year
     return group
 
 
-def _targets(config: CalibrationConfig, train: YearWindows) -> dict[str, float]:
+def _targets(config: CalibrationConfig, train: YearWindows, val: YearWindows,
+             name: str) -> dict[str, float]:
     observed = [t for t in schema.TARGETS if np.isfinite(train.target(t)).any()]
     if config.targets is None:
         if not observed:
-            raise KgmlPeftError("the site's training years have no observed target "
+            raise KgmlPeftError(f"{name}: the training years have no observed target "
                                 f"({', '.join(schema.TARGETS)})")
-        return {t: 1.0 for t in observed}
-    empty = [t for t in config.targets if t not in observed]
-    if empty:
-        raise KgmlPeftError(f"target {empty[0]} has no observations in the site's training years")
-    return dict(config.targets)
+        weights = {t: 1.0 for t in observed}
+    else:
+        empty = [t for t in config.targets if t not in observed]
+        if empty:
+            raise KgmlPeftError(f"{name}: target {empty[0]} has no observations in the training years")
+        weights = dict(config.targets)
+    if not any(np.isfinite(val.target(t)).any() for t in weights):
+        raise KgmlPeftError(
+            f"{name}: the validation years ({', '.join(map(str, sorted(set(val.years))))}) have no "
+            f"observation of {', '.join(weights)}; early stopping and the before/after metrics "
+            "need some (lower --val-fraction or provide observations)"
+        )
+    return weights
 
 
 def _model(backbone: Backbone, config: CalibrationConfig) -> tuple[torch.nn.Module, list[str], object]:
@@ -128,12 +137,41 @@ def _model(backbone: Backbone, config: CalibrationConfig) -> tuple[torch.nn.Modu
 
         def anchor() -> torch.Tensor:
             params = list(model.parameters())
-            return config.mu * anchor_distance(
-                (p, r.to(p.device)) for p, r in zip(params, reference))
+            if reference[0].device != params[0].device:  # once, after accelerate moved the model
+                reference[:] = [r.to(p.device) for p, r in zip(params, reference)]
+            return config.mu * anchor_distance(zip(params, reference))
 
         return model, ["*"], anchor
     model = build_backbone(backbone.config, seed=config.seed)
     return model, ["*"], None
+
+
+@dataclass
+class CalibrationData:
+    """One unit's data, checked and split: training and validation windows and target weights."""
+
+    name: str
+    scope: str
+    rows: pd.DataFrame
+    train: YearWindows
+    val: YearWindows
+    weights: dict[str, float]
+
+
+def prepare_unit(backbone: Backbone, rows: pd.DataFrame, name: str, scope: str,
+                 config: CalibrationConfig) -> CalibrationData:
+    """Split validated ``rows`` by year and choose the targets; every data problem that would stop
+    a calibration is raised here, before any training."""
+    rows = with_reco(rows)
+    windows = make_windows(rows, backbone.config.features)
+    train_idx, val_idx = split_by_year(windows, config.val_fraction)
+    if len(val_idx) == 0:
+        raise KgmlPeftError(
+            f"{name} has a single complete year per site; calibration needs at least two "
+            "(the last year of each site is held out for early stopping)"
+        )
+    train, val = windows.subset(train_idx), windows.subset(val_idx)
+    return CalibrationData(name, scope, rows, train, val, _targets(config, train, val, name))
 
 
 def calibrate(
@@ -156,46 +194,33 @@ def calibrate(
                             "for all regions")
     table = validate_table(frame, backbone.config.features)
     (name, scope, rows), = calibration_units(table, site)
-    return calibrate_unit(backbone, rows, name, scope, config, cpu=cpu, progress=progress)
+    data = prepare_unit(backbone, rows, name, scope, config)
+    return calibrate_unit(backbone, data, config, cpu=cpu, progress=progress)
 
 
 def calibrate_unit(
     backbone: Backbone,
-    rows: pd.DataFrame,
-    name: str,
-    scope: str,
+    data: CalibrationData,
     config: CalibrationConfig,
     *,
     cpu: bool = False,
     progress: bool = True,
 ) -> CalibrationResult:
-    """Calibrate on already validated ``rows`` (one unit of :func:`calibration_units`)."""
+    """Calibrate on one prepared unit (see :func:`prepare_unit`)."""
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         set_seed(config.seed, deterministic=True)
         torch.use_deterministic_algorithms(True, warn_only=True)
-        return _calibrate(backbone, with_reco(rows), name, scope, config, cpu=cpu, progress=progress)
+        return _calibrate(backbone, data, config, cpu=cpu, progress=progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _split(rows: pd.DataFrame, features: tuple[str, ...], fraction: float,
-           name: str) -> tuple[YearWindows, YearWindows]:
-    windows = make_windows(rows, features)
-    train, val = split_by_year(windows, fraction)
-    if len(val) == 0:
-        raise KgmlPeftError(
-            f"{name} has a single complete year per site; calibration needs at least two "
-            "(the last year of each site is held out for early stopping)"
-        )
-    return windows.subset(train), windows.subset(val)
-
-
-def _calibrate(backbone: Backbone, rows: pd.DataFrame, name: str, scope: str,
-               config: CalibrationConfig, *, cpu: bool, progress: bool) -> CalibrationResult:
+def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,
+               cpu: bool, progress: bool) -> CalibrationResult:
     features = backbone.config.features
-    train, val = _split(rows, features, config.val_fraction, name)
-    weights = _targets(config, train)
+    name, scope, rows = data.name, data.scope, data.rows
+    train, val, weights = data.train, data.val, data.weights
     before = validation_metrics(backbone.model, backbone, val, weights, config.tolerance)
 
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
@@ -267,9 +292,3 @@ def _compact(metrics: dict) -> dict:
     out["mass_balance_violation_rate"] = metrics["physics"].get("mass_balance_violation_rate")
     return out
 
-
-def site_checkpoint_model(result: CalibrationResult) -> KGMLag:
-    """The calibrated backbone of a ``full`` or ``scratch`` run (an ordinary backbone)."""
-    if not isinstance(result.model, KGMLag):
-        raise KgmlPeftError("only full and scratch calibrations produce a backbone checkpoint")
-    return result.model

@@ -9,6 +9,7 @@ dicts (JSON in adapter metadata, TOML for ``kgml-peft calibrate --config``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -77,7 +78,7 @@ class AdapterConfig:
             if getattr(self, key) < 1:
                 raise KgmlPeftError(f"{key} must be >= 1, got {getattr(self, key)}")
         expect_type(self.lora_alpha, (int, float), "lora_alpha")
-        if not self.lora_alpha > 0:
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise KgmlPeftError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         set_(self, "lora_alpha", float(self.lora_alpha))
         expect_type(self.head, str, "head")
@@ -154,7 +155,7 @@ class CalibrationConfig:
                 if name not in schema.TARGETS:
                     raise KgmlPeftError(f"unknown target {name!r}; choose from {', '.join(schema.TARGETS)}")
                 expect_type(weight, (int, float), f"weight of target {name}")
-                if not weight > 0:
+                if not (math.isfinite(weight) and weight > 0):
                     raise KgmlPeftError(f"weight of target {name} must be > 0, got {weight}")
             object.__setattr__(self, "targets", {k: float(v) for k, v in self.targets.items()})
         for key in ("epochs", "lr"):
@@ -164,8 +165,10 @@ class CalibrationConfig:
             expect_type(getattr(self, key), int, key)
         for key in ("lr", "rho", "mu", "physics_weight", "tolerance", "response_weight", "val_fraction"):
             expect_type(getattr(self, key), (int, float), key)
-            if getattr(self, key) < 0:
-                raise KgmlPeftError(f"{key} must be >= 0, got {getattr(self, key)}")
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise KgmlPeftError(f"{key} must be a finite number >= 0, got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**32:
+            raise KgmlPeftError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or not self.lr > 0:
             raise KgmlPeftError("epochs >= 1, batch_size >= 1, patience >= 0 and lr > 0 are needed")
         if not 0 < self.val_fraction < 1:

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from kgml_peft.calibration.calibrate import CalibrationResult, calibrate_unit, calibration_units
+from kgml_peft.calibration.calibrate import (
+    CalibrationResult,
+    calibrate_unit,
+    calibration_units,
+    prepare_unit,
+)
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.data.tables import load_table, validate_table
 from kgml_peft.errors import KgmlPeftError
@@ -71,11 +76,13 @@ def run_calibration(
         table = load_table(data, features)
     units = calibration_units(table, site)
     paths = [writable_target(output_path(out, name, config.method), force) for name, _, _ in units]
+    # every unit's data problems surface before the first unit trains and writes its file
+    prepared = [prepare_unit(backbone, rows, name, scope, config) for name, scope, rows in units]
     backbone_bytes = Path(backbone_path).stat().st_size
     runs = []
-    for (name, scope, rows), path in zip(units, paths):
+    for data, path in zip(prepared, paths):
         start = time.perf_counter()
-        result = calibrate_unit(backbone, rows, name, scope, config, cpu=cpu, progress=progress)
+        result = calibrate_unit(backbone, data, config, cpu=cpu, progress=progress)
         if result.adapter is not None:
             save_adapter(path, result.adapter, dtype=config.storage_dtype)
         else:

@@ -63,9 +63,38 @@ class Adapter:
         return sum(t.numel() for t in self.tensors.values())
 
 
-def _hash(config: AdapterConfig, fingerprint: str, tensors: dict[str, torch.Tensor]) -> str:
-    return content_hash({"adapter_config": config.to_dict(), "backbone_fingerprint": fingerprint},
-                        tensors)
+def _hash(site: str, config: AdapterConfig, fingerprint: str, features: list[str],
+          tensors: dict[str, torch.Tensor]) -> str:
+    """What decides an adapter's predictions and where it applies: site, architecture, backbone,
+    features and tensors (the provenance fields are not hashed)."""
+    header = {"site": site, "adapter_config": config.to_dict(), "backbone_fingerprint": fingerprint,
+              "features": list(features)}
+    return content_hash(header, tensors)
+
+
+def _check_info(info: dict, parameters: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """The JSON metadata fields must have the types the toolkit writes (a foreign or hand-edited
+    file is refused here, not by a crash later)."""
+    def bad(key: str, what: str) -> KgmlPeftError:
+        return KgmlPeftError(f"{source}: metadata field {key!r} must be {what}")
+
+    for key in ("sites", "regions", "features"):
+        value = info[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad(key, "a JSON list of strings")
+    if not isinstance(info["targets"], dict) or not all(
+            k in schema.TARGETS and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in info["targets"].items()):
+        raise bad("targets", "a JSON object of target names and weights")
+    for key in ("calibration", "data", "metrics"):
+        if not isinstance(info[key], dict):
+            raise bad(key, "a JSON object")
+    for key in ("before", "after"):
+        part = info["metrics"].get(key, {})
+        if not isinstance(part, dict) or not isinstance(part.get("mse", {}), dict):
+            raise bad("metrics", "a JSON object with before/after objects")
+    if parameters != str(sum(t.numel() for t in tensors.values())):
+        raise bad("parameters", f"the number of stored values ({sum(t.numel() for t in tensors.values())})")
 
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter, dtype: str = "float32") -> Path:
@@ -92,7 +121,8 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, dtype: str = "float3
         "adapter_config": json.dumps(adapter.config.to_dict(), sort_keys=True),
         "parameters": str(sum(t.numel() for t in tensors.values())),
         "dtype": dtype,
-        "content_hash": _hash(adapter.config, adapter.backbone_fingerprint, tensors),
+        "content_hash": _hash(adapter.site, adapter.config, adapter.backbone_fingerprint,
+                              info.get("features") or [], tensors),
         "toolkit_version": __version__,
         "peft_version": peft.__version__,
         "torch_version": torch.__version__.split("+")[0],
@@ -142,8 +172,9 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
             raise KgmlPeftError(f"{source}: tensor {name} is {tensor.dtype}, the file declares {dtype}")
         if not torch.isfinite(tensor).all():
             raise KgmlPeftError(f"{source}: tensor {name} contains NaN or inf")
+    _check_info(info, metadata["parameters"], tensors, source)
     fingerprint = metadata["backbone_fingerprint"]
-    if _hash(config, fingerprint, tensors) != metadata["content_hash"]:
+    if _hash(site, config, fingerprint, info["features"], tensors) != metadata["content_hash"]:
         raise KgmlPeftError(f"{source}: content hash mismatch; the file was modified or is corrupt")
     info.update(scope=metadata["scope"], dtype=dtype, parameters=int(metadata["parameters"]),
                 content_hash=metadata["content_hash"],

@@ -122,10 +122,11 @@ def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
     summary = dest.with_suffix(".txt")
     for path in (dest, summary):
         writable_target(path, force)
+    text = adapter_summary(adapter) + "\n"  # before anything is written
+    with atomic_path(summary) as tmp:
+        tmp.write_text(text)
     with atomic_path(dest) as tmp:
         shutil.copyfile(source, tmp)
-    with atomic_path(summary) as tmp:
-        tmp.write_text(adapter_summary(adapter) + "\n")
     return dest, summary
 
 

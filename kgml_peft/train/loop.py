@@ -132,7 +132,10 @@ def validation_loss(
             sse_total += sse.double().sum(0).cpu()
             count_total += count.double().sum(0).cpu()
     per_target = sse_total / count_total.clamp_min(1.0)
-    w = torch.tensor([weights[n] for n in names], dtype=torch.float64)
+    # a target without a single validation observation does not count (its error would read 0)
+    w = torch.tensor([weights[n] for n in names], dtype=torch.float64) * (count_total > 0)
+    if not w.sum() > 0:
+        raise KgmlPeftError(f"the validation data has no observation of {', '.join(names)}")
     return float((per_target * w).sum() / w.sum())
 
 
