@@ -119,9 +119,8 @@ def _model(backbone: Backbone, config: CalibrationConfig) -> tuple[torch.nn.Modu
         model = SiteModel(backbone.model, config.adapter, seed=config.seed)
         unfrozen = model.unfreeze(config.unfreeze) if config.unfreeze else []
         adapter_params = list(model.adapter_parameters().values())
-        trainable = [n for n, p in model.named_parameters()
-                     if any(p is q for q in adapter_params)]
-        trainable += [n for n, p in model.named_parameters() if p.requires_grad and n not in trainable]
+        # SiteModel freezes the backbone: what requires grad is phi_s plus the unfrozen weights
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
 
         def penalty() -> torch.Tensor:
             loss = config.rho * squared_norm(adapter_params)
