@@ -221,6 +221,8 @@ CASES = [
     case("export-existing", _export_existing, "exists; pass --force"),
     case("export-wrong-suffix", lambda env: ["adapters", "export", str(env.copy_adapter()),
                                              str(env.tmp / "IA.bin")], "must end in .safetensors"),
+    case("export-missing-folder", lambda env: ["adapters", "export", str(env.copy_adapter()),
+                                               str(env.tmp / "share") + "/"], "export folder", "does not exist"),
     case("export-onto-itself", lambda env: ["adapters", "export", str(env.copy_adapter()),
                                             str(env.tmp / "IA-001.safetensors")], "the adapter itself"),
     case("export-truncated", lambda env: ["adapters", "export", str(_truncated_adapter(env)),

@@ -115,6 +115,9 @@ def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
     dest = Path(destination)
     if dest.is_dir():
         dest = adapter_path(dest, adapter.site)
+    elif not dest.suffix or str(destination).endswith(("/", os.sep)):
+        raise KgmlPeftError(f"export folder {dest} does not exist (create it, or give a "
+                            f"{SUFFIX} file name)")
     if dest.suffix != SUFFIX:
         raise KgmlPeftError(f"export target {dest} must end in {SUFFIX}")
     if dest.resolve() == Path(source).resolve():
