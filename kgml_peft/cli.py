@@ -496,12 +496,12 @@ def adapters_verify(path: Path, backbone: Path) -> None:
     import torch
 
     from kgml_peft.calibration.site_model import apply_adapter
-    from kgml_peft.store.adapter import load_adapter
+    from kgml_peft.store.adapter import read_adapter
     from kgml_peft.store.checkpoint import load_backbone
 
     base = load_backbone(backbone)
-    adapter = load_adapter(path, base)
-    model = apply_adapter(base, adapter)
+    adapter = read_adapter(path)
+    model = apply_adapter(base, adapter)  # checks the fingerprint, names and shapes
     with torch.no_grad():
         out = model(torch.zeros(1, 365, len(base.config.features)))
     if not all(torch.isfinite(out[k]).all() for k in ("Ra", "Rh", "NEE", "Yield")):

@@ -7,24 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
 from kgml_peft.cli import cli
 from kgml_peft.store.adapter import read_adapter
 from kgml_peft.store.checkpoint import load_backbone
 from tests.conftest import make_frame
+from tests.test_cli_validation import _runner
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints" / "demo.safetensors"
 FAST = ["--epochs", "3", "--batch-size", "2", "--quiet"]
-
-
-def _runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]
-    except TypeError:
-        return CliRunner()
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
-"""One Accelerate training loop for every phase of pretraining (and, later, calibration).
+"""One Accelerate training loop for every phase of pretraining and for site calibration.
 
-A phase names its data, its target weights, which modules train, epochs, learning rate, batch size
-and the physics weight. The loop runs on whatever device Accelerate picks (``--cpu`` forces CPU),
+A phase names its data, its target weights, which parameters train, epochs, learning rate (constant
+or cosine), batch size and the physics weight; a ``penalty`` hook adds Eq. 2/3 regularisers. The loop runs on whatever device Accelerate picks (``--cpu`` forces CPU),
 supports mixed precision, logs the validation loss after every epoch with the global optimizer step,
 stops early when the validation loss stops improving and restores the best weights of the phase.
 """
