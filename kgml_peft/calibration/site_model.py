@@ -33,6 +33,29 @@ from kgml_peft.store.checkpoint import Backbone
 HEAD_OUTPUTS: tuple[str, ...] = (*schema.FLUX_OUTPUTS, "Yield")
 
 
+def bottleneck(h: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor,
+               up_weight: torch.Tensor, up_bias: torch.Tensor) -> torch.Tensor:
+    """``h + up(gelu(down(h)))`` from plain tensors (training and serving share this)."""
+    return h + F.linear(F.gelu(F.linear(h, down_weight, down_bias)), up_weight, up_bias)
+
+
+def calibrate_outputs(out: dict[str, torch.Tensor], scale: torch.Tensor, shift: torch.Tensor,
+                      residual: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``(y + residual) * (1 + scale) + shift`` per head output. ``scale``/``shift`` are [4] for
+    one site or [B, 4] per row; ``residual`` [B, T, 3] adds to Ra, Rh, NEE."""
+    out = dict(out)
+    per_row = scale.dim() == 2
+    for j, name in enumerate(HEAD_OUTPUTS):
+        value = out[name]
+        if residual is not None and j < len(schema.FLUX_OUTPUTS):
+            value = value + residual[..., j]
+        s, b = (scale[:, j], shift[:, j]) if per_row else (scale[j], shift[j])
+        if per_row and value.dim() == 2:  # daily outputs [B, T]
+            s, b = s[:, None], b[:, None]
+        out[name] = value * (1 + s) + b
+    return out
+
+
 class BottleneckBlock(nn.Module):
     """Residual bottleneck ``h + up(gelu(down(h)))``; ``up`` is zero, so it starts as identity."""
 
@@ -44,7 +67,7 @@ class BottleneckBlock(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return h + self.up(F.gelu(self.down(h)))
+        return bottleneck(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
 
 
 class CalibrationHead(nn.Module):
@@ -63,14 +86,8 @@ class CalibrationHead(nn.Module):
 
     def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Calibrated copy of the backbone's output dict (scaled units)."""
-        out = dict(out)
-        if self.mlp is not None:
-            residual = self.mlp(x)
-            for j, name in enumerate(schema.FLUX_OUTPUTS):
-                out[name] = out[name] + residual[..., j]
-        for j, name in enumerate(HEAD_OUTPUTS):
-            out[name] = out[name] * (1 + self.scale[j]) + self.shift[j]
-        return out
+        residual = self.mlp(x) if self.mlp is not None else None
+        return calibrate_outputs(out, self.scale, self.shift, residual)
 
 
 class SiteModel(nn.Module):

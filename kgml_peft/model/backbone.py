@@ -14,7 +14,7 @@ names above because site adapters target their weights (``gru_ra.weight_ih_l0`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -26,6 +26,19 @@ from kgml_peft.errors import KgmlPeftError, expect_type
 
 #: The recurrent modules, in the order they run.
 GRU_NAMES: tuple[str, ...] = ("gru_basis", "gru_ra", "gru_rh", "gru_nee")
+
+#: How to run GRUs that read the same input: ``(names, modules, inputs [B, T, in], h0s) ->
+#: [(sequence, last state), ...]`` in the order of ``names`` (an ``h0`` of None starts at zero).
+GruRunner = Callable[
+    [Sequence[str], Sequence[nn.GRU], torch.Tensor, Sequence["torch.Tensor | None"]],
+    list[tuple[torch.Tensor, torch.Tensor]],
+]
+
+
+def run_grus(names: Sequence[str], modules: Sequence[nn.GRU], inputs: torch.Tensor,
+             h0s: Sequence[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The default :data:`GruRunner`: each module in turn."""
+    return [module(inputs, h0) for module, h0 in zip(modules, h0s)]
 
 
 @dataclass(frozen=True)
@@ -93,14 +106,16 @@ class KGMLag(nn.Module):
         x: torch.Tensor,
         state: dict[str, torch.Tensor] | None = None,
         taps: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        runner: GruRunner = run_grus,
     ) -> dict[str, torch.Tensor]:
         """Run one year (or any number of days) of inputs ``x`` [B, T, F].
 
         ``state`` carries the GRU hidden states from the previous year of the same sites (the
         ``state`` entry of a previous call); ``None`` starts from zeros. ``taps`` maps GRU names
         (:data:`GRU_NAMES`) to functions applied to that GRU's output sequence [B, T, H] before it
-        is used (site adapters insert their blocks here). Returns ``Ra``, ``Rh``, ``NEE`` [B, T],
-        ``Yield`` [B] (scaled units) and ``state``.
+        is used (site adapters insert their blocks here). ``runner`` runs the GRUs, those that read
+        the same input together (serving runs per-row adapted weights here; see :data:`GruRunner`). Returns ``Ra``,
+        ``Rh``, ``NEE`` [B, T], ``Yield`` [B] (scaled units) and ``state``.
         """
         if x.dim() != 3 or x.shape[-1] != len(self.config.features):
             raise KgmlPeftError(
@@ -110,26 +125,26 @@ class KGMLag(nn.Module):
         state = state or {}
         taps = taps or {}
 
-        def run(name: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            seq, last = getattr(self, name)(inputs, state.get(name))
+        def run(*names: str, inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            results = runner(names, [getattr(self, n) for n in names], inputs,
+                             [state.get(n) for n in names])
             # batch_first GRU outputs are strided views; a contiguous copy makes the Linear layers
             # after them take the same kernel whatever the weights' requires_grad (bit-exact
             # outputs for frozen and trainable copies of one backbone)
-            seq = seq.contiguous()
-            return (taps[name](seq) if name in taps else seq), last
+            return [((taps[n](seq.contiguous()) if n in taps else seq.contiguous()), last)
+                    for n, (seq, last) in zip(names, results)]
 
-        basis, h_basis = run("gru_basis", x)
+        [(basis, h_basis)] = run("gru_basis", inputs=x)
         basis = self.drop(basis)
         weights = torch.softmax(self.attn_score(basis).squeeze(-1), dim=1)
         pooled = torch.einsum("bt,bth->bh", weights, basis)
         yield_ = self.yield_head(pooled).squeeze(-1)
         joint = torch.cat([basis, x], dim=-1)
-        h_ra_seq, h_ra = run("gru_ra", joint)
+        (h_ra_seq, h_ra), (h_rh_seq, h_rh) = run("gru_ra", "gru_rh", inputs=joint)
         ra = self.ra_out(h_ra_seq).squeeze(-1)
-        h_rh_seq, h_rh = run("gru_rh", joint)
         rh = self.rh_out(self.drop(h_rh_seq)).squeeze(-1)
         nee_in = torch.cat([ra.unsqueeze(-1), rh.unsqueeze(-1), x], dim=-1)
-        h_nee_seq, h_nee = run("gru_nee", nee_in)
+        [(h_nee_seq, h_nee)] = run("gru_nee", inputs=nee_in)
         nee = self.nee_out(h_nee_seq).squeeze(-1)
         return {
             "Ra": ra,

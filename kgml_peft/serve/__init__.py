@@ -1,0 +1,1 @@
+"""Serving: one backbone, many adapters, hot-swapped per request, mixed-site batches."""

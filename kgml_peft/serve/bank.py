@@ -1,0 +1,269 @@
+"""AdapterBank: one frozen backbone, many site adapters, hot-swapped per request.
+
+The bank loads adapters from a store folder (``<site>.safetensors``) on first use, checks each
+against its backbone, and keeps them in an LRU cache bounded in bytes and/or count. Adapters added
+from memory with :meth:`AdapterBank.add` are pinned (never evicted). Predictions take one of four
+execution strategies (``strategy``):
+
+* ``merged``: every row uses the same adapter (or none): LoRA is merged into the GRU weights
+  (``W + up @ down``, microseconds at this size) and the backbone runs with them through
+  :func:`torch.func.functional_call`, so the fused GRU kernel runs at the bare backbone's speed.
+* ``batched``: rows use different adapters: one pass with shared base matmuls and per-row low-rank
+  deltas (:mod:`kgml_peft.serve.mixed`).
+* ``grouped``: rows are grouped by adapter and each group runs ``merged``.
+* ``naive``: every row runs on its own (a baseline for ``kgml-peft bench``).
+
+``auto`` (the default) picks ``merged`` for single-adapter batches and ``batched`` for mixed ones
+(measured faster than ``grouped`` for 2 or more adapters per batch; docs/serving.md has the
+figures). Rows whose adapter replaces backbone weights run ``grouped``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model.inference import PREDICTED
+from kgml_peft.model.outputs import physical
+from kgml_peft.serve.mixed import forward_rows, plan_rows
+from kgml_peft.serve.weights import ServingAdapter
+from kgml_peft.store.adapter import Adapter, load_adapter
+from kgml_peft.store.checkpoint import Backbone, load_backbone
+from kgml_peft.store.library import adapter_path
+
+STRATEGIES: tuple[str, ...] = ("auto", "batched", "grouped", "naive")
+
+
+class AdapterBank:
+    """Serve many adapters on one backbone (see module docstring).
+
+    ``backbone`` is a :class:`Backbone` or a checkpoint path; ``store`` a folder of adapter files
+    (or ``None`` for adapters added with :meth:`add` only). ``max_bytes`` bounds the resident
+    adapters' tensor bytes, ``max_adapters`` their number (``None``: unbounded); the least recently
+    used adapter loaded from the store is evicted first.
+    """
+
+    def __init__(self, backbone: Backbone | str | os.PathLike, store: str | os.PathLike | None = None,
+                 *, max_bytes: int | None = 256 * 2**20, max_adapters: int | None = None,
+                 device: str | torch.device = "cpu", strategy: str = "auto") -> None:
+        self.device = torch.device(device)
+        self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
+        self.model = self.backbone.model.to(self.device).eval().requires_grad_(False)
+        self.store = Path(store) if store is not None else None
+        if self.store is not None and not self.store.is_dir():
+            raise KgmlPeftError(f"adapter store {self.store} is not a folder")
+        for name, value in (("max_bytes", max_bytes), ("max_adapters", max_adapters)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise KgmlPeftError(f"{name} must be a non-negative integer or None, got {value!r}")
+        self.max_bytes, self.max_adapters = max_bytes, max_adapters
+        self.strategy = _check_strategy(strategy)
+        self._base = dict(self.model.named_parameters())
+        self._cache: OrderedDict[str, ServingAdapter] = OrderedDict()
+        self._pinned: dict[str, ServingAdapter] = {}
+        self._lock = threading.RLock()
+        self.stats = {"hits": 0, "loads": 0, "evictions": 0}
+
+    # ---- the adapter cache -------------------------------------------------------------------
+
+    def add(self, adapter: Adapter) -> ServingAdapter:
+        """Check an in-memory adapter against the backbone and pin it under its site name."""
+        served = ServingAdapter.from_adapter(adapter, self.backbone, self.device)
+        with self._lock:
+            self._cache.pop(served.name, None)
+            self._pinned[served.name] = served
+        return served
+
+    def path(self, name: str) -> Path | None:
+        """Where adapter ``name`` would be in the store (``None`` without a store)."""
+        return adapter_path(self.store, name) if self.store is not None else None
+
+    def has(self, name: str) -> bool:
+        """Whether adapter ``name`` is resident or in the store (the name must be a safe id)."""
+        with self._lock:
+            if name in self._pinned or name in self._cache:
+                return True
+        path = self.path(name)
+        return path is not None and path.is_file()
+
+    def get(self, name: str) -> ServingAdapter:
+        """Adapter ``name``, from the cache or loaded (and checked) from the store."""
+        with self._lock:
+            served = self._pinned.get(name)
+            if served is None and name in self._cache:
+                self._cache.move_to_end(name)
+                served = self._cache[name]
+            if served is not None:
+                self.stats["hits"] += 1
+                return served
+        path = self.path(name)
+        if path is None or not path.is_file():
+            where = f"store {self.store}" if self.store is not None else "bank (no store)"
+            raise KgmlPeftError(f"no adapter {name!r} in the {where}")
+        served = ServingAdapter.from_adapter(load_adapter(path), self.backbone, self.device)
+        if served.name != name:
+            raise KgmlPeftError(f"{path} holds the adapter of {served.name!r}, not {name!r}")
+        with self._lock:
+            self._cache[name] = served
+            self._cache.move_to_end(name)
+            self.stats["loads"] += 1
+            self._evict()
+        return served
+
+    def _evict(self) -> None:
+        """Drop least recently used store adapters until the bounds hold (the newest stays)."""
+        while len(self._cache) > 1 and (
+                (self.max_adapters is not None and len(self._cache) > self.max_adapters)
+                or (self.max_bytes is not None and self.memory_bytes() > self.max_bytes)):
+            self._cache.popitem(last=False)
+            self.stats["evictions"] += 1
+
+    def resident(self) -> list[str]:
+        """Names of resident adapters, pinned first, then least to most recently used."""
+        with self._lock:
+            return [*self._pinned, *self._cache]
+
+    def memory_bytes(self) -> int:
+        """Tensor bytes of every resident adapter."""
+        with self._lock:
+            return sum(a.nbytes for a in [*self._pinned.values(), *self._cache.values()])
+
+    def clear(self) -> None:
+        """Drop every cached store adapter (pinned ones stay)."""
+        with self._lock:
+            self._cache.clear()
+
+    def resolve(self, names: Sequence[str | None], require: bool = False) -> list[ServingAdapter | None]:
+        """The adapter of each row name; ``None`` rows, and (unless ``require``) names without an
+        adapter, get ``None`` (the bare backbone)."""
+        found: dict[str, ServingAdapter | None] = {}
+        for name in dict.fromkeys(n for n in names if n is not None):
+            if require or self.has(name):
+                found[name] = self.get(name)
+            else:
+                found[name] = None
+        return [None if n is None else found[n] for n in names]
+
+    # ---- prediction --------------------------------------------------------------------------
+
+    def merged_parameters(self, name: str | None) -> dict[str, torch.Tensor]:
+        """The backbone weights that adapter ``name`` changes, merged (empty for ``None``): what
+        swapping to that adapter costs."""
+        return {} if name is None else self.get(name).merged_parameters(self._base)
+
+    def _single(self, x: torch.Tensor, adapter: ServingAdapter | None,
+                state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if adapter is None:
+            return self.model(x, state)
+        merged = adapter.merged_parameters(self._base)
+        out = functional_call(self.model, merged, (x, state), {"taps": adapter.blocks}, strict=False)
+        return adapter.head(out, x) if adapter.head is not None else out
+
+    def _pieces(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None, n_rows: int,
+                pieces: list[tuple[list[int], Callable]]) -> dict[str, torch.Tensor]:
+        """Run ``fn(x[index], state of index)`` for each ``(index, fn)`` and put the outputs back
+        in row order."""
+        out: dict[str, torch.Tensor] = {"state": {}}
+        for index, fn in pieces:
+            idx = torch.tensor(index, device=x.device)
+            part = fn(x[idx], _rows_of(state, idx))
+            for gru, h in part.pop("state").items():
+                out["state"].setdefault(gru, h.new_empty((h.shape[0], n_rows, *h.shape[2:])))[:, idx] = h
+            for key, value in part.items():
+                out.setdefault(key, value.new_empty((n_rows, *value.shape[1:])))[idx] = value
+        return out
+
+    def _single_fn(self, adapter: ServingAdapter | None) -> Callable:
+        return lambda x, state: self._single(x, adapter, state)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, rows: Sequence[ServingAdapter | None],
+                state: dict[str, torch.Tensor] | None = None,
+                strategy: str | None = None) -> dict[str, torch.Tensor]:
+        """Scaled outputs (as :meth:`KGMLag.forward`) for ``x`` [B, T, F] with ``rows[i]``'s
+        adapter on row i (``None`` = bare backbone)."""
+        rows = list(rows)
+        if len(rows) != x.shape[0]:
+            raise KgmlPeftError(f"{len(rows)} row adapters for a batch of {x.shape[0]} rows")
+        strategy = _check_strategy(strategy or self.strategy)
+        x = x.to(self.device)
+        if strategy == "naive":
+            pieces = [([i], self._single_fn(a)) for i, a in enumerate(rows)]
+            return self._pieces(x, state, len(rows), pieces)
+        groups: dict[int, list[int]] = {}
+        for i, adapter in enumerate(rows):
+            groups.setdefault(id(adapter), []).append(i)
+        if len(groups) == 1:
+            return self._single(x, rows[0], state)
+        # adapters that replace backbone weights cannot share the base matmuls: always grouped
+        special = [g for g in groups.values() if strategy == "grouped" or
+                   (rows[g[0]] is not None and rows[g[0]].overrides)]
+        if not special:
+            return forward_rows(self.model, x, plan_rows(rows, x), state)
+        pieces = [(g, self._single_fn(rows[g[0]])) for g in special]
+        common = sorted(i for g in groups.values() if g not in special for i in g)
+        if common:
+            plan = plan_rows([rows[i] for i in common], x)
+            pieces.append((common, lambda xs, st: forward_rows(self.model, xs, plan, st)))
+        return self._pieces(x, state, len(rows), pieces)
+
+    def predict(self, x: torch.Tensor, site: str | None = None, sites: Sequence[str | None] | None = None,
+                *, require: bool = True, state: dict[str, torch.Tensor] | None = None,
+                strategy: str | None = None) -> dict[str, torch.Tensor]:
+        """Physical-unit predictions (Ra, Rh, NEE, Reco in gC m-2 d-1 [B, T]; Yield t ha-1 [B])
+        for scaled inputs ``x`` [B, T, F]: adapter ``site`` on every row, or ``sites[i]`` on row i
+        (``None`` = bare backbone). Unknown names raise unless ``require`` is False (then the
+        backbone serves them)."""
+        if site is not None and sites is not None:
+            raise KgmlPeftError("pass site or sites, not both")
+        names = [site] * x.shape[0] if sites is None else list(sites)
+        out = self.forward(x, self.resolve(names, require=require), state, strategy)
+        phys = physical(out, self.backbone.scalers)
+        return {name: phys[name] for name in PREDICTED}
+
+    def predict_windows(self, windows: YearWindows, names: Sequence[str | None],
+                        batch_size: int = 64, require: bool = True,
+                        strategy: str | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+        """Like :func:`~kgml_peft.model.inference.predict_windows`, with adapter ``names[i]`` on
+        window i (``None`` = bare backbone): Ra, Rh, NEE, Reco [N, 365] and Yield [N]."""
+        if len(names) != len(windows):
+            raise KgmlPeftError(f"{len(names)} adapter names for {len(windows)} windows")
+        rows = self.resolve(list(names), require=require)
+        x = WindowDataset(windows, self.backbone.scalers).x
+        chunks: dict[str, list[np.ndarray]] = {}
+        starts = range(0, len(x), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="predict", unit="batch", leave=False)
+        for start in starts:
+            stop = min(start + batch_size, len(x))
+            out = physical(self.forward(x[start:stop], rows[start:stop], strategy=strategy),
+                           self.backbone.scalers)
+            for name in PREDICTED:
+                chunks.setdefault(name, []).append(out[name].float().cpu().numpy().astype("float64"))
+        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+    @property
+    def scalers(self) -> Scalers:
+        """The backbone's scalers (inputs and outputs)."""
+        return self.backbone.scalers
+
+
+def _check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise KgmlPeftError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def _rows_of(state: dict[str, torch.Tensor] | None, idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """The hidden states of rows ``idx`` ([layers, B, H] tensors are indexed on dim 1)."""
+    return None if state is None else {k: v[:, idx] for k, v in state.items()}

@@ -1,0 +1,248 @@
+"""Mixed-site batches in one pass: shared backbone matmuls plus per-row low-rank deltas.
+
+peft cannot run a batch whose rows use different adapters when LoRA wraps parameters
+(``target_parameters``), so this module computes such a batch itself, the way multi-LoRA servers do:
+
+* **LoRA** on a GRU weight W: every row computes ``W h`` with the shared W, and its own update as
+  ``up_s (down_s h)``. All adapters' ``down`` factors are stacked into one matrix [R, in] and a 0/1
+  mask [B, R] keeps each row's own rank columns, so the delta costs two small matmuls for the
+  whole batch: ``((h @ down_all.T) * mask) @ up_all.T``. Adapters of different ranks mix freely.
+  Input-to-hidden updates are applied to the whole sequence at once; hidden-to-hidden updates
+  need the recurrence, so GRUs with LoRA in the batch run a hand-written GRU loop (torch's fused
+  GRU kernel takes one weight for all rows; that is why this loop exists). GRUs without LoRA in
+  the batch still run torch's kernel.
+* **Blocks** and the **head** gather each row's weights ([B, ...], zeros for rows without that
+  part, which is an exact identity) and apply them with batched matmuls.
+
+Rows whose adapter replaces backbone weights (``--unfreeze``) cannot share the base weights; the
+bank runs those grouped by site with merged weights instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kgml_peft.calibration.site_model import HEAD_OUTPUTS, calibrate_outputs
+from kgml_peft.model.backbone import KGMLag
+from kgml_peft.serve.weights import ServingAdapter
+
+
+@dataclass(frozen=True)
+class RowLora:
+    """Stacked LoRA factors of one GRU weight for a batch: ``down`` [R, in], ``up_t`` [R, out] and
+    ``mask`` [B, R] (1 where column r belongs to row b's adapter)."""
+
+    down: torch.Tensor
+    up_t: torch.Tensor
+    mask: torch.Tensor
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """Each row's own update applied to ``h`` [B, in] or [B, T, in]."""
+        mask = self.mask if h.dim() == 2 else self.mask[:, None, :]
+        return ((h @ self.down.t()) * mask) @ self.up_t
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Everything a mixed batch needs, per row: LoRA by GRU weight name, block weights by GRU,
+    head scale/shift [B, 4] and head MLP weights [B, ...]."""
+
+    lora: dict[str, RowLora]
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    head: tuple[torch.Tensor, torch.Tensor] | None
+    head_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+    def grus_with_lora(self) -> set[str]:
+        """GRU modules that need the hand-written loop."""
+        return {name.split(".")[0] for name in self.lora}
+
+
+def _stack_padded(parts: Sequence[torch.Tensor | None], shape: tuple[int, ...],
+                  like: torch.Tensor) -> torch.Tensor:
+    """Stack tensors zero-padded to ``shape``; ``None`` (no such part) becomes all zeros."""
+    out = like.new_zeros((len(parts), *shape))
+    for i, part in enumerate(parts):
+        if part is not None:
+            out[(i, *(slice(0, n) for n in part.shape))] = part
+    return out
+
+
+def plan_rows(rows: Sequence[ServingAdapter | None], like: torch.Tensor) -> RowPlan:
+    """Stack the adapters of a batch's rows (``None`` = bare backbone) for :func:`forward_rows`;
+    ``like`` gives dtype and device."""
+    unique = list({id(a): a for a in rows if a is not None}.values())
+    slot = {id(a): i for i, a in enumerate(unique)}
+    index = torch.tensor([slot[id(a)] if a is not None else len(unique) for a in rows],
+                         device=like.device)  # len(unique) = the all-zero slot
+
+    lora: dict[str, RowLora] = {}
+    for name in dict.fromkeys(n for a in unique for n in a.lora):
+        owners = [a for a in unique if name in a.lora]
+        down = torch.cat([a.lora[name].down for a in owners])
+        up_t = torch.cat([a.lora[name].up for a in owners], dim=1).t().contiguous()
+        columns = like.new_zeros((len(unique) + 1, down.shape[0]))
+        start = 0
+        for a in owners:
+            rank = a.lora[name].down.shape[0]
+            columns[slot[id(a)], start:start + rank] = 1
+            start += rank
+        lora[name] = RowLora(down.to(like), up_t.to(like), columns[index])
+
+    blocks = {}
+    for gru in dict.fromkeys(g for a in unique for g in a.blocks):
+        found = [a.blocks.get(gru) for a in unique] + [None]
+        k = max(b.down_weight.shape[0] for b in found if b is not None)
+        size = next(b for b in found if b is not None).up_bias.shape[0]
+        parts = [[None if b is None else getattr(b, f) for b in found]
+                 for f in ("down_weight", "down_bias", "up_weight", "up_bias")]
+        dw, db, uw, ub = (_stack_padded(p, s, like)[index] for p, s in
+                          zip(parts, ((k, size), (k,), (size, k), (size,))))
+        blocks[gru] = (dw, db, uw, ub)
+
+    head = head_mlp = None
+    heads = [a.head for a in unique] + [None]
+    if any(h is not None for h in heads):
+        n = len(HEAD_OUTPUTS)
+        scale = _stack_padded([None if h is None else h.scale for h in heads], (n,), like)[index]
+        shift = _stack_padded([None if h is None else h.shift for h in heads], (n,), like)[index]
+        head = (scale, shift)
+        mlps = [None if h is None else h.mlp for h in heads]
+        if any(m is not None for m in mlps):
+            hidden = max(m[0].shape[0] for m in mlps if m is not None)
+            features = next(m for m in mlps if m is not None)[0].shape[1]
+            shapes = ((hidden, features), (hidden,), (3, hidden), (3,))
+            head_mlp = tuple(_stack_padded([None if m is None else m[i] for m in mlps], shapes[i], like)[index]
+                             for i in range(4))
+    return RowPlan(lora=lora, blocks=blocks, head=head, head_mlp=head_mlp)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One GRU layer of a batch: input gates ``gi`` [B, T, 3H] (row updates included), its
+    hidden-to-hidden weight and bias, per-row LoRA on that weight (or None) and start state."""
+
+    gi: torch.Tensor
+    w_hh: torch.Tensor
+    b_hh: torch.Tensor
+    lora: RowLora | None
+    h0: torch.Tensor
+
+
+def _layer(module: nn.GRU, layer: int, inputs: torch.Tensor, h0: torch.Tensor | None,
+           lora: dict[str, RowLora]) -> _Layer:
+    w_ih, b_ih = getattr(module, f"weight_ih_l{layer}"), getattr(module, f"bias_ih_l{layer}")
+    gi = F.linear(inputs, w_ih, b_ih)
+    if f"weight_ih_l{layer}" in lora:  # input-to-hidden updates: the whole sequence at once
+        gi = gi + lora[f"weight_ih_l{layer}"].delta(inputs)
+    start = inputs.new_zeros(inputs.shape[0], module.hidden_size) if h0 is None else h0[layer]
+    return _Layer(gi, getattr(module, f"weight_hh_l{layer}"), getattr(module, f"bias_hh_l{layer}"),
+                  lora.get(f"weight_hh_l{layer}"), start)
+
+
+def _recur(layers: list[_Layer]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run GRU layers of equal hidden size H side by side in one day loop; (sequence, last) each.
+
+    The K layers form one GRU of hidden size K*H with block-diagonal weights (gates ordered
+    r_1..r_K, z_1..z_K, n_1..n_K), so each day costs the same few kernel calls whatever K is;
+    every layer's row-wise LoRA ranks ride along as extra columns of the same matmul.
+    """
+    k, size = len(layers), layers[0].w_hh.shape[1]
+    total = k * size
+    ranks = [0 if layer.lora is None else layer.lora.down.shape[0] for layer in layers]
+    like = layers[0].gi
+    weight = like.new_zeros(3 * total + sum(ranks), total)
+    bias = like.new_zeros(3 * total + sum(ranks))
+    up_t = like.new_zeros(sum(ranks), 3 * total)
+    mask = like.new_zeros(like.shape[0], sum(ranks))
+    offset = 3 * total
+    gates = []
+    for i, layer in enumerate(layers):
+        cols = slice(i * size, (i + 1) * size)
+        for g in range(3):
+            rows = slice((g * k + i) * size, (g * k + i + 1) * size)
+            weight[rows, cols] = layer.w_hh[g * size:(g + 1) * size]
+            bias[rows] = layer.b_hh[g * size:(g + 1) * size]
+        if layer.lora is not None:
+            rank = slice(offset - 3 * total, offset - 3 * total + ranks[i])
+            weight[offset:offset + ranks[i], cols] = layer.lora.down
+            mask[:, rank] = layer.lora.mask
+            for g in range(3):
+                up_t[rank, (g * k + i) * size:(g * k + i + 1) * size] = layer.lora.up_t[:, g * size:(g + 1) * size]
+            offset += ranks[i]
+    for g in range(3):
+        gates += [layer.gi[..., g * size:(g + 1) * size] for layer in layers]
+    gi = torch.cat(gates, dim=-1) if k > 1 else layers[0].gi
+    weight = weight.t().contiguous()
+    h = torch.cat([layer.h0 for layer in layers], dim=-1)
+    has_rank = sum(ranks) > 0
+    outs = []
+    # per day: the input gates' r|z and n parts (views, no copies)
+    for g_rz, g_n in zip(gi[..., :2 * total].unbind(1), gi[..., 2 * total:].unbind(1)):
+        gh = torch.addmm(bias, h, weight)
+        if has_rank:  # each row keeps its own rank columns, then adds its own update
+            gh = torch.addmm(gh[:, :3 * total], gh[:, 3 * total:].mul_(mask), up_t)
+        r, z = torch.sigmoid_(gh[:, :2 * total].add_(g_rz)).chunk(2, dim=1)
+        n = torch.tanh_(torch.addcmul(g_n, r, gh[:, 2 * total:]))
+        h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
+        outs.append(h)
+    seq = torch.stack(outs, dim=1)
+    return [(seq[..., i * size:(i + 1) * size], h[:, i * size:(i + 1) * size]) for i in range(k)]
+
+
+def gru_rows(modules: Sequence[nn.GRU], inputs: torch.Tensor, h0s: Sequence[torch.Tensor | None],
+             loras: Sequence[dict[str, RowLora]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run GRUs (batch_first, eval mode, equal hidden sizes) that read the same ``inputs``
+    [B, T, in], with per-row LoRA updates keyed by each module's weight names (``weight_hh_l0``
+    ...). Their first layers share one day loop. Same outputs as each module with each row's
+    merged weights: (sequence [B, T, H], last states [layers, B, H]) per module."""
+    first = _recur([_layer(m, 0, inputs, h0, lora) for m, h0, lora in zip(modules, h0s, loras)])
+    results = []
+    for module, h0, lora, (seq, last) in zip(modules, h0s, loras, first):
+        states = [last]
+        for layer in range(1, module.num_layers):
+            [(seq, h)] = _recur([_layer(module, layer, seq, h0, lora)])
+            states.append(h)
+        results.append((seq, torch.stack(states)))
+    return results
+
+
+def _row_block(weights: tuple[torch.Tensor, ...]):
+    dw, db, uw, ub = weights
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        inner = F.gelu(torch.baddbmm(db[:, None, :], h, dw.transpose(1, 2)))
+        return h + torch.baddbmm(ub[:, None, :], inner, uw.transpose(1, 2))
+
+    return apply
+
+
+def forward_rows(backbone: KGMLag, x: torch.Tensor, plan: RowPlan,
+                 state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The backbone's forward on ``x`` [B, T, F] with each row's own adapter (see :func:`plan_rows`);
+    scaled outputs like :meth:`KGMLag.forward`."""
+    by_gru: dict[str, dict[str, RowLora]] = {}
+    for name, row_lora in plan.lora.items():
+        gru, weight = name.split(".", 1)
+        by_gru.setdefault(gru, {})[weight] = row_lora
+
+    def runner(names, modules, inputs, h0s) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows = [i for i, name in enumerate(names) if name in by_gru]
+        fused = iter(gru_rows([modules[i] for i in rows], inputs, [h0s[i] for i in rows],
+                              [by_gru[names[i]] for i in rows]) if rows else [])
+        return [next(fused) if i in rows else modules[i](inputs, h0s[i]) for i in range(len(names))]
+
+    taps = {gru: _row_block(weights) for gru, weights in plan.blocks.items()}
+    out = backbone(x, state, taps=taps, runner=runner)
+    if plan.head is None:
+        return out
+    residual = None
+    if plan.head_mlp is not None:
+        w1, b1, w2, b2 = plan.head_mlp
+        hidden = torch.tanh(torch.baddbmm(b1[:, None, :], x, w1.transpose(1, 2)))
+        residual = torch.baddbmm(b2[:, None, :], hidden, w2.transpose(1, 2))
+    return calibrate_outputs(out, *plan.head, residual)
