@@ -382,6 +382,69 @@ def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, confi
         _print_calibration(run.result, run.path, run.seconds, run.backbone_bytes)
 
 
+def _device(cpu: bool) -> str:
+    """The device Accelerate picks for this process (``cpu`` forces the CPU)."""
+    from accelerate import PartialState
+
+    return "cpu" if cpu else str(PartialState().device)
+
+
+@cli.command(short_help="Predict daily fluxes and yield with the backbone and site adapters.")
+@click.option("--data", "data", type=click.Path(path_type=Path), default=None,
+              help="Site-day table (.csv or .parquet; default: the built-in demo data).")
+@click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
+              show_default=True, help="Backbone checkpoint.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Prediction table to write (.csv or .parquet).")
+@click.option("--site", default=None, help="Apply this adapter to every row.")
+@click.option("--site-column", type=click.Choice(["site", "region"]), default=None,
+              help="Pick each row's adapter by its site id or its region label.")
+@click.option("--adapters", "store", type=click.Path(path_type=Path), default=Path("adapters"),
+              show_default=True, help="Adapter store (folder of <name>.safetensors).")
+@click.option("--require-adapter", is_flag=True,
+              help="Refuse rows whose adapter does not exist instead of using the backbone.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Site-years per forward pass.")
+@click.option("--strategy", type=click.Choice(["auto", "batched", "grouped", "naive"]), default="auto",
+              show_default=True, help="How batches that mix adapters run (see docs/serving.md).")
+@click.option("--cpu", is_flag=True, help="Predict on CPU even if an accelerator is available.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON.")
+def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site_column: str | None,
+            store: Path, require_adapter: bool, batch_size: int, strategy: str, cpu: bool, quiet: bool,
+            force: bool, as_json: bool) -> None:
+    """Predict Ra, Rh, Reco, NEE (daily) and Yield (annual) for every complete site-year."""
+    from kgml_peft.serve.predict import run_predict
+
+    if data is None:
+        from kgml_peft.calibration.runs import demo_table
+
+        data = demo_table()
+    start = time.perf_counter()
+    result = run_predict(data=data, backbone=backbone, out=out, site=site, site_column=site_column,
+                         store=store, require_adapter=require_adapter, batch_size=batch_size,
+                         strategy=strategy, device=_device(cpu), force=force, progress=not quiet)
+    seconds = time.perf_counter() - start
+    summary = {"out": str(out), "rows": len(result.frame), "site_years": result.site_years,
+               "adapters": result.used, "missing_adapters": result.missing,
+               "dropped_site_years": len(result.dropped), "seconds": round(seconds, 3)}
+    if as_json:
+        _echo_json(summary)
+        return
+    click.echo(f"wrote {out}: {len(result.frame)} site-days, {result.site_years} site-years "
+               f"in {seconds:.1f} s")
+    if result.used:
+        click.echo("adapters: " + ", ".join(f"{k} ({v})" for k, v in result.used.items()))
+    backbone_years = result.site_years - sum(result.used.values())
+    if backbone_years:
+        why = (f"; no adapter for {', '.join(list(result.missing)[:5])}"
+               f"{' ...' if len(result.missing) > 5 else ''}" if result.missing else "")
+        click.echo(f"backbone only: {backbone_years} site-years (column adapter empty){why}")
+    if result.dropped:
+        click.echo(f"left out: {len(result.dropped)} incomplete site-years")
+
+
 @cli.group()
 def backbone() -> None:
     """Inspect and compare backbone checkpoints."""

@@ -191,25 +191,35 @@ class SiteModel(nn.Module):
         """Set phi_s (and unfrozen weights) from an adapter file's tensors; names and shapes must
         match this model's adapter config exactly."""
         own = self.adapter_parameters()
-        unfrozen = sorted(k[len("backbone."):] for k in tensors if k.startswith("backbone."))
-        unknown = [n for n in unfrozen if n not in self._base]
-        if unknown:
-            raise KgmlPeftError(f"adapter tensor backbone.{unknown[0]} names no backbone parameter")
-        expected = set(own) | {f"backbone.{n}" for n in unfrozen}
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            what = f"lacks {missing[0]}" if missing else f"has unexpected tensor {extra[0]}"
-            raise KgmlPeftError(f"adapter {what} for its adapter config")
+        unfrozen = check_adapter_tensors(tensors, {k: tuple(v.shape) for k, v in own.items()},
+                                         {k: tuple(v.shape) for k, v in self._base.items()})
         targets = {**own, **{f"backbone.{n}": self._base[n] for n in unfrozen}}
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(targets[name].shape):
-                raise KgmlPeftError(f"adapter tensor {name} has shape {list(tensor.shape)}, this "
-                                    f"backbone needs {list(targets[name].shape)}")
         for name in unfrozen:  # keep the global value first: it anchors any further training
             self._unfrozen.setdefault(name, self._base[name].detach().clone())
         with torch.no_grad():
             for name, tensor in tensors.items():
                 targets[name].copy_(tensor.to(targets[name].dtype))
+
+
+def check_adapter_tensors(tensors: dict[str, torch.Tensor], own: dict[str, tuple[int, ...]],
+                          base: dict[str, tuple[int, ...]]) -> list[str]:
+    """Raise unless ``tensors`` holds exactly the adapter tensors ``own`` (name -> shape) plus
+    ``backbone.<name>`` copies of backbone parameters ``base`` (name -> shape), with those shapes;
+    return the backbone parameter names it replaces."""
+    unfrozen = sorted(k[len("backbone."):] for k in tensors if k.startswith("backbone."))
+    unknown = [n for n in unfrozen if n not in base]
+    if unknown:
+        raise KgmlPeftError(f"adapter tensor backbone.{unknown[0]} names no backbone parameter")
+    expected = {**own, **{f"backbone.{n}": base[n] for n in unfrozen}}
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        what = f"lacks {missing[0]}" if missing else f"has unexpected tensor {extra[0]}"
+        raise KgmlPeftError(f"adapter {what} for its adapter config")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise KgmlPeftError(f"adapter tensor {name} has shape {list(tensor.shape)}, this "
+                                f"backbone needs {list(expected[name])}")
+    return unfrozen
 
 
 def apply_adapter(backbone: Backbone, adapter: Adapter) -> SiteModel:

@@ -17,9 +17,25 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from kgml_peft.calibration.site_model import SiteModel, bottleneck, calibrate_outputs
+from kgml_peft.calibration.config import AdapterConfig
+from kgml_peft.calibration.site_model import SiteModel, bottleneck, calibrate_outputs, check_adapter_tensors
 from kgml_peft.store.adapter import Adapter, check_compatible
 from kgml_peft.store.checkpoint import Backbone
+
+
+_SHAPES: dict[tuple[str, AdapterConfig], tuple[dict, dict]] = {}
+
+
+def _expected_shapes(backbone: Backbone, config: AdapterConfig) -> tuple[dict, dict]:
+    """(adapter tensor shapes, backbone parameter shapes) for ``config`` on ``backbone``, taken
+    from a reference :class:`SiteModel` built once per backbone and config (building one costs
+    milliseconds; a cached swap must not)."""
+    key = (backbone.fingerprint, config)
+    if key not in _SHAPES:
+        model = SiteModel(backbone.model, config)
+        _SHAPES[key] = ({k: tuple(v.shape) for k, v in model.adapter_parameters().items()},
+                        {k: tuple(v.shape) for k, v in backbone.model.named_parameters()})
+    return _SHAPES[key]
 
 
 @dataclass(frozen=True)
@@ -85,8 +101,7 @@ class ServingAdapter:
         """Check ``adapter`` against ``backbone`` (fingerprint, features, tensor names and shapes)
         and lay it out for serving on ``device``."""
         check_compatible(adapter, backbone)
-        # the reference model checks every tensor name and shape against the architecture
-        SiteModel(backbone.model, adapter.config).load_adapter_tensors(adapter.tensors)
+        check_adapter_tensors(adapter.tensors, *_expected_shapes(backbone, adapter.config))
         t = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.tensors.items()}
         cfg = adapter.config
         scaling = cfg.lora_alpha / cfg.lora_rank
