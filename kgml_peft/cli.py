@@ -445,6 +445,59 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
         click.echo(f"left out: {len(result.dropped)} incomplete site-years")
 
 
+@cli.command(short_help="Serving and calibration figures, measured side by side (JSON).")
+@click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
+              show_default=True, help="Backbone checkpoint.")
+@click.option("--sites", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Demo sites to calibrate and mix in one batch.")
+@click.option("--years-per-site", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Site-years per site in the mixed batch.")
+@click.option("--repeats", type=click.IntRange(min=1), default=9, show_default=True,
+              help="Timed repeats per method (medians are reported).")
+@click.option("--memory-adapters", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Adapters loaded for the memory figure.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Calibration epochs (default: the default calibration config).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--quick", is_flag=True, help="A small, fast run (tests, CI): same keys, rough figures.")
+@click.option("--cpu", is_flag=True, help="Measure on CPU even if an accelerator is available.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the JSON to this file.")
+def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, out: Path | None,
+          **options) -> None:
+    """Measure adapter swaps, single-site and mixed-site throughput, memory per resident adapter,
+    calibration time per site and adapter size, side by side in one run; print JSON."""
+    from kgml_peft.serve.bench import BenchConfig, run_bench
+    from kgml_peft.store.atomic import atomic_path, check_writable_target
+
+    if out is not None:
+        check_writable_target(out)
+    if not backbone.is_file():
+        raise KgmlPeftError(f"backbone {backbone} does not exist")
+    given = {k: v for k, v in options.items()
+             if click.get_current_context().get_parameter_source(k).name != "DEFAULT"}
+    values = {"backbone": str(backbone), "device": _device(cpu), **given}
+    config = BenchConfig.quick(**values) if quick else BenchConfig(**{**options, **values})
+    result = run_bench(config, progress=not quiet)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if out is not None:
+        with atomic_path(out) as tmp:
+            tmp.write_text(text + "\n")
+    if as_json:
+        click.echo(text)
+        return
+    t, r = result["throughput_site_days_per_s"], result["ratios"]
+    click.echo(text)
+    click.echo(f"\nmerged/bare {r['merged_vs_bare']:.2f}x, mixed/single {r['mixed_vs_single']:.2f}x, "
+               f"mixed/grouped {r['mixed_vs_grouped']:.2f}x, mixed/naive {r['mixed_vs_naive']:.1f}x; "
+               f"swap {result['swap_ms']['cached_median']:.3f} ms cached, "
+               f"{result['swap_ms']['disk_median']:.2f} ms from disk; "
+               f"{result['memory_mb_per_1000_adapters']} MB per 1000 adapters; "
+               f"bare {t['bare']:.0f} site-days/s", err=True)
+
+
 @cli.group()
 def backbone() -> None:
     """Inspect and compare backbone checkpoints."""

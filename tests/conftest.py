@@ -118,3 +118,25 @@ def adapter_path(backbone_path, tmp_path_factory) -> Path:
 def other_backbone_path(tmp_path_factory) -> Path:
     """A second tiny backbone (another seed, so another fingerprint) with the same architecture."""
     return _tiny_backbone(tmp_path_factory, "other", seed=1)
+
+
+def random_adapter(backbone, site: str, config=None, seed: int = 0, unfreeze: tuple[str, ...] = ()):
+    """An adapter for ``backbone`` whose every tensor is random and non-zero (so each component
+    changes the predictions), with well-formed metadata; ``unfreeze`` adds ``backbone.<name>``
+    weights (the global value plus noise)."""
+    from kgml_peft.calibration.config import AdapterConfig
+    from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.store.adapter import Adapter
+
+    config = config or AdapterConfig()
+    generator = torch.Generator().manual_seed(seed)
+    shapes = SiteModel(backbone.model, config).adapter_tensors()
+    tensors = {k: 0.2 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}
+    base = dict(backbone.model.named_parameters())
+    for name in unfreeze:
+        tensors[f"backbone.{name}"] = base[name].detach() + 0.1 * torch.randn(base[name].shape,
+                                                                               generator=generator)
+    info = {"sites": [site], "regions": [site[:2]], "features": list(backbone.config.features),
+            "targets": {}, "calibration": {}, "data": {}, "metrics": {}}
+    return Adapter(site=site, config=config, tensors=tensors,
+                   backbone_fingerprint=backbone.fingerprint, info=info)

@@ -1,0 +1,262 @@
+"""``kgml-peft bench``: serving and calibration figures, measured side by side in one run.
+
+What it does, in order (all on one device, one process):
+
+1. calibrates ``sites`` demo sites (observed flavour, seed 0) with the default adapter config and
+   times each calibration;
+2. builds a mixed batch of ``sites * years_per_site`` site-years (the same sites' years from the
+   synthetic demo flavour) and times, interleaved repeat by repeat so drifts hit all alike: the
+   bare backbone, the peft-wrapped site model, the merged adapter, the bank on a single-site
+   batch of the same size, and the bank on the mixed batch (batched, grouped, naive); it checks
+   that the mixed batch equals the per-site peft predictions;
+3. sweeps the number of distinct adapters in a batch (batched vs grouped);
+4. times adapter swaps (cached and from disk) and the memory of ``memory_adapters`` resident
+   adapters (process RSS growth, and tensor bytes).
+
+Throughputs are site-days per second (site-years x 365 / wall seconds).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kgml_peft import schema
+from kgml_peft.errors import KgmlPeftError
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``kgml-peft bench`` measures and how often (``quick`` shrinks everything for tests)."""
+
+    backbone: str = str(Path("checkpoints") / "demo.safetensors")
+    sites: int = 8
+    years_per_site: int = 8
+    repeats: int = 9
+    swaps: int = 200
+    memory_adapters: int = 1000
+    epochs: int | None = None  # calibration epochs; None = the default calibration config
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for key in ("sites", "years_per_site", "repeats", "swaps", "memory_adapters"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KgmlPeftError(f"bench {key} must be a positive integer, got {value!r}")
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise KgmlPeftError(f"bench epochs must be a positive integer, got {self.epochs!r}")
+
+    @classmethod
+    def quick(cls, **overrides) -> BenchConfig:
+        """A small run for tests and CI (seconds, same keys)."""
+        values = {"sites": 3, "years_per_site": 2, "repeats": 2, "swaps": 20, "memory_adapters": 30,
+                  "epochs": 1}
+        values.update(overrides)
+        return cls(**values)
+
+
+def _rss_bytes() -> int | None:
+    """Resident set size of this process (Linux /proc), or None where unavailable."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _median_ms(fn: Callable[[], object], n: int) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _interleaved(methods: dict[str, Callable[[], object]], repeats: int,
+                 device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each method, timed round-robin (one warm-up call each)."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
+    """Run the benchmark (see module docstring) and return its figures as a JSON-ready dict."""
+    from tqdm.auto import tqdm
+
+    from kgml_peft.calibration.calibrate import calibrate
+    from kgml_peft.calibration.config import CalibrationConfig
+    from kgml_peft.calibration.runs import demo_table
+    from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.data.synthetic import SynthConfig, simulate
+    from kgml_peft.data.tables import validate_table
+    from kgml_peft.data.windows import WindowDataset, make_windows
+    from kgml_peft.model.outputs import physical
+    from kgml_peft.serve.bank import AdapterBank
+    from kgml_peft.store.adapter import save_adapter
+    from kgml_peft.store.checkpoint import load_backbone
+    from kgml_peft.store.library import adapter_path
+
+    device = torch.device(config.device)
+    backbone = load_backbone(config.backbone)
+    features = backbone.config.features
+    steps = tqdm(total=4, desc="bench", unit="stage", disable=not progress)
+
+    # 1. calibrate real adapters for the first `sites` demo sites
+    observed = validate_table(demo_table(), features)
+    sites = list(dict.fromkeys(observed[schema.SITE]))[:config.sites]
+    if len(sites) < config.sites:
+        raise KgmlPeftError(f"the demo data has only {len(sites)} sites; bench --sites {config.sites}")
+    calibration = CalibrationConfig(seed=config.seed, **({"epochs": config.epochs} if config.epochs else {}))
+    adapters, calib_seconds = {}, []
+    for site in sites:
+        start = time.perf_counter()
+        result = calibrate(backbone, observed, site, calibration, cpu=device.type == "cpu", progress=False)
+        calib_seconds.append(time.perf_counter() - start)
+        adapters[site] = result.adapter
+    steps.update()
+
+    with tempfile.TemporaryDirectory(prefix="kgml-peft-bench-") as tmp:
+        store = Path(tmp)
+        for site, adapter in adapters.items():
+            save_adapter(adapter_path(store, site), adapter)
+        bank = AdapterBank(backbone, store, device=device, max_bytes=None)
+
+        # 2. the mixed batch: years_per_site synthetic years of each calibrated site
+        synthetic = validate_table(simulate(SynthConfig(seed=config.seed)), features, targets=[])
+        windows = make_windows(synthetic[synthetic[schema.SITE].isin(sites)], features)
+        index = np.concatenate([np.flatnonzero(windows.sites == s)[:config.years_per_site] for s in sites])
+        if len(index) < config.sites * config.years_per_site:
+            raise KgmlPeftError(f"the demo data has fewer than {config.years_per_site} years per site")
+        windows = windows.subset(index)
+        x = WindowDataset(windows, backbone.scalers).x.to(device)
+        names = [str(s) for s in windows.sites]
+        mixed = bank.resolve(names)
+        single = bank.resolve([sites[0]] * len(names))
+        peft_model = SiteModel(backbone.model, adapters[sites[0]].config).to(device).eval()
+        peft_model.load_adapter_tensors(adapters[sites[0]].tensors)
+        model = bank.model
+        with torch.no_grad():
+            methods = {
+                "bare": lambda: model(x),
+                "peft": lambda: peft_model(x),
+                "merged": lambda: bank.forward(x, single),
+                "single_same_size": lambda: bank.forward(x, single),
+                "mixed": lambda: bank.forward(x, mixed),
+                "grouped": lambda: bank.forward(x, mixed, strategy="grouped"),
+                "naive": lambda: bank.forward(x, mixed, strategy="naive"),
+            }
+            seconds = _interleaved(methods, config.repeats, device)
+            site_days = len(names) * schema.DAYS_PER_YEAR
+            throughput = {k: site_days / v for k, v in seconds.items()}
+
+            # the mixed batch against per-site peft models on the same rows (physical units)
+            reference = {}
+            for site in sites:
+                rows = [i for i, n in enumerate(names) if n == site]
+                site_model = SiteModel(backbone.model, adapters[site].config).to(device).eval()
+                site_model.load_adapter_tensors(adapters[site].tensors)
+                reference[site] = (rows, physical(site_model(x[rows]), backbone.scalers))
+            diffs = {}
+            for strategy in ("batched", "grouped", "naive"):
+                out = physical(bank.forward(x, mixed, strategy=strategy), backbone.scalers)
+                diffs[strategy] = max(float((out[k][rows] - ref[k]).abs().max())
+                                      for rows, ref in reference.values() for k in ("Ra", "Rh", "NEE", "Yield"))
+        steps.update()
+
+        # 3. strategy sweep: batched vs grouped by distinct adapters per batch
+        sweep = {}
+        with torch.no_grad():
+            for k in sorted({1, 2, 4, config.sites} & set(range(1, config.sites + 1))):
+                rows = bank.resolve([sites[i % k] for i in range(len(names))])
+                t = _interleaved({"batched": lambda: bank.forward(x, rows, strategy="batched"),
+                                  "grouped": lambda: bank.forward(x, rows, strategy="grouped")},
+                                 max(2, config.repeats // 2), device)
+                sweep[str(k)] = {name: site_days / v for name, v in t.items()}
+        steps.update()
+
+        # 4. swaps and memory
+        for site in sites:
+            bank.get(site)
+        cycle = iter(range(10**9))
+        cached = _median_ms(lambda: bank.merged_parameters(sites[next(cycle) % len(sites)]), config.swaps)
+
+        def from_disk() -> None:
+            bank.clear()
+            bank.merged_parameters(sites[next(cycle) % len(sites)])
+
+        disk = _median_ms(from_disk, max(10, config.swaps // 4))
+        bank.clear()
+        copies = [f"m{i:05d}-{sites[i % len(sites)]}" for i in range(config.memory_adapters)]
+        for name in copies:
+            source = adapters[name.split("-", 1)[1]]
+            save_adapter(adapter_path(store, name), replace(source, site=name))
+        gc.collect()
+        rss_before = _rss_bytes()
+        for name in copies:
+            bank.get(name)
+        gc.collect()
+        rss_after = _rss_bytes()
+        resident = len(bank.resident())
+        tensor_bytes = bank.memory_bytes()
+        steps.update()
+        adapter_bytes = [adapter_path(store, s).stat().st_size for s in sites]
+    steps.close()
+
+    scale = 1000 / config.memory_adapters
+    rss_mb = None if rss_before is None else (rss_after - rss_before) / 2**20 * scale
+    backbone_bytes = Path(config.backbone).stat().st_size
+    return {
+        "config": asdict(config),
+        "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
+                    "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__},
+        "batch": {"site_years": len(names), "sites": len(sites), "site_days": site_days},
+        "throughput_site_days_per_s": {k: round(v, 1) for k, v in throughput.items()},
+        "ms_per_batch": {k: round(v * 1000, 2) for k, v in seconds.items()},
+        "ratios": {
+            "merged_vs_bare": round(throughput["merged"] / throughput["bare"], 3),
+            "peft_vs_bare": round(throughput["peft"] / throughput["bare"], 3),
+            "mixed_vs_single": round(throughput["mixed"] / throughput["single_same_size"], 3),
+            "mixed_vs_grouped": round(throughput["mixed"] / throughput["grouped"], 3),
+            "mixed_vs_naive": round(throughput["mixed"] / throughput["naive"], 3),
+            "backbone_vs_adapter_bytes": round(backbone_bytes / statistics.median(adapter_bytes), 1),
+        },
+        "checks": {"max_abs_diff_vs_per_site": diffs,
+                   "mixed_equals_per_site_within_1e-5": diffs["batched"] <= 1e-5},
+        "strategy_sweep_site_days_per_s": {k: {n: round(v, 1) for n, v in d.items()} for k, d in sweep.items()},
+        "swap_ms": {"cached_median": round(cached, 4), "disk_median": round(disk, 3)},
+        "memory_mb_per_1000_adapters": None if rss_mb is None else round(rss_mb, 2),
+        "memory": {"adapters_loaded": resident, "tensor_mb_per_1000_adapters":
+                   round(tensor_bytes / 2**20 * 1000 / max(resident, 1), 3),
+                   "rss_available": rss_before is not None},
+        "calibrate_s_per_site": round(statistics.mean(calib_seconds), 2),
+        "calibrate_s": {s: round(v, 2) for s, v in zip(sites, calib_seconds)},
+        "adapter_bytes": int(statistics.median(adapter_bytes)),
+        "backbone_bytes": backbone_bytes,
+    }

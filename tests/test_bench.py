@@ -1,0 +1,57 @@
+"""``kgml-peft bench`` through the CLI: a quick run on the shipped backbone prints JSON with every
+key scripts track, consistent figures, and the mixed-batch equality check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kgml_peft.cli import cli
+from tests.test_cli_validation import _runner
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "demo.safetensors"
+REQUIRED = ["swap_ms.cached_median", "swap_ms.disk_median", "ratios.merged_vs_bare",
+            "ratios.mixed_vs_single", "memory_mb_per_1000_adapters", "calibrate_s_per_site",
+            "adapter_bytes", "backbone_bytes"] + [
+    f"throughput_site_days_per_s.{k}" for k in
+    ("bare", "peft", "merged", "mixed", "grouped", "naive", "single_same_size")]
+
+
+def _get(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+@pytest.mark.usefixtures("isolated_globals")
+def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.json"
+    result = _runner().invoke(cli, ["bench", "--backbone", str(SHIPPED), "--quick", "--json", "--quiet",
+                                    "--cpu", "--memory-adapters", "12", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == data
+    for key in REQUIRED:
+        value = _get(data, key)
+        assert isinstance(value, (int, float)) and value > 0, (key, value)
+    t, r = data["throughput_site_days_per_s"], data["ratios"]
+    assert r["merged_vs_bare"] == pytest.approx(t["merged"] / t["bare"], abs=2e-3)
+    assert r["mixed_vs_single"] == pytest.approx(t["mixed"] / t["single_same_size"], abs=2e-3)
+    assert data["batch"] == {"site_years": 6, "sites": 3, "site_days": 6 * 365}
+    assert data["memory"]["adapters_loaded"] == 12
+    assert data["checks"]["mixed_equals_per_site_within_1e-5"] is True
+    assert max(data["checks"]["max_abs_diff_vs_per_site"].values()) <= 1e-5
+    assert data["backbone_bytes"] == SHIPPED.stat().st_size
+    assert 1000 < data["adapter_bytes"] < 64 * 1024
+    assert set(data["strategy_sweep_site_days_per_s"]) == {"1", "2", "3"}
+    assert not list(tmp_path.glob("*.safetensors")), "the bench's adapters live in a temporary folder"
+
+
+def test_bench_refuses_a_missing_backbone(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = _runner().invoke(cli, ["bench", "--backbone", "nope.safetensors", "--quick"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: backbone nope.safetensors")
+    assert len(result.stderr.splitlines()) == 1
