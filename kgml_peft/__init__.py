@@ -4,6 +4,7 @@ The main entry points, importable from the package (loaded on first use, so ``im
 and ``kgml-peft --help`` stay fast)::
 
     from kgml_peft import load_backbone, calibrate, save_adapter, load_adapter, apply_adapter
+    from kgml_peft import AdapterBank, predict_table
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ _API = {
     "save_adapter": "kgml_peft.store.adapter",
     "apply_adapter": "kgml_peft.calibration.site_model",
     "evaluate": "kgml_peft.evaluation",
+    "AdapterBank": "kgml_peft.serve.bank",
+    "predict_table": "kgml_peft.serve.predict",
+    "run_predict": "kgml_peft.serve.predict",
+    "run_bench": "kgml_peft.serve.bench",
+    "BenchConfig": "kgml_peft.serve.bench",
 }
 
 __all__ = ["__version__", *_API]

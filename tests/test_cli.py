@@ -68,6 +68,11 @@ def test_demo_evaluates_and_calibrates_every_state(tmp_path):
         assert after["loss"] < before["loss"]
         assert (out / f"{region}.safetensors").stat().st_size * 20 <= DEMO.stat().st_size
     assert "NEE_mse" in result.output and "loss_global" in result.output
+    # every observed site-year served with its state's adapter
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == ["site", "date", "Ra", "Rh", "Reco", "NEE", "Yield", "adapter"]
+    assert (predictions["adapter"] == predictions["site"].str[:2]).all()
+    assert "served all 72 observed site-years with the 3 state adapters" in result.output
 
 
 def test_backbone_show_and_plot(tmp_path):

@@ -240,3 +240,18 @@ def test_predict_table_columns_units_and_flags(backbone_path, store, frame) -> N
     assert (one.frame["adapter"] == "IL-001").all() and one.used == {"IL-001": 18}
     with pytest.raises(KgmlPeftError, match="not both"):
         predict_table(bank, frame, site="IL-001", site_column="site")
+
+
+def test_threads_share_one_bank(backbone_path, store, frame) -> None:
+    """Concurrent requests for different sites get the same answers as one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backbone = load_backbone(backbone_path)
+    bank = AdapterBank(backbone, store, max_adapters=2)  # evictions and reloads while serving
+    x = WindowDataset(make_windows(frame, backbone.config.features), backbone.scalers).x[:4]
+    requests = [site for _ in range(3) for site in [*CONFIGS, None]]
+    expected = {site: bank.predict(x, site=site)["NEE"] for site in set(requests)}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda site: (site, bank.predict(x, site=site)["NEE"]), requests))
+    for site, nee in results:
+        assert torch.equal(nee, expected[site]), site

@@ -70,6 +70,7 @@ class AdapterBank:
         self._cache: OrderedDict[str, ServingAdapter] = OrderedDict()
         self._pinned: dict[str, ServingAdapter] = {}
         self._lock = threading.RLock()
+        self._run_lock = threading.Lock()
         self.stats = {"hits": 0, "loads": 0, "evictions": 0}
 
     # ---- the adapter cache -------------------------------------------------------------------
@@ -189,7 +190,13 @@ class AdapterBank:
                 state: dict[str, torch.Tensor] | None = None,
                 strategy: str | None = None) -> dict[str, torch.Tensor]:
         """Scaled outputs (as :meth:`KGMLag.forward`) for ``x`` [B, T, F] with ``rows[i]``'s
-        adapter on row i (``None`` = bare backbone)."""
+        adapter on row i (``None`` = bare backbone). Safe to call from several threads: calls run
+        one at a time, because a merged call swaps the shared module's weights while it runs."""
+        with self._run_lock:
+            return self._forward(x, rows, state, strategy)
+
+    def _forward(self, x: torch.Tensor, rows: Sequence[ServingAdapter | None],
+                 state: dict[str, torch.Tensor] | None, strategy: str | None) -> dict[str, torch.Tensor]:
         rows = list(rows)
         if len(rows) != x.shape[0]:
             raise KgmlPeftError(f"{len(rows)} row adapters for a batch of {x.shape[0]} rows")
