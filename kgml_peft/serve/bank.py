@@ -57,7 +57,7 @@ class AdapterBank:
                  device: str | torch.device = "cpu", strategy: str = "auto") -> None:
         self.device = torch.device(device)
         self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
-        self.model = self.backbone.model.to(self.device).eval().requires_grad_(False)
+        self.model = self.backbone.model.to(self.device).eval()  # shared, never modified
         self.store = Path(store) if store is not None else None
         if self.store is not None and not self.store.is_dir():
             raise KgmlPeftError(f"adapter store {self.store} is not a folder")
@@ -69,6 +69,7 @@ class AdapterBank:
         self._base = dict(self.model.named_parameters())
         self._cache: OrderedDict[str, ServingAdapter] = OrderedDict()
         self._pinned: dict[str, ServingAdapter] = {}
+        self._bytes = 0  # tensor bytes of everything resident, kept up to date
         self._lock = threading.RLock()
         self._run_lock = threading.Lock()
         self.stats = {"hits": 0, "loads": 0, "evictions": 0}
@@ -79,9 +80,17 @@ class AdapterBank:
         """Check an in-memory adapter against the backbone and pin it under its site name."""
         served = ServingAdapter.from_adapter(adapter, self.backbone, self.device)
         with self._lock:
-            self._cache.pop(served.name, None)
+            self._drop(served.name)
             self._pinned[served.name] = served
+            self._bytes += served.nbytes
         return served
+
+    def _drop(self, name: str) -> None:
+        """Forget resident adapter ``name`` (cached or pinned), if any."""
+        for table in (self._cache, self._pinned):
+            old = table.pop(name, None)
+            if old is not None:
+                self._bytes -= old.nbytes
 
     def path(self, name: str) -> Path | None:
         """Where adapter ``name`` would be in the store (``None`` without a store)."""
@@ -113,8 +122,9 @@ class AdapterBank:
         if served.name != name:
             raise KgmlPeftError(f"{path} holds the adapter of {served.name!r}, not {name!r}")
         with self._lock:
+            self._drop(name)  # another thread may have loaded it meanwhile
             self._cache[name] = served
-            self._cache.move_to_end(name)
+            self._bytes += served.nbytes
             self.stats["loads"] += 1
             self._evict()
         return served
@@ -123,8 +133,8 @@ class AdapterBank:
         """Drop least recently used store adapters until the bounds hold (the newest stays)."""
         while len(self._cache) > 1 and (
                 (self.max_adapters is not None and len(self._cache) > self.max_adapters)
-                or (self.max_bytes is not None and self.memory_bytes() > self.max_bytes)):
-            self._cache.popitem(last=False)
+                or (self.max_bytes is not None and self._bytes > self.max_bytes)):
+            self._bytes -= self._cache.popitem(last=False)[1].nbytes
             self.stats["evictions"] += 1
 
     def resident(self) -> list[str]:
@@ -135,12 +145,13 @@ class AdapterBank:
     def memory_bytes(self) -> int:
         """Tensor bytes of every resident adapter."""
         with self._lock:
-            return sum(a.nbytes for a in [*self._pinned.values(), *self._cache.values()])
+            return self._bytes
 
     def clear(self) -> None:
         """Drop every cached store adapter (pinned ones stay)."""
         with self._lock:
-            self._cache.clear()
+            for name in list(self._cache):
+                self._drop(name)
 
     def resolve(self, names: Sequence[str | None], require: bool = False) -> list[ServingAdapter | None]:
         """The adapter of each row name; ``None`` rows, and (unless ``require``) names without an
