@@ -13,7 +13,7 @@ from tests.test_cli_validation import _runner
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "demo.safetensors"
 REQUIRED = ["swap_ms.cached_median", "swap_ms.disk_median", "ratios.merged_vs_bare",
-            "ratios.mixed_vs_single", "memory_mb_per_1000_adapters", "calibrate_s_per_site",
+            "ratios.mixed_vs_single", "memory.tensor_mb_per_1000_adapters", "calibrate_s_per_site",
             "adapter_bytes", "backbone_bytes"] + [
     f"throughput_site_days_per_s.{k}" for k in
     ("bare", "peft", "merged", "mixed", "grouped", "naive", "single_same_size")]
@@ -42,6 +42,17 @@ def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     assert r["mixed_vs_single"] == pytest.approx(t["mixed"] / t["single_same_size"], abs=2e-3)
     assert data["batch"] == {"site_years": 6, "sites": 3, "site_days": 6 * 365}
     assert data["memory"]["adapters_loaded"] == 12
+    # RSS growth of 12 small adapters may be absorbed by freed memory: a number, or None off Linux
+    rss = data["memory_mb_per_1000_adapters"]
+    assert rss is None or isinstance(rss, (int, float))
+    # resident tensor data = the default adapter's values in float32, per adapter
+    from kgml_peft.calibration.config import AdapterConfig
+    from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.store.checkpoint import load_backbone
+
+    values = sum(p.numel() for p in SiteModel(load_backbone(SHIPPED).model, AdapterConfig())
+                 .adapter_parameters().values())
+    assert data["memory"]["tensor_mb_per_1000_adapters"] == pytest.approx(values * 4 * 1000 / 2**20, abs=1e-3)
     assert data["checks"]["mixed_equals_per_site_within_1e-5"] is True
     assert max(data["checks"]["max_abs_diff_vs_per_site"].values()) <= 1e-5
     assert data["backbone_bytes"] == SHIPPED.stat().st_size

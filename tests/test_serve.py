@@ -153,7 +153,7 @@ def test_lru_memory_bound_counts_tensor_bytes(backbone_path, store) -> None:
     for site in ("IA-001", "IA-002", "IN-001"):
         served = bank.get(site)
         sizes[site] = served.nbytes
-        assert served.nbytes == sum(t.numel() * 4 for t in served.tensors())
+        assert served.nbytes == load_adapter(adapter_path(store, site)).parameters * 4  # float32
     assert bank.memory_bytes() == sum(sizes.values())
     bounded = AdapterBank(backbone_path, store, max_bytes=sizes["IA-001"] + sizes["IA-002"])
     for site in ("IA-001", "IA-002", "IN-001"):
@@ -173,6 +173,14 @@ def test_added_adapters_are_pinned(backbone_path, store) -> None:
     assert bank.resident() == ["MEM-1", "MEM-2"] and bank.has("MEM-1")
     with pytest.raises(KgmlPeftError, match="no adapter 'IA-001' in the bank"):
         bank.get("IA-001")
+    # pinned adapters do not count against the cache's bounds
+    with_store = AdapterBank(backbone, store, max_adapters=2)
+    with_store.add(random_adapter(backbone, "MEM-1", seed=7))
+    with_store.get("IA-001")
+    with_store.get("IL-001")
+    assert with_store.resident() == ["MEM-1", "IA-001", "IL-001"] and with_store.stats["evictions"] == 0
+    with pytest.raises(KgmlPeftError, match="max_adapters must be a positive integer"):
+        AdapterBank(backbone, store, max_adapters=0)
 
 
 def test_unknown_names_use_the_backbone_only_when_allowed(backbone_path, store, frame) -> None:
@@ -182,12 +190,14 @@ def test_unknown_names_use_the_backbone_only_when_allowed(backbone_path, store, 
     with pytest.raises(KgmlPeftError, match="no adapter 'NOPE'"):
         bank.predict(x, site="NOPE")
     out = bank.predict(x, sites=["NOPE", "IA-001", None], require=False)
-    bare = physical(backbone.model(x), backbone.scalers)
+    with torch.no_grad():
+        bare = physical(backbone.model(x), backbone.scalers)
     for row in (0, 2):
         torch.testing.assert_close(out["NEE"][row], bare["NEE"][row], rtol=0, atol=1e-5)
     assert float((out["NEE"][1] - bare["NEE"][1]).abs().max()) > 1e-3
     with pytest.raises(KgmlPeftError, match="unsafe"):
         bank.get("../IA-001")
+    assert not bank.has("../IA-001") and not bank.has("Corn Belt")
 
 
 def test_foreign_or_misnamed_adapters_are_refused(backbone_path, other_backbone_path, store, tmp_path) -> None:
@@ -255,3 +265,48 @@ def test_threads_share_one_bank(backbone_path, store, frame) -> None:
         results = list(pool.map(lambda site: (site, bank.predict(x, site=site)["NEE"]), requests))
     for site, nee in results:
         assert torch.equal(nee, expected[site]), site
+
+
+def test_fused_grus_with_lora_on_only_one(backbone_path, frame) -> None:
+    """gru_ra and gru_rh share one day loop; a batch where only one of them has hidden-to-hidden
+    LoRA (the other input-to-hidden only, or none) still equals the per-row models."""
+    backbone = load_backbone(backbone_path)
+    bank = AdapterBank(backbone)
+    adapters = {
+        "RH-HH": random_adapter(backbone, "RH-HH", AdapterConfig(components=("lora",), lora_targets=("gru_rh",)), 11),
+        "RA-IH": random_adapter(backbone, "RA-IH", AdapterConfig(components=("lora",), lora_targets=("gru_ra",),
+                                                                 lora_weights=("ih",), lora_rank=3), 12),
+    }
+    for adapter in adapters.values():
+        bank.add(adapter)
+    x = WindowDataset(make_windows(frame, backbone.config.features), backbone.scalers).x[:6]
+    for names in (["RH-HH", None, "RH-HH", None, "RH-HH", None], ["RA-IH", "RH-HH", None, "RA-IH", "RH-HH", None]):
+        out = bank.forward(x, bank.resolve(names), strategy="batched")
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                model = backbone.model if name is None else apply_adapter(backbone, adapters[name])
+                ref = model(x[i:i + 1])
+                for key in ("Ra", "Rh", "NEE", "Yield"):
+                    torch.testing.assert_close(out[key][i:i + 1], ref[key], rtol=0, atol=1e-5)
+
+
+def test_predict_table_edge_cases(backbone_path, store) -> None:
+    """Region labels that cannot be adapter names are served by the backbone (or refused with
+    require_adapter); an empty table gives an empty prediction with the right columns."""
+    backbone = load_backbone(backbone_path)
+    bank = AdapterBank(backbone, store)
+    frame = make_frame({"IA-001": "Corn Belt", "IL-001": "IL"})
+    result = predict_table(bank, frame, site_column="region")
+    assert result.missing == {"Corn Belt": 2, "IL": 2} and result.frame["adapter"].isna().all()
+    with pytest.raises(KgmlPeftError, match="first: Corn Belt"):
+        predict_table(bank, frame, site_column="region", require_adapter=True)
+    empty = predict_table(bank, frame.iloc[:0], site_column="site")
+    assert tuple(empty.frame.columns) == OUTPUT_COLUMNS and len(empty.frame) == 0 and empty.site_years == 0
+
+
+def test_batched_plan_refuses_weight_replacing_adapters(backbone_path, store) -> None:
+    from kgml_peft.serve.mixed import plan_rows
+
+    bank = AdapterBank(backbone_path, store)
+    with pytest.raises(KgmlPeftError, match="IL-002 replaces backbone weights"):
+        plan_rows([bank.get("IA-001"), bank.get("IL-002")], torch.zeros(1))

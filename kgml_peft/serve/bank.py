@@ -2,24 +2,23 @@
 
 The bank loads adapters from a store folder (``<site>.safetensors``) on first use, checks each
 against its backbone, and keeps them in an LRU cache bounded in bytes and/or count. Adapters added
-from memory with :meth:`AdapterBank.add` are pinned (never evicted). Predictions take one of four
-execution strategies (``strategy``):
+from memory with :meth:`AdapterBank.add` are pinned: never evicted, and not counted against the
+cache's bounds. How a batch runs:
 
-* ``merged``: every row uses the same adapter (or none): LoRA is merged into the GRU weights
+* **one adapter (or none) on every row: merged.** LoRA is merged into the GRU weights
   (``W + up @ down``, microseconds at this size) and the backbone runs with them through
-  :func:`torch.func.functional_call`, so the fused GRU kernel runs at the bare backbone's speed.
-* ``batched``: rows use different adapters: one pass with shared base matmuls and per-row low-rank
-  deltas (:mod:`kgml_peft.serve.mixed`).
-* ``grouped``: rows are grouped by adapter and each group runs ``merged``.
-* ``naive``: every row runs on its own (a baseline for ``kgml-peft bench``).
-
-``auto`` (the default) picks ``merged`` for single-adapter batches and ``batched`` for mixed ones
-(measured faster than ``grouped`` for 2 or more adapters per batch; docs/serving.md has the
-figures). Rows whose adapter replaces backbone weights run ``grouped``.
+  :func:`torch.func.functional_call`, so torch's fused GRU kernel runs at the bare backbone's speed.
+* **mixed batches**, by ``strategy``: ``batched`` (and ``auto``, the default) runs one pass with
+  shared base matmuls and per-row low-rank deltas (:mod:`kgml_peft.serve.mixed`), measured faster
+  than ``grouped`` from 2 adapters per batch up (docs/serving.md); ``grouped`` runs each adapter's
+  rows merged, one group after another; ``naive`` runs every row on its own, single-adapter
+  batches too (a baseline for ``kgml-peft bench``). Rows whose adapter replaces backbone weights
+  always run grouped.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections import OrderedDict
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from kgml_peft import schema
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.inference import PREDICTED
@@ -47,9 +47,10 @@ class AdapterBank:
     """Serve many adapters on one backbone (see module docstring).
 
     ``backbone`` is a :class:`Backbone` or a checkpoint path; ``store`` a folder of adapter files
-    (or ``None`` for adapters added with :meth:`add` only). ``max_bytes`` bounds the resident
-    adapters' tensor bytes, ``max_adapters`` their number (``None``: unbounded); the least recently
-    used adapter loaded from the store is evicted first.
+    (or ``None`` for adapters added with :meth:`add` only). ``max_bytes`` bounds the tensor bytes
+    of the adapters cached from the store, ``max_adapters`` their number (``None``: unbounded); the
+    least recently used one is evicted first. The bank works on its own copy of the backbone's
+    module, in eval mode on ``device``.
     """
 
     def __init__(self, backbone: Backbone | str | os.PathLike, store: str | os.PathLike | None = None,
@@ -57,19 +58,21 @@ class AdapterBank:
                  device: str | torch.device = "cpu", strategy: str = "auto") -> None:
         self.device = torch.device(device)
         self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
-        self.model = self.backbone.model.to(self.device).eval()  # shared, never modified
+        # the bank's own copy: merged calls swap its weights while they run, so nobody else's
+        # module may be touched (the copy is one backbone, ~0.2 MB)
+        self.model = copy.deepcopy(self.backbone.model).to(self.device).eval()
         self.store = Path(store) if store is not None else None
         if self.store is not None and not self.store.is_dir():
             raise KgmlPeftError(f"adapter store {self.store} is not a folder")
         for name, value in (("max_bytes", max_bytes), ("max_adapters", max_adapters)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise KgmlPeftError(f"{name} must be a non-negative integer or None, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise KgmlPeftError(f"{name} must be a positive integer or None, got {value!r}")
         self.max_bytes, self.max_adapters = max_bytes, max_adapters
         self.strategy = _check_strategy(strategy)
         self._base = dict(self.model.named_parameters())
         self._cache: OrderedDict[str, ServingAdapter] = OrderedDict()
         self._pinned: dict[str, ServingAdapter] = {}
-        self._bytes = 0  # tensor bytes of everything resident, kept up to date
+        self._bytes = {"cache": 0, "pinned": 0}  # tensor bytes resident, kept up to date
         self._lock = threading.RLock()
         self._run_lock = threading.Lock()
         self.stats = {"hits": 0, "loads": 0, "evictions": 0}
@@ -82,27 +85,29 @@ class AdapterBank:
         with self._lock:
             self._drop(served.name)
             self._pinned[served.name] = served
-            self._bytes += served.nbytes
+            self._bytes["pinned"] += served.nbytes
         return served
 
     def _drop(self, name: str) -> None:
         """Forget resident adapter ``name`` (cached or pinned), if any."""
-        for table in (self._cache, self._pinned):
+        for kind, table in (("cache", self._cache), ("pinned", self._pinned)):
             old = table.pop(name, None)
             if old is not None:
-                self._bytes -= old.nbytes
+                self._bytes[kind] -= old.nbytes
 
     def path(self, name: str) -> Path | None:
         """Where adapter ``name`` would be in the store (``None`` without a store)."""
         return adapter_path(self.store, name) if self.store is not None else None
 
     def has(self, name: str) -> bool:
-        """Whether adapter ``name`` is resident or in the store (the name must be a safe id)."""
+        """Whether adapter ``name`` is resident or in the store (a name that is not a safe site
+        id cannot be a file in the store: False)."""
         with self._lock:
             if name in self._pinned or name in self._cache:
                 return True
-        path = self.path(name)
-        return path is not None and path.is_file()
+        if self.store is None or not schema.SITE_ID_PATTERN.fullmatch(str(name)):
+            return False
+        return self.path(name).is_file()
 
     def get(self, name: str) -> ServingAdapter:
         """Adapter ``name``, from the cache or loaded (and checked) from the store."""
@@ -122,19 +127,22 @@ class AdapterBank:
         if served.name != name:
             raise KgmlPeftError(f"{path} holds the adapter of {served.name!r}, not {name!r}")
         with self._lock:
-            self._drop(name)  # another thread may have loaded it meanwhile
+            if name in self._pinned:  # added meanwhile by another thread: that one wins
+                return self._pinned[name]
+            self._drop(name)  # or loaded meanwhile by another thread
             self._cache[name] = served
-            self._bytes += served.nbytes
+            self._bytes["cache"] += served.nbytes
             self.stats["loads"] += 1
             self._evict()
         return served
 
     def _evict(self) -> None:
-        """Drop least recently used store adapters until the bounds hold (the newest stays)."""
+        """Drop least recently used store adapters until the cache's bounds hold (the adapter
+        just loaded stays, even if it alone exceeds ``max_bytes``)."""
         while len(self._cache) > 1 and (
                 (self.max_adapters is not None and len(self._cache) > self.max_adapters)
-                or (self.max_bytes is not None and self._bytes > self.max_bytes)):
-            self._bytes -= self._cache.popitem(last=False)[1].nbytes
+                or (self.max_bytes is not None and self._bytes["cache"] > self.max_bytes)):
+            self._bytes["cache"] -= self._cache.popitem(last=False)[1].nbytes
             self.stats["evictions"] += 1
 
     def resident(self) -> list[str]:
@@ -143,9 +151,9 @@ class AdapterBank:
             return [*self._pinned, *self._cache]
 
     def memory_bytes(self) -> int:
-        """Tensor bytes of every resident adapter."""
+        """Tensor bytes of every resident adapter (cached and pinned)."""
         with self._lock:
-            return self._bytes
+            return self._bytes["cache"] + self._bytes["pinned"]
 
     def clear(self) -> None:
         """Drop every cached store adapter (pinned ones stay)."""
@@ -213,6 +221,8 @@ class AdapterBank:
             raise KgmlPeftError(f"{len(rows)} row adapters for a batch of {x.shape[0]} rows")
         strategy = _check_strategy(strategy or self.strategy)
         x = x.to(self.device)
+        if state is not None:
+            state = {k: v.to(self.device) for k, v in state.items()}
         if strategy == "naive":
             pieces = [([i], self._single_fn(a)) for i, a in enumerate(rows)]
             return self._pieces(x, state, len(rows), pieces)
@@ -254,9 +264,10 @@ class AdapterBank:
         window i (``None`` = bare backbone): Ra, Rh, NEE, Reco [N, 365] and Yield [N]."""
         if len(names) != len(windows):
             raise KgmlPeftError(f"{len(names)} adapter names for {len(windows)} windows")
-        rows = self.resolve(list(names), require=require)
+        names = list(names)
         x = WindowDataset(windows, self.backbone.scalers).x
-        chunks: dict[str, list[np.ndarray]] = {}
+        # empty arrays of the right shapes first, so no windows give zero-length outputs
+        chunks = {name: [np.zeros((0,) if name == "Yield" else (0, x.shape[1]))] for name in PREDICTED}
         starts = range(0, len(x), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -264,8 +275,8 @@ class AdapterBank:
             starts = tqdm(starts, desc="predict", unit="batch", leave=False)
         for start in starts:
             stop = min(start + batch_size, len(x))
-            out = physical(self.forward(x[start:stop], rows[start:stop], strategy=strategy),
-                           self.backbone.scalers)
+            rows = self.resolve(names[start:stop], require=require)  # per batch: the cache bounds hold
+            out = physical(self.forward(x[start:stop], rows, strategy=strategy), self.backbone.scalers)
             for name in PREDICTED:
                 chunks.setdefault(name, []).append(out[name].float().cpu().numpy().astype("float64"))
         return {name: np.concatenate(parts) for name, parts in chunks.items()}

@@ -6,9 +6,11 @@ What it does, in order (all on one device, one process):
    times each calibration;
 2. builds a mixed batch of ``sites * years_per_site`` site-years (the same sites' years from the
    synthetic demo flavour) and times, interleaved repeat by repeat so drifts hit all alike: the
-   bare backbone, the peft-wrapped site model, the merged adapter, the bank on a single-site
-   batch of the same size, and the bank on the mixed batch (batched, grouped, naive); it checks
-   that the mixed batch equals the per-site peft predictions;
+   bare backbone, the peft-wrapped site model, the merged adapter on its own (merge +
+   ``functional_call`` + head), the bank on the same batch with one adapter on every row
+   (``single_same_size``: the merged path plus the bank's routing), and the bank on the mixed
+   batch (batched, grouped, naive); it checks that the mixed batch equals the per-site peft
+   predictions;
 3. sweeps the number of distinct adapters in a batch (batched vs grouped);
 4. times adapter swaps (cached and from disk) and the memory of ``memory_adapters`` resident
    adapters (process RSS growth, and tensor bytes).
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
 from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
@@ -161,11 +164,18 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         peft_model = SiteModel(backbone.model, adapters[sites[0]].config).to(device).eval()
         peft_model.load_adapter_tensors(adapters[sites[0]].tensors)
         model = bank.model
+        served, base = single[0], dict(model.named_parameters())
+
+        def merged() -> dict:
+            """The merged adapter on its own: merge, functional_call, head (no bank routing)."""
+            out = functional_call(model, served.merged_parameters(base), (x,), {"taps": served.blocks})
+            return served.head(out, x) if served.head is not None else out
+
         with torch.no_grad():
             methods = {
                 "bare": lambda: model(x),
                 "peft": lambda: peft_model(x),
-                "merged": lambda: bank.forward(x, single),
+                "merged": merged,
                 "single_same_size": lambda: bank.forward(x, single),
                 "mixed": lambda: bank.forward(x, mixed),
                 "grouped": lambda: bank.forward(x, mixed, strategy="grouped"),

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kgml_peft.calibration.site_model import HEAD_OUTPUTS, calibrate_outputs
+from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import KGMLag
 from kgml_peft.serve.weights import ServingAdapter
 
@@ -57,10 +58,6 @@ class RowPlan:
     head: tuple[torch.Tensor, torch.Tensor] | None
     head_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
 
-    def grus_with_lora(self) -> set[str]:
-        """GRU modules that need the hand-written loop."""
-        return {name.split(".")[0] for name in self.lora}
-
 
 def _stack_padded(parts: Sequence[torch.Tensor | None], shape: tuple[int, ...],
                   like: torch.Tensor) -> torch.Tensor:
@@ -76,6 +73,10 @@ def plan_rows(rows: Sequence[ServingAdapter | None], like: torch.Tensor) -> RowP
     """Stack the adapters of a batch's rows (``None`` = bare backbone) for :func:`forward_rows`;
     ``like`` gives dtype and device."""
     unique = list({id(a): a for a in rows if a is not None}.values())
+    replacing = [a.name for a in unique if a.overrides]
+    if replacing:
+        raise KgmlPeftError(f"adapter {replacing[0]} replaces backbone weights; it cannot share a "
+                            "batched pass (AdapterBank runs such rows grouped)")
     slot = {id(a): i for i, a in enumerate(unique)}
     index = torch.tensor([slot[id(a)] if a is not None else len(unique) for a in rows],
                          device=like.device)  # len(unique) = the all-zero slot

@@ -11,6 +11,7 @@ adapter used, empty where the backbone served the row).
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,14 +76,14 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
     else:
         wanted = np.full(len(windows), None, dtype=object)
     names = list(dict.fromkeys(n for n in wanted if n is not None))
-    for name in names:
-        schema.check_site_id(name, f"adapter name in column {site_column}")
+    # a name that is not a safe site id (a region label "Corn Belt") cannot have an adapter file
     absent = [n for n in names if not bank.has(n)]
     if absent and require_adapter:
         raise KgmlPeftError(
             f"{len(absent)} of {len(names)} adapters named by column {site_column} are not in the "
             f"store (first: {absent[0]}); add them or drop --require-adapter to use the backbone there")
-    served = np.array([None if n in absent else n for n in wanted], dtype=object)
+    missing_set = set(absent)
+    served = np.array([None if n in missing_set else n for n in wanted], dtype=object)
     out = bank.predict_windows(windows, list(served), batch_size=batch_size, strategy=strategy,
                                progress=progress)
 
@@ -96,8 +97,9 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
         "Yield": yield_daily.reshape(-1),
         "adapter": pd.array(np.repeat(served, days), dtype="string"),
     })
-    used = {name: int((served == name).sum()) for name in names if name not in absent}
-    missing = {name: int((wanted == name).sum()) for name in absent}
+    counts = Counter(n for n in wanted if n is not None)
+    used = {name: counts[name] for name in names if name not in missing_set}
+    missing = {name: counts[name] for name in absent}
     return Prediction(frame=frame[list(OUTPUT_COLUMNS)], used=used, missing=missing,
                       dropped=list(windows.dropped), site_years=n)
 
