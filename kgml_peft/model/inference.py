@@ -14,12 +14,19 @@ from kgml_peft.model.physics import perturbed_response
 PREDICTED = ("Ra", "Rh", "NEE", "Reco", "Yield")
 
 
-def _in_batches(
-    x: torch.Tensor, batch_size: int, run: Callable[[int, int], dict[str, torch.Tensor]]
+def in_batches(
+    x: torch.Tensor, batch_size: int, run: Callable[[int, int], dict[str, torch.Tensor]],
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Call ``run(start, stop)`` over consecutive slices of ``x``; concatenate its outputs."""
+    """Call ``run(start, stop)`` over consecutive slices of ``x``; concatenate its outputs as
+    float64 arrays (``progress`` shows a bar over the batches)."""
     chunks: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(x), batch_size):
+    starts = range(0, len(x), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch", leave=False)
+    for start in starts:
         for name, value in run(start, min(start + batch_size, len(x))).items():
             chunks.setdefault(name, []).append(value.float().cpu().numpy().astype("float64"))
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
@@ -41,7 +48,7 @@ def predict_windows(
         phys = physical(model(x[start:stop].to(device)), scalers)
         return {name: phys[name] for name in PREDICTED}
 
-    return _in_batches(x, batch_size, run)
+    return in_batches(x, batch_size, run)
 
 
 @torch.no_grad()
@@ -72,4 +79,4 @@ def gpp_response(
         }
         return perturbed_response(predict, x[start:stop], j, delta, base=known)
 
-    return _in_batches(x, batch_size, run)
+    return in_batches(x, batch_size, run)

@@ -32,7 +32,7 @@ from torch.func import functional_call
 from kgml_peft import schema
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.model.inference import PREDICTED
+from kgml_peft.model.inference import PREDICTED, in_batches
 from kgml_peft.model.outputs import physical
 from kgml_peft.serve.mixed import forward_rows, plan_rows
 from kgml_peft.serve.weights import ServingAdapter
@@ -266,20 +266,15 @@ class AdapterBank:
             raise KgmlPeftError(f"{len(names)} adapter names for {len(windows)} windows")
         names = list(names)
         x = WindowDataset(windows, self.backbone.scalers).x
-        # empty arrays of the right shapes first, so no windows give zero-length outputs
-        chunks = {name: [np.zeros((0,) if name == "Yield" else (0, x.shape[1]))] for name in PREDICTED}
-        starts = range(0, len(x), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="predict", unit="batch", leave=False)
-        for start in starts:
-            stop = min(start + batch_size, len(x))
+        def run(start: int, stop: int) -> dict[str, torch.Tensor]:
             rows = self.resolve(names[start:stop], require=require)  # per batch: the cache bounds hold
             out = physical(self.forward(x[start:stop], rows, strategy=strategy), self.backbone.scalers)
-            for name in PREDICTED:
-                chunks.setdefault(name, []).append(out[name].float().cpu().numpy().astype("float64"))
-        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+            return {name: out[name] for name in PREDICTED}
+
+        out = in_batches(x, batch_size, run, progress=progress)
+        # no windows: zero-length arrays of the right shapes
+        return out or {name: np.zeros((0,) if name == "Yield" else (0, x.shape[1])) for name in PREDICTED}
 
     @property
     def scalers(self) -> Scalers:

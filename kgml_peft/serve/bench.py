@@ -78,15 +78,6 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _median_ms(fn: Callable[[], object], n: int) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -214,13 +205,14 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         for site in sites:
             bank.get(site)
         cycle = iter(range(10**9))
-        cached = _median_ms(lambda: bank.merged_parameters(sites[next(cycle) % len(sites)]), config.swaps)
+        swap = {"cached": lambda: bank.merged_parameters(sites[next(cycle) % len(sites)])}
+        cached = _interleaved(swap, config.swaps, device)["cached"] * 1000
 
         def from_disk() -> None:
             bank.clear()
             bank.merged_parameters(sites[next(cycle) % len(sites)])
 
-        disk = _median_ms(from_disk, max(10, config.swaps // 4))
+        disk = _interleaved({"disk": from_disk}, max(10, config.swaps // 4), device)["disk"] * 1000
         bank.clear()
         copies = [f"m{i:05d}-{sites[i % len(sites)]}" for i in range(config.memory_adapters)]
         for name in copies:
