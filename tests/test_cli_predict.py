@@ -176,3 +176,15 @@ def test_bad_input_is_one_line_and_writes_nothing(spec, work, backbone_path) -> 
     before = _snapshot(work)
     result = _runner().invoke(cli, args, catch_exceptions=True)
     check_user_error(result, args, spec.expect, work, before)
+
+
+def test_real_process_prints_one_line(work, backbone_path) -> None:
+    """What a user's terminal shows (warnings included) for an adapter that is not in the store."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kgml_peft", *_predict(backbone_path, "--site", "XX-404")],
+                          capture_output=True, text=True, timeout=120, cwd=work)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.splitlines() == ["error: no adapter 'XX-404' in the store adapters"]
+    assert not (work / "pred.csv").exists()
