@@ -1,0 +1,138 @@
+"""Aggregate finished runs into ``results.json``, ``results.md`` and the figures.
+
+Every number is a mean ± standard deviation over seeds (population std; 0 with one seed) of the
+test MSE: the mean of the scaled MSEs of the observed daily flux targets (Ra, Rh, NEE, Reco as
+present), each scaled by the standard deviation of that target over the training years of all
+regions (:attr:`Experiment.scalers`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from kgml_peft import schema
+from kgml_peft.experiments.config import MAIN_REGIMES
+from kgml_peft.experiments.runs import Experiment
+from kgml_peft.store.atomic import atomic_path
+
+#: Physics figures the audit compares (the keys of ``test_metrics(...)["physics"]``).
+AUDIT_KEYS = ("l_phys", "mass_balance_violation_rate", "mass_balance_mae", "negative_ra_rate",
+              "negative_rh_rate")
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def aggregate(experiment: Experiment) -> dict:
+    """results.json's content from the runs of ``experiment`` (all must be finished)."""
+    records = {run.key: experiment.load(run) for run in experiment.plan.runs}
+    regimes: dict = {}
+    for regime, by_region in experiment.plan.regimes.items():
+        regimes[regime] = {}
+        for region, keys in by_region.items():
+            tests = [records[k]["test"][region] for k in keys]
+            mse = _stats([t["mse"] for t in tests])
+            entry = {"mse_mean": mse["mean"], "mse_std": mse["std"], "seeds": mse["n"],
+                     "trainable_parameters": records[keys[0]]["trainable_parameters"],
+                     "backbone_parameters": records[keys[0]]["backbone_parameters"],
+                     "targets": {t: _stats([x["targets"][t] for x in tests])["mean"] for t in tests[0]["targets"]},
+                     "physics": {k: _stats([x["physics"][k] for x in tests])["mean"] for k in AUDIT_KEYS},
+                     "seconds_mean": _stats([records[k]["seconds"] for k in keys])["mean"],
+                     "runs": keys}
+            if "adapter_bytes" in records[keys[0]]:
+                entry["adapter_bytes"] = records[keys[0]]["adapter_bytes"]
+            regimes[regime][region] = entry
+    cross = {unit: {region: {"mse_mean": _stats([records[k]["test"][region]["mse"] for k in keys])["mean"],
+                             "mse_std": _stats([records[k]["test"][region]["mse"] for k in keys])["std"]}
+                    for region, keys in by_region.items()}
+             for unit, by_region in experiment.plan.cross.items()}
+    relative = {}
+    for regime in ("full_finetune", "adapters"):
+        relative[regime] = {
+            region: {f"vs_{base}_pct": 100 * (regimes[regime][region]["mse_mean"] / regimes[base][region]["mse_mean"] - 1)
+                     for base in ("site_only", "global_only")}
+            for region in experiment.regions}
+    global_runs = [records[k] for k in experiment.plan.regimes["global_only"][experiment.regions[0]]]
+    return {
+        "config": experiment.config.to_dict(),
+        "regions": list(experiment.regions),
+        "scaling": {"description": "test MSE = mean over the observed daily flux targets of "
+                                   "MSE / std^2, std of that target over the training years of all regions",
+                    "std": {t: experiment.scalers.std[t] for t in experiment.weights},
+                    "targets": [t for t in experiment.weights if t in schema.DAILY_TARGETS],
+                    "trained_on": list(experiment.weights)},
+        "split": {part: len(getattr(experiment.split, part)) for part in ("train", "val", "test")},
+        "regimes": regimes,
+        "relative": relative,
+        "cross_regional": cross,
+        "global_curves": global_runs[0].get("curve", []),
+        "runs": len(records),
+        "seconds_total": sum(r["seconds"] for r in records.values()),
+    }
+
+
+def _fmt(entry: dict) -> str:
+    return f"{entry['mse_mean']:.4f} ± {entry['mse_std']:.4f}"
+
+
+def markdown(results: dict) -> str:
+    """results.md: the tables the paper reports, plus ablations, sensitivity, scarcity, physics."""
+    regions, regimes = results["regions"], results["regimes"]
+    lines = ["# Experiment results", "",
+             f"Test MSE ({results['scaling']['description']}; targets {', '.join(results['scaling']['targets'])}), "
+             f"mean ± std over {len(results['config']['seeds'])} seed(s). "
+             f"{results['runs']} runs, {results['seconds_total'] / 60:.1f} min of training.", "",
+             "## Regimes per region", "",
+             "| regime | " + " | ".join(regions) + " | trainable parameters |",
+             "|---|" + "---|" * (len(regions) + 1)]
+    for regime in MAIN_REGIMES:
+        row = regimes[regime]
+        lines.append(f"| {regime} | " + " | ".join(_fmt(row[r]) for r in regions)
+                     + f" | {row[regions[0]]['trainable_parameters']} |")
+    lines += ["", "## Relative MSE change (as the paper reports it)", "",
+              "| regime | vs | " + " | ".join(regions) + " |", "|---|---|" + "---|" * len(regions)]
+    for regime, by_region in results["relative"].items():
+        for base in ("site_only", "global_only"):
+            lines.append(f"| {regime} | {base} | " + " | ".join(
+                f"{by_region[r][f'vs_{base}_pct']:+.1f} %" for r in regions) + " |")
+    lines += ["", "## Cross-regional (rows: trained on; columns: tested on)", "",
+              "| trained on | " + " | ".join(regions) + " |", "|---|" + "---|" * len(regions)]
+    for unit, by_region in results["cross_regional"].items():
+        lines.append(f"| {unit} | " + " | ".join(_fmt(by_region[r]) for r in regions) + " |")
+    for title, prefix in (("Adapter ablations", "ablation_"), ("LoRA rank (all components)", "rank_"),
+                          ("Sensitivity (lr, batch size)", "sensitivity_"), ("Data scarcity", "scarcity_")):
+        names = [n for n in regimes if n.startswith(prefix)]
+        if not names:
+            continue
+        lines += ["", f"## {title}", "", "| variant | " + " | ".join(regions) + " | trainable | adapter bytes |",
+                  "|---|" + "---|" * (len(regions) + 2)]
+        for name in names:
+            first = regimes[name][regions[0]]
+            lines.append(f"| {name[len(prefix):]} | " + " | ".join(_fmt(regimes[name][r]) for r in regions)
+                         + f" | {first['trainable_parameters']} | {first.get('adapter_bytes', '-')} |")
+    lines += ["", "## Physics audit (test years, mean over regions and seeds)", "",
+              "| regime | " + " | ".join(AUDIT_KEYS) + " |", "|---|" + "---|" * len(AUDIT_KEYS)]
+    for regime in MAIN_REGIMES:
+        values = [statistics.fmean(regimes[regime][r]["physics"][k] for r in regions) for k in AUDIT_KEYS]
+        lines.append(f"| {regime} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out: str | Path) -> list[Path]:
+    """Write results.json, results.md and the figures into ``out``; return the paths."""
+    from kgml_peft.experiments import plots
+
+    out = Path(out)
+    written = []
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True, allow_nan=False))
+    written.append(out / "results.json")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(markdown(results))
+    written.append(out / "results.md")
+    written += plots.all_figures(results, out)
+    return written

@@ -1,0 +1,284 @@
+"""The experiment's training runs: the shared split, the run plan, and resumable execution.
+
+One :class:`Run` is one model trained once (a seed, a method, its training regions, a variant) and
+tested on the test years of every region. Regimes are views over runs (:func:`plan`), so a run
+shared by two regimes (the all-components rank-1 adapter is both ``adapters`` and the rank-1 point
+of the rank sweep) trains once. Each finished run is written to ``<out>/runs/<key>.json``
+atomically; a later invocation skips it (resume). Global models are kept as backbone checkpoints
+in ``<out>/models/`` because fine-tuning and adapter runs start from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kgml_peft import schema
+from kgml_peft.calibration.calibrate import CalibrationData, calibrate_unit
+from kgml_peft.calibration.config import COMPONENTS, AdapterConfig, CalibrationConfig
+from kgml_peft.data.tables import validate_table
+from kgml_peft.data.windows import Scalers, YearWindows, make_windows
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.experiments.config import ExperimentConfig, Training
+from kgml_peft.metrics import flux_mse_scaled, group_metrics
+from kgml_peft.model.backbone import build_backbone
+from kgml_peft.model.inference import predict_windows
+from kgml_peft.store.adapter import save_adapter
+from kgml_peft.store.atomic import atomic_path
+from kgml_peft.store.checkpoint import Backbone, fingerprint, load_backbone, save_backbone
+from kgml_peft.train.objectives import physics_loss
+from kgml_peft.train.pretrain import with_reco
+
+
+@dataclass(frozen=True)
+class Split:
+    """Per-site year split shared by every regime: train, validation (early stopping), test."""
+
+    train: YearWindows
+    val: YearWindows
+    test: YearWindows
+
+    def region(self, part: str, regions: tuple[str, ...], years: int | None = None) -> YearWindows:
+        """The ``part`` windows of ``regions``; ``years`` keeps each site's most recent ones."""
+        windows: YearWindows = getattr(self, part)
+        index = np.flatnonzero(np.isin(windows.regions, regions))
+        if years is not None:
+            keep = []
+            for site in dict.fromkeys(windows.sites[index]):
+                own = index[windows.sites[index] == site]
+                keep.extend(own[np.argsort(windows.years[own])][-years:])
+            index = np.array(sorted(keep), dtype=int)
+        return windows.subset(index)
+
+
+def split_years(windows: YearWindows, test_fraction: float, val_fraction: float) -> Split:
+    """Per site (years sorted): the last ``ceil(test_fraction * n)`` years test, the
+    ``ceil(val_fraction * n)`` before them validate, the rest (at least one) train."""
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for site in dict.fromkeys(windows.sites):
+        idx = np.flatnonzero(windows.sites == site)
+        idx = idx[np.argsort(windows.years[idx], kind="stable")]
+        n_test, n_val = math.ceil(test_fraction * len(idx)), math.ceil(val_fraction * len(idx))
+        if len(idx) - n_test - n_val < 1:
+            raise KgmlPeftError(f"site {site} has {len(idx)} complete years; the experiment needs at "
+                                f"least {n_test + n_val + 1} (train, validation and test years)")
+        parts["test"].extend(idx[len(idx) - n_test:])
+        parts["val"].extend(idx[len(idx) - n_test - n_val:len(idx) - n_test])
+        parts["train"].extend(idx[:len(idx) - n_test - n_val])
+    return Split(**{k: windows.subset(sorted(v)) for k, v in parts.items()})
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model: ``method`` (scratch, full, adapter) trained on ``regions`` with ``seed``."""
+
+    method: str
+    regions: tuple[str, ...]
+    seed: int
+    training: Training
+    components: tuple[str, ...] = COMPONENTS
+    rank: int = 1
+    years: int | None = None  # most recent training years per site (None: all)
+
+    @property
+    def key(self) -> str:
+        """A unique, file-name-safe name of the run."""
+        t = self.training
+        parts = [self.method, "+".join(self.regions), f"lr{t.lr:g}-bs{t.batch_size}-e{t.epochs}"]
+        if self.method == "adapter":
+            parts.append(f"{'+'.join(self.components)}-r{self.rank}")
+        parts.append("all" if self.years is None else f"{self.years}y")
+        return "__".join(parts) + f"__s{self.seed}"
+
+
+@dataclass
+class Plan:
+    """The runs (in execution order, global models first) and the regimes as views of them:
+    ``regimes[name][region]`` lists one run key per seed (tested on ``region``), ``cross[a][b]``
+    the keys of models trained on ``a`` (a region or a pair ``A+B``) tested on ``b``."""
+
+    runs: list[Run] = field(default_factory=list)
+    regimes: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    cross: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def add(self, regime: str, region: str, run: Run) -> None:
+        if run.key not in {r.key for r in self.runs}:
+            self.runs.append(run)
+        self.regimes.setdefault(regime, {}).setdefault(region, []).append(run.key)
+
+
+def plan(config: ExperimentConfig, regions: tuple[str, ...]) -> Plan:
+    """Every run the experiment needs (see module docstring)."""
+    out = Plan()
+    everything = tuple(regions)
+    for seed in config.seeds:
+        for region in regions:
+            out.add("global_only", region, Run("scratch", everything, seed, config.scratch))
+    for seed in config.seeds:
+        for region in regions:
+            r = (region,)
+            out.add("site_only", region, Run("scratch", r, seed, config.scratch))
+            out.add("full_finetune", region, Run("full", r, seed, config.finetune))
+            out.add("adapters", region, Run("adapter", r, seed, config.adapter))
+            for parts in config.ablations:
+                out.add(f"ablation_{'+'.join(parts)}", region, Run("adapter", r, seed, config.adapter, parts))
+            for rank in config.ranks:
+                out.add(f"rank_{rank}", region, Run("adapter", r, seed, config.adapter, rank=rank))
+            for lr, bs in config.sensitivity:
+                for method, base in (("full", config.finetune), ("adapter", config.adapter)):
+                    training = Training(base.epochs, lr, bs, base.patience)
+                    out.add(f"sensitivity_{method}_lr{lr:g}_bs{bs}", region, Run(method, r, seed, training))
+            for years in config.scarcity:
+                for name, method, base in (("site_only", "scratch", config.scratch),
+                                           ("full_finetune", "full", config.finetune),
+                                           ("adapters", "adapter", config.adapter)):
+                    out.add(f"scarcity_{name}_{years}y", region, Run(method, r, seed, base, years=years))
+    units = [(r,) for r in regions]
+    if config.pairs:
+        units += [(a, b) for i, a in enumerate(regions) for b in regions[i + 1:]]
+    for unit in units:
+        for seed in config.seeds:
+            run = Run("scratch", unit, seed, config.scratch)
+            if run.key not in {r.key for r in out.runs}:
+                out.runs.append(run)
+            for region in regions:
+                out.cross.setdefault("+".join(unit), {}).setdefault(region, []).append(run.key)
+    # global models first: fine-tuning and adapter runs start from them
+    out.runs.sort(key=lambda r: (r.regions != everything or r.method != "scratch"))
+    return out
+
+
+def test_metrics(model: torch.nn.Module, scalers: Scalers, windows: YearWindows, tolerance: float) -> dict:
+    """Test figures of ``model`` on ``windows``: ``mse`` (mean scaled MSE of the observed daily flux
+    targets), per-target scaled MSE, Yield, physics violations and L_phys."""
+    preds = predict_windows(model, scalers, windows)
+    group = group_metrics(windows, preds, scalers, np.arange(len(windows)), tolerance)
+    phys = {k: torch.as_tensor(preds[k]) for k in ("Ra", "Rh", "NEE")}
+    l_phys = float(physics_loss(phys, torch.as_tensor(windows.gpp), scalers, tolerance))
+    return {"mse": flux_mse_scaled(group),
+            "targets": {k: v["mse_scaled"] for k, v in group["targets"].items()},
+            "site_years": len(windows), "physics": {**group["physics"], "l_phys": l_phys}}
+
+
+def _complete(scalers: Scalers) -> Scalers:
+    """Output scalers for outputs the data never observes (flux towers see Reco, not Ra and Rh):
+    Ra and Rh get half of Reco's mean and std, a missing Yield mean 0 and std 1. They only set
+    the output units of the model; no loss or MSE uses an unobserved target."""
+    mean, std = dict(scalers.mean), dict(scalers.std)
+    for name in ("Ra", "Rh"):
+        if name not in mean and "Reco" in mean:
+            mean[name], std[name] = mean["Reco"] / 2, std["Reco"] / 2
+    if "Reco" not in mean and "Ra" in mean and "Rh" in mean:
+        mean["Reco"], std["Reco"] = mean["Ra"] + mean["Rh"], std["Ra"] + std["Rh"]
+    mean.setdefault("Yield", 0.0)
+    std.setdefault("Yield", 1.0)
+    return Scalers(mean, std)
+
+
+class Experiment:
+    """Runs a :class:`Plan` on one table into ``out`` (see module docstring)."""
+
+    def __init__(self, frame: pd.DataFrame, config: ExperimentConfig, out: str | Path, *,
+                 cpu: bool = True) -> None:
+        self.config, self.out, self.cpu = config, Path(out), cpu
+        features = config.backbone.features
+        table = with_reco(validate_table(frame, features))
+        self.table = table
+        windows = make_windows(table, features)
+        present = tuple(sorted(set(windows.regions)))
+        regions = config.regions or present
+        unknown = [r for r in regions if r not in present]
+        if unknown:
+            raise KgmlPeftError(f"region {unknown[0]!r} is not in the data (it has {', '.join(present)})")
+        if len(regions) < 2:
+            raise KgmlPeftError("the experiment compares regions: the data needs at least two")
+        self.regions = tuple(regions)
+        self.split = split_years(windows.subset(np.flatnonzero(np.isin(windows.regions, regions))),
+                                 config.test_fraction, config.val_fraction)
+        #: one scaling for every regime: fitted on the training years of all regions
+        self.scalers = _complete(Scalers.fit(self.split.train))
+        self.scalers.require([*features, *schema.FLUX_OUTPUTS, "Yield", "Reco"])
+        observed = [t for t in schema.TARGETS if t in self.scalers.std
+                    and np.isfinite(self.split.train.target(t)).any()
+                    and np.isfinite(self.split.val.target(t)).any()]
+        if not any(t in schema.DAILY_TARGETS for t in observed):
+            raise KgmlPeftError("the experiment needs observed daily fluxes (Ra, Rh, NEE or Reco) "
+                                "in the training and validation years")
+        self.weights = {t: 1.0 for t in observed}
+        self.plan = plan(config, self.regions)
+        self._globals: dict[int, Backbone] = {}
+
+    def _template(self) -> Backbone:
+        model = build_backbone(self.config.backbone, seed=0)
+        return Backbone(model, self.config.backbone, self.scalers,
+                        fingerprint(model.state_dict(), self.config.backbone, self.scalers))
+
+    def _global(self, seed: int) -> Backbone:
+        if seed not in self._globals:
+            path = self.out / "models" / f"global__s{seed}.safetensors"
+            if not path.is_file():
+                raise KgmlPeftError(f"{path} is missing; delete the global run's JSON to retrain it")
+            self._globals[seed] = load_backbone(path)
+        return self._globals[seed]
+
+    def path(self, run: Run) -> Path:
+        """Where a finished run's JSON lives."""
+        return self.out / "runs" / f"{run.key}.json"
+
+    def done(self, run: Run) -> bool:
+        """Whether ``run`` finished in an earlier invocation (its JSON exists)."""
+        return self.path(run).is_file()
+
+    def execute(self, run: Run) -> dict:
+        """Train ``run``, test it on every region, write its JSON (and model/adapter files)."""
+        start = time.perf_counter()
+        is_global = run.method == "scratch" and run.regions == self.regions
+        base = self._template() if run.method == "scratch" else self._global(run.seed)
+        train = self.split.region("train", run.regions, run.years)
+        val = self.split.region("val", run.regions)
+        rows = self.table[self.table[schema.REGION].isin(run.regions)]
+        data = CalibrationData("+".join(run.regions), "region", rows, train, val, self.weights)
+        t = run.training
+        config = CalibrationConfig(
+            method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
+            rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
+            tolerance=self.config.tolerance, seed=run.seed,
+            adapter=AdapterConfig(components=run.components, lora_rank=run.rank,
+                                  lora_alpha=2.0 * run.rank))
+        result = calibrate_unit(base, data, config, cpu=self.cpu, progress=False)
+        record = {
+            "key": run.key, "method": run.method, "regions": list(run.regions), "seed": run.seed,
+            "years": run.years, "train_site_years": len(train), "val_site_years": len(val),
+            "trainable_parameters": result.trained_parameters,
+            "backbone_parameters": sum(p.numel() for p in base.model.parameters()),
+            "best_epoch": result.summary["metrics"]["best_epoch"],
+            "curve": result.curve if is_global else [],
+            "test": {region: test_metrics(result.model, self.scalers,
+                                          self.split.region("test", (region,)), self.config.tolerance)
+                     for region in self.regions},
+        }
+        if is_global:
+            (self.out / "models").mkdir(parents=True, exist_ok=True)
+            save_backbone(self.out / "models" / f"global__s{run.seed}.safetensors", result.model,
+                          self.scalers, {"experiment_run": run.key})
+            self._globals.pop(run.seed, None)
+        if result.adapter is not None:
+            (self.out / "adapters").mkdir(parents=True, exist_ok=True)
+            path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", result.adapter)
+            record["adapter_bytes"] = path.stat().st_size
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        self.path(run).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path(run)) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=False))
+        return record
+
+    def load(self, run: Run) -> dict:
+        """A finished run's record."""
+        return json.loads(self.path(run).read_text())
