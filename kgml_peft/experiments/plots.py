@@ -103,7 +103,7 @@ def all_figures(results: dict, out: Path) -> list[Path]:
     written = []
     if results.get("global_curves"):
         written.append(plot_training_curves(results["global_curves"], out / "global_training.png",
-                                            "Global model: validation loss"))
+                                            "Global model: staged training (dashed lines: phase boundaries; dotted: training loss)"))
     written.append(_heatmap(results, out / "cross_regional.png"))
     written.append(_bars(results, list(MAIN_REGIMES), out / "regimes.png",
                          "Test MSE per region: site-only, global-only, fine-tuning, adapters"))

@@ -32,9 +32,10 @@ from kgml_peft.model.backbone import build_backbone
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.adapter import save_adapter
 from kgml_peft.store.atomic import atomic_path
-from kgml_peft.store.checkpoint import Backbone, fingerprint, load_backbone, save_backbone
+from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
 from kgml_peft.train.objectives import physics_loss
-from kgml_peft.train.pretrain import with_reco
+from kgml_peft.train.loop import PhaseConfig
+from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,23 @@ def _complete(scalers: Scalers) -> Scalers:
     return Scalers(mean, std)
 
 
+def scratch_phases(training: Training, weights: dict[str, float],
+                   physics_weight: float) -> tuple[PhaseConfig, ...]:
+    """The staged schedule of every model trained from random weights (global-only, site-only,
+    cross-regional): ``joint`` trains every weight on every observed target (cosine schedule),
+    then ``yield_tune`` refits the attention and yield head on Yield alone (KGML-ag's yield step),
+    if Yield is observed."""
+    phases = [PhaseConfig("joint", "observed", dict(weights), ("*",), epochs=training.epochs,
+                          lr=training.lr, batch_size=training.batch_size, patience=training.patience,
+                          physics_weight=physics_weight, schedule="cosine")]
+    if "Yield" in weights:
+        phases.append(PhaseConfig("yield_tune", "observed", {"Yield": 1.0}, ("attn_score", "yield_head"),
+                                  epochs=max(1, training.epochs // 4), lr=training.lr / 3,
+                                  batch_size=training.batch_size, patience=training.patience,
+                                  physics_weight=0.0))
+    return tuple(phases)
+
+
 class Experiment:
     """Runs a :class:`Plan` on one table into ``out`` (see module docstring)."""
 
@@ -214,11 +232,20 @@ class Experiment:
         self.weights = {t: 1.0 for t in observed}
         self.plan = plan(config, self.regions)
         self._globals: dict[int, Backbone] = {}
+        self.backbone_parameters = sum(p.numel() for p in build_backbone(config.backbone).parameters())
 
-    def _template(self) -> Backbone:
-        model = build_backbone(self.config.backbone, seed=0)
-        return Backbone(model, self.config.backbone, self.scalers,
-                        fingerprint(model.state_dict(), self.config.backbone, self.scalers))
+    def _scratch(self, run: Run, train: YearWindows, val: YearWindows):
+        """A backbone from random weights through the staged schedule (:func:`scratch_phases`)."""
+        config = PretrainConfig(backbone=self.config.backbone, seed=run.seed, tolerance=self.config.tolerance,
+                                phases=scratch_phases(run.training, self.weights, self.config.physics_weight))
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            model, phases, _ = train_phases({"observed": (train, val)}, self.scalers, config,
+                                            cpu=self.cpu, progress=False)
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+        return model, phases
 
     def _global(self, seed: int) -> Backbone:
         if seed not in self._globals:
@@ -240,38 +267,46 @@ class Experiment:
         """Train ``run``, test it on every region, write its JSON (and model/adapter files)."""
         start = time.perf_counter()
         is_global = run.method == "scratch" and run.regions == self.regions
-        base = self._template() if run.method == "scratch" else self._global(run.seed)
         train = self.split.region("train", run.regions, run.years)
         val = self.split.region("val", run.regions)
-        rows = self.table[self.table[schema.REGION].isin(run.regions)]
-        data = CalibrationData("+".join(run.regions), "region", rows, train, val, self.weights)
-        t = run.training
-        config = CalibrationConfig(
-            method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
-            rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
-            tolerance=self.config.tolerance, seed=run.seed,
-            adapter=AdapterConfig(components=run.components, lora_rank=run.rank,
-                                  lora_alpha=2.0 * run.rank))
-        result = calibrate_unit(base, data, config, cpu=self.cpu, progress=False)
+        if run.method == "scratch":
+            model, phases = self._scratch(run, train, val)
+            trained, adapter, best = sum(p.numel() for p in model.parameters()), None, \
+                [r.best_epoch for r in phases]
+            curve = [entry for r in phases for entry in r.curve]
+        else:
+            base = self._global(run.seed)
+            rows = self.table[self.table[schema.REGION].isin(run.regions)]
+            data = CalibrationData("+".join(run.regions), "region", rows, train, val, self.weights)
+            t = run.training
+            config = CalibrationConfig(
+                method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
+                rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
+                tolerance=self.config.tolerance, seed=run.seed,
+                adapter=AdapterConfig(components=run.components, lora_rank=run.rank,
+                                      lora_alpha=2.0 * run.rank))
+            result = calibrate_unit(base, data, config, cpu=self.cpu, progress=False)
+            model, trained, adapter = result.model, result.trained_parameters, result.adapter
+            best, curve = [result.summary["metrics"]["best_epoch"]], result.curve
         record = {
             "key": run.key, "method": run.method, "regions": list(run.regions), "seed": run.seed,
             "years": run.years, "train_site_years": len(train), "val_site_years": len(val),
-            "trainable_parameters": result.trained_parameters,
-            "backbone_parameters": sum(p.numel() for p in base.model.parameters()),
-            "best_epoch": result.summary["metrics"]["best_epoch"],
-            "curve": result.curve if is_global else [],
-            "test": {region: test_metrics(result.model, self.scalers,
-                                          self.split.region("test", (region,)), self.config.tolerance)
+            "trainable_parameters": trained,
+            "backbone_parameters": self.backbone_parameters,
+            "best_epoch": best,
+            "curve": curve if is_global else [],
+            "test": {region: test_metrics(model, self.scalers, self.split.region("test", (region,)),
+                                          self.config.tolerance)
                      for region in self.regions},
         }
         if is_global:
             (self.out / "models").mkdir(parents=True, exist_ok=True)
-            save_backbone(self.out / "models" / f"global__s{run.seed}.safetensors", result.model,
-                          self.scalers, {"experiment_run": run.key})
+            save_backbone(self.out / "models" / f"global__s{run.seed}.safetensors", model,
+                          self.scalers, {"experiment_run": run.key, "curves": curve})
             self._globals.pop(run.seed, None)
-        if result.adapter is not None:
+        if adapter is not None:
             (self.out / "adapters").mkdir(parents=True, exist_ok=True)
-            path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", result.adapter)
+            path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", adapter)
             record["adapter_bytes"] = path.stat().st_size
         record["seconds"] = round(time.perf_counter() - start, 2)
         self.path(run).parent.mkdir(parents=True, exist_ok=True)

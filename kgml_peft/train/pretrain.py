@@ -155,47 +155,23 @@ def _split(windows: YearWindows, fraction: float) -> tuple[YearWindows, YearWind
     return windows.subset(train), (windows.subset(val) if len(val) else None)
 
 
-def pretrain(
-    synthetic: pd.DataFrame,
-    observed: pd.DataFrame | None = None,
-    config: PretrainConfig | None = None,
+def train_phases(
+    data: dict[str, tuple[YearWindows, YearWindows | None]],
+    scalers: Scalers,
+    config: PretrainConfig,
     *,
     cpu: bool = False,
     progress: bool = True,
-) -> PretrainResult:
-    """Run Eq. 1's staged pretraining on validated tables and return the trained backbone.
+) -> tuple[KGMLag, list[PhaseResult], list[str]]:
+    """Train a backbone from random weights (``config.seed``) through ``config.phases`` on
+    pre-split ``(train, validation)`` windows per data source (``synthetic``, ``observed``).
 
-    Phases whose data is ``observed`` are skipped (and recorded as skipped) when ``observed`` is
-    ``None``. Same tables, config and seed give the same weights on CPU.
+    Phases whose source is missing from ``data`` are skipped; returns the model (CPU, eval mode),
+    the phase results and the skipped phase names. The caller sets seeds and determinism.
     """
-    config = config or PretrainConfig()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        return _pretrain(synthetic, observed, config, cpu=cpu, progress=progress)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-
-
-def _pretrain(
-    synthetic: pd.DataFrame,
-    observed: pd.DataFrame | None,
-    config: PretrainConfig,
-    *,
-    cpu: bool,
-    progress: bool,
-) -> PretrainResult:
     set_seed(config.seed, deterministic=True)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     features = config.backbone.features
-
-    data: dict[str, tuple[YearWindows, YearWindows | None]] = {}
-    synthetic = with_reco(synthetic)
-    data["synthetic"] = _split(make_windows(synthetic, features), config.val_fraction)
-    if observed is not None:
-        data["observed"] = _split(make_windows(observed, features), config.val_fraction)
-    scalers = Scalers.fit(data["synthetic"][0])
-    scalers.require([*features, *schema.TARGETS])
     sets = {k: (WindowDataset(tr, scalers), WindowDataset(va, scalers) if va is not None else None)
             for k, (tr, va) in data.items()}
     for phase in config.phases:  # fail before any training, not in the middle of it
@@ -223,8 +199,49 @@ def _pretrain(
                            reference=reference, response_feature=gpp_index, progress=progress)
         step += result.steps
         results.append(result)
+    return accelerator.unwrap_model(model).cpu().eval(), results, skipped
 
-    model = accelerator.unwrap_model(model).cpu().eval()
+
+def pretrain(
+    synthetic: pd.DataFrame,
+    observed: pd.DataFrame | None = None,
+    config: PretrainConfig | None = None,
+    *,
+    cpu: bool = False,
+    progress: bool = True,
+) -> PretrainResult:
+    """Run Eq. 1's staged pretraining on validated tables and return the trained backbone.
+
+    Phases whose data is ``observed`` are skipped (and recorded as skipped) when ``observed`` is
+    ``None``. Same tables, config and seed give the same weights on CPU.
+    """
+    config = config or PretrainConfig()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return _pretrain(synthetic, observed, config, cpu=cpu, progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _pretrain(
+    synthetic: pd.DataFrame,
+    observed: pd.DataFrame | None,
+    config: PretrainConfig,
+    *,
+    cpu: bool,
+    progress: bool,
+) -> PretrainResult:
+    features = config.backbone.features
+    data: dict[str, tuple[YearWindows, YearWindows | None]] = {}
+    synthetic = with_reco(synthetic)
+    data["synthetic"] = _split(make_windows(synthetic, features), config.val_fraction)
+    if observed is not None:
+        data["observed"] = _split(make_windows(observed, features), config.val_fraction)
+    scalers = Scalers.fit(data["synthetic"][0])
+    scalers.require([*features, *schema.TARGETS])
+    model, results, skipped = train_phases(data, scalers, config, cpu=cpu, progress=progress)
+    step = sum(r.steps for r in results)
     summary = {
         "config": config.to_dict(),
         "data": {
