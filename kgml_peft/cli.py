@@ -518,10 +518,12 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="TOML experiment config (default: the built-in one).")
 @click.option("--quick", is_flag=True, help="Every regime, small and fast (CI): hidden size 8, 2 epochs, 1 seed.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes (one CPU core each); results do not depend on it.")
 @click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def experiment(data: Path | None, out: Path, config_path: Path | None, quick: bool, cpu: bool,
-               quiet: bool) -> None:
+def experiment(data: Path | None, out: Path, config_path: Path | None, quick: bool, jobs: int,
+               cpu: bool, quiet: bool) -> None:
     """Site-only, global-only, cross-regional, full fine-tuning and adapters (with ablations,
     ranks, sensitivity, data scarcity and a physics audit) on one data set; writes
     results.json, results.md and PNG figures to --out."""
@@ -535,7 +537,7 @@ def experiment(data: Path | None, out: Path, config_path: Path | None, quick: bo
               ExperimentConfig.from_toml(config_path) if config_path is not None else ExperimentConfig())
     frame = demo_table() if data is None else read_table(data)
     start = time.perf_counter()
-    results = run_experiment(frame, config, out, cpu=cpu, progress=not quiet)
+    results = run_experiment(frame, config, out, cpu=cpu, progress=not quiet, jobs=jobs)
     regions = results["regions"]
     click.echo(f"{results['runs']} runs ({results['resumed_runs']} resumed) in "
                f"{time.perf_counter() - start:.0f} s; test MSE (scaled), mean over seeds:")

@@ -55,11 +55,11 @@ class ExperimentConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(hidden_size=16, attention_size=8,
                                                                             yield_hidden=16))
     #: from random weights: global-only, site-only, cross-regional
-    scratch: Training = Training(epochs=60, lr=3e-3, batch_size=16, patience=12)
+    scratch: Training = Training(epochs=40, lr=1e-2, batch_size=16, patience=10)
     #: Eq. 2, every weight from the global model, mu-anchored
     finetune: Training = Training(epochs=30, lr=5e-4, batch_size=16, patience=8)
     #: Eq. 3, the adapter on the frozen global model
-    adapter: Training = Training(epochs=40, lr=1e-2, batch_size=16, patience=10)
+    adapter: Training = Training(epochs=30, lr=1e-2, batch_size=16, patience=8)
     mu: float = 1.0
     rho: float = 1e-3
     #: adapter component ablations (each a set of components) and LoRA ranks (all components)
@@ -110,7 +110,7 @@ class ExperimentConfig:
     def quick(cls) -> ExperimentConfig:
         """Every regime, small: hidden size 8, a few epochs, one seed, two ranks and one
         sensitivity and scarcity point (CI)."""
-        small = Training(epochs=2, lr=3e-3, batch_size=16, patience=0)
+        small = Training(epochs=2, lr=1e-2, batch_size=16, patience=0)
         return cls(seeds=(0,), backbone=BackboneConfig(hidden_size=8, attention_size=4, yield_hidden=8),
                    scratch=small, finetune=dataclasses.replace(small, lr=5e-4),
                    adapter=dataclasses.replace(small, lr=1e-2), ranks=(1, 2),

@@ -23,12 +23,30 @@ def demo_table() -> pd.DataFrame:
     return simulate(SynthConfig(seed=0, observed=True, obs_years=(8, 10)))
 
 
+_WORKER: dict = {}
+
+
+def _start_worker(frame: pd.DataFrame, config: ExperimentConfig, out: str, cpu: bool) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker; the GRUs are latency bound
+    _WORKER["experiment"] = Experiment(frame, config, out, cpu=cpu)
+
+
+def _execute(key: str) -> str:
+    experiment: Experiment = _WORKER["experiment"]
+    experiment.execute(next(r for r in experiment.plan.runs if r.key == key))
+    return key
+
+
 def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.PathLike, *,
-                   cpu: bool = True, progress: bool = True) -> dict:
+                   cpu: bool = True, progress: bool = True, jobs: int = 1) -> dict:
     """Run every regime of ``config`` on ``frame`` into ``out`` and write the report.
 
     Finished runs (``<out>/runs/*.json``) are not redone, so an interrupted experiment resumes
-    where it stopped. Returns the results (also written to ``<out>/results.json``).
+    where it stopped. ``jobs`` > 1 runs that many worker processes (one CPU core each): the global
+    models first, then every other run; each run seeds itself, so the results do not depend on
+    ``jobs``. Returns the results (also written to ``<out>/results.json``).
     """
     from tqdm.auto import tqdm
 
@@ -39,11 +57,29 @@ def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.
         raise KgmlPeftError(f"output folder {out.parent} does not exist")
     experiment = Experiment(frame, config, out, cpu=cpu)  # every data check before any training
     out.mkdir(exist_ok=True)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise KgmlPeftError(f"jobs must be a positive integer, got {jobs!r}")
     todo = [run for run in experiment.plan.runs if not experiment.done(run)]
-    bar = tqdm(todo, desc="experiment runs", unit="run", disable=not progress)
-    for run in bar:
-        bar.set_postfix_str(run.key[:48])
-        experiment.execute(run)
+    bar = tqdm(total=len(todo), desc="experiment runs", unit="run", disable=not progress)
+    if jobs == 1:
+        for run in todo:
+            bar.set_postfix_str(run.key[:48])
+            experiment.execute(run)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        first = [r for r in todo if r.method == "scratch" and r.regions == experiment.regions]
+        waves = [first, [r for r in todo if r not in first]]  # the global models come first
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                                 initargs=(frame, config, str(out), cpu)) as pool:
+            for wave in waves:
+                for future in as_completed([pool.submit(_execute, r.key) for r in wave]):
+                    bar.set_postfix_str(future.result()[:48])
+                    bar.update()
+    bar.close()
     results = aggregate(experiment)
     results["resumed_runs"] = len(experiment.plan.runs) - len(todo)
     write_report(results, out)
