@@ -125,7 +125,28 @@ def test_rerun_resumes_without_training(quick_run) -> None:
     assert all(after[k] == v for k, v in before.items() if k != removed)
 
 
-@pytest.mark.parametrize("case", ["quick-and-config", "one-region", "few-years", "no-parent", "unknown-region"])
+@pytest.mark.slow
+@pytest.mark.usefixtures("isolated_globals")
+def test_two_worker_processes_give_the_same_results(quick_run, tmp_path: Path) -> None:
+    out, _ = quick_run
+    result = _runner().invoke(cli, ["experiment", "--quick", "--out", str(tmp_path / "two"), "--quiet",
+                                    "--cpu", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+
+    def numbers(path: Path) -> dict:
+        data = json.loads((path / "results.json").read_text())
+        for key in ("seconds_total", "resumed_runs"):
+            data.pop(key)
+        for by_region in data["regimes"].values():
+            for entry in by_region.values():
+                entry.pop("seconds_mean")
+        return data
+
+    assert numbers(tmp_path / "two") == numbers(out)
+
+
+@pytest.mark.parametrize("case", ["quick-and-config", "one-region", "few-years", "no-parent",
+                                  "unknown-region", "zero-jobs"])
 def test_bad_input_is_one_line(case: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["experiment", "--out", "res", "--quiet", "--cpu"]
@@ -141,6 +162,9 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, monkeypatch) -> None:
         _write(make_frame(years=(2001, 2002)), tmp_path / "d.csv")
         args += ["--quick", "--data", "d.csv"]
         expect = ("complete years",)
+    elif case == "zero-jobs":
+        args += ["--quick", "--jobs", "0"]
+        expect = ("--jobs",)
     elif case == "no-parent":
         args = ["experiment", "--out", "missing/res", "--quick", "--quiet"]
         expect = ("does not exist",)
