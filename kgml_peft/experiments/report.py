@@ -17,7 +17,7 @@ from kgml_peft.experiments.config import MAIN_REGIMES
 from kgml_peft.experiments.runs import Experiment
 from kgml_peft.store.atomic import atomic_path
 
-#: Physics figures the audit compares (the keys of ``test_metrics(...)["physics"]``).
+#: Physics figures the audit compares (the keys of ``held_out_metrics(...)["physics"]``).
 AUDIT_KEYS = ("l_phys", "mass_balance_violation_rate", "mass_balance_mae", "negative_ra_rate",
               "negative_rh_rate")
 

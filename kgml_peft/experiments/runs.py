@@ -156,7 +156,7 @@ def plan(config: ExperimentConfig, regions: tuple[str, ...]) -> Plan:
     return out
 
 
-def test_metrics(model: torch.nn.Module, scalers: Scalers, windows: YearWindows, tolerance: float) -> dict:
+def held_out_metrics(model: torch.nn.Module, scalers: Scalers, windows: YearWindows, tolerance: float) -> dict:
     """Test figures of ``model`` on ``windows``: ``mse`` (mean scaled MSE of the observed daily flux
     targets), per-target scaled MSE, Yield, physics violations and L_phys."""
     preds = predict_windows(model, scalers, windows)
@@ -295,7 +295,7 @@ class Experiment:
             "backbone_parameters": self.backbone_parameters,
             "best_epoch": best,
             "curve": curve if is_global else [],
-            "test": {region: test_metrics(model, self.scalers, self.split.region("test", (region,)),
+            "test": {region: held_out_metrics(model, self.scalers, self.split.region("test", (region,)),
                                           self.config.tolerance)
                      for region in self.regions},
         }
