@@ -87,12 +87,14 @@ def markdown(results: dict) -> str:
              f"mean ± std over {len(results['config']['seeds'])} seed(s). "
              f"{results['runs']} runs, {results['seconds_total'] / 60:.1f} min of training.", "",
              "## Regimes per region", "",
-             "| regime | " + " | ".join(regions) + " | trainable parameters |",
-             "|---|" + "---|" * (len(regions) + 1)]
+             "| regime | " + " | ".join(regions) + " | trainable parameters | adapter bytes |",
+             "|---|" + "---|" * (len(regions) + 2)]
     for regime in MAIN_REGIMES:
         row = regimes[regime]
+        first = row[regions[0]]
+        share = 100 * first["trainable_parameters"] / first["backbone_parameters"]
         lines.append(f"| {regime} | " + " | ".join(_fmt(row[r]) for r in regions)
-                     + f" | {row[regions[0]]['trainable_parameters']} |")
+                     + f" | {first['trainable_parameters']} ({share:.1f} %) | {first.get('adapter_bytes', '-')} |")
     lines += ["", "## Relative MSE change (as the paper reports it)", "",
               "| regime | vs | " + " | ".join(regions) + " |", "|---|---|" + "---|" * len(regions)]
     for regime, by_region in results["relative"].items():
