@@ -18,10 +18,15 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    fig.clf()
-    return Path(path)
+    """Lay out ``fig``, write it atomically as PNG to ``path`` and close it (also on failure)."""
+    plt = _pyplot()
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        return Path(path)
+    finally:
+        plt.close(fig)
 
 
 def plot_training_curves(curves: list[dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -45,11 +50,7 @@ def plot_training_curves(curves: list[dict], path: str | os.PathLike, title: str
     ax.set_ylabel("loss (scaled MSE of the phase's targets)")
     ax.set_title(title or "Staged pretraining (dotted: training loss)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_calibration(runs: dict[str, dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -85,8 +86,4 @@ def plot_calibration(runs: dict[str, dict], path: str | os.PathLike, title: str 
     right.set_xticks([j + 0.4 - width / 2 for j in range(len(targets))], targets)
     right.set_ylabel("validation MSE, calibrated / global")
     fig.suptitle(title or "Site calibration")
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)

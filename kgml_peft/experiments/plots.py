@@ -26,11 +26,7 @@ def _bars(results: dict, names: list[str], path: Path, title: str, labels: list[
     ax.set_ylabel("test MSE (scaled)")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def _heatmap(results: dict, path: Path) -> Path:
@@ -49,11 +45,7 @@ def _heatmap(results: dict, path: Path) -> Path:
             ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7, color="w")
     fig.colorbar(image, ax=ax, label="test MSE (scaled)")
     ax.set_title("Cross-regional validation MSE")
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def _scarcity(results: dict, path: Path) -> Path:
@@ -72,11 +64,7 @@ def _scarcity(results: dict, path: Path) -> Path:
         ax.set_xlabel("training years per site")
     axes[0][0].set_ylabel("test MSE (scaled)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def _audit(results: dict, path: Path) -> Path:
@@ -90,11 +78,7 @@ def _audit(results: dict, path: Path) -> Path:
         ax.set_xticks(range(len(MAIN_REGIMES)), MAIN_REGIMES, rotation=30, ha="right", fontsize=7)
         ax.set_title(key, fontsize=8)
     fig.suptitle("Physics audit on the test years (mean over regions)")
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def all_figures(results: dict, out: Path) -> list[Path]:
