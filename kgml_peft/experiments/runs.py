@@ -109,9 +109,14 @@ class Plan:
     regimes: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     cross: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
-    def add(self, regime: str, region: str, run: Run) -> None:
+    def include(self, run: Run) -> None:
+        """Plan ``run`` once (a run several regimes share trains once)."""
         if run.key not in {r.key for r in self.runs}:
             self.runs.append(run)
+
+    def add(self, regime: str, region: str, run: Run) -> None:
+        """Plan ``run`` and list it under ``regime`` for ``region``."""
+        self.include(run)
         self.regimes.setdefault(regime, {}).setdefault(region, []).append(run.key)
 
 
@@ -147,8 +152,7 @@ def plan(config: ExperimentConfig, regions: tuple[str, ...]) -> Plan:
     for unit in units:
         for seed in config.seeds:
             run = Run("scratch", unit, seed, config.scratch)
-            if run.key not in {r.key for r in out.runs}:
-                out.runs.append(run)
+            out.include(run)
             for region in regions:
                 out.cross.setdefault("+".join(unit), {}).setdefault(region, []).append(run.key)
     # global models first: fine-tuning and adapter runs start from them

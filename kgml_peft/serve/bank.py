@@ -179,8 +179,10 @@ class AdapterBank:
         swapping to that adapter costs."""
         return {} if name is None else self.get(name).merged_parameters(self._base)
 
-    def _single(self, x: torch.Tensor, adapter: ServingAdapter | None,
-                state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def run_merged(self, x: torch.Tensor, adapter: ServingAdapter | None,
+                   state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """One adapter on every row of ``x`` (on the bank's device), LoRA merged into the GRU
+        weights; no routing and no lock (:meth:`forward` is the thread-safe entry point)."""
         if adapter is None:
             return self.model(x, state)
         merged = adapter.merged_parameters(self._base)
@@ -202,7 +204,7 @@ class AdapterBank:
         return out
 
     def _single_fn(self, adapter: ServingAdapter | None) -> Callable:
-        return lambda x, state: self._single(x, adapter, state)
+        return lambda x, state: self.run_merged(x, adapter, state)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, rows: Sequence[ServingAdapter | None],
@@ -230,7 +232,7 @@ class AdapterBank:
         for i, adapter in enumerate(rows):
             groups.setdefault(id(adapter), []).append(i)
         if len(groups) == 1:
-            return self._single(x, rows[0], state)
+            return self.run_merged(x, rows[0], state)
         # adapters that replace backbone weights cannot share the base matmuls: always grouped
         special = [g for g in groups.values() if strategy == "grouped" or
                    (rows[g[0]] is not None and rows[g[0]].overrides)]

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
@@ -155,18 +154,11 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         peft_model = SiteModel(backbone.model, adapters[sites[0]].config).to(device).eval()
         peft_model.load_adapter_tensors(adapters[sites[0]].tensors)
         model = bank.model
-        served, base = single[0], dict(model.named_parameters())
-
-        def merged() -> dict:
-            """The merged adapter on its own: merge, functional_call, head (no bank routing)."""
-            out = functional_call(model, served.merged_parameters(base), (x,), {"taps": served.blocks})
-            return served.head(out, x) if served.head is not None else out
-
         with torch.no_grad():
             methods = {
                 "bare": lambda: model(x),
                 "peft": lambda: peft_model(x),
-                "merged": merged,
+                "merged": lambda: bank.run_merged(x, single[0]),  # no bank routing
                 "single_same_size": lambda: bank.forward(x, single),
                 "mixed": lambda: bank.forward(x, mixed),
                 "grouped": lambda: bank.forward(x, mixed, strategy="grouped"),

@@ -115,9 +115,8 @@ def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.Pa
     table_format(target)
     writable_target(target, force)
     store_path = Path(store)
-    if (site is not None or site_column is not None) and not store_path.is_dir():
-        raise KgmlPeftError(f"adapter store {store_path} is not a folder")
-    bank = AdapterBank(backbone, store_path if store_path.is_dir() else None, device=device)
+    needs_store = site is not None or site_column is not None or store_path.is_dir()
+    bank = AdapterBank(backbone, store_path if needs_store else None, device=device)  # checks the folder
     features = bank.backbone.config.features
     table = data if isinstance(data, pd.DataFrame) else load_table(data, features, targets=[])
     prediction = predict_table(bank, table, site=site, site_column=site_column,
