@@ -111,6 +111,53 @@ def synth(out: Path, observed: bool, seed: int, max_sites_per_region: int | None
                f"{years} site-years ({'observed' if observed else 'synthetic'})")
 
 
+@cli.group("import")
+def import_group() -> None:
+    """Convert external data sets into the data contract."""
+
+
+@import_group.command("fluxnet")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output table (.csv or .parquet).")
+@click.option("--site-meta", type=click.Path(path_type=Path), default=None,
+              help="Table with site, region (and optionally static soil columns) per site; "
+                   "a site it does not list is its own region.")
+@click.option("--min-qc", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Mask NEE and Reco on days whose NEE_VUT_REF_QC (fraction measured) is lower.")
+@click.option("--gpp", type=click.Choice(["NT", "DT"], case_sensitive=False), default="NT",
+              show_default=True, help="GPP partitioning used as the GPP input (and its Reco).")
+@click.option("--max-gap", type=click.IntRange(min=0), default=7, show_default=True,
+              help="Longest run of missing input days to interpolate; a year with a longer gap "
+                   "is left out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
+def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, min_qc: float,
+                   gpp: str, max_gap: int, as_json: bool) -> None:
+    """Import FLUXNET2015 daily (DD) CSV files, or folders of them, into one table."""
+    from kgml_peft import schema
+    from kgml_peft.data.fluxnet import ImportOptions, import_fluxnet as run_import
+    from kgml_peft.data.tables import table_format, write_table
+    from kgml_peft.store.atomic import check_writable_target
+
+    table_format(out)
+    check_writable_target(out)  # fail before reading, not after
+    options = ImportOptions(min_qc=min_qc, gpp=gpp.upper(), max_gap=max_gap)
+    table, reports = run_import(paths, site_meta, options)
+    write_table(table, out)
+    if as_json:
+        _echo_json({"out": str(out), "rows": len(table), "options": options.__dict__,
+                    "sites": [r.to_dict() for r in reports]})
+        return
+    click.echo(f"{'site':<10}{'region':<10}{'first':<12}{'last':<12}{'days':>6}{'NEE obs':>9}"
+               f"{'QC-masked':>11}{'filled':>8}  dropped years")
+    for r in reports:
+        click.echo(f"{r.site:<10}{r.region[:9]:<10}{r.first_date:<12}{r.last_date:<12}{r.rows:>6}"
+                   f"{r.observed_nee_days:>9}{r.qc_masked_days:>11}{sum(r.filled_days.values()):>8}  "
+                   f"{', '.join(map(str, r.dropped_years)) or '-'}")
+    inputs = [c for c in table.columns if c in schema.ALL_INPUTS]
+    click.echo(f"wrote {out}: {len(table)} site-days, {len(reports)} sites; inputs {', '.join(inputs)}")
+
+
 @cli.command(short_help="Staged, physics-guided global pretraining; writes a backbone.")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path),
               help="Synthetic (process-model) table for phases 1, 2 and 4.")

@@ -43,8 +43,15 @@ _COLUMNS: tuple[Column, ...] = (
     Column("PRECN", "mm d-1", 0.0, 500.0, "daily precipitation"),
     # management and vegetation
     Column("Crop_Type", "1 = corn, 0 = soybean", 0.0, 1.0, "crop grown in the year"),
-    Column("GPP", "gC m-2 d-1", -5.0, 50.0, "gross primary production (an input, as in KGML-ag)"),
+    # -10: night-time partitioning gives slightly negative winter GPP at cold towers (FLUXNET2015
+    # US-CRT reaches -5.2 gC m-2 d-1); the range only has to catch values in another unit
+    Column("GPP", "gC m-2 d-1", -10.0, 50.0, "gross primary production (an input, as in KGML-ag)"),
     Column("Year", "year", 1900.0, 2100.0, "calendar year"),
+    # flux-tower weather (FLUXNET2015 TA_F, VPD_F, VPD_F_MAX): not KGML-ag inputs, but what towers
+    # record in place of relative humidity
+    Column("TAVG_AIR", "degC", -50.0, 55.0, "daily mean air temperature"),
+    Column("VPD_AIR", "hPa", 0.0, 100.0, "daily mean vapour pressure deficit"),
+    Column("VPDMAX_AIR", "hPa", 0.0, 150.0, "daily maximum vapour pressure deficit"),
     # static soil properties (top soil)
     Column("TBKDS", "g cm-3", 0.5, 2.5, "bulk density", static=True),
     Column("TSAND", "%", 0.0, 100.0, "sand content", static=True),
@@ -66,13 +73,22 @@ _COLUMNS: tuple[Column, ...] = (
 COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}
 
 #: KGML-ag inputs in their canonical order.
-ALL_INPUTS: tuple[str, ...] = (
+KGML_AG_INPUTS: tuple[str, ...] = (
     "RADN", "TMAX_AIR", "TDIF_AIR", "HMAX_AIR", "HDIF_AIR", "WIND", "PRECN", "Crop_Type", "GPP",
     "Year", "TBKDS", "TSAND", "TSILT", "TFC", "TWP", "TKSat", "TSOC", "TPH", "TCEC",
 )
+#: Weather that flux towers record and KGML-ag does not use (mean temperature, VPD).
+FLUX_TOWER_INPUTS: tuple[str, ...] = ("TAVG_AIR", "VPD_AIR", "VPDMAX_AIR")
+#: Every input a backbone may be built for.
+ALL_INPUTS: tuple[str, ...] = KGML_AG_INPUTS + FLUX_TOWER_INPUTS
 #: The default backbone features: all KGML-ag inputs except ``Year``, which carries no physics and
 #: extrapolates outside its training range whenever validation years come after training years.
-DEFAULT_FEATURES: tuple[str, ...] = tuple(f for f in ALL_INPUTS if f != "Year")
+DEFAULT_FEATURES: tuple[str, ...] = tuple(f for f in KGML_AG_INPUTS if f != "Year")
+#: The features of the daily FLUXNET2015 files in ../shared (no precipitation, wind, humidity,
+#: crop or soil): a backbone for flux-tower sites is built for these.
+FLUXNET_FEATURES: tuple[str, ...] = (
+    "RADN", "TMAX_AIR", "TDIF_AIR", "TAVG_AIR", "VPD_AIR", "VPDMAX_AIR", "GPP",
+)
 
 #: Daily flux targets predicted by the backbone, in output order.
 FLUX_OUTPUTS: tuple[str, ...] = ("Ra", "Rh", "NEE")

@@ -19,7 +19,7 @@ from kgml_peft.errors import KgmlPeftError
 
 SMALL = SynthConfig(max_sites_per_region=2, max_years_per_site=3)
 EXPECTED_COLUMNS = [
-    schema.SITE, schema.REGION, schema.DATE, *schema.ALL_INPUTS, "Ra", "Rh", "NEE", "Reco", "Yield",
+    schema.SITE, schema.REGION, schema.DATE, *schema.KGML_AG_INPUTS, "Ra", "Rh", "NEE", "Reco", "Yield",
 ]
 WEATHER = ["RADN", "TMAX_AIR", "TDIF_AIR", "HMAX_AIR", "HDIF_AIR", "WIND", "PRECN"]
 
@@ -213,7 +213,7 @@ def test_observed_targets(observed: pd.DataFrame) -> None:
     month = observed[schema.DATE].dt.month
     gaps = observed["NEE"].isna()
     assert gaps[month.isin([12, 1, 2])].mean() > gaps[month.isin([6, 7, 8])].mean()
-    assert not observed[list(schema.ALL_INPUTS)].isna().any().any()
+    assert not observed[list(schema.KGML_AG_INPUTS)].isna().any().any()
     assert not observed["Yield"].isna().any()
     assert_in_ranges(observed)
     # Reco is derived from NEE and GPP as in ONEFlux partitioning

@@ -232,7 +232,7 @@ WEATHER_COLUMNS: tuple[str, ...] = (
 )
 #: Column order of :func:`simulate`.
 OUTPUT_COLUMNS: tuple[str, ...] = (
-    (schema.SITE, schema.REGION, schema.DATE) + schema.ALL_INPUTS + ("Ra", "Rh", "NEE", "Reco",
+    (schema.SITE, schema.REGION, schema.DATE) + schema.KGML_AG_INPUTS + ("Ra", "Rh", "NEE", "Reco",
                                                                       "Yield")
 )
 
@@ -854,7 +854,7 @@ def _run(config: SynthConfig):
 def simulate(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     """Simulate the long site-day table of the data contract (see the module docstring).
 
-    Columns: site, region, date, the KGML-ag inputs (``schema.ALL_INPUTS``), Ra, Rh, NEE, Reco,
+    Columns: site, region, date, the KGML-ag inputs (``schema.KGML_AG_INPUTS``), Ra, Rh, NEE, Reco,
     Yield; one row per site-day (29 February included), sorted by site then date.
     """
     sites, cal, params, soils = _run(config)

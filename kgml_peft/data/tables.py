@@ -24,6 +24,9 @@ _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _UNIT_HINTS = {
     "RADN": "W m-2 instead of MJ m-2 d-1? multiply W m-2 by 0.0864",
     "TMAX_AIR": "Kelvin or Fahrenheit instead of degC?",
+    "TAVG_AIR": "Kelvin or Fahrenheit instead of degC?",
+    "VPD_AIR": "Pa instead of hPa? divide by 100",
+    "VPDMAX_AIR": "Pa instead of hPa? divide by 100",
     "HMAX_AIR": "a fraction instead of percent, or absolute humidity?",
     "HDIF_AIR": "a fraction instead of percent, or absolute humidity?",
     "GPP": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",

@@ -1,0 +1,338 @@
+"""FLUXNET2015 daily files -> a long site-day table in the data contract.
+
+Reads official FLUXNET2015 daily CSVs (``FLX_<site>_FLUXNET2015_FULLSET_DD_...csv``, ``SUBSET``
+and the ``DD-FROM-HH`` aggregates in ../shared) and converts them:
+
+=====================  ==============================  =========================================
+FLUXNET column         contract column                 conversion
+=====================  ==============================  =========================================
+``TIMESTAMP``          ``date``                        YYYYMMDD, local standard time
+``SW_IN_F``            ``RADN``                        W m-2 daily mean x 0.0864 = MJ m-2 d-1
+``TA_F``               ``TAVG_AIR``                    degC
+``TA_F_MAX``           ``TMAX_AIR``                    degC
+``TA_F_MAX/_MIN``      ``TDIF_AIR``                    max - min, degC
+``VPD_F``              ``VPD_AIR``                     hPa
+``VPD_F_MAX``          ``VPDMAX_AIR``                  hPa
+``P_F``                ``PRECN``                       mm d-1 (daily sum in DD files)
+``WS_F``               ``WIND``                        m s-1
+``GPP_NT_VUT_REF``     ``GPP`` (input, as in KGML-ag)  gC m-2 d-1 (``gpp="DT"``: ``GPP_DT_VUT_REF``)
+``NEE_VUT_REF``        ``NEE`` (target)                gC m-2 d-1, masked where QC < ``min_qc``
+``RECO_NT_VUT_REF``    ``Reco`` (target)               gC m-2 d-1, masked with NEE
+``NEE_VUT_REF_QC``     ``NEE_QC``                      fraction of the day measured (0..1)
+=====================  ==============================  =========================================
+
+``-9999`` is missing. Targets stay missing (masked in losses and metrics). Inputs must be complete
+for a backbone, so a gap of at most ``max_gap`` days is filled by linear interpolation and a year
+with a longer gap is left out; both are recorded in the import report. ``NEE_gapfilled`` and
+``Reco_gapfilled`` keep ONEFlux's gap-filled values of every day (for annual sums); the contract
+ignores them. Columns the importer does not know are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kgml_peft import schema
+from kgml_peft.data.tables import read_table, validate_table
+from kgml_peft.errors import KgmlPeftError
+
+#: W m-2 averaged over a day -> MJ m-2 d-1 (86400 s / 1e6).
+W_M2_TO_MJ_DAY = 0.0864
+MISSING = -9999.0
+
+_NAME = re.compile(r"^FLX_(?P<site>[A-Za-z0-9]{2}-[A-Za-z0-9]{3})_FLUXNET2015_(?P<rest>.+)\.csv$",
+                   re.IGNORECASE)
+_RESOLUTIONS = {"HH": "half-hourly", "HR": "hourly", "WW": "weekly", "MM": "monthly", "YY": "yearly"}
+
+#: Inputs copied (after a unit conversion) from one FLUXNET column.
+_DIRECT = {"RADN": ("SW_IN_F", W_M2_TO_MJ_DAY), "TAVG_AIR": ("TA_F", 1.0),
+           "TMAX_AIR": ("TA_F_MAX", 1.0), "VPD_AIR": ("VPD_F", 1.0),
+           "VPDMAX_AIR": ("VPD_F_MAX", 1.0), "PRECN": ("P_F", 1.0), "WIND": ("WS_F", 1.0)}
+_REQUIRED = ("TIMESTAMP", "NEE_VUT_REF")
+QC_COLUMN = "NEE_VUT_REF_QC"
+GAPFILLED = ("NEE_gapfilled", "Reco_gapfilled")
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """How to import: QC threshold, GPP partitioning and the longest input gap to fill."""
+
+    #: NEE and Reco are masked on days whose NEE QC (fraction measured) is below this.
+    min_qc: float = 0.5
+    #: ``NT`` (night-time partitioning, consistent with RECO_NT = GPP_NT + NEE) or ``DT``.
+    gpp: str = "NT"
+    #: longest run of missing input days filled by linear interpolation; longer gaps drop the year.
+    max_gap: int = 7
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_qc, bool) or not isinstance(self.min_qc, (int, float)) \
+                or not 0.0 <= self.min_qc <= 1.0:
+            raise KgmlPeftError(f"min_qc must be a number in [0, 1], got {self.min_qc!r}")
+        if self.gpp not in ("NT", "DT"):
+            raise KgmlPeftError(f"gpp must be NT or DT, got {self.gpp!r}")
+        if isinstance(self.max_gap, bool) or not isinstance(self.max_gap, int) or self.max_gap < 0:
+            raise KgmlPeftError(f"max_gap must be a non-negative integer, got {self.max_gap!r}")
+
+
+@dataclass
+class SiteReport:
+    """What the import did to one file: rows, what was missing, masked, filled and dropped."""
+
+    site: str
+    region: str
+    file: str
+    rows: int
+    first_date: str
+    last_date: str
+    inputs: list[str]
+    #: FLUXNET columns the file lacks (among those the importer reads)
+    absent_columns: list[str]
+    #: -9999 (or empty) cells per FLUXNET column read
+    missing_values: dict[str, int]
+    #: days absent from the file between its first and last day
+    missing_days: int
+    #: days whose NEE and Reco were masked because NEE QC < min_qc
+    qc_masked_days: int
+    #: days with an observed (unmasked) NEE
+    observed_nee_days: int
+    #: interpolated days per input column
+    filled_days: dict[str, int]
+    #: calendar years left out because an input gap was longer than max_gap
+    dropped_years: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def site_from_file_name(path: str | os.PathLike) -> str:
+    """The site id of a FLUXNET2015 daily file, from its name; other files are refused."""
+    name = Path(path).name
+    match = _NAME.match(name)
+    if not match:
+        raise KgmlPeftError(f"{name}: not a FLUXNET2015 file name (expected "
+                            "FLX_<site>_FLUXNET2015_<set>_DD_<years>_<version>.csv)")
+    parts = re.split(r"[_-]", match["rest"].upper())
+    if "DD" not in parts:
+        found = next((_RESOLUTIONS[p] for p in parts if p in _RESOLUTIONS), None)
+        what = f"a {found} file" if found else "not a daily (DD) file"
+        raise KgmlPeftError(f"{name} is {what}; import needs the daily (DD) files")
+    return schema.check_site_id(match["site"])
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files to import: each path itself, or a folder's FLUXNET2015 daily CSVs (sorted)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.glob("FLX_*FLUXNET2015*.csv")
+                           if re.search(r"[_-]DD[_-]", p.name.upper()))
+            if not found:
+                raise KgmlPeftError(f"{path} has no FLUXNET2015 daily files (FLX_*_DD_*.csv)")
+            files.extend(found)
+        elif not path.exists():
+            raise KgmlPeftError(f"{path} does not exist")
+        else:
+            files.append(path)
+    if not files:
+        raise KgmlPeftError("no FLUXNET2015 files given")
+    return files
+
+
+def read_site_meta(path: str | os.PathLike) -> pd.DataFrame:
+    """Per-site metadata: ``site`` and ``region`` columns, optionally static soil inputs
+    (``TSAND``, ...), one row per site. Other columns are ignored."""
+    meta = read_table(path)
+    for name in (schema.SITE, schema.REGION):
+        if name not in meta.columns:
+            raise KgmlPeftError(f"{path}: missing column {name} (site metadata needs site and region)")
+    if meta[schema.SITE].isna().any() or meta[schema.REGION].isna().any():
+        raise KgmlPeftError(f"{path}: empty site or region values")
+    meta = meta.assign(site=meta[schema.SITE].astype(str), region=meta[schema.REGION].astype(str))
+    dup = meta[schema.SITE].duplicated()
+    if dup.any():
+        raise KgmlPeftError(f"{path}: site {meta.loc[dup, schema.SITE].iloc[0]} is listed twice")
+    for site in meta[schema.SITE]:
+        schema.check_site_id(site)
+    for region in meta[schema.REGION]:
+        if not region.strip():
+            raise KgmlPeftError(f"{path}: empty region label")
+    static = [c for c in meta.columns if c in schema.COLUMNS and schema.COLUMNS[c].static]
+    return meta[[schema.SITE, schema.REGION, *static]].set_index(schema.SITE)
+
+
+def read_daily(path: str | os.PathLike) -> pd.DataFrame:
+    """One FLUXNET2015 daily CSV as read (``-9999`` still in place); unreadable files are refused."""
+    source = Path(path)
+    if source.suffix.lower() != ".csv":
+        raise KgmlPeftError(f"{source.name}: FLUXNET2015 files are .csv")
+    try:
+        frame = pd.read_csv(source)
+    except pd.errors.EmptyDataError:
+        raise KgmlPeftError(f"{source.name} is empty") from None
+    except Exception as exc:  # the csv parser raises several types for broken files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KgmlPeftError(f"cannot read {source.name}: {first}") from None
+    if frame.empty:
+        raise KgmlPeftError(f"{source.name} has no rows")
+    if "TIMESTAMP_START" in frame.columns and "TIMESTAMP" not in frame.columns:
+        raise KgmlPeftError(f"{source.name} has TIMESTAMP_START (a sub-daily file); import needs the "
+                            "daily (DD) files")
+    for name in _REQUIRED:
+        if name not in frame.columns:
+            raise KgmlPeftError(f"{source.name}: missing column {name}")
+    return frame
+
+
+def _numeric(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
+    """A FLUXNET column as floats with -9999 (and empty cells) as NaN."""
+    values = pd.to_numeric(frame[name], errors="coerce")
+    bad = values.isna() & frame[name].notna()
+    if bad.any():
+        raise KgmlPeftError(f"{file}: column {name} is not numeric: {bad.sum()} values such as "
+                            f"{frame.loc[bad, name].iloc[0]!r}")
+    values = values.astype("float64")
+    if np.isinf(values).any():
+        raise KgmlPeftError(f"{file}: column {name} has infinite values")
+    return values.mask(values == MISSING)
+
+
+def _dates(frame: pd.DataFrame, file: str) -> pd.Series:
+    raw = pd.to_numeric(frame["TIMESTAMP"], errors="coerce")
+    text = raw.astype("Int64").astype("string")
+    dates = pd.to_datetime(text, format="%Y%m%d", errors="coerce")
+    bad = dates.isna()
+    if bad.any():
+        raise KgmlPeftError(f"{file}: column TIMESTAMP has {bad.sum()} values that are not days "
+                            f"(YYYYMMDD), e.g. {frame.loc[bad, 'TIMESTAMP'].iloc[0]!r}")
+    dup = dates.duplicated()
+    if dup.any():
+        raise KgmlPeftError(f"{file}: day {dates[dup].iloc[0].date()} appears twice")
+    return dates
+
+
+def _fill(values: pd.Series, max_gap: int) -> tuple[pd.Series, int]:
+    """Linear interpolation over runs of at most ``max_gap`` missing days inside the record."""
+    missing = values.isna()
+    if not missing.any() or max_gap == 0:
+        return values, 0
+    run = (missing != missing.shift()).cumsum()
+    length = missing.groupby(run).transform("size")
+    inside = values.ffill().notna() & values.bfill().notna()
+    fillable = missing & (length <= max_gap) & inside
+    filled = values.interpolate(limit_area="inside")
+    return values.where(~fillable, filled), int(fillable.sum())
+
+
+def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = ImportOptions(),
+            file: str = "") -> tuple[pd.DataFrame, SiteReport]:
+    """One site's FLUXNET2015 daily rows -> contract rows and the import report (see module
+    docstring). Every input that can be derived from the file is written."""
+    file = file or site
+    dates = _dates(raw, file)
+    order = np.argsort(dates.to_numpy(), kind="stable")
+    raw, dates = raw.iloc[order].reset_index(drop=True), dates.iloc[order].reset_index(drop=True)
+    gpp_col = f"GPP_{options.gpp}_VUT_REF"
+    reco_col = f"RECO_{options.gpp}_VUT_REF"
+    if gpp_col not in raw.columns:
+        raise KgmlPeftError(f"{file}: missing column {gpp_col} (GPP is an input of every backbone)")
+    if options.min_qc > 0 and QC_COLUMN not in raw.columns:
+        raise KgmlPeftError(f"{file}: missing column {QC_COLUMN}; import with min_qc 0 "
+                            "(--min-qc 0) to keep every NEE value unmasked")
+    wanted = ["NEE_VUT_REF", QC_COLUMN, gpp_col, reco_col, "TA_F_MIN",
+              *(col for col, _ in _DIRECT.values())]
+    read = {name: _numeric(raw, name, file) for name in dict.fromkeys(wanted) if name in raw.columns}
+    absent = [name for name in dict.fromkeys(wanted) if name not in raw.columns]
+
+    # every day from the first to the last, so gaps in the file become missing days
+    index = pd.date_range(dates.iloc[0], dates.iloc[-1], freq="D")
+    cols = {name: pd.Series(values.to_numpy(), index=dates).reindex(index)
+            for name, values in read.items()}
+    missing_days = len(index) - len(dates)
+    out = pd.DataFrame(index=index)
+    for target, (source, factor) in _DIRECT.items():
+        if source in cols:
+            out[target] = cols[source] * factor
+    if "TMAX_AIR" in out and "TA_F_MIN" in cols:
+        out["TDIF_AIR"] = (cols["TA_F_MAX"] - cols["TA_F_MIN"]).clip(lower=0.0)
+    out["GPP"] = cols[gpp_col]
+    inputs = [c for c in schema.ALL_INPUTS if c in out.columns]
+
+    nee, reco = cols["NEE_VUT_REF"], cols.get(reco_col, pd.Series(np.nan, index=index))
+    qc = cols.get(QC_COLUMN, pd.Series(np.nan, index=index))
+    low_qc = (qc < options.min_qc) | (qc.isna() & (options.min_qc > 0))
+    out["NEE"] = nee.mask(low_qc)
+    out["Reco"] = reco.mask(low_qc)
+    out["NEE_QC"] = qc
+    out[GAPFILLED[0]], out[GAPFILLED[1]] = nee, reco
+
+    filled: dict[str, int] = {}
+    for name in inputs:
+        out[name], n = _fill(out[name], options.max_gap)
+        if n:
+            filled[name] = n
+    incomplete = out[inputs].isna().any(axis=1)
+    dropped = sorted({int(y) for y in out.index[incomplete].year})
+    if dropped:
+        out = out[~out.index.year.isin(dropped)]
+    if out.empty:
+        raise KgmlPeftError(f"{file}: every year has an input gap longer than {options.max_gap} days")
+    out = out.rename_axis(schema.DATE).reset_index()
+    out.insert(0, schema.REGION, region)
+    out.insert(0, schema.SITE, site)
+    report = SiteReport(
+        site=site, region=region, file=file, rows=len(out),
+        first_date=str(out[schema.DATE].iloc[0].date()), last_date=str(out[schema.DATE].iloc[-1].date()),
+        inputs=inputs, absent_columns=absent,
+        missing_values={name: int(values.isna().sum()) for name, values in read.items()},
+        missing_days=int(missing_days), qc_masked_days=int((low_qc & nee.notna()).sum()),
+        observed_nee_days=int(out["NEE"].notna().sum()), filled_days=filled, dropped_years=dropped)
+    return out, report
+
+
+def import_fluxnet(
+    paths: Sequence[str | os.PathLike],
+    site_meta: str | os.PathLike | pd.DataFrame | None = None,
+    options: ImportOptions = ImportOptions(),
+) -> tuple[pd.DataFrame, list[SiteReport]]:
+    """Import FLUXNET2015 daily files (or folders of them) into one validated contract table.
+
+    The site id comes from each file name; the region from ``site_meta`` (a table with ``site``
+    and ``region``, optionally static soil columns) or, for a site it does not list, the site id.
+    Only inputs every file provides are kept. Returns the table (sorted by site, date) and one
+    :class:`SiteReport` per file.
+    """
+    files = expand_paths(paths)
+    meta = site_meta if isinstance(site_meta, pd.DataFrame) or site_meta is None \
+        else read_site_meta(site_meta)
+    seen: dict[str, str] = {}
+    frames, reports = [], []
+    for path in files:
+        site = site_from_file_name(path)
+        if site in seen:
+            raise KgmlPeftError(f"site {site} is in two files: {seen[site]} and {Path(path).name}")
+        seen[site] = Path(path).name
+        region = str(meta.loc[site, schema.REGION]) if meta is not None and site in meta.index else site
+        frame, report = convert(read_daily(path), site, region, options, Path(path).name)
+        if meta is not None and site in meta.index:
+            for name in meta.columns.drop(schema.REGION):
+                frame[name] = float(meta.loc[site, name])
+        frames.append(frame)
+        reports.append(report)
+    common = [c for c in schema.ALL_INPUTS if all(c in f.columns for f in frames)]
+    for frame, report in zip(frames, reports):
+        report.inputs = [c for c in report.inputs if c in common]
+    extra = [*GAPFILLED, "NEE_QC"]
+    table = pd.concat([f[[*schema.ID_COLUMNS, *common, "NEE", "Reco", *extra]] for f in frames],
+                      ignore_index=True)
+    checked = validate_table(table, common, targets=["NEE", "Reco"])
+    return checked.join(table.set_index([schema.SITE, schema.DATE])[extra],
+                        on=[schema.SITE, schema.DATE]), reports
