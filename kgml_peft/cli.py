@@ -557,33 +557,44 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
                f"bare {t['bare']:.0f} site-days/s", err=True)
 
 
-@cli.command(short_help="The paper's evaluation: every regime, seeds, report and figures.")
+@cli.command(short_help="The paper's evaluation, or the real-site benchmark; report and figures.")
+@click.option("--suite", type=click.Choice(["paper", "fluxnet"]), default="paper", show_default=True,
+              help="paper: every regime of the paper on one data set; fluxnet: the real-site "
+                   "benchmark on a table from 'kgml-peft import fluxnet'.")
 @click.option("--data", "data", type=click.Path(path_type=Path), default=None,
-              help="Site-day table with observed daily fluxes (default: the experiment's demo data).")
+              help="Site-day table with observed daily fluxes (paper suite default: the experiment's "
+                   "demo data; the fluxnet suite needs one).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Results folder (created; finished runs in it are not redone).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="TOML experiment config (default: the built-in one).")
+              help="TOML config of the suite (default: the built-in one).")
 @click.option("--quick", is_flag=True, help="Every regime, small and fast (CI): hidden size 8, 2 epochs, 1 seed.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes (one CPU core each); results do not depend on it.")
 @click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def experiment(data: Path | None, out: Path, config_path: Path | None, quick: bool, jobs: int,
+def experiment(suite: str, data: Path | None, out: Path, config_path: Path | None, quick: bool, jobs: int,
                cpu: bool, quiet: bool) -> None:
-    """Site-only, global-only, cross-regional, full fine-tuning and adapters (with ablations,
-    ranks, sensitivity, data scarcity and a physics audit) on one data set; writes
-    results.json, results.md and PNG figures to --out."""
+    """Run an evaluation suite and write results.json, results.md and PNG figures to --out.
+
+    paper: site-only, global-only, cross-regional, full fine-tuning and adapters (with ablations,
+    ranks, sensitivity, data scarcity and a physics audit). fluxnet: backbones pretrained on the
+    development towers (from observations, or simulator then observations), then each held-out
+    tower calibrated on its first 1, 2, 3 years and tested on the rest."""
     from kgml_peft.data.tables import read_table
-    from kgml_peft.experiments.config import ExperimentConfig
-    from kgml_peft.experiments.pipeline import demo_table, run_experiment
 
     if quick and config_path is not None:
         raise KgmlPeftError("give --quick or --config, not both")
+    start = time.perf_counter()
+    if suite == "fluxnet":
+        _experiment_fluxnet(data, out, config_path, quick, jobs, cpu, quiet, start)
+        return
+    from kgml_peft.experiments.config import ExperimentConfig
+    from kgml_peft.experiments.pipeline import demo_table, run_experiment
+
     config = (ExperimentConfig.quick() if quick else
               ExperimentConfig.from_toml(config_path) if config_path is not None else ExperimentConfig())
     frame = demo_table() if data is None else read_table(data)
-    start = time.perf_counter()
     results = run_experiment(frame, config, out, cpu=cpu, progress=not quiet, jobs=jobs)
     regions = results["regions"]
     click.echo(f"{results['runs']} runs ({results['resumed_runs']} resumed) in "
@@ -591,6 +602,26 @@ def experiment(data: Path | None, out: Path, config_path: Path | None, quick: bo
     for regime in ("site_only", "global_only", "full_finetune", "adapters"):
         row = results["regimes"][regime]
         click.echo(f"  {regime:<14}" + "  ".join(f"{r} {row[r]['mse_mean']:.4f}" for r in regions))
+    click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and figures")
+
+
+def _experiment_fluxnet(data: Path | None, out: Path, config_path: Path | None, quick: bool, jobs: int,
+                        cpu: bool, quiet: bool, start: float) -> None:
+    from kgml_peft.data.tables import read_table
+    from kgml_peft.experiments.pipeline import run_realsites
+    from kgml_peft.experiments.realsites import RealSiteConfig
+
+    if data is None:
+        raise KgmlPeftError("the fluxnet suite needs --data: a table written by 'kgml-peft import fluxnet'")
+    config = (RealSiteConfig.quick() if quick else
+              RealSiteConfig.from_toml(config_path) if config_path is not None else RealSiteConfig())
+    results = run_realsites(read_table(data), config, out, cpu=cpu, progress=not quiet, jobs=jobs)
+    click.echo(f"{results['runs']} runs ({results['resumed_runs']} resumed) in "
+               f"{time.perf_counter() - start:.0f} s; test NEE MSE (gC m-2 d-1)^2, mean over seeds:")
+    for site, by_k in results["cells"].items():
+        for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0])):
+            click.echo(f"  {site} {k}y  " + "  ".join(f"{name} {e['NEE']['mse']['mean']:.3f}"
+                                                     for name, e in rows.items()))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and figures")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -26,17 +28,48 @@ def demo_table() -> pd.DataFrame:
 _WORKER: dict = {}
 
 
-def _start_worker(frame: pd.DataFrame, config: ExperimentConfig, out: str, cpu: bool) -> None:
+def _start_worker(factory: Callable[[], object]) -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per worker; the GRUs are latency bound
-    _WORKER["experiment"] = Experiment(frame, config, out, cpu=cpu)
+    _WORKER["experiment"] = factory()
 
 
-def _execute(key: str) -> str:
-    experiment: Experiment = _WORKER["experiment"]
-    experiment.execute(next(r for r in experiment.plan.runs if r.key == key))
-    return key
+def _execute(run) -> str:
+    _WORKER["experiment"].execute(run)
+    return run.key
+
+
+def execute_runs(experiment, factory: Callable[[], object], first: list, rest: list, *,
+                 jobs: int = 1, progress: bool = True) -> None:
+    """Execute the runs ``first`` and then ``rest`` (objects with a ``key``) of ``experiment``.
+
+    ``jobs`` > 1 runs that many spawned worker processes (one CPU core each), each holding its own
+    ``factory()`` (a picklable callable that builds an experiment like ``experiment``); ``first``
+    finishes before ``rest`` starts (later runs build on the first ones' models).
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise KgmlPeftError(f"jobs must be a positive integer, got {jobs!r}")
+    bar = tqdm(total=len(first) + len(rest), desc="experiment runs", unit="run", disable=not progress)
+    if jobs == 1:
+        for run in [*first, *rest]:
+            bar.set_postfix_str(run.key[:48])
+            experiment.execute(run)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                                 initargs=(factory,)) as pool:
+            for wave in (first, rest):
+                for future in as_completed([pool.submit(_execute, r) for r in wave]):
+                    bar.set_postfix_str(future.result()[:48])
+                    bar.update()
+    bar.close()
 
 
 def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.PathLike, *,
@@ -48,39 +81,43 @@ def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.
     models first, then every other run; each run seeds itself, so the results do not depend on
     ``jobs``. Returns the results (also written to ``<out>/results.json``).
     """
-    from tqdm.auto import tqdm
+    out = _check_out(out)
+    experiment = Experiment(frame, config, out, cpu=cpu)  # every data check before any training
+    out.mkdir(exist_ok=True)
+    todo = [run for run in experiment.plan.runs if not experiment.done(run)]
+    first = [r for r in todo if r.method == "scratch" and r.regions == experiment.regions]
+    execute_runs(experiment, partial(Experiment, frame, config, str(out), cpu=cpu), first,
+                 [r for r in todo if r not in first], jobs=jobs, progress=progress)
+    results = aggregate(experiment)
+    results["resumed_runs"] = len(experiment.plan.runs) - len(todo)
+    write_report(results, out)
+    return results
 
+
+def _check_out(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise KgmlPeftError(f"{out} is not a folder")
     if not out.parent.is_dir():
         raise KgmlPeftError(f"output folder {out.parent} does not exist")
-    experiment = Experiment(frame, config, out, cpu=cpu)  # every data check before any training
-    out.mkdir(exist_ok=True)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise KgmlPeftError(f"jobs must be a positive integer, got {jobs!r}")
-    todo = [run for run in experiment.plan.runs if not experiment.done(run)]
-    bar = tqdm(total=len(todo), desc="experiment runs", unit="run", disable=not progress)
-    if jobs == 1:
-        for run in todo:
-            bar.set_postfix_str(run.key[:48])
-            experiment.execute(run)
-            bar.update()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    return out
 
-        first = [r for r in todo if r.method == "scratch" and r.regions == experiment.regions]
-        waves = [first, [r for r in todo if r not in first]]  # the global models come first
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                                 initargs=(frame, config, str(out), cpu)) as pool:
-            for wave in waves:
-                for future in as_completed([pool.submit(_execute, r.key) for r in wave]):
-                    bar.set_postfix_str(future.result()[:48])
-                    bar.update()
-    bar.close()
-    results = aggregate(experiment)
-    results["resumed_runs"] = len(experiment.plan.runs) - len(todo)
-    write_report(results, out)
+
+def run_realsites(frame: pd.DataFrame, config, out: str | os.PathLike, *, cpu: bool = True,
+                  progress: bool = True, jobs: int = 1) -> dict:
+    """Run the real-site benchmark (:mod:`.realsites`) on an imported FLUXNET table into ``out``
+    and write its report; resumable and ``jobs``-independent like :func:`run_experiment`."""
+    from kgml_peft.experiments.realsites import RealSiteBenchmark
+    from kgml_peft.experiments.realsites_report import aggregate_realsites, write_realsites_report
+
+    out = _check_out(out)
+    bench = RealSiteBenchmark(frame, config, out, cpu=cpu)
+    out.mkdir(exist_ok=True)
+    todo = [run for run in bench.plan if not bench.done(run)]
+    first = [r for r in todo if r.method == "pretrain"]
+    execute_runs(bench, partial(RealSiteBenchmark, frame, config, str(out), cpu=cpu), first,
+                 [r for r in todo if r not in first], jobs=jobs, progress=progress)
+    results = aggregate_realsites(bench)
+    results["resumed_runs"] = len(bench.plan) - len(todo)
+    write_realsites_report(results, out)
     return results

@@ -1,0 +1,413 @@
+"""The real-site benchmark: calibrate on a flux tower's first years, test on its later ones.
+
+Data: a FLUXNET2015 table from ``kgml-peft import fluxnet``. The held-out sites (US-Ne3 and
+US-CRT by default) are never seen before calibration; every other site is a development site.
+
+1. **Backbones** (one per route and seed), built for the tower features (``FLUXNET_FEATURES``):
+
+   * ``observed``: trained from random weights on the development sites' observed NEE and Reco
+     (their last ``val_fraction`` of years steer early stopping);
+   * ``simulated``: the KGML-ag route: first the process-model simulator's Ra, Rh, NEE and Reco
+     (its weather converted to the tower features by
+     :func:`~kgml_peft.data.meteo.add_flux_tower_weather`), then the development observations.
+
+2. **Per held-out site and k** in ``calibration_years`` (k < the site's years): the first k years
+   calibrate, the remaining years test. Methods: ``global`` (the backbone as it is), ``site_only``
+   (random weights, the k years only), ``full`` (Eq. 2, every weight from the backbone) and
+   ``adapter`` (Eq. 3); the last two from each route's backbone. With one to three years there is
+   no year to spare for early stopping: calibration runs a fixed number of epochs and keeps the
+   epoch with the lowest loss on the calibration years. No setting is chosen by looking at the
+   held-out sites.
+
+Test figures, in physical units: MSE and R^2 of daily NEE and Reco on the days whose observations
+passed the import's QC threshold, and the error of annual sums (365-day windows) against ONEFlux's
+gap-filled NEE and Reco (``NEE_gapfilled``, ``Reco_gapfilled``). Runs are written to
+``<out>/runs/<key>.json`` and skipped when present (resume), as in :mod:`.runs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kgml_peft import schema
+from kgml_peft.calibration.calibrate import CalibrationData, calibrate_unit
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.config_files import check_keys, read_toml
+from kgml_peft.data.fluxnet import GAPFILLED
+from kgml_peft.data.tables import validate_table
+from kgml_peft.data.windows import Scalers, YearWindows, make_windows, split_by_year
+from kgml_peft.errors import KgmlPeftError, expect_type
+from kgml_peft.experiments.config import Training
+from kgml_peft.experiments.runs import _complete, scratch_phases
+from kgml_peft.metrics import group_metrics
+from kgml_peft.model.backbone import BackboneConfig
+from kgml_peft.model.inference import predict_windows
+from kgml_peft.store.adapter import save_adapter
+from kgml_peft.store.atomic import atomic_path
+from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
+from kgml_peft.train.loop import PhaseConfig
+from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
+
+ROUTES: tuple[str, ...] = ("observed", "simulated")
+#: Methods per held-out site and k; ``global``, ``full`` and ``adapter`` exist once per route.
+METHODS: tuple[str, ...] = ("global", "site_only", "full", "adapter")
+SCORED: tuple[str, ...] = ("NEE", "Reco")
+WEIGHTS: dict[str, float] = {"NEE": 1.0, "Reco": 1.0}
+
+
+@dataclass(frozen=True)
+class RealSiteConfig:
+    """The benchmark's settings (see the module docstring); every field has a default."""
+
+    held_out: tuple[str, ...] = ("US-Ne3", "US-CRT")
+    calibration_years: tuple[int, ...] = (1, 2, 3)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    routes: tuple[str, ...] = ROUTES
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(
+        features=schema.FLUXNET_FEATURES, hidden_size=16, attention_size=8, yield_hidden=16))
+    #: development sites: the last ``val_fraction`` of each site's years steer early stopping
+    val_fraction: float = 0.2
+    physics_weight: float = 0.1
+    tolerance: float = 0.05
+    #: the observed route (and its second step in the simulated route), from random weights
+    pretrain: Training = Training(epochs=60, lr=1e-2, batch_size=8, patience=10)
+    #: the simulated route's first step, on process-model output
+    simulated: Training = Training(epochs=20, lr=5e-3, batch_size=32, patience=5)
+    #: the simulated route's second step, on the development observations
+    transfer: Training = Training(epochs=40, lr=1e-3, batch_size=8, patience=8)
+    #: held-out site, first k years; patience is ignored (no spare year for early stopping)
+    site_only: Training = Training(epochs=60, lr=1e-2, batch_size=1, patience=0)
+    finetune: Training = Training(epochs=30, lr=5e-4, batch_size=1, patience=0)
+    adapter: Training = Training(epochs=30, lr=1e-2, batch_size=1, patience=0)
+    mu: float = 1.0
+    rho: float = 1e-3
+    #: simulator size for the simulated route (sites per state, years per site; None = all)
+    sim_sites_per_region: int | None = 6
+    sim_years_per_site: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for key in ("held_out", "calibration_years", "seeds", "routes"):
+            expect_type(getattr(self, key), (list, tuple), key)
+            set_(self, key, tuple(getattr(self, key)))
+            if not getattr(self, key) or len(set(getattr(self, key))) != len(getattr(self, key)):
+                raise KgmlPeftError(f"{key} must list at least one value, each once")
+        for site in self.held_out:
+            schema.check_site_id(site, "held-out site id")
+        for value in (*self.calibration_years, *self.seeds):
+            expect_type(value, int, "calibration years / seed")
+            if value < 0 or (value == 0 and value in self.calibration_years):
+                raise KgmlPeftError("calibration years must be >= 1 and seeds >= 0")
+        unknown = [r for r in self.routes if r not in ROUTES]
+        if unknown:
+            raise KgmlPeftError(f"unknown route {unknown[0]!r}; choose from {', '.join(ROUTES)}")
+        if not set(self.backbone.features) <= set(schema.ALL_INPUTS):
+            raise KgmlPeftError("backbone features must be contract inputs")
+        expect_type(self.val_fraction, (int, float), "val_fraction")
+        if not 0 < self.val_fraction < 0.5:
+            raise KgmlPeftError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        for key in ("physics_weight", "tolerance", "mu", "rho"):
+            value = getattr(self, key)
+            expect_type(value, (int, float), key)
+            if not (math.isfinite(value) and value >= 0):
+                raise KgmlPeftError(f"{key} must be a finite number >= 0, got {value}")
+
+    @classmethod
+    def quick(cls) -> RealSiteConfig:
+        """Every method and route, small (CI): one seed, k = 1, hidden size 8, a few epochs."""
+        small = Training(epochs=2, lr=1e-2, batch_size=8, patience=0)
+        return cls(seeds=(0,), calibration_years=(1,),
+                   backbone=BackboneConfig(features=schema.FLUXNET_FEATURES, hidden_size=8,
+                                           attention_size=4, yield_hidden=8),
+                   pretrain=small, simulated=dataclasses.replace(small, batch_size=32),
+                   transfer=dataclasses.replace(small, lr=1e-3),
+                   site_only=dataclasses.replace(small, batch_size=1),
+                   finetune=dataclasses.replace(small, lr=5e-4, batch_size=1),
+                   adapter=dataclasses.replace(small, batch_size=1),
+                   sim_sites_per_region=1, sim_years_per_site=3)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (stored in results.json)."""
+        data = dataclasses.asdict(self)
+        data["backbone"] = self.backbone.to_dict()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RealSiteConfig:
+        """Build from a dict shaped like :meth:`to_dict` (every key optional)."""
+        expect_type(data, dict, "real-site benchmark config")
+        check_keys(data, {f.name for f in dataclasses.fields(cls)}, "real-site benchmark config")
+        data = dict(data)
+        try:
+            if "backbone" in data:
+                data["backbone"] = BackboneConfig.from_dict(
+                    {"features": list(schema.FLUXNET_FEATURES), **data["backbone"]})
+            for key in ("pretrain", "simulated", "transfer", "site_only", "finetune", "adapter"):
+                if key in data:
+                    check_keys(data[key], {f.name for f in dataclasses.fields(Training)}, f"[{key}]")
+                    data[key] = Training(**{**dataclasses.asdict(getattr(cls(), key)), **data[key]})
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise KgmlPeftError(f"bad real-site benchmark config: {exc}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> RealSiteConfig:
+        """Read a TOML file whose keys are those of :meth:`to_dict`."""
+        return cls.from_dict(read_toml(path))
+
+
+@dataclass(frozen=True)
+class RealRun:
+    """One unit of work: a backbone (``pretrain``), or one method on one held-out site and k."""
+
+    method: str  # pretrain, global, site_only, full, adapter
+    seed: int
+    route: str | None = None
+    site: str | None = None
+    years: int | None = None
+
+    @property
+    def key(self) -> str:
+        """A unique, file-name-safe name of the run."""
+        parts = [self.method, self.route or "none"]
+        if self.site is not None:
+            parts += [self.site, f"{self.years}y"]
+        return "__".join(parts) + f"__s{self.seed}"
+
+
+def plan_runs(config: RealSiteConfig, site_years: dict[str, int]) -> list[RealRun]:
+    """Every run, backbones first; k is skipped for a site without a year left to test."""
+    runs = [RealRun("pretrain", seed, route) for seed in config.seeds for route in config.routes]
+    for seed in config.seeds:
+        for site in config.held_out:
+            for k in config.calibration_years:
+                if k >= site_years[site]:
+                    continue
+                runs.append(RealRun("site_only", seed, None, site, k))
+                for route in config.routes:
+                    runs += [RealRun(m, seed, route, site, k) for m in ("global", "full", "adapter")]
+    return runs
+
+
+def score(model: torch.nn.Module, scalers: Scalers, windows: YearWindows,
+          gapfilled: dict[str, np.ndarray], tolerance: float, keep_series: bool = False) -> dict:
+    """Test figures of ``model`` on ``windows`` (physical units): per scored target n, MSE and
+    R^2 of the QC-passing days, annual sums against the gap-filled record, physics violations;
+    ``keep_series`` adds the daily predictions and observations (for figures)."""
+    preds = predict_windows(model, scalers, windows)
+    group = group_metrics(windows, preds, scalers, np.arange(len(windows)), tolerance)
+    out: dict = {"site_years": len(windows), "years": [int(y) for y in windows.years],
+                 "physics": group["physics"]}
+    for name in SCORED:
+        m = group["targets"].get(name, {"n": 0})
+        observed = gapfilled[name].sum(axis=1)  # NaN where a gap-filled day is missing
+        predicted = preds[name].sum(axis=1)
+        ok = np.isfinite(observed)
+        err = predicted[ok] - observed[ok]
+        out[name] = {"n": m["n"], "mse": m.get("mse"), "r2": m.get("r2"),
+                     "annual_observed": [float(v) if np.isfinite(v) else None for v in observed],
+                     "annual_predicted": [float(v) for v in predicted],
+                     "annual_mae": float(np.abs(err).mean()) if ok.any() else None,
+                     "annual_bias": float(err.mean()) if ok.any() else None}
+        if keep_series:
+            out[name]["daily_predicted"] = np.round(preds[name], 4).tolist()
+    if keep_series:
+        out["dates"] = [str(d) for d in windows.dates[:, 0]]
+        for name in SCORED:
+            obs = windows.target(name)
+            out[name]["daily_observed"] = [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
+                                           for row in obs]
+            out[name]["daily_gapfilled"] = [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
+                                            for row in gapfilled[name]]
+    return out
+
+
+class RealSiteBenchmark:
+    """Runs the benchmark's plan on one imported FLUXNET table into ``out`` (see module docstring)."""
+
+    def __init__(self, frame: pd.DataFrame, config: RealSiteConfig, out: str | Path, *,
+                 cpu: bool = True) -> None:
+        self.config, self.out, self.cpu = config, Path(out), cpu
+        features = config.backbone.features
+        missing = [c for c in GAPFILLED if c not in frame.columns]
+        if missing:
+            raise KgmlPeftError(f"the data has no {missing[0]} column; use a table written by "
+                                "kgml-peft import fluxnet")
+        table = validate_table(frame, features, targets=list(SCORED))
+        self.windows = make_windows(table, features)
+        present = set(self.windows.sites)
+        absent = [s for s in config.held_out if s not in present]
+        if absent:
+            raise KgmlPeftError(f"held-out site {absent[0]} is not in the data (it has "
+                                f"{', '.join(sorted(present))})")
+        dev = np.flatnonzero(~np.isin(self.windows.sites, config.held_out))
+        if len(dev) == 0:
+            raise KgmlPeftError("the data has no development site besides the held-out ones")
+        self.dev_sites = sorted(set(self.windows.sites[dev]))
+        train, val = split_by_year(self.windows.subset(dev), config.val_fraction)
+        self.dev = (self.windows.subset(dev).subset(train), self.windows.subset(dev).subset(val))
+        if not all(np.isfinite(self.dev[i].target(t)).any() for i in (0, 1) for t in SCORED):
+            raise KgmlPeftError("the development sites need observed NEE and Reco in their "
+                                "training and validation years")
+        #: the observed route's (and site-only models') scaling: development training years only
+        self.scalers = _complete(Scalers.fit(self.dev[0]))
+        self.scalers.require([*features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
+        self.table = table
+        self._gapfilled = self._gapfilled_lookup(frame)
+        self.site_years = {s: int((self.windows.sites == s).sum()) for s in config.held_out}
+        self.plan = plan_runs(config, self.site_years)
+        self._backbones: dict[tuple[str, int], Backbone] = {}
+
+    # -- data -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _gapfilled_lookup(frame: pd.DataFrame) -> pd.DataFrame:
+        dates = pd.to_datetime(frame[schema.DATE]).dt.normalize()
+        index = pd.MultiIndex.from_arrays([frame[schema.SITE].astype(str), dates])
+        return pd.DataFrame({name: pd.to_numeric(frame[col], errors="coerce").to_numpy()
+                             for name, col in zip(SCORED, GAPFILLED)}, index=index)
+
+    def gapfilled(self, windows: YearWindows) -> dict[str, np.ndarray]:
+        """ONEFlux's gap-filled NEE and Reco on the days of ``windows`` [N, 365]."""
+        index = pd.MultiIndex.from_arrays([np.repeat(windows.sites, windows.dates.shape[1]),
+                                           pd.to_datetime(windows.dates.ravel())])
+        values = self._gapfilled.reindex(index)
+        return {n: values[n].to_numpy(dtype="float64").reshape(windows.dates.shape) for n in SCORED}
+
+    def site_split(self, site: str, years: int) -> tuple[YearWindows, YearWindows]:
+        """A held-out site's first ``years`` years (calibration) and the rest (test)."""
+        idx = np.flatnonzero(self.windows.sites == site)
+        idx = idx[np.argsort(self.windows.years[idx], kind="stable")]
+        return self.windows.subset(idx[:years]), self.windows.subset(idx[years:])
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _train(self, data: dict, scalers: Scalers, phases: tuple[PhaseConfig, ...], seed: int):
+        config = PretrainConfig(backbone=self.config.backbone, seed=seed, tolerance=self.config.tolerance,
+                                phases=phases)
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            return train_phases(data, scalers, config, cpu=self.cpu, progress=False)[:2]
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+
+    def _simulated(self) -> tuple[tuple[YearWindows, YearWindows], Scalers]:
+        from kgml_peft.data.meteo import add_flux_tower_weather
+        from kgml_peft.data.synthetic import SynthConfig, simulate
+
+        sim = simulate(SynthConfig(seed=0, max_sites_per_region=self.config.sim_sites_per_region,
+                                   max_years_per_site=self.config.sim_years_per_site))
+        features = self.config.backbone.features
+        sim = with_reco(validate_table(add_flux_tower_weather(sim), features))
+        windows = make_windows(sim, features)
+        train, val = split_by_year(windows, self.config.val_fraction)
+        split = (windows.subset(train), windows.subset(val))
+        return split, Scalers.fit(split[0])
+
+    def _pretrain(self, run: RealRun) -> tuple[torch.nn.Module, Scalers, list]:
+        c = self.config
+        observed = scratch_phases(c.pretrain, WEIGHTS, c.physics_weight)
+        if run.route == "observed":
+            model, results = self._train({"observed": self.dev}, self.scalers, observed, run.seed)
+            return model, self.scalers, results
+        split, scalers = self._simulated()
+        t, o = c.simulated, c.transfer
+        phases = (
+            PhaseConfig("simulated", "synthetic", {"Ra": 1.0, "Rh": 1.0, "NEE": 1.0, "Reco": 0.5},
+                        ("*",), epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
+                        physics_weight=c.physics_weight, schedule="cosine"),
+            PhaseConfig("transfer", "observed", dict(WEIGHTS), ("*",), epochs=o.epochs, lr=o.lr,
+                        batch_size=o.batch_size, patience=o.patience, physics_weight=c.physics_weight),
+        )
+        model, results = self._train({"synthetic": split, "observed": self.dev}, scalers, phases, run.seed)
+        return model, scalers, results
+
+    def backbone(self, route: str, seed: int) -> Backbone:
+        """A finished pretraining run's backbone (from ``<out>/models``)."""
+        if (route, seed) not in self._backbones:
+            path = self.out / "models" / f"{route}__s{seed}.safetensors"
+            if not path.is_file():
+                raise KgmlPeftError(f"{path} is missing; delete its pretrain run's JSON to retrain it")
+            self._backbones[(route, seed)] = load_backbone(path)
+        return self._backbones[(route, seed)]
+
+    def _calibrate(self, run: RealRun, train: YearWindows) -> tuple[torch.nn.Module, Scalers, dict]:
+        c = self.config
+        if run.method == "site_only":
+            t = c.site_only
+            phases = scratch_phases(Training(t.epochs, t.lr, t.batch_size, 0), WEIGHTS, c.physics_weight)
+            model, results = self._train({"observed": (train, train)}, self.scalers, phases, run.seed)
+            return model, self.scalers, {"trained_parameters": sum(p.numel() for p in model.parameters()),
+                                         "best_epoch": [r.best_epoch for r in results]}
+        base = self.backbone(run.route, run.seed)
+        if run.method == "global":
+            return base.model, base.scalers, {"trained_parameters": 0}
+        t = c.finetune if run.method == "full" else c.adapter
+        table = self.table
+        rows = table[(table[schema.SITE] == run.site) & table[schema.DATE].dt.year.isin(train.years)]
+        data = CalibrationData(run.site, "site", rows, train, train, dict(WEIGHTS))
+        config = CalibrationConfig(method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
+                                   patience=0, rho=c.rho, mu=c.mu, physics_weight=c.physics_weight,
+                                   tolerance=c.tolerance, seed=run.seed)
+        result = calibrate_unit(base, data, config, cpu=self.cpu, progress=False)
+        info = {"trained_parameters": result.trained_parameters,
+                "best_epoch": [result.summary["metrics"]["best_epoch"]]}
+        if result.adapter is not None:
+            (self.out / "adapters").mkdir(parents=True, exist_ok=True)
+            path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", result.adapter)
+            info["adapter_bytes"] = path.stat().st_size
+        return result.model, base.scalers, info
+
+    # -- execution --------------------------------------------------------------------------------
+
+    def path(self, run: RealRun) -> Path:
+        """Where a finished run's JSON lives."""
+        return self.out / "runs" / f"{run.key}.json"
+
+    def done(self, run: RealRun) -> bool:
+        """Whether ``run`` finished in an earlier invocation (its JSON exists)."""
+        return self.path(run).is_file()
+
+    def execute(self, run: RealRun) -> dict:
+        """Train (or load) ``run``'s model, score it, write its JSON (and model/adapter files)."""
+        start = time.perf_counter()
+        record: dict = {"key": run.key, "method": run.method, "route": run.route, "seed": run.seed,
+                        "site": run.site, "years": run.years}
+        if run.method == "pretrain":
+            model, scalers, results = self._pretrain(run)
+            record.update(dev_sites=self.dev_sites, train_site_years=len(self.dev[0]),
+                          val_site_years=len(self.dev[1]),
+                          phases=[{"name": r.name, "best_epoch": r.best_epoch,
+                                   "best_val_loss": r.best_val_loss, "steps": r.steps} for r in results],
+                          dev_val=score(model, scalers, self.dev[1], self.gapfilled(self.dev[1]),
+                                        self.config.tolerance))
+            (self.out / "models").mkdir(parents=True, exist_ok=True)
+            save_backbone(self.out / "models" / f"{run.route}__s{run.seed}.safetensors", model, scalers,
+                          {"benchmark_run": run.key, "curves": [e for r in results for e in r.curve]})
+            self._backbones.pop((run.route, run.seed), None)
+        else:
+            train, test = self.site_split(run.site, run.years)
+            model, scalers, info = self._calibrate(run, train)
+            record.update(info, train_years=[int(y) for y in train.years],
+                          test=score(model, scalers, test, self.gapfilled(test), self.config.tolerance,
+                                     keep_series=run.seed == self.config.seeds[0]))
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        self.path(run).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path(run)) as tmp:
+            tmp.write_text(json.dumps(record, sort_keys=True, allow_nan=False))
+        return record
+
+    def load(self, run: RealRun) -> dict:
+        """A finished run's record."""
+        return json.loads(self.path(run).read_text())

@@ -1,0 +1,212 @@
+"""The real-site benchmark's report: results.json, results.md and figures.
+
+Every figure is a mean ± standard deviation over seeds (population std; 0 with one seed), in
+physical units: daily MSE (gC m-2 d-1)^2 and R^2 on QC-passing test days, and the absolute error
+and bias of annual sums (gC m-2 yr-1) against ONEFlux's gap-filled record.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from kgml_peft.experiments.figures import _pyplot, _save
+from kgml_peft.experiments.realsites import SCORED, RealRun, RealSiteBenchmark
+from kgml_peft.store.atomic import atomic_path
+
+FIGURES = ("timeseries.png", "mse_by_years.png", "annual_sums.png")
+
+
+def label(run: RealRun) -> str:
+    """The row name of a method: ``site_only``, or ``<method>/<route>``."""
+    return run.method if run.route is None else f"{run.method}/{run.route}"
+
+
+def _stats(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
+    """results.json's content from the finished runs of ``bench``."""
+    records = {run.key: bench.load(run) for run in bench.plan}
+    config = bench.config
+    backbones: dict = {}
+    for route in config.routes:
+        recs = [records[r.key] for r in bench.plan if r.method == "pretrain" and r.route == route]
+        backbones[route] = {
+            "dev_val": {t: {"mse": _stats([r["dev_val"][t]["mse"] for r in recs]),
+                            "r2": _stats([r["dev_val"][t]["r2"] for r in recs])} for t in SCORED},
+            "train_site_years": recs[0]["train_site_years"], "val_site_years": recs[0]["val_site_years"],
+            "seconds": _stats([r["seconds"] for r in recs]),
+        }
+    cells: dict = {}
+    series: dict = {}
+    for run in bench.plan:
+        if run.method == "pretrain":
+            continue
+        rec = records[run.key]
+        cell = cells.setdefault(run.site, {}).setdefault(str(run.years), {})
+        cell.setdefault(label(run), []).append(rec)
+        if "dates" in rec["test"]:
+            series.setdefault(run.site, {}).setdefault(str(run.years), {})[label(run)] = rec["test"]
+    out_cells: dict = {}
+    for site, by_k in cells.items():
+        for k, by_label in by_k.items():
+            for name, recs in by_label.items():
+                entry = {t: {key: _stats([r["test"][t][key] for r in recs])
+                             for key in ("mse", "r2", "annual_mae", "annual_bias")} for t in SCORED}
+                entry.update(trained_parameters=recs[0]["trained_parameters"],
+                             test_years=recs[0]["test"]["years"], train_years=recs[0]["train_years"],
+                             seeds=len(recs), seconds=_stats([r["seconds"] for r in recs]))
+                if "adapter_bytes" in recs[0]:
+                    entry["adapter_bytes"] = recs[0]["adapter_bytes"]
+                out_cells.setdefault(site, {}).setdefault(k, {})[name] = entry
+    # the route shown in the figures: the one better on the development sites' validation years
+    # (never chosen on the held-out sites)
+    dev_nee = {r: backbones[r]["dev_val"]["NEE"]["mse"]["mean"] for r in config.routes}
+    return {"config": config.to_dict(), "held_out": list(config.held_out), "dev_sites": bench.dev_sites,
+            "site_years": bench.site_years, "runs": len(bench.plan),
+            "seconds_total": round(sum(r["seconds"] for r in records.values()), 1),
+            "backbones": backbones, "figure_route": min(dev_nee, key=dev_nee.get),
+            "cells": out_cells, "series": series}
+
+
+def _fmt(stats: dict | None, digits: int = 3) -> str:
+    if stats is None:
+        return "-"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """The report as markdown tables."""
+    lines = ["# Real-site benchmark (FLUXNET2015)", "",
+             f"Held-out sites {', '.join(results['held_out'])}; development sites "
+             f"{', '.join(results['dev_sites'])}. {results['runs']} runs, "
+             f"{results['seconds_total']:.0f} s of run time in total. Mean ± std over seeds "
+             f"{', '.join(map(str, results['config']['seeds']))}.", "",
+             "## Backbones on the development sites' validation years", "",
+             "| route | NEE MSE | NEE R² | Reco MSE | Reco R² | train / val site-years |", "|---|---|---|---|---|---|"]
+    for route, b in results["backbones"].items():
+        d = b["dev_val"]
+        lines.append(f"| {route} | {_fmt(d['NEE']['mse'])} | {_fmt(d['NEE']['r2'])} | {_fmt(d['Reco']['mse'])} | "
+                     f"{_fmt(d['Reco']['r2'])} | {b['train_site_years']} / {b['val_site_years']} |")
+    for site, by_k in results["cells"].items():
+        for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0])):
+            first = next(iter(rows.values()))
+            lines += ["", f"## {site}: calibrated on {k} year(s) {first['train_years']}, tested on "
+                          f"{len(first['test_years'])} ({first['test_years'][0]}-{first['test_years'][-1]})", "",
+                      "| method | NEE MSE | NEE R² | Reco MSE | Reco R² | annual NEE abs. error | "
+                      "annual Reco abs. error | trained values |", "|---|---|---|---|---|---|---|---|"]
+            for name, e in rows.items():
+                lines.append(f"| {name} | {_fmt(e['NEE']['mse'])} | {_fmt(e['NEE']['r2'])} | {_fmt(e['Reco']['mse'])} | "
+                             f"{_fmt(e['Reco']['r2'])} | {_fmt(e['NEE']['annual_mae'], 0)} | "
+                             f"{_fmt(e['Reco']['annual_mae'], 0)} | {e['trained_parameters']} |")
+    lines += ["", "MSE in (gC m-2 d-1)^2 on test days whose NEE passed the import's QC threshold; annual "
+              "errors in gC m-2 yr-1 against the gap-filled record (365-day years)."]
+    return "\n".join(lines) + "\n"
+
+
+def _colors() -> dict[str, str]:
+    return {"global": "tab:blue", "site_only": "tab:red", "full": "tab:green", "adapter": "tab:purple"}
+
+
+def plot_timeseries(results: dict, path: Path) -> Path:
+    """Observed vs predicted daily NEE and Reco of each held-out site's first test year after its
+    longest calibration (seed 0; ``figure_route`` for the backbone-based methods)."""
+    plt = _pyplot()
+    sites = list(results["series"])
+    fig, axes = plt.subplots(len(sites), 2, figsize=(12, 3.2 * len(sites)), squeeze=False)
+    route = results["figure_route"]
+    for i, site in enumerate(sites):
+        k = max(results["series"][site], key=int)
+        runs = results["series"][site][k]
+        for j, target in enumerate(SCORED):
+            ax = axes[i, j]
+            any_run = next(iter(runs.values()))
+            year = any_run["years"][0]
+            days = np.arange(1, 366)
+            ax.plot(days, [np.nan if v is None else v for v in any_run[target]["daily_gapfilled"][0]],
+                    color="0.75", lw=1, label="gap-filled record")
+            ax.plot(days, [np.nan if v is None else v for v in any_run[target]["daily_observed"][0]],
+                    ".", color="k", ms=2.5, label="observed (QC passed)")
+            for name, rec in runs.items():
+                method = name.split("/")[0]
+                if "/" in name and not name.endswith(route):
+                    continue
+                ax.plot(days, rec[target]["daily_predicted"][0], color=_colors()[method], lw=1.1, label=name)
+            ax.set_title(f"{site} {year} ({target}; calibrated on {k} year(s))", fontsize=9)
+            ax.set_xlabel("day of year")
+            ax.set_ylabel(f"{target} (gC m-2 d-1)")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_mse_by_years(results: dict, path: Path) -> Path:
+    """Test MSE of NEE and Reco against the number of calibration years, per site and method."""
+    plt = _pyplot()
+    sites = list(results["cells"])
+    fig, axes = plt.subplots(2, len(sites), figsize=(5.5 * len(sites), 6.5), squeeze=False)
+    for j, site in enumerate(sites):
+        by_k = results["cells"][site]
+        ks = sorted(by_k, key=int)
+        names = list(by_k[ks[0]])
+        for i, target in enumerate(SCORED):
+            ax = axes[i, j]
+            for n, name in enumerate(names):
+                stats = [by_k[k][name][target]["mse"] for k in ks]
+                x = np.array([int(k) for k in ks]) + (n - len(names) / 2) * 0.04
+                ax.errorbar(x, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o",
+                            ms=4, capsize=2, color=_colors()[name.split("/")[0]],
+                            ls="-" if name.endswith("observed") or "/" not in name else "--", label=name)
+            ax.set_title(f"{site}: {target}", fontsize=9)
+            ax.set_xlabel("calibration years")
+            ax.set_ylabel("test MSE (gC m-2 d-1)^2")
+            ax.set_xticks([int(k) for k in ks])
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_annual(results: dict, path: Path) -> Path:
+    """Predicted against gap-filled annual NEE sums of every test year (seed 0, longest calibration)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    route = results["figure_route"]
+    markers = ["o", "s", "^", "D"]
+    values = []
+    for s, site in enumerate(results["series"]):
+        k = max(results["series"][site], key=int)
+        for name, rec in results["series"][site][k].items():
+            if "/" in name and not name.endswith(route):
+                continue
+            obs, pred = rec["NEE"]["annual_observed"], rec["NEE"]["annual_predicted"]
+            keep = [(o, p) for o, p in zip(obs, pred) if o is not None]
+            values += [v for pair in keep for v in pair]
+            ax.scatter([o for o, _ in keep], [p for _, p in keep], marker=markers[s % len(markers)], s=22,
+                       color=_colors()[name.split("/")[0]], label=f"{site} {name}")
+    if values:
+        lo, hi = min(values), max(values)
+        ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8)
+    ax.set_xlabel("gap-filled annual NEE (gC m-2 yr-1)")
+    ax.set_ylabel("predicted annual NEE (gC m-2 yr-1)")
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def write_realsites_report(results: dict, out: str | Path) -> list[Path]:
+    """Write results.json, results.md and the figures into ``out``; return the paths."""
+    out = Path(out)
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, sort_keys=True, allow_nan=False))
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(markdown(results))
+    return [out / "results.json", out / "results.md", plot_timeseries(results, out / FIGURES[0]),
+            plot_mse_by_years(results, out / FIGURES[1]), plot_annual(results, out / FIGURES[2])]
