@@ -447,6 +447,11 @@ def test_missing_days_are_counted_and_filled(tmp_path: Path) -> None:
     assert report.rows == 1096 == len(table)
     assert report.dropped_years == []
     assert report.filled_days == {name: 3 for name in FLUX_INPUTS}
+    # the absent days have no NEE, so they are not counted as QC-masked
+    kept = raw_frame(EDIT_SITE)
+    kept = kept[~kept["day"].between(pd.Timestamp("2012-06-10"), pd.Timestamp("2012-06-12"))]
+    assert report.qc_masked_days == int((kept["NEE_VUT_REF_QC"] < 0.5).sum())
+    assert report.observed_nee_days == int((kept["NEE_VUT_REF_QC"] >= 0.5).sum())
     mid = row_on(table, EDIT_SITE, "2012-06-11")
     assert abs(mid["TAVG_AIR"] - (before["TA_F"] + after["TA_F"]) / 2) < TOL
     assert abs(mid["RADN"] - 0.0864 * (before["SW_IN_F"] + after["SW_IN_F"]) / 2) < TOL
@@ -649,17 +654,18 @@ CASES = [
     pytest.param(_file_case(_gap_every_year), ("every year", "longer than 7 days"),
                  id="gap-every-year"),
     pytest.param(_file_case(lambda c: c.set("2012-06-15", "TIMESTAMP", "20120615.5"), good_output=True),
-                 ("TIMESTAMP", "20120615.5"), id="fractional-timestamp",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "BUG: _dates casts to_numeric(TIMESTAMP) to Int64, which raises TypeError "
-                     "('cannot safely cast non-equivalent float64 to int64') for a fractional "
-                     "TIMESTAMP: the CLI crashes with a traceback instead of one error line"))),
+                 ("TIMESTAMP", "20120615.5"), id="fractional-timestamp"),
     pytest.param(_meta(pd.DataFrame({"site": ["US-CRT"], "region": ["OH"], "TSAND": ["sandy"]})),
-                 ("TSAND", "sandy"), id="meta-text-static",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "BUG: import_fluxnet does float(meta.loc[site, name]) on static site-meta "
-                     "columns without a check; a text cell raises ValueError and the CLI crashes "
-                     "with a traceback instead of one error line"))),
+                 ("TSAND", "sandy"), id="meta-text-static"),
+    pytest.param(lambda w: (pd.DataFrame({"site": ["US-CRT"], "region": ["OH"], "TSAND": [12.5]})
+                            .to_csv(w / "meta.csv", index=False),
+                            _cmd(daily_file("US-CRT"), daily_file("US-Lin"), out=_good_output(w),
+                                 extra=("--site-meta", "meta.csv")))[1],
+                 ("TSAND", "US-Lin"), id="meta-static-without-every-site"),
+    pytest.param(_file_case(lambda c: c.set("2012-06-15", "NEE_VUT_REF_QC", "87.5"), good_output=True),
+                 ("NEE_VUT_REF_QC", "outside", "2012-06-15"), id="qc-in-percent"),
+    pytest.param(_file_case(lambda c: c.set("2012-06-15", "TA_F_MAX", "-40"), good_output=True),
+                 ("TA_F_MAX", "TA_F_MIN", "2012-06-15"), id="max-below-min"),
 ]
 
 

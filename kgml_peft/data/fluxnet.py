@@ -94,15 +94,15 @@ class SiteReport:
     inputs: list[str]
     #: FLUXNET columns the file lacks (among those the importer reads)
     absent_columns: list[str]
-    #: -9999 (or empty) cells per FLUXNET column read
+    #: -9999 (or empty) cells per FLUXNET column read, in the whole file
     missing_values: dict[str, int]
     #: days absent from the file between its first and last day
     missing_days: int
-    #: days whose NEE and Reco were masked because NEE QC < min_qc
+    #: rows written whose NEE and Reco were masked because NEE QC < min_qc
     qc_masked_days: int
-    #: days with an observed (unmasked) NEE
+    #: rows written with an observed (unmasked) NEE
     observed_nee_days: int
-    #: interpolated days per input column
+    #: rows written with an interpolated value, per input column
     filled_days: dict[str, int]
     #: calendar years left out because an input gap was longer than max_gap
     dropped_years: list[int] = field(default_factory=list)
@@ -166,6 +166,13 @@ def read_site_meta(path: str | os.PathLike) -> pd.DataFrame:
         if not region.strip():
             raise KgmlPeftError(f"{path}: empty region label")
     static = [c for c in meta.columns if c in schema.COLUMNS and schema.COLUMNS[c].static]
+    for name in static:
+        values = pd.to_numeric(meta[name], errors="coerce")
+        bad = values.isna()
+        if bad.any():
+            raise KgmlPeftError(f"{path}: column {name} needs a number for every site; site "
+                                f"{meta.loc[bad, schema.SITE].iloc[0]} has {meta.loc[bad, name].iloc[0]!r}")
+        meta[name] = values.astype("float64")
     return meta[[schema.SITE, schema.REGION, *static]].set_index(schema.SITE)
 
 
@@ -206,9 +213,10 @@ def _numeric(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
 
 
 def _dates(frame: pd.DataFrame, file: str) -> pd.Series:
-    raw = pd.to_numeric(frame["TIMESTAMP"], errors="coerce")
-    text = raw.astype("Int64").astype("string")
-    dates = pd.to_datetime(text, format="%Y%m%d", errors="coerce")
+    raw = pd.to_numeric(frame["TIMESTAMP"], errors="coerce").astype("float64")
+    whole = np.isfinite(raw) & (raw == np.round(raw))
+    text = pd.Series(np.where(whole, raw, 0).astype("int64").astype(str), index=frame.index)
+    dates = pd.to_datetime(text.where(whole), format="%Y%m%d", errors="coerce")
     bad = dates.isna()
     if bad.any():
         raise KgmlPeftError(f"{file}: column TIMESTAMP has {bad.sum()} values that are not days "
@@ -219,17 +227,17 @@ def _dates(frame: pd.DataFrame, file: str) -> pd.Series:
     return dates
 
 
-def _fill(values: pd.Series, max_gap: int) -> tuple[pd.Series, int]:
+def _fill(values: pd.Series, max_gap: int) -> pd.Series:
     """Linear interpolation over runs of at most ``max_gap`` missing days inside the record."""
     missing = values.isna()
     if not missing.any() or max_gap == 0:
-        return values, 0
+        return values
     run = (missing != missing.shift()).cumsum()
     length = missing.groupby(run).transform("size")
     inside = values.ffill().notna() & values.bfill().notna()
     fillable = missing & (length <= max_gap) & inside
     filled = values.interpolate(limit_area="inside")
-    return values.where(~fillable, filled), int(fillable.sum())
+    return values.where(~fillable, filled)
 
 
 def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = ImportOptions(),
@@ -252,6 +260,18 @@ def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = 
     read = {name: _numeric(raw, name, file) for name in dict.fromkeys(wanted) if name in raw.columns}
     absent = [name for name in dict.fromkeys(wanted) if name not in raw.columns]
 
+    if QC_COLUMN in read:
+        qc_values = read[QC_COLUMN]
+        outside = (qc_values < 0) | (qc_values > 1)
+        if outside.any():
+            raise KgmlPeftError(f"{file}: column {QC_COLUMN} has {outside.sum()} values outside [0, 1], "
+                                f"e.g. {qc_values[outside].iloc[0]:g} on {dates[outside].iloc[0].date()} "
+                                "(it is the fraction of the day measured, not a percentage)")
+    if "TA_F_MAX" in read and "TA_F_MIN" in read:
+        reversed_ = read["TA_F_MAX"] < read["TA_F_MIN"]
+        if reversed_.any():
+            raise KgmlPeftError(f"{file}: TA_F_MAX is below TA_F_MIN on {reversed_.sum()} days, first "
+                                f"{dates[reversed_].iloc[0].date()}")
     # every day from the first to the last, so gaps in the file become missing days
     index = pd.date_range(dates.iloc[0], dates.iloc[-1], freq="D")
     cols = {name: pd.Series(values.to_numpy(), index=dates).reindex(index)
@@ -262,7 +282,7 @@ def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = 
         if source in cols:
             out[target] = cols[source] * factor
     if "TMAX_AIR" in out and "TA_F_MIN" in cols:
-        out["TDIF_AIR"] = (cols["TA_F_MAX"] - cols["TA_F_MIN"]).clip(lower=0.0)
+        out["TDIF_AIR"] = cols["TA_F_MAX"] - cols["TA_F_MIN"]
     out["GPP"] = cols[gpp_col]
     inputs = [c for c in schema.ALL_INPUTS if c in out.columns]
 
@@ -274,15 +294,16 @@ def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = 
     out["NEE_QC"] = qc
     out[GAPFILLED[0]], out[GAPFILLED[1]] = nee, reco
 
-    filled: dict[str, int] = {}
+    was_filled = pd.DataFrame(False, index=index, columns=inputs)
     for name in inputs:
-        out[name], n = _fill(out[name], options.max_gap)
-        if n:
-            filled[name] = n
+        before = out[name].isna()
+        out[name] = _fill(out[name], options.max_gap)
+        was_filled[name] = before & out[name].notna()
     incomplete = out[inputs].isna().any(axis=1)
     dropped = sorted({int(y) for y in out.index[incomplete].year})
-    if dropped:
-        out = out[~out.index.year.isin(dropped)]
+    kept = ~out.index.year.isin(dropped)
+    out, was_filled, low_qc, nee = out[kept], was_filled[kept], low_qc[kept], nee[kept]
+    filled = {name: int(n) for name, n in was_filled.sum().items() if n}
     if out.empty:
         raise KgmlPeftError(f"{file}: every year has an input gap longer than {options.max_gap} days")
     out = out.rename_axis(schema.DATE).reset_index()
@@ -320,11 +341,16 @@ def import_fluxnet(
         if site in seen:
             raise KgmlPeftError(f"site {site} is in two files: {seen[site]} and {Path(path).name}")
         seen[site] = Path(path).name
-        region = str(meta.loc[site, schema.REGION]) if meta is not None and site in meta.index else site
+        listed = meta is not None and site in meta.index
+        if meta is not None and not listed and len(meta.columns) > 1:
+            raise KgmlPeftError(f"the site metadata gives {', '.join(meta.columns.drop(schema.REGION))} "
+                                f"but has no row for site {site}; add one")
+        region = str(meta.loc[site, schema.REGION]) if listed else site
         frame, report = convert(read_daily(path), site, region, options, Path(path).name)
-        if meta is not None and site in meta.index:
+        if listed:
             for name in meta.columns.drop(schema.REGION):
                 frame[name] = float(meta.loc[site, name])
+                report.inputs.append(name)
         frames.append(frame)
         reports.append(report)
     common = [c for c in schema.ALL_INPUTS if all(c in f.columns for f in frames)]
