@@ -88,3 +88,18 @@ def test_refused_save_leaves_previous_file(backbone_path, tmp_path):
         save_backbone(target, b.model, type(b.scalers)(mean={}, std={}), {})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["kept.safetensors"]
+
+
+def test_saved_checkpoint_gets_a_normal_file_mode(backbone_path, tmp_path):
+    """safetensors recreates the file it writes; the atomic write still gives it the mode a plain
+    open() would (0644 under umask 022), so a shared backbone stays readable by colleagues."""
+    import os
+    import stat
+
+    backbone = load_backbone(backbone_path)
+    old = os.umask(0o022)
+    try:
+        save_backbone(tmp_path / "b.safetensors", backbone.model, backbone.scalers)
+        assert stat.S_IMODE((tmp_path / "b.safetensors").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

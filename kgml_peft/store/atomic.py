@@ -46,10 +46,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates the file 0600; give the result the mode a plain open() would (or keep the
-    # mode of the file it replaces), so shared checkpoints and tables stay readable.
-    os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
+    # mode of the file it replaces), so shared checkpoints and tables stay readable. Set again
+    # after the body: writers that recreate the file (safetensors' save_file) drop the mode.
+    mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
+    os.chmod(tmp, mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)

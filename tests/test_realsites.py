@@ -1,0 +1,220 @@
+"""``kgml-peft experiment --suite fluxnet``: the real-site benchmark on the real FLUXNET2015 files
+(quick config): the plan, what each model may see (no held-out data before calibration, no test
+year in calibration), figures recomputed by hand from the saved models, resume, ``--jobs``
+independence and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kgml_peft import schema
+from kgml_peft.cli import cli
+from kgml_peft.data.fluxnet import import_fluxnet
+from kgml_peft.data.tables import validate_table
+from kgml_peft.data.windows import make_windows
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.experiments.realsites import RealSiteConfig, plan_runs
+from kgml_peft.model.inference import predict_windows
+from kgml_peft.store.checkpoint import load_backbone
+from tests.test_cli_validation import _runner, _snapshot, check_user_error
+
+DAILY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fluxnet2015" / "daily"
+needs_data = pytest.mark.skipif(not DAILY.is_dir(), reason="../shared/data/fluxnet2015 is not here")
+HELD_OUT = ("US-Ne3", "US-CRT")
+
+
+def test_plan_skips_k_without_test_years_and_puts_backbones_first() -> None:
+    config = RealSiteConfig(seeds=(0, 1))
+    runs = plan_runs(config, {"US-Ne3": 12, "US-CRT": 3})
+    keys = [r.key for r in runs]
+    assert len(keys) == len(set(keys))
+    assert [r.method for r in runs[:4]] == ["pretrain"] * 4
+    assert all(r.method != "pretrain" for r in runs[4:])
+    # US-CRT has 3 years: k = 3 would leave nothing to test
+    assert {r.years for r in runs if r.site == "US-CRT"} == {1, 2}
+    assert {r.years for r in runs if r.site == "US-Ne3"} == {1, 2, 3}
+    # per seed and (site, k): site-only once, global/full/adapter per route
+    assert len(runs) == 4 + 2 * 5 * (1 + 2 * 3)
+
+
+def test_config_checks_and_toml(tmp_path: Path) -> None:
+    with pytest.raises(KgmlPeftError, match="unknown route"):
+        RealSiteConfig(routes=("observed", "dreamt"))
+    with pytest.raises(KgmlPeftError, match="calibration years must be >= 1"):
+        RealSiteConfig(calibration_years=(0, 1))
+    with pytest.raises(KgmlPeftError, match="unsafe held-out site id"):
+        RealSiteConfig(held_out=("../x",))
+    path = tmp_path / "c.toml"
+    path.write_text('held_out = ["US-Ne2"]\ncalibration_years = [2]\n[adapter]\nepochs = 7\n'
+                    '[backbone]\nhidden_size = 4\n')
+    config = RealSiteConfig.from_toml(path)
+    assert config.held_out == ("US-Ne2",) and config.adapter.epochs == 7 and config.adapter.lr == 1e-2
+    assert config.backbone.features == schema.FLUXNET_FEATURES and config.backbone.hidden_size == 4
+    assert RealSiteConfig.from_dict(config.to_dict()) == config
+    path.write_text("helt_out = 1\n")
+    with pytest.raises(KgmlPeftError, match="helt_out"):
+        RealSiteConfig.from_toml(path)
+
+
+@pytest.fixture(scope="module")
+def fluxnet_table(tmp_path_factory) -> Path:
+    if not DAILY.is_dir():
+        pytest.skip("../shared/data/fluxnet2015 is not here")
+    table, _ = import_fluxnet([DAILY])
+    path = tmp_path_factory.mktemp("fluxnet") / "fluxnet.parquet"
+    table.to_parquet(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_run(fluxnet_table: Path, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("realsites") / "out"
+    result = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data",
+                                    str(fluxnet_table), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    return out, result.stdout
+
+
+def _records(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
+
+
+@needs_data
+@pytest.mark.slow
+def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
+    out, stdout = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["held_out"] == list(HELD_OUT)
+    assert not set(results["dev_sites"]) & set(HELD_OUT) and len(results["dev_sites"]) == 8
+    expected = {"site_only", "global/observed", "full/observed", "adapter/observed",
+                "global/simulated", "full/simulated", "adapter/simulated"}
+    for site in HELD_OUT:
+        cell = results["cells"][site]["1"]
+        assert set(cell) == expected
+        for entry in cell.values():
+            for target in ("NEE", "Reco"):
+                assert entry[target]["mse"]["mean"] > 0 and entry[target]["annual_mae"]["mean"] >= 0
+        assert cell["global/observed"]["trained_parameters"] == 0
+        assert 0 < cell["adapter/observed"]["trained_parameters"] < cell["full/observed"]["trained_parameters"]
+        assert cell["adapter/observed"]["adapter_bytes"] < 16 * 1024
+    assert results["figure_route"] in ("observed", "simulated")
+    for name in ("results.md", "timeseries.png", "mse_by_years.png", "annual_sums.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "## US-Ne3: calibrated on 1 year(s) [2001], tested on 11 (2002-2012)" in \
+        (out / "results.md").read_text()
+    assert "US-Ne3 1y" in stdout and "US-CRT 1y" in stdout
+
+
+@needs_data
+@pytest.mark.slow
+def test_models_see_only_what_they_may(quick_run, fluxnet_table: Path) -> None:
+    out, _ = quick_run
+    records = _records(out)
+    table = pd.read_parquet(fluxnet_table)
+    dev_years = {s: table.loc[table.site == s, "date"].dt.year.nunique()
+                 for s in table.site.unique() if s not in HELD_OUT}
+    for route in ("observed", "simulated"):
+        rec = records[f"pretrain__{route}__s0"]
+        assert sorted(rec["dev_sites"]) == sorted(dev_years)
+        assert rec["train_site_years"] + rec["val_site_years"] == sum(dev_years.values())
+        backbone = load_backbone(out / "models" / f"{route}__s0.safetensors")
+        assert backbone.config.features == schema.FLUXNET_FEATURES
+    for key, rec in records.items():
+        if rec["method"] == "pretrain":
+            continue
+        first = int(table.loc[table.site == rec["site"], "date"].dt.year.min())
+        assert rec["train_years"] == [first], key
+        assert rec["test"]["years"][0] == first + 1 and first not in rec["test"]["years"], key
+
+
+@needs_data
+@pytest.mark.slow
+def test_scores_recomputed_from_the_saved_backbone(quick_run, fluxnet_table: Path) -> None:
+    """global/observed on US-CRT: predict with the saved backbone and score by hand."""
+    out, _ = quick_run
+    rec = _records(out)["global__observed__US-CRT__1y__s0"]
+    backbone = load_backbone(out / "models" / "observed__s0.safetensors")
+    raw = pd.read_parquet(fluxnet_table)
+    site = raw[raw.site == "US-CRT"]
+    windows = make_windows(validate_table(site, backbone.config.features), backbone.config.features)
+    test = windows.subset(np.flatnonzero(windows.years >= 2012))
+    preds = predict_windows(backbone.model, backbone.scalers, test)
+    for target in ("NEE", "Reco"):
+        obs = test.target(target)
+        ok = np.isfinite(obs)
+        # QC masking: every scored day passed the import's QC threshold
+        qc = site.set_index("date")["NEE_QC"].reindex(pd.to_datetime(test.dates.ravel())).to_numpy()
+        assert (qc.reshape(obs.shape)[ok] >= 0.5).all()
+        mse = float(np.mean((preds[target][ok] - obs[ok]) ** 2))
+        r2 = 1 - mse / float(np.var(obs[ok]))
+        assert rec["test"][target]["n"] == int(ok.sum())
+        assert rec["test"][target]["mse"] == pytest.approx(mse, rel=1e-9)
+        assert rec["test"][target]["r2"] == pytest.approx(r2, rel=1e-9)
+        # annual sums: 365 days (29 February dropped) of the gap-filled record
+        for year, observed, predicted in zip(rec["test"]["years"], rec["test"][target]["annual_observed"],
+                                             rec["test"][target]["annual_predicted"]):
+            days = site[(site.date.dt.year == year) & ~((site.date.dt.month == 2) & (site.date.dt.day == 29))]
+            assert observed == pytest.approx(days[f"{target}_gapfilled"].sum(), rel=1e-9)
+            assert predicted == pytest.approx(preds[target][test.years == year].sum(), rel=1e-6)
+
+
+@needs_data
+@pytest.mark.slow
+def test_adapters_verify_against_their_backbone(quick_run) -> None:
+    out, _ = quick_run
+    adapter = out / "adapters" / "adapter__observed__US-Ne3__1y__s0.safetensors"
+    result = _runner().invoke(cli, ["adapters", "verify", str(adapter), "--backbone",
+                                    str(out / "models" / "observed__s0.safetensors")])
+    assert result.exit_code == 0, result.stderr
+    wrong = _runner().invoke(cli, ["adapters", "verify", str(adapter), "--backbone",
+                                   str(out / "models" / "simulated__s0.safetensors")])
+    assert wrong.exit_code == 2 and "fingerprint" in wrong.stderr
+
+
+@needs_data
+@pytest.mark.slow
+def test_resume_and_jobs_give_the_same_results(quick_run, fluxnet_table: Path, tmp_path: Path) -> None:
+    out, _ = quick_run
+    before = _records(out)
+    again = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),
+                                   "--out", str(out), "--quiet"])
+    assert again.exit_code == 0 and "(16 resumed)" in again.stdout
+    assert _records(out) == before
+    parallel = tmp_path / "parallel"
+    result = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),
+                                    "--out", str(parallel), "--quiet", "--jobs", "2"])
+    assert result.exit_code == 0, result.stderr
+    strip = lambda recs: {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in recs.items()}  # noqa: E731
+    assert strip(_records(parallel)) == strip(before)
+
+
+@needs_data
+@pytest.mark.parametrize("case", ["no-data", "not-imported", "unknown-held-out", "bad-config"])
+def test_bad_input(case: str, fluxnet_table: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["experiment", "--suite", "fluxnet", "--quick", "--out", "out", "--quiet"]
+    expect: tuple[str, ...]
+    if case == "no-data":
+        expect = ("--data", "import fluxnet")
+    elif case == "not-imported":
+        table = pd.read_parquet(fluxnet_table).drop(columns=["NEE_gapfilled", "Reco_gapfilled"])
+        table.to_parquet("plain.parquet", index=False)
+        args += ["--data", "plain.parquet"]
+        expect = ("NEE_gapfilled", "import fluxnet")
+    elif case == "unknown-held-out":
+        table = pd.read_parquet(fluxnet_table)
+        table[table.site != "US-CRT"].to_parquet("no-crt.parquet", index=False)
+        args += ["--data", "no-crt.parquet"]
+        expect = ("US-CRT", "not in the data")
+    else:
+        Path("c.toml").write_text("routes = ['observed', 'guessed']\n")
+        args = [a for a in args if a != "--quick"] + ["--config", "c.toml", "--data", str(fluxnet_table)]
+        expect = ("route", "guessed")
+    before = _snapshot(tmp_path)
+    result = _runner().invoke(cli, args)
+    check_user_error(result, args, expect, tmp_path, before)
