@@ -229,3 +229,23 @@ def split_by_site(windows: YearWindows, val_sites: Sequence[str]) -> tuple[np.nd
         raise KgmlPeftError(f"unknown validation site {unknown[0]!r}")
     is_val = np.isin(windows.sites, list(val_sites))
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def split_by_day_blocks(windows: YearWindows, block_days: int = 14,
+                        every: int = 4) -> tuple[YearWindows, YearWindows]:
+    """Split the *observations* of the same windows for early stopping when there is no year to
+    spare: every ``every``-th block of ``block_days`` days (days 42-55, 98-111, ... with the
+    defaults: a quarter of every season) validates, the other days train.
+
+    Both returned windows keep every day's inputs (the GRUs read the whole year); only the daily
+    targets are masked (NaN) outside each part. Annual targets stay with the training part.
+    """
+    if block_days < 1 or every < 2:
+        raise KgmlPeftError("block_days must be >= 1 and every >= 2")
+    day = np.arange(schema.DAYS_PER_YEAR)
+    is_val = (day // block_days) % every == every - 1
+    train, val = windows.subset(np.arange(len(windows))), windows.subset(np.arange(len(windows)))
+    train.daily = np.where(is_val[None, :, None], np.nan, windows.daily)
+    val.daily = np.where(is_val[None, :, None], windows.daily, np.nan)
+    val.annual = np.full_like(windows.annual, np.nan)
+    return train, val
