@@ -93,9 +93,13 @@ def _echo_json(data: object) -> None:
               help="Keep only the first N sites of each region (small data for tests).")
 @click.option("--max-years-per-site", type=click.IntRange(min=1), default=None,
               help="Keep only the first N years of each site.")
+@click.option("--tower-weather", is_flag=True,
+              help="Also write TAVG_AIR, VPD_AIR and VPDMAX_AIR (the flux-tower inputs), derived "
+                   "from the humidity columns, to pretrain FLUXNET-feature backbones.")
 def synth(out: Path, observed: bool, seed: int, max_sites_per_region: int | None,
-          max_years_per_site: int | None) -> None:
+          max_years_per_site: int | None, tower_weather: bool) -> None:
     """Generate process-model demo data (Iowa, Illinois, Indiana) in the data contract."""
+    from kgml_peft.data.meteo import add_flux_tower_weather
     from kgml_peft.data.synthetic import SynthConfig, simulate
     from kgml_peft.data.tables import table_format, write_table
     from kgml_peft.store.atomic import check_writable_target
@@ -105,6 +109,8 @@ def synth(out: Path, observed: bool, seed: int, max_sites_per_region: int | None
     config = SynthConfig(seed=seed, observed=observed, max_sites_per_region=max_sites_per_region,
                          max_years_per_site=max_years_per_site)
     frame = simulate(config)
+    if tower_weather:
+        frame = add_flux_tower_weather(frame)
     write_table(frame, out)
     years = frame.groupby("site")["date"].agg(lambda d: d.dt.year.nunique()).sum()
     click.echo(f"wrote {out}: {len(frame)} site-days, {frame['site'].nunique()} sites, "

@@ -218,3 +218,39 @@ def test_bad_input(case: str, fluxnet_table: Path, tmp_path: Path, monkeypatch) 
     before = _snapshot(tmp_path)
     result = _runner().invoke(cli, args)
     check_user_error(result, args, expect, tmp_path, before)
+
+
+@needs_data
+@pytest.mark.slow
+def test_cli_workflow_on_tower_data(tmp_path: Path, monkeypatch) -> None:
+    """The toolkit on FLUXNET as on its demo data: import, pretrain a tower-feature backbone with
+    configs/fluxnet.toml (simulator first, towers after), calibrate a held-out tower, serve it."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "fluxnet.toml"
+    monkeypatch.chdir(tmp_path)
+    run = _runner()
+
+    def ok(*args: str):
+        result = run.invoke(cli, list(args))
+        assert result.exit_code == 0, f"{args}: {result.stderr} {result.exception!r}"
+        return result
+
+    ok("synth", "--tower-weather", "--max-sites-per-region", "1", "--max-years-per-site", "3",
+       "--out", "sim.parquet")
+    ok("import", "fluxnet", str(DAILY / "FLX_US-Lin_FLUXNET2015_DD-FROM-HH_2009-2010.csv"),
+       str(DAILY / "FLX_US-Tw3_FLUXNET2015_DD-FROM-HH_2013-2014.csv"), "--out", "dev.parquet")
+    ok("import", "fluxnet", str(DAILY / "FLX_US-CRT_FLUXNET2015_DD-FROM-HH_2011-2013.csv"),
+       "--out", "crt.csv")
+    ok("pretrain", "--data", "sim.parquet", "--observed", "dev.parquet", "--config", str(config),
+       "--name", "tower", "--out-dir", ".", "--quiet", "--cpu")
+    backbone = load_backbone("tower.safetensors")
+    assert backbone.config.features == schema.FLUXNET_FEATURES
+    assert [p["name"] for p in backbone.training["phases"]] == ["simulated", "transfer"]
+    (tmp_path / "adapters").mkdir()
+    ok("calibrate", "--site", "US-CRT", "--data", "crt.csv", "--backbone", "tower.safetensors",
+       "--out", "adapters", "--epochs", "3", "--quiet", "--cpu")
+    assert (tmp_path / "adapters" / "US-CRT.safetensors").stat().st_size < 16 * 1024
+    ok("predict", "--data", "crt.csv", "--backbone", "tower.safetensors", "--adapters", "adapters",
+       "--site-column", "site", "--out", "pred.csv")
+    pred = pd.read_csv("pred.csv")
+    assert len(pred) == 3 * 365 and (pred["adapter"] == "US-CRT").all()
+    assert np.isfinite(pred[["NEE", "Reco"]].to_numpy()).all()
