@@ -240,12 +240,14 @@ def score(model: torch.nn.Module, scalers: Scalers, windows: YearWindows,
     if keep_series:
         out["dates"] = [str(d) for d in windows.dates[:, 0]]
         for name in SCORED:
-            obs = windows.target(name)
-            out[name]["daily_observed"] = [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
-                                           for row in obs]
-            out[name]["daily_gapfilled"] = [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
-                                            for row in gapfilled[name]]
+            out[name]["daily_observed"] = _json_rows(windows.target(name))
+            out[name]["daily_gapfilled"] = _json_rows(gapfilled[name])
     return out
+
+
+def _json_rows(values: np.ndarray) -> list[list[float | None]]:
+    """[N, 365] values as JSON lists, 4 decimals, None where missing."""
+    return [[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in values]
 
 
 class RealSiteBenchmark:

@@ -167,8 +167,9 @@ def plot_mse_by_years(results: dict, path: Path) -> Path:
                             ms=4, capsize=2, color=_colors()[name.split("/")[0]],
                             ls="-" if name.endswith("observed") or "/" not in name else "--", label=name)
             ax.set_title(f"{site}: {target}", fontsize=9)
+            ax.set_yscale("log")  # site-only on one year is an order of magnitude off
             ax.set_xlabel("calibration years")
-            ax.set_ylabel("test MSE (gC m-2 d-1)^2")
+            ax.set_ylabel("test MSE (gC m-2 d-1)^2, log scale")
             ax.set_xticks([int(k) for k in ks])
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
