@@ -141,12 +141,15 @@ def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, m
                    gpp: str, max_gap: int, as_json: bool) -> None:
     """Import FLUXNET2015 daily (DD) CSV files, or folders of them, into one table."""
     from kgml_peft import schema
-    from kgml_peft.data.fluxnet import ImportOptions, import_fluxnet as run_import
+    from kgml_peft.data.fluxnet import ImportOptions, expand_paths, import_fluxnet as run_import
     from kgml_peft.data.tables import table_format, write_table
     from kgml_peft.store.atomic import check_writable_target
 
     table_format(out)
     check_writable_target(out)  # fail before reading, not after
+    inputs = [*expand_paths(paths), *([site_meta] if site_meta is not None else [])]
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise KgmlPeftError(f"--out {out} is one of the input files; write the table elsewhere")
     options = ImportOptions(min_qc=min_qc, gpp=gpp.upper(), max_gap=max_gap)
     table, reports = run_import(paths, site_meta, options)
     write_table(table, out)
@@ -293,8 +296,8 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     if seed == 0:
         click.echo("\nSeed 0 is the data the shipped backbone was pretrained on (80 % of its years); "
                    "--seed 1 simulates unseen sites.")
-    click.echo(f"\nper-state calibration on the observed demo data: validation = the last year of "
-               f"each site, global backbone -> adapter (MSE in the units above):")
+    click.echo("\nper-state calibration on the observed demo data: validation = the last year of "
+               "each site, global backbone -> adapter (MSE in the units above):")
     table = calibration_table([r.result.summary | {"path": str(r.path), "bytes": r.path.stat().st_size,
                                                    "seconds": r.seconds} for r in runs])
     formats = {"KiB": "{:.1f}".format, "loss_change_%": "{:+.1f}".format, "seconds": "{:.0f}".format}
@@ -626,8 +629,9 @@ def _experiment_fluxnet(data: Path | None, out: Path, config_path: Path | None, 
                f"{time.perf_counter() - start:.0f} s; test NEE MSE (gC m-2 d-1)^2, mean over seeds:")
     for site, by_k in results["cells"].items():
         for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0])):
-            click.echo(f"  {site} {k}y  " + "  ".join(f"{name} {e['NEE']['mse']['mean']:.3f}"
-                                                     for name, e in rows.items()))
+            click.echo(f"  {site} {k}y  " + "  ".join(
+                f"{name} {e['NEE']['mse']['mean']:.3f}" if e["NEE"]["mse"] else f"{name} -"
+                for name, e in rows.items()))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and figures")
 
 

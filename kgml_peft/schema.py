@@ -89,6 +89,9 @@ DEFAULT_FEATURES: tuple[str, ...] = tuple(f for f in KGML_AG_INPUTS if f != "Yea
 FLUXNET_FEATURES: tuple[str, ...] = (
     "RADN", "TMAX_AIR", "TDIF_AIR", "TAVG_AIR", "VPD_AIR", "VPDMAX_AIR", "GPP",
 )
+#: The features of official FLUXNET2015 DD files (``TA_F``, ``SW_IN_F``, ``VPD_F``, ``P_F``,
+#: ``WS_F``; no daily minimum or maximum).
+FLUXNET_DD_FEATURES: tuple[str, ...] = ("RADN", "TAVG_AIR", "VPD_AIR", "PRECN", "WIND", "GPP")
 
 #: Daily flux targets predicted by the backbone, in output order.
 FLUX_OUTPUTS: tuple[str, ...] = ("Ra", "Rh", "NEE")

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from kgml_peft import schema
 from kgml_peft.data.windows import Scalers, make_windows
 from kgml_peft.data.tables import validate_table
 from kgml_peft.model.backbone import BackboneConfig, build_backbone

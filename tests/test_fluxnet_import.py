@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from kgml_peft.cli import cli
 from kgml_peft.data.fluxnet import ImportOptions, import_fluxnet
 from kgml_peft.data.tables import load_table
 from kgml_peft.data.windows import make_windows
+from kgml_peft.errors import KgmlPeftError
 from tests.test_cli_validation import _runner, _snapshot, check_user_error
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fluxnet2015"
@@ -242,7 +242,7 @@ def test_qc_exactly_at_threshold_is_kept(imported) -> None:
     assert abs(got["Reco"] - 9.9554) < TOL
 
 
-def test_hand_computed_row() -> None:
+def test_hand_computed_row(tmp_path: Path) -> None:
     """US-CRT, 2011-01-01, parsed here from the CSV text; expected numbers worked out by hand."""
     line = "20110101,6.4169,-3.9757,12.9899,27.1492,2.0737,4.0993,0.6286,0.0833,0.3828,0.0,1.0113"
     assert line in daily_file("US-CRT").read_text().splitlines()
@@ -268,7 +268,7 @@ def test_hand_computed_row() -> None:
     assert np.isnan(got["NEE"]) and np.isnan(got["Reco"])
     assert report.first_date == "2011-01-01"
     # with GPP day-time partitioning the GPP input is GPP_DT_VUT_REF (0.0 here)
-    dt, _ = import_fluxnet([daily_file("US-CRT")], options=ImportOptions(gpp="DT"))
+    dt, _ = import_fluxnet([_with_reco_dt("US-CRT", tmp_path)], options=ImportOptions(gpp="DT"))
     assert row_on(dt, "US-CRT", "2011-01-01")["GPP"] == 0.0
     assert abs(row_on(dt, "US-CRT", "2011-01-02")["GPP"] - 0.0) < TOL
     assert abs(row_on(table, "US-CRT", "2011-01-02")["GPP"] - (-0.6232)) < TOL
@@ -290,8 +290,19 @@ def test_units_of_every_row(imported) -> None:
                                        err_msg=f"{site} {name}")
 
 
+def _with_reco_dt(site: str, folder: Path) -> Path:
+    """A copy of a real file with a RECO_DT_VUT_REF column (the shared files have none): GPP_DT +
+    NEE + 0.25, so it differs from RECO_NT by construction."""
+    csv = CsvText(site)
+    gpp, nee = csv.header.index("GPP_DT_VUT_REF"), csv.header.index("NEE_VUT_REF")
+    csv.header.append("RECO_DT_VUT_REF")
+    for row in csv.rows:
+        row.append(repr(float(row[gpp]) + float(row[nee]) + 0.25))
+    return csv.write(folder)
+
+
 def test_gpp_dt_through_api_and_cli(tmp_path: Path, monkeypatch) -> None:
-    files = [daily_file("US-Ne1"), daily_file("US-CRT")]
+    files = [_with_reco_dt("US-Ne1", tmp_path / "in"), _with_reco_dt("US-CRT", tmp_path / "in")]
     table, _ = import_fluxnet(files, options=ImportOptions(gpp="DT"))
     monkeypatch.chdir(tmp_path)
     args = ["import", "fluxnet", *map(str, files), "--out", "dt.csv", "--gpp", "DT"]
@@ -300,13 +311,37 @@ def test_gpp_dt_through_api_and_cli(tmp_path: Path, monkeypatch) -> None:
     from_cli = load_table(tmp_path / "dt.csv", schema.FLUXNET_FEATURES)
     for site in ("US-Ne1", "US-CRT"):
         raw = raw_frame(site)
+        kept = (raw["NEE_VUT_REF_QC"] >= 0.5).to_numpy()
         for got in (site_rows(table, site), site_rows(from_cli, site)):
             np.testing.assert_allclose(got["GPP"].to_numpy(), raw["GPP_DT_VUT_REF"].to_numpy(),
                                        rtol=0, atol=TOL)
             assert not np.allclose(got["GPP"].to_numpy(), raw["GPP_NT_VUT_REF"].to_numpy())
+            # Reco comes from the same (day-time) partitioning, masked like NEE
+            reco_dt = raw["GPP_DT_VUT_REF"].to_numpy() + raw["NEE_VUT_REF"].to_numpy() + 0.25
+            np.testing.assert_allclose(got["Reco"].to_numpy()[kept], reco_dt[kept], rtol=0, atol=1e-6)
+            assert got["Reco"][~kept].isna().all()
             # the other inputs do not depend on the partitioning
             np.testing.assert_allclose(got["RADN"].to_numpy(), raw["SW_IN_F"].to_numpy() * 0.0864,
                                        rtol=0, atol=TOL)
+
+
+def test_edge_gaps_take_the_nearest_value(tmp_path: Path) -> None:
+    """A short input gap on the first or last days of the record is filled, not a reason to drop
+    the year."""
+    csv = CsvText().set("2011-01-01", "TA_F", "-9999", n=2).set("2013-12-29", "VPD_F", "-9999", n=3)
+    table, (report,) = import_fluxnet([csv.write(tmp_path)])
+    assert report.dropped_years == [] and report.filled_days == {"TAVG_AIR": 2, "VPD_AIR": 3}
+    rows = site_rows(table, EDIT_SITE)
+    assert (rows["TAVG_AIR"].iloc[:2] == float(csv.cell("2011-01-03", "TA_F"))).all()
+    assert (rows["VPD_AIR"].iloc[-3:] == float(csv.cell("2013-12-28", "VPD_F"))).all()
+
+
+def test_site_meta_as_a_dataframe_is_checked_like_a_file() -> None:
+    meta = pd.DataFrame({"site": ["US-CRT"], "region": ["OH"], "TSAND": [12.5]})
+    table, _ = import_fluxnet([daily_file("US-CRT")], site_meta=meta)
+    assert (table["region"] == "OH").all() and (table["TSAND"] == 12.5).all()
+    with pytest.raises(KgmlPeftError, match="TSAND needs a number"):
+        import_fluxnet([daily_file("US-CRT")], site_meta=meta.assign(TSAND=["sandy"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,6 +697,10 @@ CASES = [
                             _cmd(daily_file("US-CRT"), daily_file("US-Lin"), out=_good_output(w),
                                  extra=("--site-meta", "meta.csv")))[1],
                  ("TSAND", "US-Lin"), id="meta-static-without-every-site"),
+    pytest.param(lambda w: _cmd(daily_file(EDIT_SITE), out=_good_output(w), extra=("--gpp", "DT")),
+                 ("RECO_DT_VUT_REF", "--gpp NT"), id="dt-without-reco-dt"),
+    pytest.param(lambda w: (CsvText().write(w), _cmd(w / CsvText().name, out=CsvText().name))[1],
+                 ("--out", "input"), id="out-is-an-input"),
     pytest.param(_file_case(lambda c: c.set("2012-06-15", "NEE_VUT_REF_QC", "87.5"), good_output=True),
                  ("NEE_VUT_REF_QC", "outside", "2012-06-15"), id="qc-in-percent"),
     pytest.param(_file_case(lambda c: c.set("2012-06-15", "TA_F_MAX", "-40"), good_output=True),

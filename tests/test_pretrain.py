@@ -4,20 +4,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from kgml_peft import schema
 from kgml_peft.cli import cli
 from kgml_peft.data.synthetic import SynthConfig, simulate
 from kgml_peft.data.tables import validate_table, write_table
 from kgml_peft.model.backbone import BackboneConfig
-from kgml_peft.store.checkpoint import load_backbone, save_backbone
+from kgml_peft.store.checkpoint import load_backbone
 from kgml_peft.train.loop import PhaseConfig
 from kgml_peft.train.pretrain import PretrainConfig, pretrain
 

@@ -47,8 +47,12 @@ def test_config_checks_and_toml(tmp_path: Path) -> None:
         RealSiteConfig(routes=("observed", "dreamt"))
     with pytest.raises(KgmlPeftError, match="calibration years must be >= 1"):
         RealSiteConfig(calibration_years=(0, 1))
-    with pytest.raises(KgmlPeftError, match="unsafe held-out site id"):
+    with pytest.raises(KgmlPeftError, match="unsafe held-out or excluded site id"):
         RealSiteConfig(held_out=("../x",))
+    with pytest.raises(KgmlPeftError, match="both held out and excluded"):
+        RealSiteConfig(exclude=("US-CRT",))
+    with pytest.raises(KgmlPeftError, match="sim_sites_per_region must be >= 1"):
+        RealSiteConfig(sim_sites_per_region=0)
     path = tmp_path / "c.toml"
     path.write_text('held_out = ["US-Ne2"]\ncalibration_years = [2]\n[adapter]\nepochs = 7\n'
                     '[backbone]\nhidden_size = 4\n')
@@ -173,7 +177,7 @@ def test_adapters_verify_against_their_backbone(quick_run) -> None:
     assert result.exit_code == 0, result.stderr
     wrong = _runner().invoke(cli, ["adapters", "verify", str(adapter), "--backbone",
                                    str(out / "models" / "simulated__s0.safetensors")])
-    assert wrong.exit_code == 2 and "fingerprint" in wrong.stderr
+    assert wrong.exit_code == 2 and "use the backbone it was made for" in wrong.stderr
 
 
 @needs_data
@@ -194,7 +198,8 @@ def test_resume_and_jobs_give_the_same_results(quick_run, fluxnet_table: Path, t
 
 
 @needs_data
-@pytest.mark.parametrize("case", ["no-data", "not-imported", "unknown-held-out", "bad-config"])
+@pytest.mark.parametrize("case", ["no-data", "not-imported", "unknown-held-out", "bad-config",
+                                  "no-test-year", "excluded-held-out"])
 def test_bad_input(case: str, fluxnet_table: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["experiment", "--suite", "fluxnet", "--quick", "--out", "out", "--quiet"]
@@ -211,6 +216,16 @@ def test_bad_input(case: str, fluxnet_table: Path, tmp_path: Path, monkeypatch) 
         table[table.site != "US-CRT"].to_parquet("no-crt.parquet", index=False)
         args += ["--data", "no-crt.parquet"]
         expect = ("US-CRT", "not in the data")
+    elif case == "no-test-year":  # US-CRT has 3 years: calibrating on 3 leaves nothing to test
+        Path("c.toml").write_text("held_out = ['US-CRT']\ncalibration_years = [3]\n")
+        args = [a for a in args if a != "--quick"] + ["--config", "c.toml", "--data", str(fluxnet_table)]
+        expect = ("US-CRT", "no test year")
+    elif case == "excluded-held-out":
+        Path("c.toml").write_text("held_out = ['US-Ne2']\nexclude = ['US-Ne2x']\n")
+        table = pd.read_parquet(fluxnet_table)
+        table[table.site != "US-Ne2"].to_parquet("no-ne2.parquet", index=False)
+        args = [a for a in args if a != "--quick"] + ["--config", "c.toml", "--data", "no-ne2.parquet"]
+        expect = ("US-Ne2", "not in the data")
     else:
         Path("c.toml").write_text("routes = ['observed', 'guessed']\n")
         args = [a for a in args if a != "--quick"] + ["--config", "c.toml", "--data", str(fluxnet_table)]
@@ -254,3 +269,19 @@ def test_cli_workflow_on_tower_data(tmp_path: Path, monkeypatch) -> None:
     pred = pd.read_csv("pred.csv")
     assert len(pred) == 3 * 365 and (pred["adapter"] == "US-CRT").all()
     assert np.isfinite(pred[["NEE", "Reco"]].to_numpy()).all()
+
+
+@needs_data
+def test_exclude_removes_sites_before_anything(fluxnet_table: Path, tmp_path: Path) -> None:
+    """The development split (configs/fluxnet-dev.toml) removes the real held-out towers."""
+    import dataclasses
+
+    from kgml_peft.experiments.realsites import RealSiteBenchmark
+
+    dev = RealSiteConfig.from_toml(Path(__file__).resolve().parents[1] / "configs" / "fluxnet-dev.toml")
+    assert set(dev.exclude) == set(HELD_OUT) and not set(dev.held_out) & set(HELD_OUT)
+    config = dataclasses.replace(RealSiteConfig.quick(), held_out=dev.held_out, exclude=dev.exclude)
+    bench = RealSiteBenchmark(pd.read_parquet(fluxnet_table), config, tmp_path / "out")
+    assert not set(bench.windows.sites) & set(HELD_OUT)
+    assert not set(bench.dev_sites) & {*HELD_OUT, *dev.held_out} and len(bench.dev_sites) == 6
+    assert not (tmp_path / "out").exists()  # nothing is written before execution

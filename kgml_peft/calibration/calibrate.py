@@ -30,11 +30,11 @@ from kgml_peft.data.tables import select_sites, validate_table
 from kgml_peft.data.windows import WindowDataset, YearWindows, make_windows, split_by_year
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.metrics import group_metrics
-from kgml_peft.model.backbone import KGMLag, build_backbone
+from kgml_peft.model.backbone import build_backbone
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
-from kgml_peft.train.loop import PhaseConfig, make_accelerator, run_phase
+from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms, make_accelerator, run_phase
 from kgml_peft.train.objectives import anchor_distance, squared_norm
 from kgml_peft.train.pretrain import frame_hash, with_reco
 
@@ -206,13 +206,9 @@ def calibrate_unit(
     progress: bool = True,
 ) -> CalibrationResult:
     """Calibrate on one prepared unit (see :func:`prepare_unit`)."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
+    with deterministic_algorithms():
         set_seed(config.seed, deterministic=True)
-        torch.use_deterministic_algorithms(True, warn_only=True)
         return _calibrate(backbone, data, config, cpu=cpu, progress=progress)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,

@@ -147,10 +147,13 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def read_site_meta(path: str | os.PathLike) -> pd.DataFrame:
-    """Per-site metadata: ``site`` and ``region`` columns, optionally static soil inputs
-    (``TSAND``, ...), one row per site. Other columns are ignored."""
-    meta = read_table(path)
+def read_site_meta(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
+    """Per-site metadata (a table file or a DataFrame), checked: ``site`` and ``region`` columns,
+    optionally static soil inputs (``TSAND``, ...), one row per site; other columns are ignored.
+    Returns it indexed by site."""
+    meta = path.reset_index(drop=schema.SITE in path.columns) if isinstance(path, pd.DataFrame) \
+        else read_table(path)
+    path = "site metadata" if isinstance(path, pd.DataFrame) else path
     for name in (schema.SITE, schema.REGION):
         if name not in meta.columns:
             raise KgmlPeftError(f"{path}: missing column {name} (site metadata needs site and region)")
@@ -228,15 +231,15 @@ def _dates(frame: pd.DataFrame, file: str) -> pd.Series:
 
 
 def _fill(values: pd.Series, max_gap: int) -> pd.Series:
-    """Linear interpolation over runs of at most ``max_gap`` missing days inside the record."""
+    """Fill runs of at most ``max_gap`` missing days: linear interpolation inside the record, the
+    nearest value at its first or last days."""
     missing = values.isna()
     if not missing.any() or max_gap == 0:
         return values
     run = (missing != missing.shift()).cumsum()
     length = missing.groupby(run).transform("size")
-    inside = values.ffill().notna() & values.bfill().notna()
-    fillable = missing & (length <= max_gap) & inside
-    filled = values.interpolate(limit_area="inside")
+    fillable = missing & (length <= max_gap)
+    filled = values.interpolate(limit_area="inside").ffill().bfill()
     return values.where(~fillable, filled)
 
 
@@ -252,6 +255,10 @@ def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = 
     reco_col = f"RECO_{options.gpp}_VUT_REF"
     if gpp_col not in raw.columns:
         raise KgmlPeftError(f"{file}: missing column {gpp_col} (GPP is an input of every backbone)")
+    if reco_col not in raw.columns:
+        other = "NT" if options.gpp == "DT" else "DT"
+        raise KgmlPeftError(f"{file}: missing column {reco_col} (the Reco target of the {options.gpp} "
+                            f"partitioning, which also gives GPP); try --gpp {other}")
     if options.min_qc > 0 and QC_COLUMN not in raw.columns:
         raise KgmlPeftError(f"{file}: missing column {QC_COLUMN}; import with min_qc 0 "
                             "(--min-qc 0) to keep every NEE value unmasked")
@@ -286,7 +293,7 @@ def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = 
     out["GPP"] = cols[gpp_col]
     inputs = [c for c in schema.ALL_INPUTS if c in out.columns]
 
-    nee, reco = cols["NEE_VUT_REF"], cols.get(reco_col, pd.Series(np.nan, index=index))
+    nee, reco = cols["NEE_VUT_REF"], cols[reco_col]
     qc = cols.get(QC_COLUMN, pd.Series(np.nan, index=index))
     low_qc = (qc < options.min_qc) | (qc.isna() & (options.min_qc > 0))
     out["NEE"] = nee.mask(low_qc)
@@ -332,8 +339,7 @@ def import_fluxnet(
     :class:`SiteReport` per file.
     """
     files = expand_paths(paths)
-    meta = site_meta if isinstance(site_meta, pd.DataFrame) or site_meta is None \
-        else read_site_meta(site_meta)
+    meta = None if site_meta is None else read_site_meta(site_meta)
     seen: dict[str, str] = {}
     frames, reports = [], []
     for path in files:

@@ -64,7 +64,7 @@ from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.adapter import save_adapter
 from kgml_peft.store.atomic import atomic_path
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
-from kgml_peft.train.loop import PhaseConfig
+from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms
 from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
 
 ROUTES: tuple[str, ...] = ("observed", "simulated")
@@ -79,6 +79,9 @@ class RealSiteConfig:
     """The benchmark's settings (see the module docstring); every field has a default."""
 
     held_out: tuple[str, ...] = ("US-Ne3", "US-CRT")
+    #: sites removed from the table before anything else (the development split removes the real
+    #: held-out towers, see docs/fluxnet.md)
+    exclude: tuple[str, ...] = ()
     calibration_years: tuple[int, ...] = (1, 2, 3)
     seeds: tuple[int, ...] = (0, 1, 2)
     routes: tuple[str, ...] = ROUTES
@@ -114,8 +117,12 @@ class RealSiteConfig:
             set_(self, key, tuple(getattr(self, key)))
             if not getattr(self, key) or len(set(getattr(self, key))) != len(getattr(self, key)):
                 raise KgmlPeftError(f"{key} must list at least one value, each once")
-        for site in self.held_out:
-            schema.check_site_id(site, "held-out site id")
+        expect_type(self.exclude, (list, tuple), "exclude")
+        set_(self, "exclude", tuple(self.exclude))
+        for site in (*self.held_out, *self.exclude):
+            schema.check_site_id(site, "held-out or excluded site id")
+        if set(self.held_out) & set(self.exclude):
+            raise KgmlPeftError("a site cannot be both held out and excluded")
         for value in (*self.calibration_years, *self.seeds):
             expect_type(value, int, "calibration years / seed")
             if value < 0 or (value == 0 and value in self.calibration_years):
@@ -123,8 +130,12 @@ class RealSiteConfig:
         unknown = [r for r in self.routes if r not in ROUTES]
         if unknown:
             raise KgmlPeftError(f"unknown route {unknown[0]!r}; choose from {', '.join(ROUTES)}")
-        if not set(self.backbone.features) <= set(schema.ALL_INPUTS):
-            raise KgmlPeftError("backbone features must be contract inputs")
+        for key in ("sim_sites_per_region", "sim_years_per_site"):
+            value = getattr(self, key)
+            if value is not None:
+                expect_type(value, int, key)
+                if value < 1:
+                    raise KgmlPeftError(f"{key} must be >= 1 (or left out for all), got {value}")
         expect_type(self.val_fraction, (int, float), "val_fraction")
         if not 0 < self.val_fraction < 0.5:
             raise KgmlPeftError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
@@ -261,6 +272,10 @@ class RealSiteBenchmark:
         if missing:
             raise KgmlPeftError(f"the data has no {missing[0]} column; use a table written by "
                                 "kgml-peft import fluxnet")
+        if config.exclude:
+            frame = frame[~frame[schema.SITE].astype(str).isin(config.exclude)]
+            if frame.empty:
+                raise KgmlPeftError("every site of the data is excluded")
         table = validate_table(frame, features, targets=list(SCORED))
         self.windows = make_windows(table, features)
         present = set(self.windows.sites)
@@ -283,6 +298,11 @@ class RealSiteBenchmark:
         self.table = table
         self._gapfilled = self._gapfilled_lookup(frame)
         self.site_years = {s: int((self.windows.sites == s).sum()) for s in config.held_out}
+        for site, n in self.site_years.items():
+            if min(config.calibration_years) >= n:
+                raise KgmlPeftError(
+                    f"held-out site {site} has {n} complete years; calibrating on "
+                    f"{min(config.calibration_years)} would leave no test year (use fewer calibration years)")
         self.plan = plan_runs(config, self.site_years)
         self._backbones: dict[tuple[str, int], Backbone] = {}
 
@@ -313,12 +333,8 @@ class RealSiteBenchmark:
     def _train(self, data: dict, scalers: Scalers, phases: tuple[PhaseConfig, ...], seed: int):
         config = PretrainConfig(backbone=self.config.backbone, seed=seed, tolerance=self.config.tolerance,
                                 phases=phases)
-        was_deterministic = torch.are_deterministic_algorithms_enabled()
-        try:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        with deterministic_algorithms():
             return train_phases(data, scalers, config, cpu=self.cpu, progress=False)[:2]
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
 
     def _simulated(self) -> tuple[tuple[YearWindows, YearWindows], Scalers]:
         from kgml_peft.data.meteo import add_flux_tower_weather

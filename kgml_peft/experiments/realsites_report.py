@@ -8,12 +8,12 @@ and bias of annual sums (gC m-2 yr-1) against ONEFlux's gap-filled record.
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import numpy as np
 
 from kgml_peft.experiments.figures import _pyplot, _save
+from kgml_peft.experiments.report import seed_stats
 from kgml_peft.experiments.realsites import SCORED, RealRun, RealSiteBenchmark
 from kgml_peft.store.atomic import atomic_path
 
@@ -26,11 +26,9 @@ def label(run: RealRun) -> str:
 
 
 def _stats(values: list) -> dict | None:
+    """Mean, std and n of the values that exist (a test with no observed day scores None)."""
     values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return seed_stats(values) if values else None
 
 
 def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
@@ -163,6 +161,8 @@ def plot_mse_by_years(results: dict, path: Path) -> Path:
             for n, name in enumerate(names):
                 stats = [by_k[k][name][target]["mse"] for k in ks]
                 x = np.array([int(k) for k in ks]) + (n - len(names) / 2) * 0.04
+                ok = [i for i, st in enumerate(stats) if st is not None]  # None: no observed test day
+                x, stats = x[ok], [stats[i] for i in ok]
                 ax.errorbar(x, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o",
                             ms=4, capsize=2, color=_colors()[name.split("/")[0]],
                             ls="-" if name.endswith("observed") or "/" not in name else "--", label=name)

@@ -22,7 +22,8 @@ AUDIT_KEYS = ("l_phys", "mass_balance_violation_rate", "mass_balance_mae", "nega
               "negative_rh_rate")
 
 
-def _stats(values: list[float]) -> dict:
+def seed_stats(values: list[float]) -> dict:
+    """Mean, population std (0 for one value) and n over seeds."""
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
 
@@ -35,19 +36,19 @@ def aggregate(experiment: Experiment) -> dict:
         regimes[regime] = {}
         for region, keys in by_region.items():
             tests = [records[k]["test"][region] for k in keys]
-            mse = _stats([t["mse"] for t in tests])
+            mse = seed_stats([t["mse"] for t in tests])
             entry = {"mse_mean": mse["mean"], "mse_std": mse["std"], "seeds": mse["n"],
                      "trainable_parameters": records[keys[0]]["trainable_parameters"],
                      "backbone_parameters": records[keys[0]]["backbone_parameters"],
-                     "targets": {t: _stats([x["targets"][t] for x in tests])["mean"] for t in tests[0]["targets"]},
-                     "physics": {k: _stats([x["physics"][k] for x in tests])["mean"] for k in AUDIT_KEYS},
-                     "seconds_mean": _stats([records[k]["seconds"] for k in keys])["mean"],
+                     "targets": {t: seed_stats([x["targets"][t] for x in tests])["mean"] for t in tests[0]["targets"]},
+                     "physics": {k: seed_stats([x["physics"][k] for x in tests])["mean"] for k in AUDIT_KEYS},
+                     "seconds_mean": seed_stats([records[k]["seconds"] for k in keys])["mean"],
                      "runs": keys}
             if "adapter_bytes" in records[keys[0]]:
                 entry["adapter_bytes"] = records[keys[0]]["adapter_bytes"]
             regimes[regime][region] = entry
-    cross = {unit: {region: {"mse_mean": _stats([records[k]["test"][region]["mse"] for k in keys])["mean"],
-                             "mse_std": _stats([records[k]["test"][region]["mse"] for k in keys])["std"]}
+    cross = {unit: {region: {"mse_mean": seed_stats([records[k]["test"][region]["mse"] for k in keys])["mean"],
+                             "mse_std": seed_stats([records[k]["test"][region]["mse"] for k in keys])["std"]}
                     for region, keys in by_region.items()}
              for unit, by_region in experiment.plan.cross.items()}
     relative = {}

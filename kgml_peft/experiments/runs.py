@@ -34,7 +34,7 @@ from kgml_peft.store.adapter import save_adapter
 from kgml_peft.store.atomic import atomic_path
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
 from kgml_peft.train.objectives import physics_loss
-from kgml_peft.train.loop import PhaseConfig
+from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms
 from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
 
 
@@ -242,13 +242,9 @@ class Experiment:
         """A backbone from random weights through the staged schedule (:func:`scratch_phases`)."""
         config = PretrainConfig(backbone=self.config.backbone, seed=run.seed, tolerance=self.config.tolerance,
                                 phases=scratch_phases(run.training, self.weights, self.config.physics_weight))
-        was_deterministic = torch.are_deterministic_algorithms_enabled()
-        try:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        with deterministic_algorithms():
             model, phases, _ = train_phases({"observed": (train, val)}, self.scalers, config,
                                             cpu=self.cpu, progress=False)
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
         return model, phases
 
     def _global(self, seed: int) -> Backbone:

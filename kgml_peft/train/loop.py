@@ -8,9 +8,10 @@ stops early when the validation loss stops improving and restores the best weigh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -84,6 +85,18 @@ class PhaseConfig:
         data = asdict(self)
         data["trainable"] = list(self.trainable)
         return data
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Run the body with torch's deterministic algorithms on (warn-only where an op has none), then
+    restore the caller's setting: same data, config and seed give the same weights on CPU."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Accelerator:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from accelerate.utils import set_seed
 
 from kgml_peft import schema
@@ -30,7 +29,7 @@ from kgml_peft.config_files import check_keys, read_toml
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows, make_windows, split_by_year
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import BackboneConfig, KGMLag, build_backbone
-from kgml_peft.train.loop import PhaseConfig, PhaseResult, make_accelerator, run_phase
+from kgml_peft.train.loop import PhaseConfig, PhaseResult, deterministic_algorithms, make_accelerator, run_phase
 
 _FLUX_BRANCHES = ("gru_ra", "ra_out", "gru_rh", "rh_out", "gru_nee", "nee_out")
 
@@ -216,12 +215,8 @@ def pretrain(
     ``None``. Same tables, config and seed give the same weights on CPU.
     """
     config = config or PretrainConfig()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with deterministic_algorithms():
         return _pretrain(synthetic, observed, config, cpu=cpu, progress=progress)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _pretrain(
