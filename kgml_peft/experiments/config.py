@@ -127,21 +127,29 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ExperimentConfig:
         """Build from a dict shaped like :meth:`to_dict` (every key optional)."""
-        expect_type(data, dict, "experiment config")
-        check_keys(data, {f.name for f in dataclasses.fields(cls)}, "experiment config")
-        data = dict(data)
-        try:
-            if "backbone" in data:
-                data["backbone"] = BackboneConfig.from_dict(data["backbone"])
-            for key in ("scratch", "finetune", "adapter"):
-                if key in data:
-                    check_keys(data[key], {f.name for f in dataclasses.fields(Training)}, f"[{key}]")
-                    data[key] = Training(**{**dataclasses.asdict(getattr(cls(), key)), **data[key]})
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise KgmlPeftError(f"bad experiment config: {exc}") from None
+        return config_from_dict(cls, data, "experiment config")
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> ExperimentConfig:
         """Read a TOML file whose keys are those of :meth:`to_dict`."""
         return cls.from_dict(read_toml(path))
+
+
+def config_from_dict(cls, data: dict, what: str, backbone_defaults: dict | None = None):
+    """A suite config dataclass ``cls`` from a dict (every key optional, unknown keys refused):
+    ``backbone`` becomes a :class:`BackboneConfig` (``backbone_defaults`` under the given keys) and
+    each :class:`Training` field a Training whose missing keys keep ``cls()``'s values."""
+    expect_type(data, dict, what)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_keys(data, set(fields), what)
+    data = dict(data)
+    defaults = cls()
+    try:
+        if "backbone" in data:
+            data["backbone"] = BackboneConfig.from_dict({**(backbone_defaults or {}), **data["backbone"]})
+        for key in [k for k in data if isinstance(getattr(defaults, k), Training)]:
+            check_keys(data[key], {f.name for f in dataclasses.fields(Training)}, f"[{key}]")
+            data[key] = Training(**{**dataclasses.asdict(getattr(defaults, key)), **data[key]})
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise KgmlPeftError(f"bad {what}: {exc}") from None

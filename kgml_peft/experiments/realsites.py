@@ -31,7 +31,6 @@ gap-filled NEE and Reco (``NEE_gapfilled``, ``Reco_gapfilled``). Runs are writte
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -45,7 +44,7 @@ import torch
 from kgml_peft import schema
 from kgml_peft.calibration.calibrate import CalibrationData, calibrate_unit
 from kgml_peft.calibration.config import CalibrationConfig
-from kgml_peft.config_files import check_keys, read_toml
+from kgml_peft.config_files import read_toml
 from kgml_peft.data.fluxnet import GAPFILLED
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import (
@@ -56,13 +55,12 @@ from kgml_peft.data.windows import (
     split_by_year,
 )
 from kgml_peft.errors import KgmlPeftError, expect_type
-from kgml_peft.experiments.config import Training
-from kgml_peft.experiments.runs import _complete, scratch_phases
+from kgml_peft.experiments.config import Training, config_from_dict
+from kgml_peft.experiments.runs import RunFiles, _complete, scratch_phases
 from kgml_peft.metrics import group_metrics
 from kgml_peft.model.backbone import BackboneConfig
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.adapter import save_adapter
-from kgml_peft.store.atomic import atomic_path
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
 from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms
 from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
@@ -172,20 +170,8 @@ class RealSiteConfig:
     @classmethod
     def from_dict(cls, data: dict) -> RealSiteConfig:
         """Build from a dict shaped like :meth:`to_dict` (every key optional)."""
-        expect_type(data, dict, "real-site benchmark config")
-        check_keys(data, {f.name for f in dataclasses.fields(cls)}, "real-site benchmark config")
-        data = dict(data)
-        try:
-            if "backbone" in data:
-                data["backbone"] = BackboneConfig.from_dict(
-                    {"features": list(schema.FLUXNET_FEATURES), **data["backbone"]})
-            for key in ("pretrain", "simulated", "transfer", "site_only", "finetune", "adapter"):
-                if key in data:
-                    check_keys(data[key], {f.name for f in dataclasses.fields(Training)}, f"[{key}]")
-                    data[key] = Training(**{**dataclasses.asdict(getattr(cls(), key)), **data[key]})
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise KgmlPeftError(f"bad real-site benchmark config: {exc}") from None
+        return config_from_dict(cls, data, "real-site benchmark config",
+                                {"features": list(schema.FLUXNET_FEATURES)})
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> RealSiteConfig:
@@ -261,7 +247,7 @@ def _json_rows(values: np.ndarray) -> list[list[float | None]]:
     return [[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in values]
 
 
-class RealSiteBenchmark:
+class RealSiteBenchmark(RunFiles):
     """Runs the benchmark's plan on one imported FLUXNET table into ``out`` (see module docstring)."""
 
     def __init__(self, frame: pd.DataFrame, config: RealSiteConfig, out: str | Path, *,
@@ -405,14 +391,6 @@ class RealSiteBenchmark:
 
     # -- execution --------------------------------------------------------------------------------
 
-    def path(self, run: RealRun) -> Path:
-        """Where a finished run's JSON lives."""
-        return self.out / "runs" / f"{run.key}.json"
-
-    def done(self, run: RealRun) -> bool:
-        """Whether ``run`` finished in an earlier invocation (its JSON exists)."""
-        return self.path(run).is_file()
-
     def execute(self, run: RealRun) -> dict:
         """Train (or load) ``run``'s model, score it, write its JSON (and model/adapter files)."""
         start = time.perf_counter()
@@ -437,11 +415,4 @@ class RealSiteBenchmark:
                           test=score(model, scalers, test, self.gapfilled(test), self.config.tolerance,
                                      keep_series=run.seed == self.config.seeds[0]))
         record["seconds"] = round(time.perf_counter() - start, 2)
-        self.path(run).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(run)) as tmp:
-            tmp.write_text(json.dumps(record, sort_keys=True, allow_nan=False))
-        return record
-
-    def load(self, run: RealRun) -> dict:
-        """A finished run's record."""
-        return json.loads(self.path(run).read_text())
+        return self.save(run, record)

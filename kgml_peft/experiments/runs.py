@@ -204,7 +204,33 @@ def scratch_phases(training: Training, weights: dict[str, float],
     return tuple(phases)
 
 
-class Experiment:
+class RunFiles:
+    """Finished runs as ``<out>/runs/<key>.json``, written atomically: what makes a suite resumable
+    (a run whose file exists is done)."""
+
+    out: Path
+
+    def path(self, run) -> Path:
+        """Where a finished run's JSON lives."""
+        return self.out / "runs" / f"{run.key}.json"
+
+    def done(self, run) -> bool:
+        """Whether ``run`` finished in an earlier invocation (its JSON exists)."""
+        return self.path(run).is_file()
+
+    def load(self, run) -> dict:
+        """A finished run's record."""
+        return json.loads(self.path(run).read_text())
+
+    def save(self, run, record: dict, indent: int | None = None) -> dict:
+        """Write ``record`` as ``run``'s JSON (strict JSON: no NaN) and return it."""
+        self.path(run).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path(run)) as tmp:
+            tmp.write_text(json.dumps(record, indent=indent, sort_keys=True, allow_nan=False))
+        return record
+
+
+class Experiment(RunFiles):
     """Runs a :class:`Plan` on one table into ``out`` (see module docstring)."""
 
     def __init__(self, frame: pd.DataFrame, config: ExperimentConfig, out: str | Path, *,
@@ -255,14 +281,6 @@ class Experiment:
             self._globals[seed] = load_backbone(path)
         return self._globals[seed]
 
-    def path(self, run: Run) -> Path:
-        """Where a finished run's JSON lives."""
-        return self.out / "runs" / f"{run.key}.json"
-
-    def done(self, run: Run) -> bool:
-        """Whether ``run`` finished in an earlier invocation (its JSON exists)."""
-        return self.path(run).is_file()
-
     def execute(self, run: Run) -> dict:
         """Train ``run``, test it on every region, write its JSON (and model/adapter files)."""
         start = time.perf_counter()
@@ -309,11 +327,4 @@ class Experiment:
             path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", adapter)
             record["adapter_bytes"] = path.stat().st_size
         record["seconds"] = round(time.perf_counter() - start, 2)
-        self.path(run).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(run)) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=False))
-        return record
-
-    def load(self, run: Run) -> dict:
-        """A finished run's record."""
-        return json.loads(self.path(run).read_text())
+        return self.save(run, record, indent=1)
