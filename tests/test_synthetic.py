@@ -50,7 +50,11 @@ def annual(full: pd.DataFrame) -> pd.DataFrame:
 
 
 def assert_in_ranges(frame: pd.DataFrame) -> None:
+    """Every contract column of ``frame`` (all KGML-ag inputs and targets at least) in range."""
+    assert set(EXPECTED_COLUMNS[3:]) <= set(frame.columns)
     for name, column in schema.COLUMNS.items():
+        if name not in frame.columns:
+            continue
         values = frame[name].dropna()
         assert values.between(column.low, column.high).all(), (
             name, values.min(), values.max()
@@ -106,6 +110,12 @@ def test_mass_balance(small: pd.DataFrame) -> None:
 def test_every_value_in_range_and_complete(full: pd.DataFrame) -> None:
     assert not full.isna().any().any()
     assert_in_ranges(full)
+    # the flux-tower inputs derived from its humidity are in range too (synth --tower-weather)
+    from kgml_peft.data.meteo import add_flux_tower_weather
+
+    tower = add_flux_tower_weather(full)
+    assert set(schema.FLUX_TOWER_INPUTS) <= set(tower.columns) and not tower.isna().any().any()
+    assert_in_ranges(tower)
 
 
 def test_static_soil_per_site(full: pd.DataFrame) -> None:
