@@ -147,11 +147,11 @@ def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, m
 
     table_format(out)
     check_writable_target(out)  # fail before reading, not after
-    inputs = [*expand_paths(paths), *([site_meta] if site_meta is not None else [])]
-    if any(out.resolve() == p.resolve() for p in inputs):
+    files = expand_paths(paths)
+    if any(out.resolve() == p.resolve() for p in [*files, *([site_meta] if site_meta else [])]):
         raise KgmlPeftError(f"--out {out} is one of the input files; write the table elsewhere")
     options = ImportOptions(min_qc=min_qc, gpp=gpp.upper(), max_gap=max_gap)
-    table, reports = run_import(paths, site_meta, options)
+    table, reports = run_import(files, site_meta, options)
     write_table(table, out)
     if as_json:
         _echo_json({"out": str(out), "rows": len(table), "options": options.__dict__,

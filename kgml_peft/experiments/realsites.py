@@ -31,6 +31,7 @@ gap-filled NEE and Reco (``NEE_gapfilled``, ``Reco_gapfilled``). Runs are writte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -273,8 +274,9 @@ class RealSiteBenchmark(RunFiles):
         if len(dev) == 0:
             raise KgmlPeftError("the data has no development site besides the held-out ones")
         self.dev_sites = sorted(set(self.windows.sites[dev]))
-        train, val = split_by_year(self.windows.subset(dev), config.val_fraction)
-        self.dev = (self.windows.subset(dev).subset(train), self.windows.subset(dev).subset(val))
+        dev_windows = self.windows.subset(dev)
+        train, val = split_by_year(dev_windows, config.val_fraction)
+        self.dev = (dev_windows.subset(train), dev_windows.subset(val))
         if not all(np.isfinite(self.dev[i].target(t)).any() for i in (0, 1) for t in SCORED):
             raise KgmlPeftError("the development sites need observed NEE and Reco in their "
                                 "training and validation years")
@@ -322,7 +324,10 @@ class RealSiteBenchmark(RunFiles):
         with deterministic_algorithms():
             return train_phases(data, scalers, config, cpu=self.cpu, progress=False)[:2]
 
+    @functools.cached_property
     def _simulated(self) -> tuple[tuple[YearWindows, YearWindows], Scalers]:
+        """The simulator's (train, validation) windows in the tower features and their scalers
+        (built once per process, for the first simulated-route backbone)."""
         from kgml_peft.data.meteo import add_flux_tower_weather
         from kgml_peft.data.synthetic import SynthConfig, simulate
 
@@ -341,7 +346,7 @@ class RealSiteBenchmark(RunFiles):
         if run.route == "observed":
             model, results = self._train({"observed": self.dev}, self.scalers, observed, run.seed)
             return model, self.scalers, results
-        split, scalers = self._simulated()
+        split, scalers = self._simulated
         t, o = c.simulated, c.transfer
         phases = (
             PhaseConfig("simulated", "synthetic", {"Ra": 1.0, "Rh": 1.0, "NEE": 1.0, "Reco": 0.5},
