@@ -159,3 +159,21 @@ def test_demo_calibrate_ia_meets_size_and_accuracy_targets(tmp_path):
     assert after["mse"]["NEE"] < before["mse"]["NEE"]
     verify = _runner().invoke(cli, ["adapters", "verify", str(path), "--backbone", str(DEMO)])
     assert verify.exit_code == 0
+
+
+@pytest.mark.parametrize("method, lr", [("adapter", "10"), ("full", "1e6")])
+def test_diverging_calibration_stops_with_one_line_and_keeps_the_good_adapter(
+        table, backbone_path, tmp_path, method, lr):
+    """lr 10 on an adapter (or 1e6 on full fine-tuning) blows the loss up by orders of magnitude
+    while it stays finite: early stopping alone would quietly hand back the unchanged backbone, so
+    the run must stop with an error, and the adapter from an earlier good run must stay as it was."""
+    from tests.test_cli_validation import _snapshot, check_user_error
+
+    out = tmp_path / "adapters"
+    out.mkdir()
+    first = _calibrate(table, backbone_path, out, "--site", "IA", "--method", method)
+    assert first.exit_code == 0, first.stderr
+    before = _snapshot(tmp_path)
+    args = ["--site", "IA", "--method", method, "--lr", lr, "--force"]
+    result = _calibrate(table, backbone_path, out, *args)
+    check_user_error(result, args, ("diverged", "lower the learning rate"), tmp_path, before)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -163,6 +164,26 @@ class PhaseResult:
     steps: int = 0
 
 
+#: A phase has diverged when a loss exceeds this many times its starting value (or 1, if larger):
+#: scaled losses are of order 1, and no converging run comes near (a diverging one, e.g. lr 10
+#: on an adapter, jumps by 10^6 in one epoch while the weights stay finite).
+DIVERGENCE_FACTOR = 1e3
+
+
+def _check_divergence(name: str, epoch: int, curve: list[dict], train_loss: float,
+                      val_loss: float | None) -> None:
+    """Raise :class:`KgmlPeftError` if the validation loss (or, without validation data, the
+    training loss) is not finite or has grown past ``DIVERGENCE_FACTOR`` times its start."""
+    if val_loss is not None:
+        start, now, what = curve[0]["val_loss"], val_loss, "validation"
+    else:
+        start = next((c["train_loss"] for c in curve if c["train_loss"] is not None), train_loss)
+        now, what = train_loss, "training"
+    if not math.isfinite(now) or now > DIVERGENCE_FACTOR * max(start, 1.0):
+        raise KgmlPeftError(f"phase {name} diverged: the {what} loss rose from {start:.4g} to {now:.4g} "
+                            f"at epoch {epoch}; lower the learning rate")
+
+
 def run_phase(
     model: torch.nn.Module,
     phase: PhaseConfig,
@@ -248,6 +269,7 @@ def run_phase(
         train_loss = total / max(batches, 1)
         if val_loader is not None:
             val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
+        _check_divergence(phase.name, epoch, result.curve, train_loss, val_loss)
         result.curve.append({"phase": phase.name, "epoch": epoch, "step": step,
                              "train_loss": train_loss, "val_loss": val_loss})
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-")
