@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from kgml_peft import schema
-from kgml_peft.data.tables import read_table, validate_table
+from kgml_peft.data.tables import parse_yyyymmdd, read_table, validate_table
 from kgml_peft.errors import KgmlPeftError
 
 #: W m-2 averaged over a day -> MJ m-2 d-1 (86400 s / 1e6).
@@ -184,15 +184,7 @@ def read_daily(path: str | os.PathLike) -> pd.DataFrame:
     source = Path(path)
     if source.suffix.lower() != ".csv":
         raise KgmlPeftError(f"{source.name}: FLUXNET2015 files are .csv")
-    try:
-        frame = pd.read_csv(source)
-    except pd.errors.EmptyDataError:
-        raise KgmlPeftError(f"{source.name} is empty") from None
-    except Exception as exc:  # the csv parser raises several types for broken files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KgmlPeftError(f"cannot read {source.name}: {first}") from None
-    if frame.empty:
-        raise KgmlPeftError(f"{source.name} has no rows")
+    frame = read_table(source)  # refuses missing, empty, header-only and unreadable files
     if "TIMESTAMP_START" in frame.columns and "TIMESTAMP" not in frame.columns:
         raise KgmlPeftError(f"{source.name} has TIMESTAMP_START (a sub-daily file); import needs the "
                             "daily (DD) files")
@@ -216,10 +208,7 @@ def _numeric(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
 
 
 def _dates(frame: pd.DataFrame, file: str) -> pd.Series:
-    raw = pd.to_numeric(frame["TIMESTAMP"], errors="coerce").astype("float64")
-    whole = np.isfinite(raw) & (raw == np.round(raw))
-    text = pd.Series(np.where(whole, raw, 0).astype("int64").astype(str), index=frame.index)
-    dates = pd.to_datetime(text.where(whole), format="%Y%m%d", errors="coerce")
+    dates = parse_yyyymmdd(frame["TIMESTAMP"])
     bad = dates.isna()
     if bad.any():
         raise KgmlPeftError(f"{file}: column TIMESTAMP has {bad.sum()} values that are not days "

@@ -132,6 +132,15 @@ def _check_numeric(frame: pd.DataFrame, name: str, allow_nan: bool) -> None:
 _OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
 
 
+def parse_yyyymmdd(values: pd.Series) -> pd.Series:
+    """Whole numbers YYYYMMDD (FLUXNET's TIMESTAMP) as timestamps; NaT for anything else (text,
+    fractions, impossible days such as 20120231)."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    whole = np.isfinite(numbers) & (numbers == np.round(numbers)) & (numbers >= 1e7) & (numbers < 1e8)
+    text = pd.Series(np.where(whole, numbers, 0).astype("int64").astype(str), index=values.index)
+    return pd.to_datetime(text.where(whole), format="%Y%m%d", errors="coerce")
+
+
 def _parse_dates(frame: pd.DataFrame) -> pd.Series:
     """Dates as midnight timestamps. Accepts datetimes, ISO 8601 strings (a time of day and a UTC
     offset are dropped, keeping the local date) and integers YYYYMMDD (FLUXNET's TIMESTAMP).
@@ -141,10 +150,7 @@ def _parse_dates(frame: pd.DataFrame) -> pd.Series:
     if pd.api.types.is_datetime64_any_dtype(raw):
         dates = raw.dt.tz_localize(None) if raw.dt.tz is not None else raw
     elif pd.api.types.is_numeric_dtype(raw) and raw.dtype != bool:
-        values = raw.to_numpy(dtype="float64", na_value=np.nan)
-        whole = np.isfinite(values) & (values == np.round(values)) & (values >= 1e7) & (values < 1e8)
-        text = pd.Series(np.where(whole, values, 0).astype("int64").astype(str), index=raw.index)
-        dates = pd.to_datetime(text.where(whole), format="%Y%m%d", errors="coerce")
+        dates = parse_yyyymmdd(raw)
     else:
         text = raw.astype("string").str.strip().str.replace(_OFFSET, "", regex=True)
         dates = pd.to_datetime(text, format="ISO8601", errors="coerce")

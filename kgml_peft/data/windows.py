@@ -8,6 +8,7 @@ an error. Scalers are fitted on the training windows only and stored with the ba
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -234,8 +235,8 @@ def split_by_site(windows: YearWindows, val_sites: Sequence[str]) -> tuple[np.nd
 def split_by_day_blocks(windows: YearWindows, block_days: int = 14,
                         every: int = 4) -> tuple[YearWindows, YearWindows]:
     """Split the *observations* of the same windows for early stopping when there is no year to
-    spare: every ``every``-th block of ``block_days`` days (days 42-55, 98-111, ... with the
-    defaults: a quarter of every season) validates, the other days train.
+    spare: every ``every``-th block of ``block_days`` days (days of year 43-56, 99-112, ... with
+    the defaults: a quarter of every season) validates, the other days train.
 
     Both returned windows keep every day's inputs (the GRUs read the whole year); only the daily
     targets are masked (NaN) outside each part. Annual targets stay with the training part.
@@ -244,8 +245,7 @@ def split_by_day_blocks(windows: YearWindows, block_days: int = 14,
         raise KgmlPeftError("block_days must be >= 1 and every >= 2")
     day = np.arange(schema.DAYS_PER_YEAR)
     is_val = (day // block_days) % every == every - 1
-    train, val = windows.subset(np.arange(len(windows))), windows.subset(np.arange(len(windows)))
-    train.daily = np.where(is_val[None, :, None], np.nan, windows.daily)
-    val.daily = np.where(is_val[None, :, None], windows.daily, np.nan)
-    val.annual = np.full_like(windows.annual, np.nan)
+    train = dataclasses.replace(windows, daily=np.where(is_val[None, :, None], np.nan, windows.daily))
+    val = dataclasses.replace(windows, daily=np.where(is_val[None, :, None], windows.daily, np.nan),
+                              annual=np.full_like(windows.annual, np.nan))
     return train, val
