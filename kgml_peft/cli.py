@@ -183,9 +183,11 @@ def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, m
 @click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint of the same name.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run of the same config, data and seed from its last epoch.")
 def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: str, out_dir: Path,
              seed: int | None, mixed_precision: str | None, cpu: bool, quiet: bool,
-             force: bool) -> None:
+             force: bool, resume: bool) -> None:
     """Global pretraining (Eq. 1) with the staged KGML-ag schedule; writes a backbone checkpoint."""
     import dataclasses
 
@@ -193,7 +195,7 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
     from kgml_peft.data.tables import load_table
     from kgml_peft.store.atomic import check_writable_target
     from kgml_peft.store.checkpoint import save_backbone
-    from kgml_peft.train.pretrain import PretrainConfig
+    from kgml_peft.train.pretrain import PretrainConfig, pretrain_state
     from kgml_peft.train.pretrain import pretrain as run_pretrain
 
     schema.check_site_id(name, "checkpoint name")
@@ -209,14 +211,29 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
     synthetic = load_table(data, features, require_targets=("Ra", "Rh", "NEE", "Yield"))
     obs = load_table(observed, features) if observed else None
     start = time.perf_counter()
-    result = run_pretrain(synthetic, obs, config, cpu=cpu, progress=not quiet)
+    state = pretrain_state(target, synthetic, obs, config, resume)
+    _resuming(state)
+    result = run_pretrain(synthetic, obs, config, cpu=cpu, progress=not quiet, state=state)
     fp = save_backbone(target, result.model, result.scalers, result.summary)
+    state.discard()
     for phase in result.summary["phases"]:
         click.echo(_phase_line(phase))
     for skipped in result.summary["skipped_phases"]:
         click.echo(f"phase {skipped:<11} skipped (no --observed data)")
     click.echo(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB, fingerprint {fp[:16]}) "
                f"in {time.perf_counter() - start:.0f} s")
+
+
+def _resuming(state) -> None:
+    """Say on stderr where a --resume run continues from (nothing to say for a fresh run)."""
+    if not state.resume:
+        return
+    saved = state.load()
+    if saved is None:
+        click.echo(f"no saved training state at {state.path}; starting from the beginning", err=True)
+    else:
+        click.echo(f"resuming from {state.path}: phase {saved.phase.result.name!r} after epoch "
+                   f"{saved.phase.epoch}", err=True)
 
 
 def _print_report(report: dict, as_json: bool, level: str) -> None:
@@ -418,11 +435,14 @@ def _print_calibration(result, path: Path, seconds: float, backbone_bytes: int) 
 @click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
+@click.option("--resume", is_flag=True,
+              help="Continue interrupted units from their last epoch; skip units this same run "
+                   "(config, data, seed, backbone) already wrote.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the validation curves and before/after MSE to this PNG.")
 def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, config_path: Path | None,
-              cpu: bool, quiet: bool, force: bool, as_json: bool, plot: Path | None,
+              cpu: bool, quiet: bool, force: bool, resume: bool, as_json: bool, plot: Path | None,
               **options) -> None:
     """Calibrate the global backbone to a site or region (Eq. 3 adapter, or Eq. 2 / site-only
     backbones with --method) and print validation MSE before and after."""
@@ -434,20 +454,25 @@ def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, confi
     if plot is not None:
         check_writable_target(plot)
     runs = run_calibration(site, backbone_path=backbone, data=data, out_dir=out_dir, config=config,
-                           cpu=cpu, progress=not quiet, force=force)
-    if plot is not None:
+                           cpu=cpu, progress=not quiet, force=force, resume=resume)
+    trained = [r for r in runs if r.result is not None]
+    if plot is not None and trained:
         from kgml_peft.experiments.figures import plot_calibration
 
         plot_calibration({r.result.name: {"curve": r.result.curve, "metrics": r.result.summary["metrics"]}
-                          for r in runs}, plot, f"Calibration of {backbone.name} ({config.method})")
+                          for r in trained}, plot, f"Calibration of {backbone.name} ({config.method})")
     if as_json:
         _echo_json([{"path": str(r.path), "bytes": r.path.stat().st_size, "seconds": r.seconds,
-                     **r.result.summary} for r in runs])
+                     **(r.result.summary if r.result is not None else {"site": r.name, "skipped": True})}
+                    for r in runs])
         return
     if data is None:
         click.echo("data: built-in demo data (observed flavour, seed 0)")
     for run in runs:
-        _print_calibration(run.result, run.path, run.seconds, run.backbone_bytes)
+        if run.result is None:
+            click.echo(f"{run.name}: already written by this run ({run.path}); skipped")
+        else:
+            _print_calibration(run.result, run.path, run.seconds, run.backbone_bytes)
 
 
 def _device(cpu: bool) -> str:

@@ -16,6 +16,7 @@ starting point, included). The backbone passed in is never modified.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms, make_accelerator, run_phase
 from kgml_peft.train.objectives import anchor_distance, squared_norm
+from kgml_peft.train.state import PhaseState, StateFile, TrainingState, discard_on_failure
 from kgml_peft.train.pretrain import frame_hash, with_reco
 
 
@@ -204,15 +206,27 @@ def calibrate_unit(
     *,
     cpu: bool = False,
     progress: bool = True,
+    state: StateFile | None = None,
 ) -> CalibrationResult:
-    """Calibrate on one prepared unit (see :func:`prepare_unit`)."""
-    with deterministic_algorithms():
+    """Calibrate on one prepared unit (see :func:`prepare_unit`). With ``state`` (see
+    :func:`calibration_state`) the training state is saved after every epoch, and the run
+    continues from a saved one when ``state.resume`` is set."""
+    with deterministic_algorithms(), discard_on_failure(state):
         set_seed(config.seed, deterministic=True)
-        return _calibrate(backbone, data, config, cpu=cpu, progress=progress)
+        return _calibrate(backbone, data, config, cpu=cpu, progress=progress, state=state)
+
+
+def calibration_state(output: str | os.PathLike, backbone: Backbone, data: CalibrationData,
+                      config: CalibrationConfig, resume: bool = False) -> StateFile:
+    """The training-state file of the calibration that writes ``output``; its key covers the
+    unit, its data, the config (seed included) and the backbone."""
+    return StateFile.for_output(output, {"run": "calibrate", "unit": data.name,
+                                         "config": config.to_dict(), "data": frame_hash(data.rows),
+                                         "backbone": backbone.fingerprint}, resume)
 
 
 def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,
-               cpu: bool, progress: bool) -> CalibrationResult:
+               cpu: bool, progress: bool, state: StateFile | None) -> CalibrationResult:
     features = backbone.config.features
     name, scope, rows = data.name, data.scope, data.rows
     train, val, weights = data.train, data.val, data.weights
@@ -231,10 +245,17 @@ def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationCon
         patience=config.patience, schedule=config.schedule,
     )
     prepared = accelerator.prepare(model)
+    saved = state.load() if state is not None else None
+
+    def on_epoch(phase_state: PhaseState) -> None:
+        state.save(TrainingState(0, phase_state))
+
     result = run_phase(prepared, phase, WindowDataset(train, backbone.scalers),
                        WindowDataset(val, backbone.scalers), backbone.scalers, accelerator,
                        seed=config.seed, tolerance=config.tolerance, reference=reference,
-                       response_feature=features.index("GPP"), penalty=penalty, progress=progress)
+                       response_feature=features.index("GPP"), penalty=penalty, progress=progress,
+                       resume=saved.phase if saved is not None else None,
+                       on_epoch=on_epoch if state is not None else None)
     model = accelerator.unwrap_model(prepared).cpu().eval()
     if isinstance(model, SiteModel) and config.storage_dtype == "float16":
         model.round_adapter(torch.float16)

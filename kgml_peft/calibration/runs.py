@@ -3,6 +3,7 @@ site or region, write one adapter (or site checkpoint) per unit."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -11,27 +12,33 @@ from pathlib import Path
 import pandas as pd
 
 from kgml_peft.calibration.calibrate import (
+    CalibrationData,
     CalibrationResult,
     calibrate_unit,
+    calibration_state,
     calibration_units,
     prepare_unit,
 )
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.data.tables import load_table, validate_table
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.store.adapter import save_adapter
-from kgml_peft.store.checkpoint import load_backbone, save_backbone
+from kgml_peft.store.adapter import read_adapter, save_adapter
+from kgml_peft.store.atomic import check_writable_target
+from kgml_peft.store.checkpoint import Backbone, load_backbone, read_checkpoint, save_backbone
 from kgml_peft.store.library import adapter_path, writable_target
+from kgml_peft.train.pretrain import frame_hash
 
 
 @dataclass
 class CalibrationRun:
-    """One written output: the result, its file, wall time and the backbone file's size."""
+    """One output: the result, its file, wall time and the backbone file's size. ``result`` is
+    ``None`` for a unit a resumed run found already written by the same run (skipped)."""
 
-    result: CalibrationResult
+    result: CalibrationResult | None
     path: Path
     seconds: float
     backbone_bytes: int
+    name: str = ""
 
 
 def demo_table() -> pd.DataFrame:
@@ -56,11 +63,15 @@ def run_calibration(
     cpu: bool = False,
     progress: bool = True,
     force: bool = False,
+    resume: bool = False,
 ) -> list[CalibrationRun]:
     """Calibrate ``site`` (site id, region label or ``all``) and write the outputs.
 
     ``data`` is a table path, a DataFrame or ``None`` for :func:`demo_table`. Every output path is
-    checked before any training starts; existing files are replaced only with ``force``.
+    checked before any training starts; existing files are replaced only with ``force``. Each
+    unit's training state is saved after every epoch in ``<out>/.kgml-resume/``; with ``resume``
+    an interrupted unit continues from it, and a unit whose output this same run (config, data,
+    seed, backbone) already wrote is skipped.
     """
     config = config or CalibrationConfig()
     out = Path(out_dir)
@@ -75,18 +86,51 @@ def run_calibration(
     else:
         table = load_table(data, features)
     units = calibration_units(table, site)
-    paths = [writable_target(output_path(out, name, config.method), force) for name, _, _ in units]
+    paths = [check_writable_target(output_path(out, name, config.method)) for name, _, _ in units]
+    if not resume:
+        for path in paths:
+            writable_target(path, force)
     # every unit's data problems surface before the first unit trains and writes its file
     prepared = [prepare_unit(backbone, rows, name, scope, config) for name, scope, rows in units]
     backbone_bytes = Path(backbone_path).stat().st_size
-    runs = []
-    for data, path in zip(prepared, paths):
+    todo, runs = [], []
+    for unit, path in zip(prepared, paths):
+        state = calibration_state(path, backbone, unit, config, resume)
+        if resume and path.exists() and written_by(path, backbone, unit, config):
+            state.discard()
+            runs.append(CalibrationRun(None, path, 0.0, backbone_bytes, unit.name))
+            continue
+        writable_target(path, force)
+        state.load()  # a corrupt or another run's state stops the run before any training
+        todo.append((unit, path, state))
+    for unit, path, state in todo:
         start = time.perf_counter()
-        result = calibrate_unit(backbone, data, config, cpu=cpu, progress=progress)
+        result = calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress, state=state)
         if result.adapter is not None:
             save_adapter(path, result.adapter, dtype=config.storage_dtype)
         else:
             training = {"method": config.method, **result.summary, "curves": result.curve}
             save_backbone(path, result.model, backbone.scalers, training)
-        runs.append(CalibrationRun(result, path, time.perf_counter() - start, backbone_bytes))
-    return runs
+        state.discard()
+        runs.append(CalibrationRun(result, path, time.perf_counter() - start, backbone_bytes, unit.name))
+    order = {unit.name: i for i, unit in enumerate(prepared)}
+    return sorted(runs, key=lambda run: order[run.name])
+
+
+def written_by(path: Path, backbone: Backbone, unit: CalibrationData, config: CalibrationConfig) -> bool:
+    """Whether the file at ``path`` is the output of calibrating ``unit`` with ``config`` on
+    ``backbone`` (same recorded config, seed, data hash and backbone fingerprint)."""
+    expected = json.loads(json.dumps(config.to_dict()))
+    try:
+        if config.method == "adapter":
+            adapter = read_adapter(path)
+            recorded = {**adapter.info["calibration"], "adapter": adapter.config.to_dict()}
+            site, data_hash, fp = adapter.site, adapter.info["data"].get("hash"), adapter.backbone_fingerprint
+        else:
+            training = json.loads(read_checkpoint(path)[1].get("training", "{}"))
+            recorded, site = training.get("calibration"), training.get("site")
+            data_hash, fp = (training.get("data") or {}).get("hash"), training.get("backbone_fingerprint")
+    except (KgmlPeftError, ValueError, AttributeError, TypeError):
+        return False
+    return (recorded == expected and site == unit.name and data_hash == frame_hash(unit.rows)
+            and fp == backbone.fingerprint)

@@ -3,12 +3,17 @@
 A reader (or a crash) therefore sees either the old file or the complete new one, never a half
 written file. ``os.replace`` is atomic on POSIX and Windows when both paths are on one file system,
 which is why the temporary file lives next to the target.
+
+A writer killed outright (SIGKILL, power loss) cannot remove its temporary file. Temporary names
+carry the writer's host and process id, ``.<name>.<host>-<pid>.<random>.tmp``, and the next write
+to the same target removes those left by processes of this host that no longer run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +40,35 @@ def _umask() -> int:
     return mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by another user (or cannot tell: keep its file)
+    return True
+
+
+def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of writes to ``path`` whose writer (a process of this host) is
+    gone; return what was removed. Temporaries of live writers and other hosts are kept."""
+    target = Path(path)
+    host, removed = socket.gethostname(), []
+    prefix = f".{target.name}."
+    for candidate in target.parent.glob(".*.tmp"):
+        name = candidate.name
+        if not name.startswith(prefix):
+            continue
+        writer = name[len(prefix):-len(".tmp")].rsplit(".", 1)[0]
+        owner, _, pid = writer.rpartition("-")
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -42,7 +76,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     If the body raises, the temporary file is removed and ``path`` is left as it was.
     """
     target = check_writable_target(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    sweep_stale_temporaries(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.",
+                                    suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates the file 0600; give the result the mode a plain open() would (or keep the

@@ -25,6 +25,7 @@ from kgml_peft.data.windows import Scalers, WindowDataset
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.outputs import physical, scaled_targets
 from kgml_peft.train.objectives import objective, target_errors
+from kgml_peft.train.state import PhaseResult, PhaseState, capture_rng, restore_rng
 
 DATA_SOURCES = ("synthetic", "observed")
 SCHEDULES = ("constant", "cosine")
@@ -153,17 +154,6 @@ def validation_loss(
     return float((per_target * w).sum() / w.sum())
 
 
-@dataclass
-class PhaseResult:
-    """What a phase did: its curve (one entry per epoch), best epoch and optimizer steps."""
-
-    name: str
-    curve: list[dict] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_loss: float | None = None
-    steps: int = 0
-
-
 #: A phase has diverged when a loss exceeds this many times its starting value (or 1, if larger):
 #: scaled losses are of order 1, and no converging run comes near (a diverging one, e.g. lr 10
 #: on an adapter, jumps by 10^6 in one epoch while the weights stay finite).
@@ -199,11 +189,15 @@ def run_phase(
     response_feature: int | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     progress: bool = True,
+    resume: PhaseState | None = None,
+    on_epoch: Callable[[PhaseState], None] | None = None,
 ) -> PhaseResult:
     """Train ``model`` (already prepared by ``accelerator``) for one phase; keep its best weights.
 
     ``penalty`` (no arguments) returns a regulariser added to every step's loss, e.g. Eq. 2's
-    mu-anchor or Eq. 3's rho-norm (:mod:`kgml_peft.train.objectives`).
+    mu-anchor or Eq. 3's rho-norm (:mod:`kgml_peft.train.objectives`). ``on_epoch`` receives the
+    phase's state after every epoch (to save it); ``resume`` continues from such a state, with the
+    same result as a run that was never interrupted.
     """
     raw = accelerator.unwrap_model(model)
     was_trainable = {name: p.requires_grad for name, p in raw.named_parameters()}
@@ -224,19 +218,22 @@ def run_phase(
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
                  if phase.schedule == "cosine" else None)
 
-    result = PhaseResult(name=phase.name)
-    best_state = copy.deepcopy(raw.state_dict())
     val_loss: float | None = None
-    if val_loader is not None:
-        val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
-    best = val_loss
-    result.curve.append({"phase": phase.name, "epoch": 0, "step": step_offset,
-                         "train_loss": None, "val_loss": val_loss})
-    result.best_val_loss = best
-    stale = 0
-    bar = tqdm(range(1, phase.epochs + 1), desc=phase.name, disable=not progress, leave=False,
-               unit="epoch")
-    step = step_offset
+    if resume is None:
+        result = PhaseResult(name=phase.name)
+        best_state = copy.deepcopy(raw.state_dict())
+        if val_loader is not None:
+            val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
+        result.curve.append({"phase": phase.name, "epoch": 0, "step": step_offset,
+                             "train_loss": None, "val_loss": val_loss})
+        result.best_val_loss = val_loss
+        first, step, stale = 1, step_offset, 0
+    else:
+        result, best_state, first, step, stale = _restore(resume, raw, optimizer, scheduler,
+                                                          accelerator, generator, phase)
+    best = result.best_val_loss
+    bar = tqdm(range(first, phase.epochs + 1), desc=phase.name, disable=not progress, leave=False,
+               unit="epoch", initial=first - 1, total=phase.epochs)
     for epoch in bar:
         model.train()
         total, batches = 0.0, 0
@@ -279,11 +276,39 @@ def run_phase(
             best_state = copy.deepcopy(raw.state_dict())
         else:
             stale += 1
-            if phase.patience and stale >= phase.patience:
-                break
+        stop = bool(phase.patience) and stale >= phase.patience
+        if on_epoch is not None:
+            on_epoch(PhaseState(
+                epoch=epoch, step=step, stale=stale, stopped=stop, result=copy.deepcopy(result),
+                model=raw.state_dict(), best_model=best_state, optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                rng=capture_rng(generator),
+            ))
+        if stop:
+            break
     raw.load_state_dict(best_state)
     for name, p in raw.named_parameters():
         p.requires_grad_(was_trainable[name])
     result.steps = step - step_offset
     model.eval()
     return result
+
+
+def _restore(state: PhaseState, raw: torch.nn.Module, optimizer, scheduler, accelerator: Accelerator,
+             generator: torch.Generator, phase: PhaseConfig) -> tuple[PhaseResult, dict, int, int, int]:
+    """Put a phase back where ``state`` left it; return its result so far, best weights, the next
+    epoch, the step count and the epochs without improvement."""
+    raw.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    if scheduler is not None and state.scheduler is not None:
+        scheduler.load_state_dict(state.scheduler)
+    if accelerator.scaler is not None and state.scaler is not None:
+        accelerator.scaler.load_state_dict(state.scaler)
+    restore_rng(state.rng, generator)
+    result = copy.deepcopy(state.result)
+    if result.name != phase.name:
+        raise KgmlPeftError(f"the saved training state is of phase {result.name!r}, not {phase.name!r}")
+    # a stopped phase runs no more epochs: the loop starts past its end
+    first = phase.epochs + 1 if state.stopped else state.epoch + 1
+    return result, {k: v.clone() for k, v in state.best_model.items()}, first, state.step, state.stale

@@ -30,6 +30,7 @@ from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows, make_win
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import BackboneConfig, KGMLag, build_backbone
 from kgml_peft.train.loop import PhaseConfig, PhaseResult, deterministic_algorithms, make_accelerator, run_phase
+from kgml_peft.train.state import PhaseState, StateFile, TrainingState, discard_on_failure
 
 _FLUX_BRANCHES = ("gru_ra", "ra_out", "gru_rh", "rh_out", "gru_nee", "nee_out")
 
@@ -161,12 +162,15 @@ def train_phases(
     *,
     cpu: bool = False,
     progress: bool = True,
+    state: StateFile | None = None,
 ) -> tuple[KGMLag, list[PhaseResult], list[str]]:
     """Train a backbone from random weights (``config.seed``) through ``config.phases`` on
     pre-split ``(train, validation)`` windows per data source (``synthetic``, ``observed``).
 
     Phases whose source is missing from ``data`` are skipped; returns the model (CPU, eval mode),
-    the phase results and the skipped phase names. The caller sets seeds and determinism.
+    the phase results and the skipped phase names. The caller sets seeds and determinism. With
+    ``state``, the training state is saved after every epoch, and the run continues from a saved
+    one when ``state.resume`` is set.
     """
     set_seed(config.seed, deterministic=True)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
@@ -178,24 +182,39 @@ def train_phases(
             _check_phase_targets(phase, data[phase.data][0])
 
     model = build_backbone(config.backbone, seed=config.seed)
-    model = accelerator.prepare(model)
-    gpp_index = features.index("GPP")
-    results: list[PhaseResult] = []
-    skipped: list[str] = []
-    step = 0
+    saved = state.load() if state is not None else None
+    results: list[PhaseResult] = list(saved.done) if saved else []
     reference: KGMLag | None = None
+    if saved and saved.extra:
+        reference = copy.deepcopy(model)
+        reference.load_state_dict(saved.extra)
+    model = accelerator.prepare(model)
+    if reference is not None:
+        reference = reference.to(accelerator.device).eval().requires_grad_(False)
+    gpp_index = features.index("GPP")
+    skipped: list[str] = []
+    step = sum(r.steps for r in results)
     for i, phase in enumerate(config.phases):
         if phase.data not in sets:
             skipped.append(phase.name)
             continue
+        if saved is not None and i < saved.phase_index:
+            continue  # finished before the interruption; its result is in saved.done
         if phase.response_weight and reference is None:
             reference = copy.deepcopy(accelerator.unwrap_model(model)).eval()
             for p in reference.parameters():
                 p.requires_grad_(False)
+
+        def on_epoch(phase_state: PhaseState, i: int = i, ref: KGMLag | None = reference) -> None:
+            extra = ref.state_dict() if ref is not None else {}
+            state.save(TrainingState(i, phase_state, results, extra))
+
         train_set, val_set = sets[phase.data]
         result = run_phase(model, phase, train_set, val_set, scalers, accelerator,
                            seed=config.seed + i, tolerance=config.tolerance, step_offset=step,
-                           reference=reference, response_feature=gpp_index, progress=progress)
+                           reference=reference, response_feature=gpp_index, progress=progress,
+                           resume=saved.phase if saved is not None and i == saved.phase_index else None,
+                           on_epoch=on_epoch if state is not None else None)
         step += result.steps
         results.append(result)
     return accelerator.unwrap_model(model).cpu().eval(), results, skipped
@@ -208,15 +227,28 @@ def pretrain(
     *,
     cpu: bool = False,
     progress: bool = True,
+    state: StateFile | None = None,
 ) -> PretrainResult:
     """Run Eq. 1's staged pretraining on validated tables and return the trained backbone.
 
     Phases whose data is ``observed`` are skipped (and recorded as skipped) when ``observed`` is
-    ``None``. Same tables, config and seed give the same weights on CPU.
+    ``None``. Same tables, config and seed give the same weights on CPU. With ``state`` (see
+    :func:`pretrain_state`) the training state is saved after every epoch and, when
+    ``state.resume`` is set, the run continues from a saved one; the caller discards it once the
+    checkpoint is written.
     """
     config = config or PretrainConfig()
-    with deterministic_algorithms():
-        return _pretrain(synthetic, observed, config, cpu=cpu, progress=progress)
+    with deterministic_algorithms(), discard_on_failure(state):
+        return _pretrain(synthetic, observed, config, cpu=cpu, progress=progress, state=state)
+
+
+def pretrain_state(output: str | os.PathLike, synthetic: pd.DataFrame, observed: pd.DataFrame | None,
+                   config: PretrainConfig, resume: bool = False) -> StateFile:
+    """The training-state file of the pretraining run that writes ``output``."""
+    hashes = {"synthetic": frame_hash(with_reco(synthetic)),
+              "observed": frame_hash(observed) if observed is not None else None}
+    return StateFile.for_output(output, {"run": "pretrain", "config": config.to_dict(), "data": hashes},
+                                resume)
 
 
 def _pretrain(
@@ -226,6 +258,7 @@ def _pretrain(
     *,
     cpu: bool,
     progress: bool,
+    state: StateFile | None,
 ) -> PretrainResult:
     features = config.backbone.features
     data: dict[str, tuple[YearWindows, YearWindows | None]] = {}
@@ -235,7 +268,8 @@ def _pretrain(
         data["observed"] = _split(make_windows(observed, features), config.val_fraction)
     scalers = Scalers.fit(data["synthetic"][0])
     scalers.require([*features, *schema.TARGETS])
-    model, results, skipped = train_phases(data, scalers, config, cpu=cpu, progress=progress)
+    model, results, skipped = train_phases(data, scalers, config, cpu=cpu, progress=progress,
+                                           state=state)
     step = sum(r.steps for r in results)
     summary = {
         "config": config.to_dict(),
