@@ -93,19 +93,20 @@ def _echo_json(data: object) -> None:
               help="Keep only the first N sites of each region (small data for tests).")
 @click.option("--max-years-per-site", type=click.IntRange(min=1), default=None,
               help="Keep only the first N years of each site.")
+@click.option("--force", is_flag=True, help="Replace an existing output table.")
 @click.option("--tower-weather", is_flag=True,
               help="Also write TAVG_AIR, VPD_AIR and VPDMAX_AIR (the flux-tower inputs), derived "
                    "from the humidity columns, to pretrain FLUXNET-feature backbones.")
 def synth(out: Path, observed: bool, seed: int, max_sites_per_region: int | None,
-          max_years_per_site: int | None, tower_weather: bool) -> None:
+          max_years_per_site: int | None, tower_weather: bool, force: bool) -> None:
     """Generate process-model demo data (Iowa, Illinois, Indiana) in the data contract."""
     from kgml_peft.data.meteo import add_flux_tower_weather
     from kgml_peft.data.synthetic import SynthConfig, simulate
     from kgml_peft.data.tables import table_format, write_table
-    from kgml_peft.store.atomic import check_writable_target
+    from kgml_peft.store.library import writable_target
 
     table_format(out)
-    check_writable_target(out)  # fail before simulating, not after
+    writable_target(out, force)  # fail before simulating, not after
     config = SynthConfig(seed=seed, observed=observed, max_sites_per_region=max_sites_per_region,
                          max_years_per_site=max_years_per_site)
     frame = simulate(config)
@@ -136,17 +137,18 @@ def import_group() -> None:
 @click.option("--max-gap", type=click.IntRange(min=0), default=7, show_default=True,
               help="Longest run of missing input days to interpolate; a year with a longer gap "
                    "is left out.")
+@click.option("--force", is_flag=True, help="Replace an existing output table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
 def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, min_qc: float,
-                   gpp: str, max_gap: int, as_json: bool) -> None:
+                   gpp: str, max_gap: int, force: bool, as_json: bool) -> None:
     """Import FLUXNET2015 daily (DD) CSV files, or folders of them, into one table."""
     from kgml_peft import schema
     from kgml_peft.data.fluxnet import ImportOptions, expand_paths, import_fluxnet as run_import
     from kgml_peft.data.tables import table_format, write_table
-    from kgml_peft.store.atomic import check_writable_target
+    from kgml_peft.store.library import writable_target
 
     table_format(out)
-    check_writable_target(out)  # fail before reading, not after
+    writable_target(out, force)  # fail before reading, not after
     files = expand_paths(paths)
     if any(out.resolve() == p.resolve() for p in [*files, *([site_meta] if site_meta else [])]):
         raise KgmlPeftError(f"--out {out} is one of the input files; write the table elsewhere")

@@ -557,8 +557,10 @@ def _good_output(work: Path, name: str = "x.parquet") -> str:
     return name
 
 
-def _cmd(*paths, out: str = "x.parquet", extra: tuple[str, ...] = ()) -> list[str]:
-    return ["import", "fluxnet", *map(str, paths), "--out", out, *extra]
+def _cmd(*paths, out: str = "x.parquet", extra: tuple[str, ...] = (), force: bool = True) -> list[str]:
+    """The import command; with --force by default, so that a failing run had every right to
+    replace the existing output it must leave unchanged."""
+    return ["import", "fluxnet", *map(str, paths), "--out", out, *extra, *(["--force"] if force else [])]
 
 
 def _edited(work: Path, edit, name: str | None = None) -> Path:
@@ -644,6 +646,8 @@ def _file_case(edit, *, good_output: bool = False, extra: tuple[str, ...] = ()):
 
 
 CASES = [
+    pytest.param(lambda w: _cmd(daily_file(EDIT_SITE), out=_good_output(w), force=False),
+                 ("x.parquet exists", "--force"), id="existing-output-without-force"),
     pytest.param(lambda w: _cmd(next(MONTHLY.glob("FLX_US-CRT_*_MM_*.csv")), out=_good_output(w)),
                  ("monthly", "DD"), id="monthly-file"),
     pytest.param(lambda w: _cmd(MONTHLY), ("no FLUXNET2015 daily files",), id="monthly-folder"),

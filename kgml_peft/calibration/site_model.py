@@ -26,7 +26,7 @@ from kgml_peft import schema
 from kgml_peft.calibration.config import AdapterConfig
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import KGMLag
-from kgml_peft.store.adapter import Adapter, check_compatible
+from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
 
 #: The outputs the head calibrates, in the order of its ``scale``/``shift`` entries.
@@ -224,8 +224,11 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], own: dict[str, tuple
 
 def apply_adapter(backbone: Backbone, adapter: Adapter) -> SiteModel:
     """The site model of ``adapter`` on ``backbone`` (eval mode). Refuses an adapter made for
-    another backbone; the backbone object itself is not modified."""
-    check_compatible(adapter, backbone)
+    another backbone or whose tensors do not fit its config (checked before anything is
+    allocated); the backbone object itself is not modified."""
+    from kgml_peft.store.library import check_fits  # lazily: the store imports this module lazily
+
+    check_fits(adapter, backbone)
     model = SiteModel(backbone.model, adapter.config)
     model.load_adapter_tensors(adapter.tensors)
     return model.eval()

@@ -18,9 +18,10 @@ import torch
 from torch.nn import functional as F
 
 from kgml_peft.calibration.config import AdapterConfig
-from kgml_peft.calibration.site_model import SiteModel, bottleneck, calibrate_outputs, check_adapter_tensors
+from kgml_peft.calibration.site_model import bottleneck, calibrate_outputs, check_adapter_tensors
 from kgml_peft.store.adapter import Adapter, check_compatible
 from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.store.library import adapter_shapes
 
 
 _SHAPES: dict[tuple[str, AdapterConfig], tuple[dict, dict]] = {}
@@ -32,9 +33,7 @@ def _expected_shapes(backbone: Backbone, config: AdapterConfig) -> tuple[dict, d
     milliseconds; a cached swap must not)."""
     key = (backbone.fingerprint, config)
     if key not in _SHAPES:
-        model = SiteModel(backbone.model, config)
-        _SHAPES[key] = ({k: tuple(v.shape) for k, v in model.adapter_parameters().items()},
-                        {k: tuple(v.shape) for k, v in backbone.model.named_parameters()})
+        _SHAPES[key] = adapter_shapes(backbone, config)  # a meta-device model: nothing allocated
     return _SHAPES[key]
 
 

@@ -157,7 +157,8 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     try:
         info = {k: json.loads(metadata[k]) for k in JSON_KEYS}
         config = AdapterConfig.from_dict(info.pop("adapter_config"))
-    except (TypeError, ValueError, json.JSONDecodeError, KgmlPeftError) as exc:
+    # RecursionError: JSON nested thousands of levels deep
+    except (TypeError, ValueError, json.JSONDecodeError, RecursionError, KgmlPeftError) as exc:
         raise KgmlPeftError(f"{source} has unreadable metadata ({exc})") from None
     site = metadata["site"]
     if not schema.SITE_ID_PATTERN.fullmatch(site):

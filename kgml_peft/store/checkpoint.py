@@ -103,6 +103,37 @@ def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]
     return diffs
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_training(training: object, source: Path) -> None:
+    """The training summary is not fingerprinted (logs do not change predictions), so check the
+    parts the toolkit reads back (``backbone show`` and its ``--plot``): an object whose
+    ``phases`` are objects with a name, step and epoch counts and a best validation loss, whose
+    ``data`` is an object and whose ``curves`` are points with a phase, step and losses."""
+    def bad(what: str) -> KgmlPeftError:
+        return KgmlPeftError(f"{source} has unreadable metadata (training {what})")
+
+    if not isinstance(training, dict):
+        raise bad("must be a JSON object")
+    if not isinstance(training.get("phases", []), list):
+        raise bad("phases must be a JSON list")
+    for phase in training.get("phases", []):
+        if not (isinstance(phase, dict) and isinstance(phase.get("name"), str)
+                and all(_number(phase.get(k)) for k in ("steps", "best_epoch"))
+                and (phase.get("best_val_loss") is None or _number(phase.get("best_val_loss")))):
+            raise bad("phases must be objects with name, steps, best_epoch and best_val_loss")
+    if not isinstance(training.get("data", {}), dict):
+        raise bad("data must be a JSON object")
+    if not isinstance(training.get("curves", []), list):
+        raise bad("curves must be a JSON list")
+    for point in training.get("curves", []):
+        if not (isinstance(point, dict) and isinstance(point.get("phase"), str) and _number(point.get("step"))
+                and all(point.get(k) is None or _number(point.get(k)) for k in ("train_loss", "val_loss"))):
+            raise bad("curves must be objects with phase, step, train_loss and val_loss")
+
+
 def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
     """Load and verify a backbone checkpoint (format, shapes, finite values, fingerprint)."""
     source = Path(path)
@@ -120,11 +151,19 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
         config = BackboneConfig.from_dict(json.loads(metadata["config"]))
         scalers = Scalers.from_dict(json.loads(metadata["scalers"]))
         training = json.loads(metadata.get("training", "{}"))
-    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
+    # RecursionError: JSON nested thousands of levels deep
+    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError, RecursionError) as exc:
         raise KgmlPeftError(f"{source} has unreadable metadata ({exc})") from None
+    _check_training(training, source)
     scalers.require([*config.features, *schema.TARGETS], source=str(source))
-    model = KGMLag(config)
-    expected = model.state_dict()
+    # Shapes from a model on the meta device: no memory is allocated, so a config that names a
+    # huge hidden size is refused below instead of allocating it.
+    try:
+        with torch.device("meta"):
+            expected = KGMLag(config).state_dict()
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:  # sizes beyond int64
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise KgmlPeftError(f"{source} has unreadable metadata (config: {first})") from None
     if set(tensors) != set(expected):
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
@@ -146,6 +185,7 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
             f"{source}: fingerprint mismatch (stored {metadata.get('fingerprint', '')[:16]}, "
             f"computed {fp[:16]}); the file was modified or is corrupt"
         )
+    model = KGMLag(config)
     model.load_state_dict(tensors)
     model.to(device).eval()
     return Backbone(model=model, config=config, scalers=scalers, fingerprint=fp,

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from kgml_peft import schema
+from kgml_peft.calibration.config import AdapterConfig
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
 from kgml_peft.store.atomic import atomic_path, check_writable_target
@@ -105,13 +106,44 @@ def _is_backbone(path: Path) -> bool:
     return True
 
 
+def adapter_shapes(backbone: Backbone, config: AdapterConfig) -> tuple[dict[str, tuple[int, ...]],
+                                                                        dict[str, tuple[int, ...]]]:
+    """(adapter tensor name -> shape, backbone parameter name -> shape) for ``config`` on
+    ``backbone``, from a site model built on the meta device: a config naming a huge rank or
+    bottleneck allocates nothing, and one too large to describe is refused."""
+    import torch
+
+    from kgml_peft.calibration.site_model import SiteModel  # lazily: site_model imports the store
+
+    try:
+        with torch.device("meta"):
+            own = SiteModel(backbone.model, config).adapter_parameters()
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise KgmlPeftError(f"adapter config {config.to_dict()} does not fit backbone "
+                            f"{backbone.fingerprint[:16]} ({first})") from None
+    return ({k: tuple(v.shape) for k, v in own.items()},
+            {k: tuple(v.shape) for k, v in backbone.model.named_parameters()})
+
+
+def check_fits(adapter: Adapter, backbone: Backbone) -> None:
+    """Refuse an adapter that was not made for ``backbone`` (fingerprint, features) or whose
+    tensor names and shapes do not fit its adapter config on that backbone. The content hash only
+    proves the file is as its writer left it; a buggy writer can still store a config (a LoRA rank)
+    that its tensors do not have."""
+    from kgml_peft.calibration.site_model import check_adapter_tensors
+
+    check_compatible(adapter, backbone)
+    check_adapter_tensors(adapter.tensors, *adapter_shapes(backbone, adapter.config))
+
+
 def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
                    backbone: Backbone | None = None, force: bool = False) -> tuple[Path, Path]:
     """Copy a verified adapter to ``destination`` (a file, or a folder for ``<site>.safetensors``)
     and write its summary to the same name with ``.txt``; return both paths."""
     adapter = read_adapter(source)
     if backbone is not None:
-        check_compatible(adapter, backbone)
+        check_fits(adapter, backbone)
     dest = Path(destination)
     if dest.is_dir():
         dest = adapter_path(dest, adapter.site)
@@ -126,19 +158,21 @@ def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
     for path in (dest, summary):
         writable_target(path, force)
     text = adapter_summary(adapter) + "\n"  # before anything is written
-    with atomic_path(summary) as tmp:
-        tmp.write_text(text)
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(source, tmp)
+    # the summary is renamed into place only once the adapter's copy is complete, and a failed
+    # summary write removes the copy: no summary without its adapter, nor the other way round
+    with atomic_path(dest) as tmp_adapter:
+        shutil.copyfile(source, tmp_adapter)
+        with atomic_path(summary) as tmp_summary:
+            tmp_summary.write_text(text)
     return dest, summary
 
 
 def import_adapter(source: str | os.PathLike, store: str | os.PathLike, backbone: Backbone,
                    force: bool = False) -> Path:
-    """Check a received adapter (integrity, and made for ``backbone``) and copy it into ``store``
-    as ``<site>.safetensors``; return the new path."""
+    """Check a received adapter (integrity, made for ``backbone``, tensors that fit it) and copy
+    it into ``store`` as ``<site>.safetensors``; return the new path."""
     adapter = read_adapter(source)
-    check_compatible(adapter, backbone)
+    check_fits(adapter, backbone)
     folder = Path(store)
     if not folder.is_dir():
         raise KgmlPeftError(f"adapter store {folder} does not exist or is not a folder")
