@@ -458,6 +458,8 @@ def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, confi
     runs = run_calibration(site, backbone_path=backbone, data=data, out_dir=out_dir, config=config,
                            cpu=cpu, progress=not quiet, force=force, resume=resume)
     trained = [r for r in runs if r.result is not None]
+    if plot is not None and not trained:
+        click.echo(f"every unit was already written by this run; {plot} not drawn", err=True)
     if plot is not None and trained:
         from kgml_peft.experiments.figures import plot_calibration
 

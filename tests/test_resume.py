@@ -19,17 +19,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from kgml_peft import schema
 from kgml_peft.calibration.calibrate import calibrate_unit, calibration_state, prepare_unit
 from kgml_peft.calibration.runs import run_calibration
 from kgml_peft.cli import cli
 from kgml_peft.data.synthetic import SynthConfig, simulate
-from kgml_peft.data.tables import validate_table
+from kgml_peft.data.tables import load_table, validate_table
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import load_adapter, read_adapter
 from kgml_peft.store.checkpoint import compare_checkpoints, load_backbone
 from kgml_peft.train.pretrain import pretrain, pretrain_state
+from kgml_peft.store.atomic import STALE_AFTER_S
+from kgml_peft.store.hashing import read_safetensors
 from kgml_peft.train.state import RESUME_DIR, StateFile, load_state, resume_path
 from tests.conftest import make_frame, tiny_calibration
 from tests.test_cli_validation import _runner, _snapshot, check_user_error
@@ -92,6 +95,22 @@ def test_resumed_pretraining_equals_an_uninterrupted_run(tables, uninterrupted, 
                        state=pretrain_state(output, synthetic, observed, TINY, resume=True))
     assert _equal_state_dicts(resumed.model.state_dict(), uninterrupted.model.state_dict())
     assert resumed.summary == uninterrupted.summary  # curves, best epochs, steps
+
+
+def test_resume_under_bf16_autocast_is_exact_too(tables, tmp_path):
+    """The frozen reference of the response phase is rebuilt from the saved weights; it must run
+    under the same autocast wrapper as in an uninterrupted run (crash inside that phase)."""
+    synthetic, observed = tables
+    config = type(TINY)(**{**TINY.__dict__, "phases": TINY.phases[1:], "mixed_precision": "bf16"})
+    plain = pretrain(synthetic, observed, config, cpu=True, progress=False)
+    output = tmp_path / "backbone.safetensors"
+    state = pretrain_state(output, synthetic, observed, config)
+    with pytest.raises(Crash):
+        pretrain(synthetic, observed, config, cpu=True, progress=False, state=crashing(state, (1, 1)))
+    resumed = pretrain(synthetic, observed, config, cpu=True, progress=False,
+                       state=pretrain_state(output, synthetic, observed, config, resume=True))
+    assert _equal_state_dicts(resumed.model.state_dict(), plain.model.state_dict())
+    assert resumed.summary == plain.summary
 
 
 def test_a_state_from_another_run_is_refused(tables, tmp_path):
@@ -210,6 +229,8 @@ def test_sigkill_mid_calibration_keeps_the_old_adapter_and_resume_finishes_ident
     # whose temporary lies in the state folder until the next write there sweeps it)
     assert sorted(p.name for p in store.iterdir()) == [RESUME_DIR, "IA-001.safetensors"]
 
+    for leftover in store.rglob("*.tmp"):  # the kill landed in a state write: minutes pass
+        os.utime(leftover, (time.time() - 2 * STALE_AFTER_S, time.time() - 2 * STALE_AFTER_S))
     resumed = subprocess.run(_cli(*long_run, "--out", str(store), "--force", "--resume"), env=_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -262,10 +283,16 @@ def test_sigkill_while_writing_the_adapter_leaves_the_old_one_and_the_next_write
     listing = _runner().invoke(cli, ["adapters", "list", "--store", str(store), "--json"])
     assert listing.exit_code == 0 and [r["file"] for r in json.loads(listing.stdout)] == ["IA-001.safetensors"]
 
+    # a dead writer's temporary is only swept once it is old enough (a live writer in another PID
+    # namespace could look dead): age it, and keep a fresh one of a dead writer that must stay
+    stale = store / leftovers[0]
+    os.utime(stale, (time.time() - 2 * STALE_AFTER_S, time.time() - 2 * STALE_AFTER_S))
+    fresh = store / leftovers[0].replace(".tmp", "x.tmp")
+    fresh.write_bytes(b"partial")
     again = subprocess.run(_cli(*args, "--force", "--seed", "3", "--resume"), env=_env(),
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
-    assert not [p for p in store.iterdir() if p.name.endswith(".tmp")]  # the dead writer's file is gone
+    assert [p.name for p in store.iterdir() if p.name.endswith(".tmp")] == [fresh.name]  # the old one is gone
     assert read_adapter(store / "IA-001.safetensors").info["calibration"]["seed"] == 3
 
 
@@ -299,27 +326,35 @@ def test_sigkill_mid_pretraining_then_resume_gives_the_same_checkpoint(tmp_path)
 
 # --- bad resume states through the CLI: one line, exit 2, nothing changed ------------------------
 
-@pytest.mark.parametrize("content,expect", [
-    (b"not a safetensors file", ("training state", "not a readable safetensors file")),
-    (None, ("written by another run", "without --resume")),
-], ids=["corrupt", "other-run"])
-def test_a_bad_resume_state_is_one_line(backbone_path, tmp_path, content, expect):
+@pytest.mark.parametrize("kind,expect", [
+    ("corrupt", ("training state", "not a readable safetensors file")),
+    ("other-run", ("written by another run", "without --resume")),
+    ("tampered", ("content hash mismatch", "delete it")),
+    ("folder-is-a-file", ("cannot write the training state",)),
+])
+def test_a_bad_resume_state_is_one_line(backbone_path, tmp_path, kind, expect):
     table = tmp_path / "sites.csv"
     make_frame().to_csv(table, index=False, date_format="%Y-%m-%d")
     store = tmp_path / "store"
     store.mkdir()
     state_file = store / RESUME_DIR / "IA-001.safetensors"
-    if content is None:  # a real state of the same unit, from a run with another seed
+    if kind == "corrupt":
+        state_file.parent.mkdir()
+        state_file.write_bytes(b"not a safetensors file")
+    elif kind == "folder-is-a-file":  # the state cannot be saved: one line after the first epoch
+        (store / RESUME_DIR).write_bytes(b"")
+    else:  # a real state of the same unit: from a run with another seed, or edited afterwards
         backbone = load_backbone(backbone_path)
-        cfg = tiny_calibration(seed=9)
-        unit = prepare_unit(backbone, validate_table(make_frame(), backbone.config.features).query(
-            "site == 'IA-001'").reset_index(drop=True), "IA-001", "site", cfg)
+        cfg = tiny_calibration(seed=9 if kind == "other-run" else 0)
+        rows = load_table(table, backbone.config.features).query("site == 'IA-001'").reset_index(drop=True)
+        unit = prepare_unit(backbone, rows, "IA-001", "site", cfg)
         with pytest.raises(Crash):
             calibrate_unit(backbone, unit, cfg, progress=False, state=crashing(
                 calibration_state(store / "IA-001.safetensors", backbone, unit, cfg), (0, 1)))
-    else:
-        state_file.parent.mkdir()
-        state_file.write_bytes(content)
+        if kind == "tampered":  # a valid file whose recorded epoch was changed by hand
+            tensors, metadata = read_safetensors(state_file, "training state")
+            metadata["state"] = metadata["state"].replace('"epoch": 1', '"epoch": 2')
+            save_file(tensors, str(state_file), metadata=metadata)
     before = _snapshot(tmp_path)
     args = ["calibrate", "--site", "IA-001", "--data", str(table), "--backbone", str(backbone_path),
             "--out", str(store), "--epochs", "3", "--batch-size", "2", "--quiet", "--resume"]

@@ -37,7 +37,7 @@ from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms, make_accelerator, run_phase
 from kgml_peft.train.objectives import anchor_distance, squared_norm
-from kgml_peft.train.state import PhaseState, StateFile, TrainingState, discard_on_failure
+from kgml_peft.train.state import PhaseState, StateError, StateFile, TrainingState, discard_on_failure
 from kgml_peft.train.pretrain import frame_hash, with_reco
 
 
@@ -246,6 +246,8 @@ def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationCon
     )
     prepared = accelerator.prepare(model)
     saved = state.load() if state is not None else None
+    if saved is not None and (saved.phase_index != 0 or saved.done or saved.extra):
+        raise StateError(f"{state.path} is not a calibration's training state; delete it to start over")
 
     def on_epoch(phase_state: PhaseState) -> None:
         state.save(TrainingState(0, phase_state))

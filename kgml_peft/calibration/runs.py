@@ -97,7 +97,7 @@ def run_calibration(
     for unit, path in zip(prepared, paths):
         state = calibration_state(path, backbone, unit, config, resume)
         if resume and path.exists() and written_by(path, backbone, unit, config):
-            state.discard()
+            state.discard_if_ours()
             runs.append(CalibrationRun(None, path, 0.0, backbone_bytes, unit.name))
             continue
         writable_target(path, force)
@@ -130,7 +130,7 @@ def written_by(path: Path, backbone: Backbone, unit: CalibrationData, config: Ca
             training = json.loads(read_checkpoint(path)[1].get("training", "{}"))
             recorded, site = training.get("calibration"), training.get("site")
             data_hash, fp = (training.get("data") or {}).get("hash"), training.get("backbone_fingerprint")
-    except (KgmlPeftError, ValueError, AttributeError, TypeError):
+    except (KgmlPeftError, ValueError, AttributeError, TypeError, RecursionError):
         return False
     return (recorded == expected and site == unit.name and data_hash == frame_hash(unit.rows)
             and fp == backbone.fingerprint)

@@ -6,7 +6,9 @@ which is why the temporary file lives next to the target.
 
 A writer killed outright (SIGKILL, power loss) cannot remove its temporary file. Temporary names
 carry the writer's host and process id, ``.<name>.<host>-<pid>.<random>.tmp``, and the next write
-to the same target removes those left by processes of this host that no longer run.
+to the same target removes those left by processes of this host that no longer run, once they are
+older than ``STALE_AFTER_S`` (a write takes well under a second; the age also protects a live
+writer whose process id this process cannot see, e.g. in another PID namespace).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +43,10 @@ def _umask() -> int:
     return mask
 
 
+#: A temporary file this old, of a process that no longer runs, is a killed writer's leftover.
+STALE_AFTER_S = 600.0
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -52,9 +59,10 @@ def _alive(pid: int) -> bool:
 
 def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files of writes to ``path`` whose writer (a process of this host) is
-    gone; return what was removed. Temporaries of live writers and other hosts are kept."""
+    gone and that are older than ``STALE_AFTER_S``; return what was removed. Temporaries of live
+    writers and other hosts are kept."""
     target = Path(path)
-    host, removed = socket.gethostname(), []
+    host, removed, now = socket.gethostname(), [], time.time()
     prefix = f".{target.name}."
     for candidate in target.parent.glob(".*.tmp"):
         name = candidate.name
@@ -64,6 +72,8 @@ def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         owner, _, pid = writer.rpartition("-")
         if owner == host and pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
+                if now - candidate.stat().st_mtime < STALE_AFTER_S:
+                    continue
                 candidate.unlink()
                 removed.append(candidate)
     return removed

@@ -25,7 +25,7 @@ from kgml_peft.data.windows import Scalers, WindowDataset
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.outputs import physical, scaled_targets
 from kgml_peft.train.objectives import objective, target_errors
-from kgml_peft.train.state import PhaseResult, PhaseState, capture_rng, restore_rng
+from kgml_peft.train.state import PhaseResult, PhaseState, StateError, capture_rng, restore_rng
 
 DATA_SOURCES = ("synthetic", "observed")
 SCHEDULES = ("constant", "cosine")
@@ -298,17 +298,31 @@ def run_phase(
 def _restore(state: PhaseState, raw: torch.nn.Module, optimizer, scheduler, accelerator: Accelerator,
              generator: torch.Generator, phase: PhaseConfig) -> tuple[PhaseResult, dict, int, int, int]:
     """Put a phase back where ``state`` left it; return its result so far, best weights, the next
-    epoch, the step count and the epochs without improvement."""
-    raw.load_state_dict(state.model)
-    optimizer.load_state_dict(state.optimizer)
-    if scheduler is not None and state.scheduler is not None:
-        scheduler.load_state_dict(state.scheduler)
-    if accelerator.scaler is not None and state.scaler is not None:
-        accelerator.scaler.load_state_dict(state.scaler)
-    restore_rng(state.rng, generator)
+    epoch, the step count and the epochs without improvement. A state that does not fit this
+    model and optimizer is refused with :class:`StateError`."""
+    if state.result.name != phase.name:
+        raise StateError(f"the saved training state is of phase {state.result.name!r}, not {phase.name!r}")
+    try:
+        raw.load_state_dict(state.model)
+        copy.deepcopy(raw).load_state_dict(state.best_model)  # the best weights must fit too
+        best_state = {k: v.clone() for k, v in state.best_model.items()}
+        optimizer.load_state_dict(state.optimizer)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                for name, value in optimizer.state.get(param, {}).items():
+                    if name != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                        raise ValueError(f"optimizer state {name} has shape {list(value.shape)}, "
+                                         f"its parameter {list(param.shape)}")
+        if scheduler is not None:
+            scheduler.load_state_dict(state.scheduler)
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state.scaler)
+        restore_rng(state.rng, generator)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise StateError(f"the saved training state does not fit phase {phase.name} ({first}); "
+                         "delete it to start over") from None
     result = copy.deepcopy(state.result)
-    if result.name != phase.name:
-        raise KgmlPeftError(f"the saved training state is of phase {result.name!r}, not {phase.name!r}")
     # a stopped phase runs no more epochs: the loop starts past its end
-    first = phase.epochs + 1 if state.stopped else state.epoch + 1
-    return result, {k: v.clone() for k, v in state.best_model.items()}, first, state.step, state.stale
+    first_epoch = phase.epochs + 1 if state.stopped else state.epoch + 1
+    return result, best_state, first_epoch, state.step, state.stale

@@ -30,7 +30,7 @@ from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows, make_win
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import BackboneConfig, KGMLag, build_backbone
 from kgml_peft.train.loop import PhaseConfig, PhaseResult, deterministic_algorithms, make_accelerator, run_phase
-from kgml_peft.train.state import PhaseState, StateFile, TrainingState, discard_on_failure
+from kgml_peft.train.state import PhaseState, StateError, StateFile, TrainingState, discard_on_failure
 
 _FLUX_BRANCHES = ("gru_ra", "ra_out", "gru_rh", "rh_out", "gru_nee", "nee_out")
 
@@ -183,14 +183,23 @@ def train_phases(
 
     model = build_backbone(config.backbone, seed=config.seed)
     saved = state.load() if state is not None else None
+    if saved is not None and (saved.phase_index >= len(config.phases)
+                              or len(saved.done) > saved.phase_index):
+        raise StateError(f"{state.path} does not fit this run's {len(config.phases)} phases; "
+                         "delete it to start over")
     results: list[PhaseResult] = list(saved.done) if saved else []
+    model = accelerator.prepare(model)
     reference: KGMLag | None = None
     if saved and saved.extra:
-        reference = copy.deepcopy(model)
-        reference.load_state_dict(saved.extra)
-    model = accelerator.prepare(model)
-    if reference is not None:
-        reference = reference.to(accelerator.device).eval().requires_grad_(False)
+        # copied from the prepared model, as in an uninterrupted run (under mixed precision the
+        # unwrapped model keeps accelerate's fp32 output conversion, and so must the reference)
+        reference = copy.deepcopy(accelerator.unwrap_model(model)).eval()
+        try:
+            reference.load_state_dict(saved.extra)
+        except RuntimeError as exc:
+            raise StateError(f"{state.path}: the saved reference model does not fit "
+                             f"({str(exc).splitlines()[0]}); delete it to start over") from None
+        reference.requires_grad_(False)
     gpp_index = features.index("GPP")
     skipped: list[str] = []
     step = sum(r.steps for r in results)

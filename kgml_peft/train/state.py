@@ -105,8 +105,11 @@ def resume_path(output: str | os.PathLike) -> Path:
 
 
 def run_key(description: dict) -> str:
-    """SHA-256 (hex) of a JSON-ready description of a run (config, data hashes, backbone)."""
-    return content_hash(description, {})
+    """SHA-256 (hex) of a JSON-ready description of a run (config, data hashes, backbone), with
+    the toolkit and torch versions: a state is only resumed by the code that wrote it."""
+    from kgml_peft import __version__
+
+    return content_hash({**description, "toolkit": __version__, "torch": torch.__version__}, {})
 
 
 def _cpu(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -150,19 +153,23 @@ def save_state(path: str | os.PathLike, key: str, state: TrainingState) -> None:
         "scheduler": phase.scheduler,
         "scaler": phase.scaler,
     }
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "run_key": key,
-                "state": json.dumps(header, sort_keys=True)}
+    text = json.dumps(header, sort_keys=True)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "run_key": key, "state": text,
+                "content_hash": content_hash({"run_key": key, "state": text}, tensors)}
     target = Path(path)
-    for attempt in range(3):
-        # another run of the same output may remove the (empty) folder between mkdir and write
-        target.parent.mkdir(exist_ok=True)
-        try:
-            with atomic_path(target) as tmp:
-                save_file(tensors, str(tmp), metadata=metadata)
-            return
-        except (FileNotFoundError, KgmlPeftError):
-            if attempt == 2 or target.parent.is_dir():
-                raise
+    try:
+        for attempt in range(3):
+            # another run of the same output may remove the (empty) folder between mkdir and write
+            target.parent.mkdir(exist_ok=True)
+            try:
+                with atomic_path(target) as tmp:
+                    save_file(tensors, str(tmp), metadata=metadata)
+                return
+            except (FileNotFoundError, KgmlPeftError):
+                if attempt == 2 or target.parent.is_dir():
+                    raise
+    except (OSError, KgmlPeftError) as exc:  # a full disk, a file where the folder should be
+        raise StateError(f"cannot write the training state {target} ({exc})") from None
 
 
 def _group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -171,7 +178,7 @@ def _group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 def load_state(path: str | os.PathLike, key: str) -> TrainingState:
     """Read a state written by :func:`save_state` for the run ``key``; a foreign, corrupt or
-    other run's file is refused with :class:`KgmlPeftError`."""
+    other run's file is refused with :class:`StateError`."""
     source = Path(path)
     try:
         tensors, metadata = read_safetensors(source, "training state")
@@ -181,25 +188,41 @@ def load_state(path: str | os.PathLike, key: str) -> TrainingState:
         raise StateError(f"{source} is not a kgml-peft training state of format version "
                             f"{FORMAT_VERSION}; delete it to start over")
     if metadata.get("run_key") != key:
-        raise StateError(f"{source} was written by another run (its config, data, seed or "
-                            "backbone differ); run without --resume to start over")
+        raise StateError(f"{source} was written by another run (its config, data, seed, backbone "
+                         "or toolkit version differ); run without --resume to start over")
+    text = metadata.get("state", "")
+    if metadata.get("content_hash") != content_hash({"run_key": key, "state": text}, tensors):
+        raise StateError(f"{source}: content hash mismatch, the training state is corrupt; "
+                         "delete it to start over")
     try:
-        header = json.loads(metadata["state"])
+        header = json.loads(text)
         phase = PhaseState(
-            epoch=header["epoch"], step=header["step"], stale=header["stale"],
-            stopped=header["stopped"], result=PhaseResult(**header["result"]),
+            epoch=_count(header["epoch"]), step=_count(header["step"]), stale=_count(header["stale"]),
+            stopped=_flag(header["stopped"]), result=PhaseResult(**header["result"]),
             model=_group(tensors, "model."), best_model=_group(tensors, "best."),
             optimizer=_join_optimizer(_group(tensors, "optim."), header["optimizer"]),
             scheduler=header["scheduler"], scaler=header["scaler"], rng=_group(tensors, "rng."),
         )
         done = [PhaseResult(**r) for r in header["done"]]
-        index = header["phase_index"]
-        if {"torch", "loader"} - set(phase.rng) or not isinstance(index, int):
-            raise ValueError("incomplete state")
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        index = _count(header["phase_index"])
+        if {"torch", "loader"} - set(phase.rng):
+            raise ValueError("no RNG state")
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise StateError(f"{source} has an unreadable training state ({exc}); delete it to "
-                            "start over") from None
+                         "start over") from None
     return TrainingState(phase_index=index, phase=phase, done=done, extra=_group(tensors, "extra."))
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
 
 
 @dataclass(frozen=True)
@@ -231,6 +254,14 @@ class StateFile:
         self.path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.parent.rmdir()
+
+    def discard_if_ours(self) -> None:
+        """Remove the state only if this run wrote it (another run's progress is kept)."""
+        try:
+            if load_state(self.path, self.key) is not None:
+                self.discard()
+        except StateError:
+            pass
 
 
 
