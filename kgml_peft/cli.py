@@ -25,7 +25,10 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:  # noqa: D102 - click API
-        click.echo(f"error: {self.format_message()}", err=True)
+        from kgml_peft.train.processes import is_main_process
+
+        if is_main_process():  # every process of a launched run fails alike: say it once
+            click.echo(f"error: {self.format_message()}", err=True)
 
 
 def _one_line(exc: click.UsageError) -> click.UsageError | UserError:
@@ -199,6 +202,7 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
     from kgml_peft.store.checkpoint import save_backbone
     from kgml_peft.train.pretrain import PretrainConfig, pretrain_state
     from kgml_peft.train.pretrain import pretrain as run_pretrain
+    from kgml_peft.train.processes import is_main_process
 
     schema.check_site_id(name, "checkpoint name")
     target = check_writable_target(out_dir / f"{name}.safetensors")
@@ -216,6 +220,8 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
     state = pretrain_state(target, synthetic, obs, config, resume)
     _resuming(state)
     result = run_pretrain(synthetic, obs, config, cpu=cpu, progress=not quiet, state=state)
+    if not is_main_process():  # data-parallel: every process holds the same weights
+        return
     fp = save_backbone(target, result.model, result.scalers, result.summary)
     state.discard()
     for phase in result.summary["phases"]:
@@ -228,7 +234,9 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
 
 def _resuming(state) -> None:
     """Say on stderr where a --resume run continues from (nothing to say for a fresh run)."""
-    if not state.resume:
+    from kgml_peft.train.processes import is_main_process
+
+    if not state.resume or not is_main_process():
         return
     saved = state.load()
     if saved is None:
@@ -303,7 +311,7 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     serve_seconds = time.perf_counter() - start
     if as_json:
         _echo_json({**reports, "calibration": [{"path": str(r.path), "seconds": r.seconds,
-                                                **r.result.summary} for r in runs],
+                                                **r.summary} for r in runs],
                     "predictions": {"path": str(out_dir / "predictions.csv"), "site_years": served.site_years,
                                     "adapters": served.used, "seconds": serve_seconds}})
         return
@@ -317,7 +325,7 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
                    "--seed 1 simulates unseen sites.")
     click.echo("\nper-state calibration on the observed demo data: validation = the last year of "
                "each site, global backbone -> adapter (MSE in the units above):")
-    table = calibration_table([r.result.summary | {"path": str(r.path), "bytes": r.path.stat().st_size,
+    table = calibration_table([r.summary | {"path": str(r.path), "bytes": r.path.stat().st_size,
                                                    "seconds": r.seconds} for r in runs])
     formats = {"KiB": "{:.1f}".format, "loss_change_%": "{:+.1f}".format, "seconds": "{:.0f}".format}
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}",
@@ -364,13 +372,14 @@ def _change(before: float | None, after: float | None) -> str:
     return f"{100 * (after - before) / before:+.1f}%"
 
 
-def _print_calibration(result, path: Path, seconds: float, backbone_bytes: int) -> None:
-    summary = result.summary
+def _print_calibration(run) -> None:
+    """The human-readable report of one calibrated unit (a :class:`CalibrationRun`)."""
+    summary, path, seconds, backbone_bytes = run.summary, run.path, run.seconds, run.backbone_bytes
     data, metrics = summary["data"], summary["metrics"]
-    kind = "adapter parameters" if result.adapter is not None else "trained backbone parameters"
-    click.echo(f"{result.name} ({summary['scope']}, {len(summary['sites'])} site"
+    kind = "adapter parameters" if run.is_adapter else "trained backbone parameters"
+    click.echo(f"{run.name} ({summary['scope']}, {len(summary['sites'])} site"
                f"{'s' if len(summary['sites']) != 1 else ''}): {data['train_site_years']} training / "
-               f"{data['val_site_years']} validation site-years, {result.trained_parameters} {kind}")
+               f"{data['val_site_years']} validation site-years, {run.trained_parameters} {kind}")
     before, after = metrics["before"], metrics["after"]
     click.echo(f"  {'validation':<26}{'global':>10}{'calibrated':>12}{'change':>9}")
     click.echo(f"  {'loss (scaled MSE)':<26}{before['loss']:>10.4f}{after['loss']:>12.4f}"
@@ -383,13 +392,15 @@ def _print_calibration(result, path: Path, seconds: float, backbone_bytes: int) 
     click.echo(f"  best epoch {metrics['best_epoch']} of {metrics['epochs_run']} "
                f"({metrics['steps']} steps)")
     size = path.stat().st_size
-    ratio = f", {backbone_bytes / size:.0f}x smaller than the backbone" if result.adapter is not None else ""
+    ratio = f", {backbone_bytes / size:.0f}x smaller than the backbone" if run.is_adapter else ""
     click.echo(f"wrote {path} ({size / 1024:.1f} KiB{ratio}) in {seconds:.0f} s")
 
 
 @cli.command(short_help="Calibrate the backbone to a site or region; writes an adapter.")
 @click.option("--site", required=True,
-              help="A site id, a region label (all its sites, pooled) or 'all' (one per region).")
+              help="A site id, a region label (all its sites, pooled), a comma-separated list of "
+                   "them, or 'all' (one per region). Under a multi-process launcher the units are "
+                   "shared out among the processes.")
 @click.option("--data", "data", type=click.Path(path_type=Path), default=None,
               help="Site table (.csv/.parquet). Default: the built-in demo data (observed flavour, "
                    "seed 0).")
@@ -449,34 +460,37 @@ def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, confi
     """Calibrate the global backbone to a site or region (Eq. 3 adapter, or Eq. 2 / site-only
     backbones with --method) and print validation MSE before and after."""
     from kgml_peft.calibration.runs import run_calibration
-
     from kgml_peft.store.atomic import check_writable_target
+    from kgml_peft.train.processes import is_main_process
 
     config = _calibration_config(config_path, options)
     if plot is not None:
         check_writable_target(plot)
     runs = run_calibration(site, backbone_path=backbone, data=data, out_dir=out_dir, config=config,
                            cpu=cpu, progress=not quiet, force=force, resume=resume)
-    trained = [r for r in runs if r.result is not None]
+    if not is_main_process():
+        return  # the main process reports every unit, its own and the others'
+    trained = [r for r in runs if not r.skipped]
     if plot is not None and not trained:
         click.echo(f"every unit was already written by this run; {plot} not drawn", err=True)
     if plot is not None and trained:
         from kgml_peft.experiments.figures import plot_calibration
 
-        plot_calibration({r.result.name: {"curve": r.result.curve, "metrics": r.result.summary["metrics"]}
-                          for r in trained}, plot, f"Calibration of {backbone.name} ({config.method})")
+        plot_calibration({r.name: {"curve": r.curve, "metrics": r.summary["metrics"]} for r in trained},
+                         plot, f"Calibration of {backbone.name} ({config.method})")
     if as_json:
         _echo_json([{"path": str(r.path), "bytes": r.path.stat().st_size, "seconds": r.seconds,
-                     **(r.result.summary if r.result is not None else {"site": r.name, "skipped": True})}
+                     "process": r.process,
+                     **(r.summary if not r.skipped else {"site": r.name, "skipped": True})}
                     for r in runs])
         return
     if data is None:
         click.echo("data: built-in demo data (observed flavour, seed 0)")
     for run in runs:
-        if run.result is None:
+        if run.skipped:
             click.echo(f"{run.name}: already written by this run ({run.path}); skipped")
         else:
-            _print_calibration(run.result, run.path, run.seconds, run.backbone_bytes)
+            _print_calibration(run)
 
 
 def _device(cpu: bool) -> str:

@@ -20,7 +20,7 @@ from kgml_peft.train.state import RESUME_DIR
 from tests.conftest import make_frame, tiny_calibration
 from tests.test_resume import _cli, _env
 
-EPOCHS = 12
+EPOCHS = 6
 
 
 def _start(backbone_path: Path, table: Path, store: Path, site: str, seed: int) -> subprocess.Popen:

@@ -69,7 +69,17 @@ class CalibrationResult:
 
 def calibration_units(frame: pd.DataFrame, site: str) -> list[tuple[str, str, pd.DataFrame]]:
     """What ``--site`` selects: ``[(name, scope, rows)]``. A site id gives that site, a region
-    label all sites of the region (one pooled unit), ``all`` one unit per region."""
+    label all sites of the region (one pooled unit), ``all`` one unit per region, and a
+    comma-separated list of site ids and region labels one unit per entry."""
+    if isinstance(site, str) and "," in site:
+        names = [part.strip() for part in site.split(",")]
+        if "all" in names or "" in names:
+            raise KgmlPeftError(f"--site {site!r}: a list names sites or regions, each once, "
+                                "without 'all' or empty entries")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise KgmlPeftError(f"--site lists {repeated[0]!r} twice")
+        return [unit for name in names for unit in calibration_units(frame, name)]
     schema.check_site_id(site, "site")
     if site == "all":
         for region in frame[schema.REGION].unique():
@@ -207,13 +217,15 @@ def calibrate_unit(
     cpu: bool = False,
     progress: bool = True,
     state: StateFile | None = None,
+    local: bool = False,
 ) -> CalibrationResult:
     """Calibrate on one prepared unit (see :func:`prepare_unit`). With ``state`` (see
     :func:`calibration_state`) the training state is saved after every epoch, and the run
-    continues from a saved one when ``state.resume`` is set."""
+    continues from a saved one when ``state.resume`` is set. ``local``: this process calibrates
+    the unit on its own while other processes calibrate others (no data parallelism)."""
     with deterministic_algorithms(), discard_on_failure(state):
         set_seed(config.seed, deterministic=True)
-        return _calibrate(backbone, data, config, cpu=cpu, progress=progress, state=state)
+        return _calibrate(backbone, data, config, cpu=cpu, progress=progress, state=state, local=local)
 
 
 def calibration_state(output: str | os.PathLike, backbone: Backbone, data: CalibrationData,
@@ -226,7 +238,7 @@ def calibration_state(output: str | os.PathLike, backbone: Backbone, data: Calib
 
 
 def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,
-               cpu: bool, progress: bool, state: StateFile | None) -> CalibrationResult:
+               cpu: bool, progress: bool, state: StateFile | None, local: bool) -> CalibrationResult:
     features = backbone.config.features
     name, scope, rows = data.name, data.scope, data.rows
     train, val, weights = data.train, data.val, data.weights
@@ -244,7 +256,7 @@ def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationCon
         physics_weight=config.physics_weight, response_weight=config.response_weight,
         patience=config.patience, schedule=config.schedule,
     )
-    prepared = accelerator.prepare(model)
+    prepared = model.to(accelerator.device) if local else accelerator.prepare(model)
     saved = state.load() if state is not None else None
     if saved is not None and (saved.phase_index != 0 or saved.done or saved.extra):
         raise StateError(f"{state.path} is not a calibration's training state; delete it to start over")
@@ -257,7 +269,7 @@ def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationCon
                        seed=config.seed, tolerance=config.tolerance, reference=reference,
                        response_feature=features.index("GPP"), penalty=penalty, progress=progress,
                        resume=saved.phase if saved is not None else None,
-                       on_epoch=on_epoch if state is not None else None)
+                       on_epoch=on_epoch if state is not None else None, local=local)
     model = accelerator.unwrap_model(prepared).cpu().eval()
     if isinstance(model, SiteModel) and config.storage_dtype == "float16":
         model.round_adapter(torch.float16)

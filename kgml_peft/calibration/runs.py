@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -27,18 +27,34 @@ from kgml_peft.store.atomic import check_writable_target
 from kgml_peft.store.checkpoint import Backbone, load_backbone, read_checkpoint, save_backbone
 from kgml_peft.store.library import adapter_path, writable_target
 from kgml_peft.train.pretrain import frame_hash
+from kgml_peft.train.processes import launched, map_sharded
+from kgml_peft.train.state import StateFile
 
 
 @dataclass
 class CalibrationRun:
-    """One output: the result, its file, wall time and the backbone file's size. ``result`` is
-    ``None`` for a unit a resumed run found already written by the same run (skipped)."""
+    """One unit's output: its file, wall time, the backbone file's size and what it trained.
 
-    result: CalibrationResult | None
+    ``summary`` is ``None`` for a unit that a resumed run found already written by the same run
+    (skipped). ``result`` (the model and adapter) is kept only by the process that trained the
+    unit; under several processes the main process receives every unit's summary and curve.
+    """
+
+    name: str
     path: Path
     seconds: float
     backbone_bytes: int
-    name: str = ""
+    summary: dict | None = None
+    curve: list[dict] = field(default_factory=list)
+    trained_parameters: int = 0
+    is_adapter: bool = True
+    process: int = 0
+    result: CalibrationResult | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the unit was skipped (already written by this same run)."""
+        return self.summary is None
 
 
 def demo_table() -> pd.DataFrame:
@@ -93,26 +109,36 @@ def run_calibration(
     # every unit's data problems surface before the first unit trains and writes its file
     prepared = [prepare_unit(backbone, rows, name, scope, config) for name, scope, rows in units]
     backbone_bytes = Path(backbone_path).stat().st_size
-    todo, runs = [], []
+    todo, skipped = [], []
     for unit, path in zip(prepared, paths):
         state = calibration_state(path, backbone, unit, config, resume)
         if resume and path.exists() and written_by(path, backbone, unit, config):
             state.discard_if_ours()
-            runs.append(CalibrationRun(None, path, 0.0, backbone_bytes, unit.name))
+            skipped.append(CalibrationRun(unit.name, path, 0.0, backbone_bytes))
             continue
         writable_target(path, force)
         state.load()  # a corrupt or another run's state stops the run before any training
         todo.append((unit, path, state))
-    for unit, path, state in todo:
+    local = launched()  # under several processes each calibrates its own units
+
+    def calibrate_one(item: tuple[CalibrationData, Path, StateFile]) -> CalibrationRun:
+        unit, path, state = item
         start = time.perf_counter()
-        result = calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress, state=state)
+        result = calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress, state=state,
+                                local=local)
         if result.adapter is not None:
             save_adapter(path, result.adapter, dtype=config.storage_dtype)
         else:
             training = {"method": config.method, **result.summary, "curves": result.curve}
             save_backbone(path, result.model, backbone.scalers, training)
         state.discard()
-        runs.append(CalibrationRun(result, path, time.perf_counter() - start, backbone_bytes, unit.name))
+        run = CalibrationRun(unit.name, path, time.perf_counter() - start, backbone_bytes,
+                             result.summary, result.curve, result.trained_parameters,
+                             result.adapter is not None, int(os.environ.get("RANK", "0")))
+        # only the summary travels to the main process; the model stays in the one that trained it
+        return replace(run, result=result) if not local else run
+
+    runs = skipped + map_sharded(todo, calibrate_one, cpu)
     order = {unit.name: i for i, unit in enumerate(prepared)}
     return sorted(runs, key=lambda run: order[run.name])
 

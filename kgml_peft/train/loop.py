@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -25,6 +26,7 @@ from kgml_peft.data.windows import Scalers, WindowDataset
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.outputs import physical, scaled_targets
 from kgml_peft.train.objectives import objective, target_errors
+from kgml_peft.train.processes import use_cpu
 from kgml_peft.train.state import PhaseResult, PhaseState, StateError, capture_rng, restore_rng
 
 DATA_SOURCES = ("synthetic", "observed")
@@ -108,7 +110,10 @@ def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Accelera
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)  # no public API for this
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    # Phases freeze different parts of the backbone: under DDP, parameters that get no gradient
+    # in a phase must not hold up the gradient all-reduce (no effect in a single process).
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=use_cpu(cpu), mixed_precision=mixed_precision, kwargs_handlers=[ddp])
 
 
 def set_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -131,19 +136,22 @@ def validation_loss(
     scalers: Scalers,
     weights: dict[str, float],
     accelerator: Accelerator,
+    local: bool = False,
 ) -> float:
-    """Weighted masked MSE (scaled units) of the phase's targets over a whole loader."""
+    """Weighted masked MSE (scaled units) of the phase's targets over a whole loader (gathered
+    over every process, unless ``local``: the loader holds this process's own data)."""
     names = tuple(weights)
     model.eval()
     sse_total = torch.zeros(len(names), dtype=torch.float64)
     count_total = torch.zeros(len(names), dtype=torch.float64)
     with torch.no_grad():
-        for batch in loader:
+        for batch in _on_device(loader, accelerator.device if local else None):
             with accelerator.autocast():
                 out = model(batch["x"])
             out = {k: v.float() for k, v in out.items() if k != "state"}
             sse, count = target_errors(scaled_targets(out, scalers, physical(out, scalers)), batch, names)
-            sse, count = accelerator.gather_for_metrics((sse, count))
+            if not local:
+                sse, count = accelerator.gather_for_metrics((sse, count))
             sse_total += sse.double().sum(0).cpu()
             count_total += count.double().sum(0).cpu()
     per_target = sse_total / count_total.clamp_min(1.0)
@@ -152,6 +160,12 @@ def validation_loss(
     if not w.sum() > 0:
         raise KgmlPeftError(f"the validation data has no observation of {', '.join(names)}")
     return float((per_target * w).sum() / w.sum())
+
+
+def _on_device(loader, device: torch.device | None) -> Iterator[dict]:
+    """The loader's batches, moved to ``device`` (``None``: the loader places them itself)."""
+    for batch in loader:
+        yield batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 #: A phase has diverged when a loss exceeds this many times its starting value (or 1, if larger):
@@ -191,6 +205,7 @@ def run_phase(
     progress: bool = True,
     resume: PhaseState | None = None,
     on_epoch: Callable[[PhaseState], None] | None = None,
+    local: bool = False,
 ) -> PhaseResult:
     """Train ``model`` (already prepared by ``accelerator``) for one phase; keep its best weights.
 
@@ -198,20 +213,34 @@ def run_phase(
     mu-anchor or Eq. 3's rho-norm (:mod:`kgml_peft.train.objectives`). ``on_epoch`` receives the
     phase's state after every epoch (to save it); ``resume`` continues from such a state, with the
     same result as a run that was never interrupted.
+
+    Under several processes (``accelerate launch``, ``torchrun``) the phase is data-parallel:
+    ``model`` is DDP-wrapped by the caller, each process takes its share of every batch (the
+    config's batch size stays the global one), and the losses that decide early stopping are
+    averaged over processes, so that every process decides alike. With ``local`` the phase is
+    this process's own (``model`` merely placed on the device, not wrapped): one of many site
+    calibrations sharded across processes.
     """
+    shared = accelerator.num_processes > 1 and not local
     raw = accelerator.unwrap_model(model)
     was_trainable = {name: p.requires_grad for name, p in raw.named_parameters()}
     params = set_trainable(raw, phase.trainable)
     optimizer = torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_set, batch_size=phase.batch_size, shuffle=True, generator=generator)
+    # the batch size is global: each of N data-parallel processes takes 1/N of a batch
+    batch_size = math.ceil(phase.batch_size / accelerator.num_processes) if shared else phase.batch_size
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
     # The validation loader gets its own generator: iterating a loader otherwise draws from the
     # global RNG, and validating would then change the dropout masks of the following steps.
-    val_loader = (DataLoader(val_set, batch_size=max(phase.batch_size, 64),
+    val_loader = (DataLoader(val_set, batch_size=max(batch_size, 64),
                              generator=torch.Generator().manual_seed(seed)) if val_set else None)
-    optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+    if local:  # this process's own data: not sharded, batches placed here
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
+        if val_loader is not None:
+            val_loader = accelerator.prepare(val_loader)
+    device = accelerator.device if local else None
     # Stepped by hand once per optimizer step over this process's batches (an accelerate-prepared
     # scheduler would step once per process and needs the global step count instead).
     total_steps = max(phase.epochs * len(train_loader), 1)
@@ -223,7 +252,7 @@ def run_phase(
         result = PhaseResult(name=phase.name)
         best_state = copy.deepcopy(raw.state_dict())
         if val_loader is not None:
-            val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
+            val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator, local)
         result.curve.append({"phase": phase.name, "epoch": 0, "step": step_offset,
                              "train_loss": None, "val_loss": val_loss})
         result.best_val_loss = val_loss
@@ -232,12 +261,13 @@ def run_phase(
         result, best_state, first, step, stale = _restore(resume, raw, optimizer, scheduler,
                                                           accelerator, generator, phase)
     best = result.best_val_loss
-    bar = tqdm(range(first, phase.epochs + 1), desc=phase.name, disable=not progress, leave=False,
+    bar = tqdm(range(first, phase.epochs + 1), desc=phase.name, leave=False,
+               disable=not progress or not accelerator.is_local_main_process,
                unit="epoch", initial=first - 1, total=phase.epochs)
     for epoch in bar:
         model.train()
         total, batches = 0.0, 0
-        for batch in train_loader:
+        for batch in _on_device(train_loader, device):
             with accelerator.autocast():
                 loss = objective(model, batch, scalers, phase.targets, phase.physics_weight,
                                  tolerance, reference, phase.response_weight, response_feature)
@@ -260,12 +290,15 @@ def run_phase(
                     and batches < len(train_loader)):  # the epoch end logs its own entry
                 result.curve.append({
                     "phase": phase.name, "epoch": epoch, "step": step, "train_loss": total / batches,
-                    "val_loss": validation_loss(model, val_loader, scalers, phase.targets, accelerator),
+                    "val_loss": validation_loss(model, val_loader, scalers, phase.targets, accelerator,
+                                                local),
                 })
                 model.train()
         train_loss = total / max(batches, 1)
+        if shared:  # one figure for all processes: they must take the same decisions
+            train_loss = float(accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean"))
         if val_loader is not None:
-            val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator)
+            val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator, local)
         _check_divergence(phase.name, epoch, result.curve, train_loss, val_loss)
         result.curve.append({"phase": phase.name, "epoch": epoch, "step": step,
                              "train_loss": train_loss, "val_loss": val_loss})

@@ -223,7 +223,7 @@ def train_phases(
                            seed=config.seed + i, tolerance=config.tolerance, step_offset=step,
                            reference=reference, response_feature=gpp_index, progress=progress,
                            resume=saved.phase if saved is not None and i == saved.phase_index else None,
-                           on_epoch=on_epoch if state is not None else None)
+                           on_epoch=on_epoch if state is not None and accelerator.is_main_process else None)
         step += result.steps
         results.append(result)
     return accelerator.unwrap_model(model).cpu().eval(), results, skipped

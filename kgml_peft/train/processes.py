@@ -1,0 +1,82 @@
+"""Which process this is under ``accelerate launch`` or ``torchrun``, and the few collective steps
+the commands need: sharding work, gathering summaries, and failing together.
+
+Pretraining is data-parallel (DDP through Accelerate, see :mod:`kgml_peft.train.loop`). Many-site
+calibration is sharded instead: each process calibrates its own units from start to end and writes
+their files; the main process gathers the summaries. In a single process every helper here is a
+no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from kgml_peft.errors import KgmlPeftError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def launched() -> bool:
+    """Whether this process was started by a multi-process launcher (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process. Read from the launcher's environment, so that asking does not
+    start a process group (e.g. while printing an error)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def use_cpu(cpu: bool) -> bool:
+    """Whether Accelerate must be told to use the CPU: asked for, or launched on a machine without
+    a GPU (Accelerate would otherwise treat each launched CPU process as a run of its own)."""
+    import torch
+
+    return cpu or (launched() and not torch.cuda.is_available())
+
+
+def process_state(cpu: bool = False):
+    """Accelerate's process state (initialises the process group when launched: gloo on CPU,
+    nccl on GPUs)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu(cpu))
+
+
+def map_sharded(items: Sequence[T], work: Callable[[T], R], cpu: bool = False) -> list[R]:
+    """Run ``work`` on this process's share of ``items`` (every N-th, from its rank) and return
+    every process's results, in ``items`` order, in every process.
+
+    A :class:`KgmlPeftError` in any process is raised in all of them after the others finished
+    their share (so that no process waits forever for one that stopped)."""
+    if not launched():
+        return [work(item) for item in items]
+    from accelerate.utils import gather_object
+
+    state = process_state(cpu)
+    rank, world = state.process_index, state.num_processes
+    if world < 2:  # launched, yet Accelerate sees one process: each would do all the work
+        raise KgmlPeftError(f"launched as {os.environ.get('WORLD_SIZE')} processes, but Accelerate "
+                            "set up no process group; check the launcher's settings")
+    mine: list[tuple[int, R | None, str | None]] = []
+    for index in range(rank, len(items), world):
+        try:
+            mine.append((index, work(items[index]), None))
+        except KgmlPeftError as exc:
+            mine.append((index, None, str(exc)))
+            break
+    gathered = gather_object([mine])  # one list per process
+    flat = sorted((entry for part in gathered for entry in part), key=lambda e: e[0])
+    errors = [error for _, _, error in flat if error is not None]
+    if errors:
+        raise KgmlPeftError(errors[0])
+    return [result for _, result, _ in flat]
+
+
+def wait_for_everyone() -> None:
+    """A barrier when launched; nothing otherwise."""
+    if launched():
+        process_state().wait_for_everyone()

@@ -1,0 +1,123 @@
+"""Two CPU processes (gloo), launched the way users launch them: ``accelerate launch`` and
+``torchrun``. Pretraining is data-parallel and must land close to the single-process run; sharded
+calibration must write every adapter exactly once, each equal to its single-process result."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kgml_peft.store.adapter import load_adapter
+from kgml_peft.store.checkpoint import load_backbone
+from tests.conftest import make_frame
+from tests.test_pretrain import TINY_TOML
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = {"IA-001": "IA", "IA-002": "IA", "IL-001": "IL", "IL-002": "IL"}
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _launch(launcher: str, *args: str) -> subprocess.CompletedProcess:
+    """``kgml-peft ARGS`` under two CPU processes, or one (``launcher`` ``single``)."""
+    if launcher == "single":
+        prefix = [sys.executable, "-m", "kgml_peft"]
+    elif launcher == "accelerate":
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", _free_port(), "-m", "kgml_peft"]
+    else:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                  "--master_port", _free_port(), "-m", "kgml_peft"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*prefix, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tables")
+    paths = folder / "synthetic.parquet", folder / "observed.parquet"
+    for path, observed in zip(paths, (False, True)):
+        done = _launch("single", "synth", "--out", str(path), "--max-sites-per-region", "2",
+                       "--max-years-per-site", "3", *(["--observed"] if observed else []))
+        assert done.returncode == 0, done.stderr
+    return paths
+
+
+@pytest.mark.slow
+def test_data_parallel_pretraining_matches_one_process(tables, tmp_path):
+    synthetic, observed = tables
+    config = tmp_path / "tiny.toml"
+    # the observed phase also runs the response term: a second forward pass through the DDP model
+    config.write_text(TINY_TOML.replace("epochs = 1", "epochs = 2\nresponse_weight = 0.05"))
+    outputs = {}
+    for launcher in ("single", "accelerate"):
+        out = tmp_path / launcher
+        out.mkdir()
+        done = _launch(launcher, "pretrain", "--data", str(synthetic), "--observed", str(observed),
+                       "--config", str(config), "--out-dir", str(out), "--cpu", "--quiet")
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["demo.safetensors"]  # written once, no leftovers
+        assert done.stdout.count("wrote ") == 1  # only the main process reports
+        outputs[launcher] = load_backbone(out / "demo.safetensors")
+    single, parallel = outputs["single"], outputs["accelerate"]
+    # the same steps over the same global batches; only how the mean is taken differs
+    assert parallel.training["total_steps"] == single.training["total_steps"]
+    for a, b in zip(single.training["phases"], parallel.training["phases"]):
+        assert b["best_val_loss"] == pytest.approx(a["best_val_loss"], rel=0.05)
+    sa, sb = single.model.state_dict(), parallel.model.state_dict()
+    worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+    assert 0 < worst < 0.05  # close, and truly computed by two processes (not a copy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_sharded_calibration_writes_each_adapter_once(backbone_path, tmp_path, launcher):
+    table = tmp_path / "sites.csv"
+    make_frame(SITES, years=(2003, 2004, 2005)).to_csv(table, index=False, date_format="%Y-%m-%d")
+    args = ["calibrate", "--site", ",".join(SITES), "--data", str(table), "--backbone", str(backbone_path),
+            "--epochs", "4", "--batch-size", "2", "--quiet", "--json"]
+    reports = {}
+    for how in ("single", launcher):
+        out = tmp_path / how
+        out.mkdir()
+        # with --cpu, and without: on a machine with no GPU the launched processes find the CPU
+        done = _launch(how, *args, "--out", str(out), *(["--cpu"] if how == "accelerate" else []))
+        assert done.returncode == 0, done.stderr
+        runs = json.loads(done.stdout)  # one JSON document: only the main process prints
+        assert sorted(r["site"] for r in runs) == sorted(SITES)  # none lost, none twice
+        assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.safetensors" for s in SITES)
+        reports[how] = {r["site"]: r for r in runs}
+    assert {r["process"] for r in reports[launcher].values()} == {0, 1}  # both processes worked
+    backbone = load_backbone(backbone_path)
+    for site in SITES:
+        one, two = reports["single"][site], reports[launcher][site]
+        assert two["metrics"]["after"]["loss"] <= one["metrics"]["after"]["loss"] * (1 + 1e-6)
+        a = load_adapter(tmp_path / "single" / f"{site}.safetensors", backbone)
+        b = load_adapter(tmp_path / launcher / f"{site}.safetensors", backbone)
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+@pytest.mark.slow
+def test_an_error_in_a_launched_run_is_one_line(backbone_path, tmp_path):
+    table = tmp_path / "sites.csv"
+    make_frame(SITES, years=(2003, 2004, 2005)).to_csv(table, index=False, date_format="%Y-%m-%d")
+    done = _launch("torchrun", "calibrate", "--site", "IA-001,XX-999", "--data", str(table),
+                   "--backbone", str(backbone_path), "--out", str(tmp_path), "--cpu", "--quiet")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "unknown site or region 'XX-999'" in errors[0]
+    # torchrun reports the failed workers with a traceback of its own; none comes from the toolkit
+    assert "kgml_peft/" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sites.csv"]
