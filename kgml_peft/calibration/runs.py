@@ -27,7 +27,7 @@ from kgml_peft.store.atomic import check_writable_target
 from kgml_peft.store.checkpoint import Backbone, load_backbone, read_checkpoint, save_backbone
 from kgml_peft.store.library import adapter_path, writable_target
 from kgml_peft.train.pretrain import frame_hash
-from kgml_peft.train.processes import launched, map_sharded
+from kgml_peft.train.processes import launched, map_sharded, rank
 from kgml_peft.train.state import StateFile
 
 
@@ -134,7 +134,7 @@ def run_calibration(
         state.discard()
         run = CalibrationRun(unit.name, path, time.perf_counter() - start, backbone_bytes,
                              result.summary, result.curve, result.trained_parameters,
-                             result.adapter is not None, int(os.environ.get("RANK", "0")))
+                             result.adapter is not None, rank())
         # only the summary travels to the main process; the model stays in the one that trained it
         return replace(run, result=result) if not local else run
 

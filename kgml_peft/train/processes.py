@@ -24,10 +24,15 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def rank() -> int:
+    """This process's rank (0 when not launched). Read from the launcher's environment, so that
+    asking does not start a process group (e.g. while printing an error)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main_process() -> bool:
-    """Rank 0, or the only process. Read from the launcher's environment, so that asking does not
-    start a process group (e.g. while printing an error)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0, or the only process."""
+    return rank() == 0
 
 
 def use_cpu(cpu: bool) -> bool:
