@@ -393,7 +393,10 @@ def _print_calibration(run) -> None:
                f"({metrics['steps']} steps)")
     size = path.stat().st_size
     ratio = f", {backbone_bytes / size:.0f}x smaller than the backbone" if run.is_adapter else ""
-    click.echo(f"wrote {path} ({size / 1024:.1f} KiB{ratio}) in {seconds:.0f} s")
+    group = run.summary["calibration"].get("batched_with")
+    timing = (f"in {seconds:.1f} s (its share of a pass with {len(group)} units)" if group
+              else f"in {seconds:.0f} s")
+    click.echo(f"wrote {path} ({size / 1024:.1f} KiB{ratio}) {timing}")
 
 
 @cli.command(short_help="Calibrate the backbone to a site or region; writes an adapter.")
@@ -445,6 +448,9 @@ def _print_calibration(run) -> None:
 @click.option("--dtype", "storage_dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="Storage dtype of the adapter tensors.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None)
+@click.option("--batch-sites", type=int, default=None,
+              help="Calibrate up to this many units side by side in one pass over the backbone "
+                   "(default 1: one after another); see docs/scaling.md.")
 @click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,16 @@ def random_adapter(backbone, site: str, config=None, seed: int = 0, unfreeze: tu
             "targets": {}, "calibration": {}, "data": {}, "metrics": {}}
     return Adapter(site=site, config=config, tensors=tensors,
                    backbone_fingerprint=backbone.fingerprint, info=info)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Put the modules with slow end-to-end tests first, the longest one (test_pretrain.py, which
+    regenerates the shipped backbone) at the front: under ``-n 2 --dist loadfile`` (CI) the two
+    workers then finish at about the same time instead of one running the longest file last."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path.name != "test_pretrain.py", item.path not in slow))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per worker: two workers on two cores must not oversubscribe them
+    torch.set_num_threads(1)

@@ -37,7 +37,7 @@ from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms, make_accelerator, run_phase
 from kgml_peft.train.objectives import anchor_distance, squared_norm
-from kgml_peft.train.state import PhaseState, StateError, StateFile, TrainingState, discard_on_failure
+from kgml_peft.train.state import PhaseResult, PhaseState, StateError, StateFile, TrainingState, discard_on_failure
 from kgml_peft.train.pretrain import frame_hash, with_reco
 
 
@@ -240,8 +240,7 @@ def calibration_state(output: str | os.PathLike, backbone: Backbone, data: Calib
 def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,
                cpu: bool, progress: bool, state: StateFile | None, local: bool) -> CalibrationResult:
     features = backbone.config.features
-    name, scope, rows = data.name, data.scope, data.rows
-    train, val, weights = data.train, data.val, data.weights
+    name, train, val, weights = data.name, data.train, data.val, data.weights
     before = validation_metrics(backbone.model, backbone, val, weights, config.tolerance)
 
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
@@ -271,6 +270,17 @@ def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationCon
                        resume=saved.phase if saved is not None else None,
                        on_epoch=on_epoch if state is not None else None, local=local)
     model = accelerator.unwrap_model(prepared).cpu().eval()
+    return finish_unit(backbone, data, config, model, result, before)
+
+
+def finish_unit(backbone: Backbone, data: CalibrationData, config: CalibrationConfig,
+                model: torch.nn.Module, result: PhaseResult, before: dict,
+                provenance: dict | None = None) -> CalibrationResult:
+    """Measure a unit's trained ``model`` (CPU, its best weights) and put together its result:
+    metrics, summary and, for the adapter method, the adapter to save. ``provenance`` adds
+    entries to the summary's ``calibration`` record (e.g. the units trained alongside)."""
+    name, scope, rows = data.name, data.scope, data.rows
+    train, val, weights = data.train, data.val, data.weights
     if isinstance(model, SiteModel) and config.storage_dtype == "float16":
         model.round_adapter(torch.float16)
     after = validation_metrics(model, backbone, val, weights, config.tolerance)
@@ -281,7 +291,7 @@ def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationCon
         "sites": sorted(set(train.sites) | set(val.sites)),
         "regions": sorted(set(train.regions) | set(val.regions)),
         "targets": weights,
-        "calibration": config.to_dict(),
+        "calibration": {**config.to_dict(), **(provenance or {})},
         "data": {
             "hash": frame_hash(rows),
             "train_site_years": len(train),
@@ -306,7 +316,7 @@ def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationCon
         info = {k: summary[k] for k in ("scope", "sites", "regions", "data", "metrics")}
         # the adapter architecture has its own metadata field (adapter_config)
         calibration = {k: v for k, v in summary["calibration"].items() if k != "adapter"}
-        info.update(features=list(features), targets=weights, calibration=calibration)
+        info.update(features=list(backbone.config.features), targets=weights, calibration=calibration)
         adapter = Adapter(site=name, config=config.adapter, tensors=model.adapter_tensors(),
                           backbone_fingerprint=backbone.fingerprint, info=info)
     return CalibrationResult(name=name, method=config.method, model=model, adapter=adapter,

@@ -141,6 +141,9 @@ class CalibrationConfig:
     mixed_precision: str = "no"
     #: dtype of the adapter tensors in the file (training is always float32)
     storage_dtype: str = "float32"
+    #: units calibrated side by side in one pass over the backbone (1 = one after another); see
+    #: :mod:`kgml_peft.calibration.batched`
+    batch_sites: int = 1
 
     def __post_init__(self) -> None:
         expect_type(self.method, str, "method")
@@ -161,7 +164,7 @@ class CalibrationConfig:
         for key in ("epochs", "lr"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, METHOD_DEFAULTS[self.method][key])
-        for key in ("epochs", "batch_size", "patience", "seed"):
+        for key in ("epochs", "batch_size", "patience", "seed", "batch_sites"):
             expect_type(getattr(self, key), int, key)
         for key in ("lr", "rho", "mu", "physics_weight", "tolerance", "response_weight", "val_fraction"):
             expect_type(getattr(self, key), (int, float), key)
@@ -192,6 +195,14 @@ class CalibrationConfig:
             raise KgmlPeftError("mixed_precision must be no, fp16 or bf16")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise KgmlPeftError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}")
+        if self.batch_sites < 1:
+            raise KgmlPeftError(f"batch_sites must be >= 1, got {self.batch_sites}")
+        if self.batch_sites > 1 and self.method != "adapter":
+            raise KgmlPeftError(f"batch_sites > 1 needs the adapter method; method {self.method} "
+                                "trains backbone weights, one unit at a time")
+        if self.batch_sites > 1 and self.unfreeze:
+            raise KgmlPeftError("batch_sites > 1 cannot be combined with unfreeze: units that "
+                                "replace backbone weights cannot share one pass")
 
     def to_dict(self) -> dict:
         """JSON-ready form with every default resolved (stored in adapter and checkpoint files)."""

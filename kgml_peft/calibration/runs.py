@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kgml_peft.calibration.batched import PROVENANCE, calibrate_batched
 from kgml_peft.calibration.calibrate import (
     CalibrationData,
     CalibrationResult,
@@ -109,36 +110,60 @@ def run_calibration(
     # every unit's data problems surface before the first unit trains and writes its file
     prepared = [prepare_unit(backbone, rows, name, scope, config) for name, scope, rows in units]
     backbone_bytes = Path(backbone_path).stat().st_size
-    todo, skipped = [], []
+    batched = config.batch_sites > 1
+    items, skipped = [], []
     for unit, path in zip(prepared, paths):
-        state = calibration_state(path, backbone, unit, config, resume)
-        if resume and path.exists() and written_by(path, backbone, unit, config):
-            state.discard_if_ours()
+        done = resume and path.exists() and written_by(path, backbone, unit, config)
+        # batched units write no per-epoch state (a group reruns whole; see calibration.batched)
+        state = None if batched else calibration_state(path, backbone, unit, config, resume)
+        if done:
+            if state is not None:
+                state.discard_if_ours()
             skipped.append(CalibrationRun(unit.name, path, 0.0, backbone_bytes))
-            continue
-        writable_target(path, force)
-        state.load()  # a corrupt or another run's state stops the run before any training
-        todo.append((unit, path, state))
+        else:
+            writable_target(path, force)
+            if state is not None:
+                state.load()  # a corrupt or another run's state stops the run before any training
+        items.append((unit, path, state, done))
     local = launched()  # under several processes each calibrates its own units
 
-    def calibrate_one(item: tuple[CalibrationData, Path, StateFile]) -> CalibrationRun:
-        unit, path, state = item
-        start = time.perf_counter()
-        result = calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress, state=state,
-                                local=local)
+    def finished(unit: CalibrationData, path: Path, result: CalibrationResult, seconds: float) -> CalibrationRun:
         if result.adapter is not None:
             save_adapter(path, result.adapter, dtype=config.storage_dtype)
         else:
             training = {"method": config.method, **result.summary, "curves": result.curve}
             save_backbone(path, result.model, backbone.scalers, training)
-        state.discard()
-        run = CalibrationRun(unit.name, path, time.perf_counter() - start, backbone_bytes,
-                             result.summary, result.curve, result.trained_parameters,
-                             result.adapter is not None, rank())
+        run = CalibrationRun(unit.name, path, seconds, backbone_bytes, result.summary, result.curve,
+                             result.trained_parameters, result.adapter is not None, rank())
         # only the summary travels to the main process; the model stays in the one that trained it
         return replace(run, result=result) if not local else run
 
-    runs = skipped + map_sharded(todo, calibrate_one, cpu)
+    def calibrate_one(item: tuple[CalibrationData, Path, StateFile, bool]) -> list[CalibrationRun]:
+        unit, path, state, _ = item
+        start = time.perf_counter()
+        result = calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress, state=state,
+                                local=local)
+        run = finished(unit, path, result, time.perf_counter() - start)
+        state.discard()
+        return [run]
+
+    def calibrate_group(group: list[tuple[CalibrationData, Path, None, bool]]) -> list[CalibrationRun]:
+        start = time.perf_counter()
+        results = calibrate_batched(backbone, [unit for unit, *_ in group], config, cpu=cpu,
+                                    progress=progress)
+        share = (time.perf_counter() - start) / len(group)  # the group's wall time, per unit
+        # a resumed group reruns whole (same units, same tensors); units already written stay
+        return [finished(unit, path, result, share)
+                for (unit, path, _, done), result in zip(group, results) if not done]
+
+    if batched:
+        size = config.batch_sites
+        groups = [items[i:i + size] for i in range(0, len(items), size)]
+        work = [group for group in groups if not all(done for *_, done in group)]
+        trained = map_sharded(work, calibrate_group, cpu)
+    else:
+        trained = map_sharded([item for item in items if not item[3]], calibrate_one, cpu)
+    runs = skipped + [run for runs in trained for run in runs]
     order = {unit.name: i for i, unit in enumerate(prepared)}
     return sorted(runs, key=lambda run: order[run.name])
 
@@ -158,5 +183,7 @@ def written_by(path: Path, backbone: Backbone, unit: CalibrationData, config: Ca
             data_hash, fp = (training.get("data") or {}).get("hash"), training.get("backbone_fingerprint")
     except (KgmlPeftError, ValueError, AttributeError, TypeError, RecursionError):
         return False
+    if isinstance(recorded, dict):  # provenance next to the config (e.g. batched_with) aside
+        recorded = {k: v for k, v in recorded.items() if k in expected or k not in PROVENANCE}
     return (recorded == expected and site == unit.name and data_hash == frame_hash(unit.rows)
             and fp == backbone.fingerprint)

@@ -189,7 +189,7 @@ def _recur(layers: list[_Layer]) -> list[tuple[torch.Tensor, torch.Tensor]]:
             gh = torch.addmm(gh[:, :3 * total], gh[:, 3 * total:].mul_(mask), up_t)
         r, z = torch.sigmoid_(gh[:, :2 * total].add_(g_rz)).chunk(2, dim=1)
         n = torch.tanh_(torch.addcmul(g_n, r, gh[:, 2 * total:]))
-        h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
+        h = torch.lerp(n, h.to(n.dtype), z)  # (1 - z) * n + z * h; under autocast n may be bf16
         outs.append(h)
     seq = torch.stack(outs, dim=1)
     return [(seq[..., i * size:(i + 1) * size], h[:, i * size:(i + 1) * size]) for i in range(k)]
@@ -197,7 +197,7 @@ def _recur(layers: list[_Layer]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def gru_rows(modules: Sequence[nn.GRU], inputs: torch.Tensor, h0s: Sequence[torch.Tensor | None],
              loras: Sequence[dict[str, RowLora]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run GRUs (batch_first, eval mode, equal hidden sizes) that read the same ``inputs``
+    """Run GRUs (batch_first, equal hidden sizes) that read the same ``inputs``
     [B, T, in], with per-row LoRA updates keyed by each module's weight names (``weight_hh_l0``
     ...). Their first layers share one day loop. Same outputs as each module with each row's
     merged weights: (sequence [B, T, H], last states [layers, B, H]) per module."""
@@ -206,6 +206,8 @@ def gru_rows(modules: Sequence[nn.GRU], inputs: torch.Tensor, h0s: Sequence[torc
     for module, h0, lora, (seq, last) in zip(modules, h0s, loras, first):
         states = [last]
         for layer in range(1, module.num_layers):
+            # as torch's GRU: dropout between layers in training mode (batched calibration)
+            seq = F.dropout(seq, module.dropout, module.training)
             [(seq, h)] = _recur([_layer(module, layer, seq, h0, lora)])
             states.append(h)
         results.append((seq, torch.stack(states)))

@@ -102,10 +102,19 @@ class ServingAdapter:
         check_compatible(adapter, backbone)
         check_adapter_tensors(adapter.tensors, *_expected_shapes(backbone, adapter.config))
         t = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.tensors.items()}
-        cfg = adapter.config
+        return cls.from_tensors(adapter.site, t, adapter.config,
+                                content_hash=str(adapter.info.get("content_hash", "")), path=adapter.path)
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig,
+                     content_hash: str = "", path: Path | None = None) -> ServingAdapter:
+        """Lay out already-checked adapter tensors (file names, see
+        :class:`~kgml_peft.calibration.site_model.SiteModel`). Only views and one product are
+        taken, so gradients reach ``tensors``: batched calibration trains through this layout."""
+        t, cfg = tensors, config
         scaling = cfg.lora_alpha / cfg.lora_rank
-        lora = {name: LoraFactors(t[f"lora.{name}.A"].contiguous(), (t[f"lora.{name}.B"] * scaling).contiguous())
-                for name in (cfg.lora_parameters if "lora" in cfg.components else ())}
+        lora = {n: LoraFactors(t[f"lora.{n}.A"].contiguous(), (t[f"lora.{n}.B"] * scaling).contiguous())
+                for n in (cfg.lora_parameters if "lora" in cfg.components else ())}
         blocks = {gru: Block(t[f"blocks.{gru}.down.weight"], t[f"blocks.{gru}.down.bias"],
                              t[f"blocks.{gru}.up.weight"], t[f"blocks.{gru}.up.bias"])
                   for gru in (cfg.block_targets if "blocks" in cfg.components else ())}
@@ -116,8 +125,8 @@ class ServingAdapter:
                 mlp = (t["head.mlp.0.weight"], t["head.mlp.0.bias"], t["head.mlp.2.weight"], t["head.mlp.2.bias"])
             head = Head(t["head.scale"], t["head.shift"], mlp)
         overrides = {k[len("backbone."):]: v for k, v in t.items() if k.startswith("backbone.")}
-        return cls(name=adapter.site, content_hash=str(adapter.info.get("content_hash", "")), lora=lora,
-                   blocks=blocks, head=head, overrides=overrides, path=adapter.path)
+        return cls(name=name, content_hash=content_hash, lora=lora, blocks=blocks, head=head,
+                   overrides=overrides, path=path)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this adapter keeps resident."""

@@ -154,9 +154,16 @@ def validation_loss(
                 sse, count = accelerator.gather_for_metrics((sse, count))
             sse_total += sse.double().sum(0).cpu()
             count_total += count.double().sum(0).cpu()
-    per_target = sse_total / count_total.clamp_min(1.0)
+    return weighted_mse(sse_total, count_total, weights)
+
+
+def weighted_mse(sse: torch.Tensor, count: torch.Tensor, weights: dict[str, float]) -> float:
+    """The weighted mean of per-target MSEs from summed squared errors and observation counts
+    (one entry per target of ``weights``, in its order); targets never observed do not count."""
+    names = tuple(weights)
+    per_target = sse / count.clamp_min(1.0)
     # a target without a single validation observation does not count (its error would read 0)
-    w = torch.tensor([weights[n] for n in names], dtype=torch.float64) * (count_total > 0)
+    w = torch.tensor([weights[n] for n in names], dtype=torch.float64) * (count > 0)
     if not w.sum() > 0:
         raise KgmlPeftError(f"the validation data has no observation of {', '.join(names)}")
     return float((per_target * w).sum() / w.sum())

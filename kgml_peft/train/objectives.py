@@ -5,7 +5,7 @@ rho * ||phi_s||^2 (added by the training loop through its ``penalty`` hook).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -73,24 +73,52 @@ def objective(
 ) -> torch.Tensor:
     """Eq. 1: L_pred + lambda * L_phys (+ response consistency against ``reference``)."""
     out = model(batch["x"])
+    loss, phys = output_loss(out, batch, scalers, weights, physics_weight, tolerance)
+    if reference is not None and response_weight and response_feature is not None:
+        mine, ref = responses(model, reference, batch["x"], scalers, response_feature, phys)
+        loss = loss + response_weight * response_loss(mine, ref)
+    return loss
+
+
+def output_loss(
+    out: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    scalers: Scalers,
+    weights: Mapping[str, float],
+    physics_weight: float,
+    tolerance: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_pred + lambda * L_phys of a model's outputs ``out`` on ``batch``; also the outputs in
+    physical units."""
     phys = physical(out, scalers)
     loss = prediction_loss(scaled_targets(out, scalers, phys), batch, weights)
     if physics_weight:
         loss = loss + physics_weight * physics_loss(phys, batch["gpp"], scalers, tolerance)
-    if reference is not None and response_weight and response_feature is not None:
-        def predict(x: torch.Tensor, net: torch.nn.Module) -> dict[str, torch.Tensor]:
-            return physical(net(x), scalers)
+    return loss, phys
 
-        mine = physics.perturbed_response(
-            lambda x: predict(x, model), batch["x"], response_feature, 1.0, base=phys
-        )
-        with torch.no_grad():
-            ref = physics.perturbed_response(
-                lambda x: predict(x, reference), batch["x"], response_feature, 1.0
-            )
-        resp = sum(physics.response_consistency_loss(mine[k], ref[k]) for k in mine)
-        loss = loss + response_weight * resp
-    return loss
+
+def responses(
+    model: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
+    reference: torch.nn.Module,
+    x: torch.Tensor,
+    scalers: Scalers,
+    feature: int,
+    base: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """How Ra and Rh of ``model`` (physical outputs ``base`` on ``x``) and of the frozen
+    ``reference`` respond to input column ``feature`` shifted by one (scaled) unit."""
+    def predict(inputs: torch.Tensor, net) -> dict[str, torch.Tensor]:
+        return physical(net(inputs), scalers)
+
+    mine = physics.perturbed_response(lambda v: predict(v, model), x, feature, 1.0, base=base)
+    with torch.no_grad():
+        ref = physics.perturbed_response(lambda v: predict(v, reference), x, feature, 1.0)
+    return mine, ref
+
+
+def response_loss(mine: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Response consistency: sum over outputs of 1 - corr(model response, reference response)."""
+    return sum(physics.response_consistency_loss(mine[k], ref[k]) for k in mine)
 
 
 def squared_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:

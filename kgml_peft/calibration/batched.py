@@ -1,0 +1,276 @@
+"""Calibrating several units in one pass over the frozen backbone (``calibrate --batch-sites K``).
+
+One unit after another pays the backbone's per-step cost once per unit, and a site with a few
+years fills a mini-batch of a handful of rows, so on a CPU most of a step is per-operation
+overhead, not arithmetic. Here K units train side by side:
+
+* every step stacks each unit's next mini-batch (its own loader, shuffled with the config's seed as
+  in a run of its own) into one batch and runs the frozen backbone once, each row with its own
+  unit's adapter: the stacked LoRA factors, blocks and heads of :mod:`kgml_peft.serve.mixed`,
+  built from the units' trainable tensors so that gradients flow back to them;
+* the loss is the sum of the units' own objectives (L_pred + lambda L_phys (+ response) + rho
+  ||phi||^2, each on its own rows). The units' tensors are disjoint, so each receives the gradient
+  of its own objective;
+* one Adam with a parameter group per unit is stepped only for the units in the step (the others
+  have no gradient and are skipped), so every unit keeps its own moments, step count and cosine
+  schedule;
+* after every epoch each unit is validated, checked for divergence and early-stopped on its own;
+  a stopped unit leaves the batch. Each unit ends with its best epoch's tensors, measured and
+  summarised by the same code as a unit calibrated alone.
+
+What differs from one unit at a time: the backbone's dropout masks are drawn for the stacked batch,
+so a unit's result depends on the units it was calibrated with (the same units, config and seed
+give the same tensors), and the adapter records them. Units whose adapters replace backbone
+weights (``unfreeze``) and the ``full``/``scratch`` methods cannot share a pass. Per-epoch training
+states are not written: an interrupted ``--resume`` reruns unfinished groups from the start.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from kgml_peft.calibration.calibrate import (
+    CalibrationData,
+    CalibrationResult,
+    finish_unit,
+    validation_metrics,
+)
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.site_model import SiteModel
+from kgml_peft.data.windows import WindowDataset
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model.outputs import physical, scaled_targets
+from kgml_peft.serve.mixed import forward_rows, plan_rows
+from kgml_peft.serve.weights import ServingAdapter
+from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.train.loop import _check_divergence, deterministic_algorithms, make_accelerator, weighted_mse
+from kgml_peft.train.objectives import output_loss, response_loss, responses, squared_norm, target_errors
+from kgml_peft.train.state import PhaseResult
+
+#: what a batched unit's summary records next to its config: the units it was calibrated with
+PROVENANCE = ("batched_with",)
+
+#: validation rows per forward pass (all units' held-out years together)
+VAL_ROWS = 256
+
+
+@dataclass
+class _Unit:
+    """One unit of a batched run: its data, trainable tensors and early-stopping bookkeeping."""
+
+    data: CalibrationData
+    tensors: dict[str, torch.nn.Parameter]
+    group: dict
+    loader: DataLoader
+    val: WindowDataset
+    total_steps: int
+    result: PhaseResult
+    best: dict[str, torch.Tensor]
+    stale: int = 0
+    stopped: bool = False
+    losses: list[float] = field(default_factory=list)
+
+    def layout(self, config: CalibrationConfig) -> ServingAdapter:
+        """The unit's current adapter in the layout a mixed batch takes (gradients flow)."""
+        return ServingAdapter.from_tensors(self.data.name, self.tensors, config.adapter)
+
+
+def _rows_model(backbone: torch.nn.Module, adapters: Sequence[ServingAdapter]):
+    """``x -> outputs``: the backbone with row i running ``adapters[i]``."""
+    def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        plan = plan_rows(list(adapters), like=x)
+        return forward_rows(backbone, x, plan)
+
+    return forward
+
+
+def _stack(parts: Sequence[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]).to(device) for k in parts[0]}
+
+
+def _slice(tensors: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in tensors.items() if k != "state"}
+
+
+def calibrate_batched(
+    backbone: Backbone,
+    units: Sequence[CalibrationData],
+    config: CalibrationConfig,
+    *,
+    cpu: bool = False,
+    progress: bool = True,
+) -> list[CalibrationResult]:
+    """Calibrate the prepared ``units`` (see :func:`~kgml_peft.calibration.calibrate.prepare_unit`)
+    side by side in one process (see module docstring); results in the order of ``units``."""
+    if config.method != "adapter" or config.unfreeze:  # CalibrationConfig(batch_sites > 1) refuses these
+        raise KgmlPeftError("batched calibration needs the adapter method without unfreeze")
+    if not units:
+        return []
+    with deterministic_algorithms():
+        set_seed(config.seed, deterministic=True)
+        return _calibrate_batched(backbone, list(units), config, cpu=cpu, progress=progress)
+
+
+def _calibrate_batched(backbone: Backbone, data: list[CalibrationData], config: CalibrationConfig, *,
+                       cpu: bool, progress: bool) -> list[CalibrationResult]:
+    befores = [validation_metrics(backbone.model, backbone, d.val, d.weights, config.tolerance) for d in data]
+    accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+    device = accelerator.device
+    net = copy.deepcopy(backbone.model).requires_grad_(False).to(device)
+    reference = None
+    if config.response_weight:
+        reference = copy.deepcopy(backbone.model).eval().requires_grad_(False).to(device)
+    response_feature = backbone.config.features.index("GPP")
+    # every unit starts from the same initial adapter as a run of its own with this seed
+    start = SiteModel(backbone.model, config.adapter, seed=config.seed).adapter_tensors()
+
+    units: list[_Unit] = []
+    groups = []
+    for d in data:
+        tensors = {k: torch.nn.Parameter(v.clone().to(device)) for k, v in start.items()}
+        group = {"params": list(tensors.values()), "lr": config.lr}
+        groups.append(group)
+        loader = DataLoader(WindowDataset(d.train, backbone.scalers), batch_size=config.batch_size,
+                            shuffle=True, generator=torch.Generator().manual_seed(config.seed))
+        units.append(_Unit(d, tensors, group, loader, WindowDataset(d.val, backbone.scalers),
+                           max(config.epochs * len(loader), 1), PhaseResult(name=f"calibrate {d.name}"),
+                           {k: v.detach().clone() for k, v in tensors.items()}))
+    optimizer = torch.optim.Adam(groups, lr=config.lr)
+    optimizer = accelerator.prepare_optimizer(optimizer)  # mixed precision: loss scaling
+    for unit, group in zip(units, optimizer.param_groups):  # the optimizer holds copies
+        unit.group = group
+
+    for unit, loss in zip(units, _validate(net, units, config, backbone, accelerator)):
+        unit.result.curve.append({"phase": unit.result.name, "epoch": 0, "step": 0,
+                                  "train_loss": None, "val_loss": loss})
+        unit.result.best_val_loss = loss
+
+    bar = tqdm(range(1, config.epochs + 1), desc=f"calibrate {len(units)} units", leave=False,
+               disable=not progress or not accelerator.is_local_main_process, unit="epoch")
+    for epoch in bar:
+        active = [u for u in units if not u.stopped]
+        if not active:
+            break
+        net.train()
+        iterators = {id(u): iter(u.loader) for u in active}
+        for u in active:
+            u.losses = []
+        while True:
+            step = [(u, b) for u in active if (b := next(iterators[id(u)], None)) is not None]
+            if not step:
+                break
+            _train_step(net, reference, step, config, backbone, accelerator, optimizer, epoch,
+                        response_feature)
+        losses = _validate(net, active, config, backbone, accelerator)
+        for u, val_loss in zip(active, losses):
+            _end_epoch(u, epoch, val_loss, config)
+        bar.set_postfix(active=sum(not u.stopped for u in units))
+    bar.close()
+
+    results = []
+    for unit, before in zip(units, befores):
+        model = SiteModel(backbone.model, config.adapter, seed=config.seed)
+        model.load_adapter_tensors({k: v.cpu() for k, v in unit.best.items()})
+        provenance = {PROVENANCE[0]: [u.data.name for u in units]}
+        results.append(finish_unit(backbone, unit.data, config, model.eval(), unit.result, before,
+                                   provenance))
+    return results
+
+
+def _train_step(net, reference, step, config: CalibrationConfig, backbone: Backbone, accelerator,
+                optimizer, epoch: int, response_feature: int) -> None:
+    """One optimizer step for the units in ``step`` ([(unit, its mini-batch)])."""
+    batch = _stack([b for _, b in step], accelerator.device)
+    adapters = [u.layout(config) for u, _ in step]
+    rows = [a for a, (_, b) in zip(adapters, step) for _ in range(len(b["x"]))]
+    forward = _rows_model(net, rows)
+    with accelerator.autocast():
+        out = forward(batch["x"])
+        out = {k: v for k, v in out.items() if k != "state"}
+        mine = ref = None
+        if reference is not None:
+            mine, ref = responses(forward, reference, batch["x"], backbone.scalers, response_feature,
+                                  physical(out, backbone.scalers))
+        total, first = 0.0, 0
+        losses = []
+        for unit, b in step:
+            rows_u = slice(first, first + len(b["x"]))
+            first = rows_u.stop
+            loss, _ = output_loss(_slice(out, rows_u), _slice(batch, rows_u), backbone.scalers,
+                                  unit.data.weights, config.physics_weight, config.tolerance)
+            if mine is not None:
+                loss = loss + config.response_weight * response_loss(_slice(mine, rows_u), _slice(ref, rows_u))
+            loss = loss + config.rho * squared_norm(unit.tensors.values())
+            if not torch.isfinite(loss):
+                raise KgmlPeftError(f"phase {unit.result.name}: the loss became {loss.item()} at epoch "
+                                    f"{epoch}; lower the learning rate")
+            losses.append(loss)
+            total = total + loss
+    optimizer.zero_grad(set_to_none=True)  # units not in this step keep no gradient: Adam skips them
+    accelerator.backward(total)
+    for unit, _ in step:
+        unit.group["lr"] = _lr(config, unit.result.steps, unit.total_steps)
+    optimizer.step()
+    for (unit, _), loss in zip(step, losses):
+        unit.losses.append(float(loss.detach()))
+        unit.result.steps += 1
+
+
+def _lr(config: CalibrationConfig, done: int, total: int) -> float:
+    """The learning rate of a unit's next step after ``done`` of ``total`` (the closed form of
+    torch's cosine annealing to zero, as a unit trained alone follows it)."""
+    if config.schedule != "cosine":
+        return config.lr
+    return config.lr * (1 + math.cos(math.pi * min(done, total) / total)) / 2
+
+
+def _validate(net, units: Sequence[_Unit], config: CalibrationConfig, backbone: Backbone,
+              accelerator) -> list[float]:
+    """Each unit's validation loss (the weighted masked MSE a unit trained alone stops on)."""
+    net.eval()
+    rows = [(u, i) for u in units for i in range(len(u.val))]
+    names = tuple(dict.fromkeys(n for u in units for n in u.data.weights))
+    sse = torch.zeros(len(units), len(names), dtype=torch.float64)
+    count = torch.zeros(len(units), len(names), dtype=torch.float64)
+    slot = {id(u): j for j, u in enumerate(units)}
+    with torch.no_grad():
+        for first in range(0, len(rows), VAL_ROWS):
+            chunk = rows[first:first + VAL_ROWS]
+            batch = _stack([{k: v[None] for k, v in u.val[i].items()} for u, i in chunk], accelerator.device)
+            layouts = {id(u): u.layout(config) for u, _ in chunk}
+            with accelerator.autocast():
+                out = _rows_model(net, [layouts[id(u)] for u, _ in chunk])(batch["x"])
+            out = {k: v.float() for k, v in out.items() if k != "state"}
+            scaled = scaled_targets(out, backbone.scalers, physical(out, backbone.scalers))
+            e, c = target_errors(scaled, batch, names)
+            index = torch.tensor([slot[id(u)] for u, _ in chunk])
+            sse.index_add_(0, index, e.double().cpu())
+            count.index_add_(0, index, c.double().cpu())
+    losses = []
+    for j, u in enumerate(units):
+        cols = [names.index(n) for n in u.data.weights]
+        losses.append(weighted_mse(sse[j, cols], count[j, cols], u.data.weights))
+    return losses
+
+
+def _end_epoch(unit: _Unit, epoch: int, val_loss: float, config: CalibrationConfig) -> None:
+    """Record the epoch, check divergence, keep the best tensors and decide early stopping."""
+    result = unit.result
+    train_loss = sum(unit.losses) / max(len(unit.losses), 1)
+    _check_divergence(result.name, epoch, result.curve, train_loss, val_loss)
+    result.curve.append({"phase": result.name, "epoch": epoch, "step": result.steps,
+                         "train_loss": train_loss, "val_loss": val_loss})
+    if result.best_val_loss is None or val_loss < result.best_val_loss:
+        result.best_epoch, result.best_val_loss, unit.stale = epoch, val_loss, 0
+        unit.best = {k: v.detach().clone() for k, v in unit.tensors.items()}
+    else:
+        unit.stale += 1
+    unit.stopped = bool(config.patience) and unit.stale >= config.patience
