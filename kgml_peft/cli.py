@@ -575,6 +575,8 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
               help="Adapters loaded for the memory figure.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Calibration epochs (default: the default calibration config).")
+@click.option("--processes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes of the sharded calibration command in the throughput stage.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--quick", is_flag=True, help="A small, fast run (tests, CI): same keys, rough figures.")
 @click.option("--cpu", is_flag=True, help="Measure on CPU even if an accelerator is available.")
@@ -613,6 +615,13 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
                f"{result['swap_ms']['disk_median']:.2f} ms from disk; "
                f"{result['memory_mb_per_1000_adapters']} MB per 1000 adapters; "
                f"bare {t['bare']:.0f} site-days/s", err=True)
+    rate = result["calibration_throughput"]
+    if "sites_per_min" in rate:
+        c = rate["sites_per_min"]
+        click.echo(f"calibration: {c['sequential_in_process']:.1f} sites/min one after another, "
+                   f"{c['batched_in_process']:.1f} batched ({rate['ratios']['batched_vs_sequential']:.1f}x); "
+                   + ", ".join(f"{k.removeprefix('command_').replace('_', ' ')} {v:.1f}"
+                               for k, v in c.items() if k.startswith("command_")), err=True)
 
 
 @cli.command(short_help="The paper's evaluation, or the real-site benchmark; report and figures.")

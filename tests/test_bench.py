@@ -58,6 +58,20 @@ def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     assert data["backbone_bytes"] == SHIPPED.stat().st_size
     assert 1000 < data["adapter_bytes"] < 64 * 1024
     assert set(data["strategy_sweep_site_days_per_s"]) == {"1", "2", "3"}
+    # calibration throughput: in process and through the real command in 1 and 2 processes
+    rate = data["calibration_throughput"]
+    assert rate["sites"] == 3 and rate["processes"] == 2 and rate["epochs"] == 1
+    per_min = rate["sites_per_min"]
+    assert set(per_min) == {"sequential_in_process", "batched_in_process", "command_1_process",
+                            "command_2_processes", "command_1_process_batched",
+                            "command_2_processes_batched"}
+    assert all(isinstance(v, (int, float)) and v > 0 for v in per_min.values())
+    assert rate["ratios"]["batched_vs_sequential"] == pytest.approx(
+        per_min["batched_in_process"] / per_min["sequential_in_process"], abs=0.02)
+    assert rate["ratios"]["2_processes_vs_1"] == pytest.approx(
+        per_min["command_2_processes"] / per_min["command_1_process"], abs=0.02)
+    loss = rate["validation_loss"]
+    assert loss["sequential_mean"] <= loss["before_mean"] and loss["batched_mean"] <= loss["before_mean"]
     assert not list(tmp_path.glob("*.safetensors")), "the bench's adapters live in a temporary folder"
 
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from kgml_peft.calibration.calibrate import (
     CalibrationData,
     CalibrationResult,
+    calibrate_unit,
     finish_unit,
     validation_metrics,
 )
@@ -109,11 +110,12 @@ def calibrate_batched(
     progress: bool = True,
 ) -> list[CalibrationResult]:
     """Calibrate the prepared ``units`` (see :func:`~kgml_peft.calibration.calibrate.prepare_unit`)
-    side by side in one process (see module docstring); results in the order of ``units``."""
+    side by side in one process (see module docstring); results in the order of ``units``. A
+    single unit is calibrated on its own, exactly as without batching."""
     if config.method != "adapter" or config.unfreeze:  # CalibrationConfig(batch_sites > 1) refuses these
         raise KgmlPeftError("batched calibration needs the adapter method without unfreeze")
-    if not units:
-        return []
+    if len(units) < 2:  # nothing to share a pass with: a unit of its own runs torch's fused GRUs
+        return [calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress) for unit in units]
     with deterministic_algorithms():
         set_seed(config.seed, deterministic=True)
         return _calibrate_batched(backbone, list(units), config, cpu=cpu, progress=progress)

@@ -3,7 +3,7 @@
 What it does, in order (all on one device, one process):
 
 1. calibrates ``sites`` demo sites (observed flavour, seed 0) with the default adapter config and
-   times each calibration;
+   times each calibration, then calibrates them again all together (batched);
 2. builds a mixed batch of ``sites * years_per_site`` site-years (the same sites' years from the
    synthetic demo flavour) and times, interleaved repeat by repeat so drifts hit all alike: the
    bare backbone, the peft-wrapped site model, the merged adapter on its own (merge +
@@ -13,7 +13,11 @@ What it does, in order (all on one device, one process):
    predictions;
 3. sweeps the number of distinct adapters in a batch (batched vs grouped);
 4. times adapter swaps (cached and from disk) and the memory of ``memory_adapters`` resident
-   adapters (process RSS growth, and tensor bytes).
+   adapters (process RSS growth, and tensor bytes);
+5. calibration throughput in sites per minute: the ``sites`` calibrations of step 1 one after
+   another and all in one batched pass (:mod:`kgml_peft.calibration.batched`), and the
+   ``calibrate`` command for the same sites in 1 and ``processes`` processes, each plain and
+   batched (:mod:`kgml_peft.calibration.throughput`).
 
 Throughputs are site-days per second (site-years x 365 / wall seconds).
 """
@@ -48,11 +52,13 @@ class BenchConfig:
     swaps: int = 200
     memory_adapters: int = 1000
     epochs: int | None = None  # calibration epochs; None = the default calibration config
+    #: processes of the sharded calibration command (``torchrun``) in the throughput stage
+    processes: int = 2
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for key in ("sites", "years_per_site", "repeats", "swaps", "memory_adapters"):
+        for key in ("sites", "years_per_site", "repeats", "swaps", "memory_adapters", "processes"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KgmlPeftError(f"bench {key} must be a positive integer, got {value!r}")
@@ -102,10 +108,11 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
     """Run the benchmark (see module docstring) and return its figures as a JSON-ready dict."""
     from tqdm.auto import tqdm
 
-    from kgml_peft.calibration.calibrate import calibrate
+    from kgml_peft.calibration.calibrate import calibration_units, prepare_unit
     from kgml_peft.calibration.config import CalibrationConfig
     from kgml_peft.calibration.runs import demo_table
     from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.calibration.throughput import calibration_throughput, time_in_process
     from kgml_peft.data.synthetic import SynthConfig, simulate
     from kgml_peft.data.tables import validate_table
     from kgml_peft.data.windows import WindowDataset, make_windows
@@ -118,7 +125,7 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
     device = torch.device(config.device)
     backbone = load_backbone(config.backbone)
     features = backbone.config.features
-    steps = tqdm(total=4, desc="bench", unit="stage", disable=not progress)
+    steps = tqdm(total=5, desc="bench", unit="stage", disable=not progress)
 
     # 1. calibrate real adapters for the first `sites` demo sites
     observed = validate_table(demo_table(), features)
@@ -126,12 +133,11 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
     if len(sites) < config.sites:
         raise KgmlPeftError(f"the demo data has only {len(sites)} sites; bench --sites {config.sites}")
     calibration = CalibrationConfig(seed=config.seed, **({"epochs": config.epochs} if config.epochs else {}))
-    adapters, calib_seconds = {}, []
-    for site in sites:
-        start = time.perf_counter()
-        result = calibrate(backbone, observed, site, calibration, cpu=device.type == "cpu", progress=False)
-        calib_seconds.append(time.perf_counter() - start)
-        adapters[site] = result.adapter
+    units = [prepare_unit(backbone, rows, name, scope, calibration)
+             for site in sites for name, scope, rows in calibration_units(observed, site)]
+    timed = time_in_process(backbone, units, calibration, cpu=device.type == "cpu")
+    calib_seconds = timed.sequential_seconds
+    adapters = {result.name: result.adapter for result in timed.sequential}
     steps.update()
 
     with tempfile.TemporaryDirectory(prefix="kgml-peft-bench-") as tmp:
@@ -220,6 +226,16 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         tensor_bytes = bank.memory_bytes()
         steps.update()
         adapter_bytes = [adapter_path(store, s).stat().st_size for s in sites]
+
+    # 5. calibration throughput: in process (one after another, batched) and the command line
+    #    in 1 and N processes; N processes on one GPU would share it, so that needs N GPUs
+    if device.type == "cuda" and torch.cuda.device_count() < config.processes:
+        calibration_rate = {"skipped": f"{config.processes} processes need {config.processes} GPUs, "
+                                       f"this machine has {torch.cuda.device_count()}"}
+    else:
+        calibration_rate = calibration_throughput(config.backbone, sites, calibration, timed,
+                                                  config.processes, cpu=device.type == "cpu")
+    steps.update()
     steps.close()
 
     scale = 1000 / config.memory_adapters
@@ -249,6 +265,7 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         "memory": {"adapters_loaded": resident, "tensor_mb_per_1000_adapters":
                    round(tensor_bytes / 2**20 * 1000 / max(resident, 1), 3),
                    "rss_available": rss_before is not None},
+        "calibration_throughput": calibration_rate,
         "calibrate_s_per_site": round(statistics.mean(calib_seconds), 2),
         "calibrate_s": {s: round(v, 2) for s, v in zip(sites, calib_seconds)},
         "adapter_bytes": int(statistics.median(adapter_bytes)),

@@ -182,13 +182,21 @@ def _recur(layers: list[_Layer]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     h = torch.cat([layer.h0 for layer in layers], dim=-1)
     has_rank = sum(ranks) > 0
     outs = []
+    # Training (batched calibration) takes the out-of-place ops: in-place ops on views would put
+    # a copy of the whole gate tensor into every day's backward step.
+    training = torch.is_grad_enabled()
     # per day: the input gates' r|z and n parts (views, no copies)
     for g_rz, g_n in zip(gi[..., :2 * total].unbind(1), gi[..., 2 * total:].unbind(1)):
         gh = torch.addmm(bias, h, weight)
         if has_rank:  # each row keeps its own rank columns, then adds its own update
-            gh = torch.addmm(gh[:, :3 * total], gh[:, 3 * total:].mul_(mask), up_t)
-        r, z = torch.sigmoid_(gh[:, :2 * total].add_(g_rz)).chunk(2, dim=1)
-        n = torch.tanh_(torch.addcmul(g_n, r, gh[:, 2 * total:]))
+            rank_part = gh[:, 3 * total:] * mask if training else gh[:, 3 * total:].mul_(mask)
+            gh = torch.addmm(gh[:, :3 * total], rank_part, up_t)
+        if training:
+            r, z = torch.sigmoid(gh[:, :2 * total] + g_rz).chunk(2, dim=1)
+            n = torch.tanh(torch.addcmul(g_n, r, gh[:, 2 * total:]))
+        else:
+            r, z = torch.sigmoid_(gh[:, :2 * total].add_(g_rz)).chunk(2, dim=1)
+            n = torch.tanh_(torch.addcmul(g_n, r, gh[:, 2 * total:]))
         h = torch.lerp(n, h.to(n.dtype), z)  # (1 - z) * n + z * h; under autocast n may be bf16
         outs.append(h)
     seq = torch.stack(outs, dim=1)
