@@ -82,10 +82,11 @@ def test_data_parallel_pretraining_matches_one_process(tables, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, batch_sites", [("accelerate", 1), ("torchrun", 1), ("torchrun", 2)])
+@pytest.mark.parametrize("launcher, batch_sites", [("accelerate", 1), ("torchrun", 1), ("torchrun", 3)])
 def test_sharded_calibration_writes_each_adapter_once(backbone_path, tmp_path, launcher, batch_sites):
-    """One unit per process at a time, or (``--batch-sites 2``) one batched group of two units per
-    process: the same groups as in one process, so the same tensors."""
+    """One unit per process at a time, or (``--batch-sites 3``) a batched group of three units in
+    one process and the fourth unit, a group of its own, calibrated alone in the other: the same
+    groups as in one process, so the same tensors."""
     table = tmp_path / "sites.csv"
     make_frame(SITES, years=(2003, 2004, 2005)).to_csv(table, index=False, date_format="%Y-%m-%d")
     args = ["calibrate", "--site", ",".join(SITES), "--data", str(table), "--backbone", str(backbone_path),
@@ -104,9 +105,9 @@ def test_sharded_calibration_writes_each_adapter_once(backbone_path, tmp_path, l
     assert {r["process"] for r in reports[launcher].values()} == {0, 1}  # both processes worked
     if batch_sites > 1:
         names = list(SITES)
-        assert [reports[launcher][s]["calibration"]["batched_with"] for s in names] == \
-            [names[:2], names[:2], names[2:], names[2:]]
-        assert len({reports[launcher][s]["process"] for s in names[:2]}) == 1  # a group stays together
+        assert [reports[launcher][s]["calibration"].get("batched_with") for s in names] == \
+            [names[:3]] * 3 + [None]
+        assert len({reports[launcher][s]["process"] for s in names[:3]}) == 1  # a group stays together
     backbone = load_backbone(backbone_path)
     for site in SITES:
         one, two = reports["single"][site], reports[launcher][site]

@@ -108,14 +108,18 @@ def calibrate_batched(
     *,
     cpu: bool = False,
     progress: bool = True,
+    local: bool = False,
 ) -> list[CalibrationResult]:
     """Calibrate the prepared ``units`` (see :func:`~kgml_peft.calibration.calibrate.prepare_unit`)
     side by side in one process (see module docstring); results in the order of ``units``. A
-    single unit is calibrated on its own, exactly as without batching."""
+    single unit is calibrated on its own, exactly as without batching (``local``: as one of
+    several processes' own units, see :func:`~kgml_peft.calibration.calibrate.calibrate_unit`;
+    a batched group is always this process's own)."""
     if config.method != "adapter" or config.unfreeze:  # CalibrationConfig(batch_sites > 1) refuses these
         raise KgmlPeftError("batched calibration needs the adapter method without unfreeze")
     if len(units) < 2:  # nothing to share a pass with: a unit of its own runs torch's fused GRUs
-        return [calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress) for unit in units]
+        return [calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress, local=local)
+                for unit in units]
     with deterministic_algorithms():
         set_seed(config.seed, deterministic=True)
         return _calibrate_batched(backbone, list(units), config, cpu=cpu, progress=progress)

@@ -150,7 +150,7 @@ def run_calibration(
     def calibrate_group(group: list[tuple[CalibrationData, Path, None, bool]]) -> list[CalibrationRun]:
         start = time.perf_counter()
         results = calibrate_batched(backbone, [unit for unit, *_ in group], config, cpu=cpu,
-                                    progress=progress)
+                                    progress=progress, local=local)
         share = (time.perf_counter() - start) / len(group)  # the group's wall time, per unit
         # a resumed group reruns whole (same units, same tensors); units already written stay
         return [finished(unit, path, result, share)

@@ -76,8 +76,11 @@ def time_command(backbone_path: str | os.PathLike, sites: Sequence[str], config:
         done = subprocess.run([*prefix, *args], env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise KgmlPeftError(f"bench: the {processes}-process calibration failed: {last}")
+            lines = done.stderr.strip().splitlines()
+            # the toolkit's own one-line error if there is one (launchers add banners of their own)
+            reason = next((line for line in lines if line.startswith("error: ")),
+                          next((line for line in reversed(lines) if line.strip("=- ")), "no output"))
+            raise KgmlPeftError(f"bench: the {processes}-process calibration failed: {reason}")
         written = sorted(p.name for p in Path(out).iterdir())
         reported = sorted(r["site"] for r in json.loads(done.stdout))
         if written != sorted(f"{s}.safetensors" for s in sites) or reported != sorted(sites):
