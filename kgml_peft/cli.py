@@ -455,8 +455,8 @@ def _print_calibration(run) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @click.option("--resume", is_flag=True,
-              help="Continue interrupted units from their last epoch; skip units this same run "
-                   "(config, data, seed, backbone) already wrote.")
+              help="Continue interrupted units from their last epoch (batched groups from their "
+                   "start); skip units this same run (config, data, seed, backbone) already wrote.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the validation curves and before/after MSE to this PNG.")
@@ -575,7 +575,7 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
               help="Adapters loaded for the memory figure.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Calibration epochs (default: the default calibration config).")
-@click.option("--processes", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--processes", type=click.IntRange(min=2), default=2, show_default=True,
               help="Processes of the sharded calibration command in the throughput stage.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--quick", is_flag=True, help="A small, fast run (tests, CI): same keys, rough figures.")

@@ -72,6 +72,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_batched_units_equal_units_calibrated_one_at_a_time(plain_path, table, name):
     """Without dropout the only difference is floating-point order: same tensors within 1e-5,
@@ -99,8 +100,11 @@ def test_batched_units_equal_units_calibrated_one_at_a_time(plain_path, table, n
             assert cb["val_loss"] == pytest.approx(cs["val_loss"], rel=1e-4)
         assert b.metrics["after"]["loss"] == pytest.approx(s.metrics["after"]["loss"], rel=1e-4)
         assert b.summary["calibration"]["batched_with"] == SITES
+    if config.patience == 1:  # early stopping really fired for some unit, in both paths alike
+        assert any(r.summary["metrics"]["epochs_run"] < config.epochs for r in single)
 
 
+@pytest.mark.slow
 def test_batched_with_dropout_is_deterministic_and_as_good(dropout_path, table):
     """With dropout the masks are drawn for the stacked batch, so the tensors differ from a run of
     its own; they are the same on every run, and each unit's validation loss is as good."""
@@ -146,7 +150,10 @@ def _cli(tmp_path, table, backbone, *extra):
     return CliRunner().invoke(cli, args), out
 
 
-def test_cli_batched_writes_each_unit_and_resume_reruns_only_unfinished_groups(tmp_path, table, plain_path):
+@pytest.mark.slow
+def test_cli_batched_writes_each_unit_and_resume_reruns_only_unfinished_groups(tmp_path, table, dropout_path):
+    # with dropout, a rerun equals the first run only if it forms the very same group
+    plain_path = dropout_path
     result, out = _cli(tmp_path, table, plain_path, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -184,3 +191,35 @@ def test_cli_refuses_unbatchable_options_in_one_line(tmp_path, table, plain_path
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert list(out.iterdir()) == []
+
+
+def test_training_mode_drops_out_between_gru_layers_and_eval_does_not(plain_path, table):
+    """The batched forward (serve.mixed) applies the backbone's dropout between the layers of a
+    two-layer GRU with LoRA, as torch's GRU does in training mode; eval mode stays exact."""
+    from kgml_peft.calibration.batched import _rows_model
+    from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.data.windows import WindowDataset
+    from kgml_peft.serve.weights import ServingAdapter
+
+    backbone = load_backbone(plain_path)
+    net = backbone.model
+    net.gru_rh.dropout = 0.5  # only gru_rh (LoRA on both layers by default) drops out
+    config = AdapterConfig()
+    tensors = SiteModel(net, config).adapter_tensors()
+    adapter = ServingAdapter.from_tensors("x", tensors, config)
+    windows = make_windows(validate_table(table, backbone.config.features), backbone.config.features)
+    x = WindowDataset(windows, backbone.scalers).x[:3]
+    forward = _rows_model(net, [adapter] * len(x))
+
+    def run(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return forward(x)["Rh"].detach()
+
+    net.train()
+    assert not torch.equal(run(0), run(1))  # masks differ: dropout is active
+    assert torch.equal(run(0), run(0))
+    net.eval()
+    assert torch.equal(run(0), run(1))
+    net.gru_rh.dropout = 0.0
+    net.train()
+    assert torch.equal(run(0), run(1))  # nothing else in this backbone drops out

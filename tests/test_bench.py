@@ -25,6 +25,7 @@ def _get(data: dict, dotted: str):
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("isolated_globals")
 def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)

@@ -114,7 +114,8 @@ def calibrate_batched(
     side by side in one process (see module docstring); results in the order of ``units``. A
     single unit is calibrated on its own, exactly as without batching (``local``: as one of
     several processes' own units, see :func:`~kgml_peft.calibration.calibrate.calibrate_unit`;
-    a batched group is always this process's own)."""
+    a batched group is always this process's own). :func:`~kgml_peft.calibration.runs.run_calibration`
+    sends single units to ``calibrate_unit`` itself, with their per-epoch training state."""
     if config.method != "adapter" or config.unfreeze:  # CalibrationConfig(batch_sites > 1) refuses these
         raise KgmlPeftError("batched calibration needs the adapter method without unfreeze")
     if len(units) < 2:  # nothing to share a pass with: a unit of its own runs torch's fused GRUs
@@ -205,7 +206,7 @@ def _train_step(net, reference, step, config: CalibrationConfig, backbone: Backb
         if reference is not None:
             mine, ref = responses(forward, reference, batch["x"], backbone.scalers, response_feature,
                                   physical(out, backbone.scalers))
-        total, first = 0.0, 0
+        first = 0
         losses = []
         for unit, b in step:
             rows_u = slice(first, first + len(b["x"]))
@@ -214,19 +215,20 @@ def _train_step(net, reference, step, config: CalibrationConfig, backbone: Backb
                                   unit.data.weights, config.physics_weight, config.tolerance)
             if mine is not None:
                 loss = loss + config.response_weight * response_loss(_slice(mine, rows_u), _slice(ref, rows_u))
-            loss = loss + config.rho * squared_norm(unit.tensors.values())
-            if not torch.isfinite(loss):
-                raise KgmlPeftError(f"phase {unit.result.name}: the loss became {loss.item()} at epoch "
-                                    f"{epoch}; lower the learning rate")
-            losses.append(loss)
-            total = total + loss
+            losses.append(loss + config.rho * squared_norm(unit.tensors.values()))
+        stacked = torch.stack([loss.float() for loss in losses])
+    values = stacked.detach().cpu().tolist()  # one device sync per step, not one per unit
+    for (unit, _), value in zip(step, values):
+        if not math.isfinite(value):
+            raise KgmlPeftError(f"phase {unit.result.name}: the loss became {value} at epoch {epoch}; "
+                                "lower the learning rate")
     optimizer.zero_grad(set_to_none=True)  # units not in this step keep no gradient: Adam skips them
-    accelerator.backward(total)
+    accelerator.backward(stacked.sum())
     for unit, _ in step:
         unit.group["lr"] = _lr(config, unit.result.steps, unit.total_steps)
     optimizer.step()
-    for (unit, _), loss in zip(step, losses):
-        unit.losses.append(float(loss.detach()))
+    for (unit, _), value in zip(step, values):
+        unit.losses.append(value)
         unit.result.steps += 1
 
 

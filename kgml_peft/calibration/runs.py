@@ -88,7 +88,9 @@ def run_calibration(
     checked before any training starts; existing files are replaced only with ``force``. Each
     unit's training state is saved after every epoch in ``<out>/.kgml-resume/``; with ``resume``
     an interrupted unit continues from it, and a unit whose output this same run (config, data,
-    seed, backbone) already wrote is skipped.
+    seed, backbone) already wrote is skipped. With ``config.batch_sites`` K > 1 the units are
+    calibrated in groups of K (:mod:`kgml_peft.calibration.batched`); groups save no per-epoch
+    state: a resumed run reruns unfinished groups whole.
     """
     config = config or CalibrationConfig()
     out = Path(out_dir)
@@ -110,12 +112,15 @@ def run_calibration(
     # every unit's data problems surface before the first unit trains and writes its file
     prepared = [prepare_unit(backbone, rows, name, scope, config) for name, scope, rows in units]
     backbone_bytes = Path(backbone_path).stat().st_size
-    batched = config.batch_sites > 1
+    size = config.batch_sites
+    groups = [list(range(i, min(i + size, len(prepared)))) for i in range(0, len(prepared), size)]
+    alone = {group[0] for group in groups if len(group) == 1}
     items, skipped = [], []
-    for unit, path in zip(prepared, paths):
+    for index, (unit, path) in enumerate(zip(prepared, paths)):
         done = resume and path.exists() and written_by(path, backbone, unit, config)
-        # batched units write no per-epoch state (a group reruns whole; see calibration.batched)
-        state = None if batched else calibration_state(path, backbone, unit, config, resume)
+        # a unit calibrated on its own saves its state every epoch; a batched group saves none
+        # (it reruns whole; see calibration.batched)
+        state = calibration_state(path, backbone, unit, config, resume) if index in alone else None
         if done:
             if state is not None:
                 state.discard_if_ours()
@@ -148,21 +153,19 @@ def run_calibration(
         return [run]
 
     def calibrate_group(group: list[tuple[CalibrationData, Path, None, bool]]) -> list[CalibrationRun]:
+        if len(group) == 1:
+            return calibrate_one(group[0])
         start = time.perf_counter()
         results = calibrate_batched(backbone, [unit for unit, *_ in group], config, cpu=cpu,
-                                    progress=progress, local=local)
+                                    progress=progress)
         share = (time.perf_counter() - start) / len(group)  # the group's wall time, per unit
         # a resumed group reruns whole (same units, same tensors); units already written stay
         return [finished(unit, path, result, share)
                 for (unit, path, _, done), result in zip(group, results) if not done]
 
-    if batched:
-        size = config.batch_sites
-        groups = [items[i:i + size] for i in range(0, len(items), size)]
-        work = [group for group in groups if not all(done for *_, done in group)]
-        trained = map_sharded(work, calibrate_group, cpu)
-    else:
-        trained = map_sharded([item for item in items if not item[3]], calibrate_one, cpu)
+    # groups of --batch-sites units (of one unit each without it) are dealt to the processes
+    work = [[items[i] for i in group] for group in groups if not all(items[i][3] for i in group)]
+    trained = map_sharded(work, calibrate_group, cpu)
     runs = skipped + [run for runs in trained for run in runs]
     order = {unit.name: i for i, unit in enumerate(prepared)}
     return sorted(runs, key=lambda run: order[run.name])

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kgml_peft.calibration.batched import calibrate_batched
@@ -26,6 +26,10 @@ from kgml_peft.calibration.calibrate import CalibrationData, CalibrationResult, 
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.checkpoint import Backbone
+
+
+#: the longest a timed ``calibrate`` command may take before the bench gives up on it
+COMMAND_TIMEOUT_S = 3 * 3600
 
 
 @dataclass
@@ -40,7 +44,9 @@ class InProcess:
 
 def time_in_process(backbone: Backbone, units: Sequence[CalibrationData], config: CalibrationConfig,
                     cpu: bool) -> InProcess:
-    """Calibrate ``units`` one after another, then all together in one batched pass."""
+    """Calibrate ``units`` one after another, then all together in one batched pass (after an
+    untimed one-epoch warm-up, so that neither figure carries the device's start-up)."""
+    calibrate_unit(backbone, units[0], replace(config, epochs=1), cpu=cpu, progress=False)
     sequential, seconds = [], []
     for unit in units:
         start = time.perf_counter()
@@ -73,7 +79,12 @@ def time_command(backbone_path: str | os.PathLike, sites: Sequence[str], config:
                 "--batch-sites", str(batch_sites), "--quiet", "--json", *(["--cpu"] if cpu else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
-        done = subprocess.run([*prefix, *args], env=env, capture_output=True, text=True)
+        try:
+            done = subprocess.run([*prefix, *args], env=env, capture_output=True, text=True,
+                                  timeout=COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # e.g. one process died and the others wait for it
+            raise KgmlPeftError(f"bench: the {processes}-process calibration did not finish in "
+                                f"{COMMAND_TIMEOUT_S} s") from None
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines()
@@ -89,17 +100,23 @@ def time_command(backbone_path: str | os.PathLike, sites: Sequence[str], config:
 
 
 def calibration_throughput(backbone_path: str | os.PathLike, sites: Sequence[str], config: CalibrationConfig,
-               timed: InProcess, processes: int, cpu: bool) -> dict:
-    """Sites per minute of every way (see module docstring) and their ratios, JSON-ready."""
+                           timed: InProcess, processes: int, cpu: bool, skip_commands: str | None = None) -> dict:
+    """Sites per minute of every way (see module docstring) and their ratios, JSON-ready. With
+    ``skip_commands`` (the reason) only the in-process figures are reported."""
     n = len(sites)
     per_min = {"sequential_in_process": 60 * n / sum(timed.sequential_seconds),
                "batched_in_process": 60 * n / timed.batched_seconds}
-    share = math.ceil(n / processes)
-    commands = {"command_1_process": (1, 1), f"command_{processes}_processes": (processes, 1),
-                "command_1_process_batched": (1, n),
-                f"command_{processes}_processes_batched": (processes, share)}
-    for key, (count, batch) in commands.items():
-        per_min[key] = 60 * n / time_command(backbone_path, sites, config, count, batch, cpu)
+    ratios = {"batched_vs_sequential": per_min["batched_in_process"] / per_min["sequential_in_process"]}
+    if skip_commands is None:
+        share = math.ceil(n / processes)
+        commands = {"command_1_process": (1, 1), f"command_{processes}_processes": (processes, 1),
+                    "command_1_process_batched": (1, n),
+                    f"command_{processes}_processes_batched": (processes, share)}
+        for key, (count, batch) in commands.items():
+            per_min[key] = 60 * n / time_command(backbone_path, sites, config, count, batch, cpu)
+        one = per_min["command_1_process"]
+        ratios[f"{processes}_processes_vs_1"] = per_min[f"command_{processes}_processes"] / one
+        ratios[f"{processes}_processes_batched_vs_1_process"] = per_min[f"command_{processes}_processes_batched"] / one
     loss = {
         "sequential_mean": sum(r.metrics["after"]["loss"] for r in timed.sequential) / n,
         "batched_mean": sum(r.metrics["after"]["loss"] for r in timed.batched) / n,
@@ -108,12 +125,7 @@ def calibration_throughput(backbone_path: str | os.PathLike, sites: Sequence[str
     return {
         "sites": n, "epochs": config.epochs, "processes": processes,
         "sites_per_min": {k: round(v, 2) for k, v in per_min.items()},
-        "ratios": {
-            "batched_vs_sequential": round(per_min["batched_in_process"] / per_min["sequential_in_process"], 2),
-            f"{processes}_processes_vs_1": round(per_min[f"command_{processes}_processes"]
-                                                 / per_min["command_1_process"], 2),
-            f"{processes}_processes_batched_vs_1_process": round(
-                per_min[f"command_{processes}_processes_batched"] / per_min["command_1_process"], 2),
-        },
+        "ratios": {k: round(v, 2) for k, v in ratios.items()},
         "validation_loss": {k: round(v, 5) for k, v in loss.items()},
+        **({"commands_skipped": skip_commands} if skip_commands else {}),
     }

@@ -1,6 +1,7 @@
 """``kgml-peft bench``: serving and calibration figures, measured side by side in one run.
 
-What it does, in order (all on one device, one process):
+What it does, in order (all on one device; steps 1-4 in this process, step 5 also starts the
+``calibrate`` command as subprocesses):
 
 1. calibrates ``sites`` demo sites (observed flavour, seed 0) with the default adapter config and
    times each calibration, then calibrates them again all together (batched);
@@ -58,7 +59,9 @@ class BenchConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for key in ("sites", "years_per_site", "repeats", "swaps", "memory_adapters", "processes"):
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 2:
+            raise KgmlPeftError(f"bench processes must be an integer >= 2, got {self.processes!r}")
+        for key in ("sites", "years_per_site", "repeats", "swaps", "memory_adapters"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KgmlPeftError(f"bench {key} must be a positive integer, got {value!r}")
@@ -229,12 +232,12 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
 
     # 5. calibration throughput: in process (one after another, batched) and the command line
     #    in 1 and N processes; N processes on one GPU would share it, so that needs N GPUs
+    skip = None
     if device.type == "cuda" and torch.cuda.device_count() < config.processes:
-        calibration_rate = {"skipped": f"{config.processes} processes need {config.processes} GPUs, "
-                                       f"this machine has {torch.cuda.device_count()}"}
-    else:
-        calibration_rate = calibration_throughput(config.backbone, sites, calibration, timed,
-                                                  config.processes, cpu=device.type == "cpu")
+        skip = (f"{config.processes} processes need {config.processes} GPUs, this machine has "
+                f"{torch.cuda.device_count()}")
+    calibration_rate = calibration_throughput(config.backbone, sites, calibration, timed, config.processes,
+                                              cpu=device.type == "cpu", skip_commands=skip)
     steps.update()
     steps.close()
 
