@@ -209,7 +209,7 @@ def test_training_mode_drops_out_between_gru_layers_and_eval_does_not(plain_path
     adapter = ServingAdapter.from_tensors("x", tensors, config)
     windows = make_windows(validate_table(table, backbone.config.features), backbone.config.features)
     x = WindowDataset(windows, backbone.scalers).x[:3]
-    forward = _rows_model(net, [adapter] * len(x))
+    forward = _rows_model(net, [adapter] * len(x), x)
 
     def run(seed: int) -> torch.Tensor:
         torch.manual_seed(seed)

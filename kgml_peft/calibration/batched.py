@@ -69,12 +69,13 @@ class _Unit:
 
     data: CalibrationData
     tensors: dict[str, torch.nn.Parameter]
-    group: dict
     loader: DataLoader
     val: WindowDataset
     total_steps: int
     result: PhaseResult
     best: dict[str, torch.Tensor]
+    #: its parameter group in the optimizer (its learning rate is set there before each step)
+    group: dict = field(default_factory=dict)
     stale: int = 0
     stopped: bool = False
     losses: list[float] = field(default_factory=list)
@@ -84,10 +85,12 @@ class _Unit:
         return ServingAdapter.from_tensors(self.data.name, self.tensors, config.adapter)
 
 
-def _rows_model(backbone: torch.nn.Module, adapters: Sequence[ServingAdapter]):
-    """``x -> outputs``: the backbone with row i running ``adapters[i]``."""
+def _rows_model(backbone: torch.nn.Module, adapters: Sequence[ServingAdapter], like: torch.Tensor):
+    """``x -> outputs``: the backbone with row i of ``x`` running ``adapters[i]``; the adapters are
+    stacked once (``like``: dtype and device), however often the model is called."""
+    plan = plan_rows(list(adapters), like=like)
+
     def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        plan = plan_rows(list(adapters), like=x)
         return forward_rows(backbone, x, plan)
 
     return forward
@@ -140,19 +143,16 @@ def _calibrate_batched(backbone: Backbone, data: list[CalibrationData], config: 
     start = SiteModel(backbone.model, config.adapter, seed=config.seed).adapter_tensors()
 
     units: list[_Unit] = []
-    groups = []
     for d in data:
         tensors = {k: torch.nn.Parameter(v.clone().to(device)) for k, v in start.items()}
-        group = {"params": list(tensors.values()), "lr": config.lr}
-        groups.append(group)
         loader = DataLoader(WindowDataset(d.train, backbone.scalers), batch_size=config.batch_size,
                             shuffle=True, generator=torch.Generator().manual_seed(config.seed))
-        units.append(_Unit(d, tensors, group, loader, WindowDataset(d.val, backbone.scalers),
+        units.append(_Unit(d, tensors, loader, WindowDataset(d.val, backbone.scalers),
                            max(config.epochs * len(loader), 1), PhaseResult(name=f"calibrate {d.name}"),
                            {k: v.detach().clone() for k, v in tensors.items()}))
-    optimizer = torch.optim.Adam(groups, lr=config.lr)
+    optimizer = torch.optim.Adam([{"params": list(u.tensors.values())} for u in units], lr=config.lr)
     optimizer = accelerator.prepare_optimizer(optimizer)  # mixed precision: loss scaling
-    for unit, group in zip(units, optimizer.param_groups):  # the optimizer holds copies
+    for unit, group in zip(units, optimizer.param_groups):  # its own copies of the group dicts
         unit.group = group
 
     for unit, loss in zip(units, _validate(net, units, config, backbone, accelerator)):
@@ -198,7 +198,7 @@ def _train_step(net, reference, step, config: CalibrationConfig, backbone: Backb
     batch = _stack([b for _, b in step], accelerator.device)
     adapters = [u.layout(config) for u, _ in step]
     rows = [a for a, (_, b) in zip(adapters, step) for _ in range(len(b["x"]))]
-    forward = _rows_model(net, rows)
+    forward = _rows_model(net, rows, batch["x"])
     with accelerator.autocast():
         out = forward(batch["x"])
         out = {k: v for k, v in out.items() if k != "state"}
@@ -255,7 +255,7 @@ def _validate(net, units: Sequence[_Unit], config: CalibrationConfig, backbone: 
             batch = _stack([{k: v[None] for k, v in u.val[i].items()} for u, i in chunk], accelerator.device)
             layouts = {id(u): u.layout(config) for u, _ in chunk}
             with accelerator.autocast():
-                out = _rows_model(net, [layouts[id(u)] for u, _ in chunk])(batch["x"])
+                out = _rows_model(net, [layouts[id(u)] for u, _ in chunk], batch["x"])(batch["x"])
             out = {k: v.float() for k, v in out.items() if k != "state"}
             scaled = scaled_targets(out, backbone.scalers, physical(out, backbone.scalers))
             e, c = target_errors(scaled, batch, names)
