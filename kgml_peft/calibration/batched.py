@@ -52,7 +52,7 @@ from kgml_peft.model.outputs import physical, scaled_targets
 from kgml_peft.serve.mixed import forward_rows, plan_rows
 from kgml_peft.serve.weights import ServingAdapter
 from kgml_peft.store.checkpoint import Backbone
-from kgml_peft.train.loop import _check_divergence, deterministic_algorithms, make_accelerator, weighted_mse
+from kgml_peft.train.loop import close_epoch, deterministic_algorithms, make_accelerator, weighted_mse
 from kgml_peft.train.objectives import output_loss, response_loss, responses, squared_norm, target_errors
 from kgml_peft.train.state import PhaseResult
 
@@ -270,15 +270,9 @@ def _validate(net, units: Sequence[_Unit], config: CalibrationConfig, backbone: 
 
 
 def _end_epoch(unit: _Unit, epoch: int, val_loss: float, config: CalibrationConfig) -> None:
-    """Record the epoch, check divergence, keep the best tensors and decide early stopping."""
-    result = unit.result
+    """Close the unit's epoch as a unit trained alone does; keep its tensors if it improved."""
     train_loss = sum(unit.losses) / max(len(unit.losses), 1)
-    _check_divergence(result.name, epoch, result.curve, train_loss, val_loss)
-    result.curve.append({"phase": result.name, "epoch": epoch, "step": result.steps,
-                         "train_loss": train_loss, "val_loss": val_loss})
-    if result.best_val_loss is None or val_loss < result.best_val_loss:
-        result.best_epoch, result.best_val_loss, unit.stale = epoch, val_loss, 0
+    improved, unit.stale, unit.stopped = close_epoch(unit.result, epoch, unit.result.steps, train_loss,
+                                                     val_loss, unit.stale, config.patience)
+    if improved:
         unit.best = {k: v.detach().clone() for k, v in unit.tensors.items()}
-    else:
-        unit.stale += 1
-    unit.stopped = bool(config.patience) and unit.stale >= config.patience

@@ -195,6 +195,22 @@ def _check_divergence(name: str, epoch: int, curve: list[dict], train_loss: floa
                             f"at epoch {epoch}; lower the learning rate")
 
 
+def close_epoch(result: PhaseResult, epoch: int, step: int, train_loss: float, val_loss: float | None,
+                stale: int, patience: int) -> tuple[bool, int, bool]:
+    """End an epoch of ``result``'s phase: check divergence, log it in the curve and track the best
+    epoch. Returns whether it improved (keep its weights), the epochs without improvement since,
+    and whether ``patience`` (0 = never) says stop."""
+    _check_divergence(result.name, epoch, result.curve, train_loss, val_loss)
+    result.curve.append({"phase": result.name, "epoch": epoch, "step": step,
+                         "train_loss": train_loss, "val_loss": val_loss})
+    improved = val_loss is None or result.best_val_loss is None or val_loss < result.best_val_loss
+    if improved:
+        result.best_epoch, result.best_val_loss, stale = epoch, val_loss, 0
+    else:
+        stale += 1
+    return improved, stale, bool(patience) and stale >= patience
+
+
 def run_phase(
     model: torch.nn.Module,
     phase: PhaseConfig,
@@ -267,7 +283,6 @@ def run_phase(
     else:
         result, best_state, first, step, stale = _restore(resume, raw, optimizer, scheduler,
                                                           accelerator, generator, phase)
-    best = result.best_val_loss
     bar = tqdm(range(first, phase.epochs + 1), desc=phase.name, leave=False,
                disable=not progress or not accelerator.is_local_main_process,
                unit="epoch", initial=first - 1, total=phase.epochs)
@@ -306,17 +321,10 @@ def run_phase(
             train_loss = float(accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean"))
         if val_loader is not None:
             val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator, local)
-        _check_divergence(phase.name, epoch, result.curve, train_loss, val_loss)
-        result.curve.append({"phase": phase.name, "epoch": epoch, "step": step,
-                             "train_loss": train_loss, "val_loss": val_loss})
+        improved, stale, stop = close_epoch(result, epoch, step, train_loss, val_loss, stale, phase.patience)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-")
-        if val_loss is None or best is None or val_loss < best:
-            best, stale = val_loss, 0
-            result.best_epoch, result.best_val_loss = epoch, val_loss
+        if improved:
             best_state = copy.deepcopy(raw.state_dict())
-        else:
-            stale += 1
-        stop = bool(phase.patience) and stale >= phase.patience
         if on_epoch is not None:
             on_epoch(PhaseState(
                 epoch=epoch, step=step, stale=stale, stopped=stop, result=copy.deepcopy(result),
