@@ -19,7 +19,8 @@ from kgml_peft.errors import KgmlPeftError
 
 SMALL = SynthConfig(max_sites_per_region=2, max_years_per_site=3)
 EXPECTED_COLUMNS = [
-    schema.SITE, schema.REGION, schema.DATE, *schema.KGML_AG_INPUTS, "Ra", "Rh", "NEE", "Reco", "Yield",
+    schema.SITE, schema.REGION, schema.DATE, *schema.KGML_AG_INPUTS, "lat", "lon", "Ra", "Rh", "NEE", "Reco",
+    "Yield",
 ]
 WEATHER = ["RADN", "TMAX_AIR", "TDIF_AIR", "HMAX_AIR", "HDIF_AIR", "WIND", "PRECN"]
 

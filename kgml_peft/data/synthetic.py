@@ -41,6 +41,14 @@ import numpy as np
 import pandas as pd
 
 from kgml_peft import schema
+from kgml_peft.data.management import (
+    HIDDEN_PARAMETERS,
+    ManagementSpread,
+    hidden_scores,
+    management_from_scores,
+    site_coordinates,
+    spatial_field,
+)
 from kgml_peft.errors import KgmlPeftError
 
 __all__ = [
@@ -52,6 +60,8 @@ __all__ = [
     "REALITY_GAP",
     "CROPS",
     "SITE_LAYOUT",
+    "NEW_SITES_PER_REGION",
+    "new_sites",
     "PROCESS_PARAMETERS",
     "SOIL_COLUMNS",
     "OUTPUT_COLUMNS",
@@ -230,11 +240,16 @@ SOIL_COLUMNS: tuple[str, ...] = (
 WEATHER_COLUMNS: tuple[str, ...] = (
     "RADN", "TMAX_AIR", "TDIF_AIR", "HMAX_AIR", "HDIF_AIR", "WIND", "PRECN",
 )
+COORDINATE_COLUMNS: tuple[str, ...] = ("lat", "lon")
 #: Column order of :func:`simulate`.
 OUTPUT_COLUMNS: tuple[str, ...] = (
-    (schema.SITE, schema.REGION, schema.DATE) + schema.KGML_AG_INPUTS + ("Ra", "Rh", "NEE", "Reco",
-                                                                      "Yield")
+    (schema.SITE, schema.REGION, schema.DATE) + schema.KGML_AG_INPUTS + COORDINATE_COLUMNS
+    + ("Ra", "Rh", "NEE", "Reco", "Yield")
 )
+
+#: New fields per state: the highest-numbered sites of each state, which the demo backbone never
+#: saw (``exclude_sites`` of configs/demo.toml) and which the demo calibrates (docs/simulator.md).
+NEW_SITES_PER_REGION = 2
 
 
 @dataclass(frozen=True)
@@ -268,6 +283,12 @@ class SynthConfig:
     yield_noise: float = 0.05
     #: observed flavour: apply REALITY_GAP (False: the truth is the process model)
     reality_gap: bool = True
+    #: observed flavour: every field's hidden management (irrigation, residue, tillage, cultivar,
+    #: soil-carbon history) shapes the truth; False: every field is managed as the process model
+    #: assumes (rainfed, all residue left, no-till, the state's cultivar and soil-carbon history)
+    management: bool = True
+    #: observed flavour: how widely hidden management varies between fields
+    management_spread: ManagementSpread = ManagementSpread()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +297,8 @@ class SynthConfig:
 
 _STREAMS = {
     "state_weather": 1, "site_weather": 2, "site_climate": 3, "params": 4, "soil": 5,
-    "rotation": 6, "state_planting": 7, "obs_window": 8, "obs_noise": 9,
+    "rotation": 6, "state_planting": 7, "obs_window": 8, "obs_noise": 9, "coordinates": 10,
+    "spatial": 11, "management": 12,
 }
 
 
@@ -403,6 +425,40 @@ def _soils(config: SynthConfig, sites: list[_Site]) -> dict[str, np.ndarray]:
         out["TPH"][i] = np.clip(p.ph + 0.3 * z[7], 5.0, 8.0)
         out["TCEC"][i] = max(5.0, 0.45 * clay + 2.2 * om + 1.5 * z[8])
     return out
+
+
+def _coordinates(config: SynthConfig, sites: list[_Site]) -> dict[str, np.ndarray]:
+    """Per-site latitude and longitude inside the site's state (``lat``, ``lon``, degrees)."""
+    points = [site_coordinates(_rng(config.seed, "coordinates", *s.key), s.region) for s in sites]
+    return {"lat": np.array([p[0] for p in points]).reshape(len(sites)),
+            "lon": np.array([p[1] for p in points]).reshape(len(sites))}
+
+
+def _hidden_management(config: SynthConfig, sites: list[_Site],
+                       coords: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-site hidden management (:mod:`kgml_peft.data.management`): spatially correlated within
+    a state (one random field per state and parameter), plus each field's own part."""
+    z = np.empty((len(sites), len(HIDDEN_PARAMETERS)))
+    for i, site in enumerate(sites):
+        z[i] = _rng(config.seed, "management", *site.key).standard_normal(len(HIDDEN_PARAMETERS))
+    for region in {s.region for s in sites}:
+        idx = np.array([i for i, s in enumerate(sites) if s.region == region])
+        for j in range(len(HIDDEN_PARAMETERS)):
+            field = spatial_field(_rng(config.seed, "spatial", _region_key(region), j),
+                                  coords["lat"][idx], coords["lon"][idx], region)
+            z[idx, j] = hidden_scores(field, z[idx, j])
+    return management_from_scores(z, config.management_spread)
+
+
+def new_sites(config: SynthConfig = SynthConfig()) -> tuple[str, ...]:
+    """The new fields of a configuration: the last NEW_SITES_PER_REGION sites of each state
+    (fewer if the configuration keeps fewer sites, always leaving one known site per state)."""
+    out = []
+    for region in config.regions:
+        numbers = range(1, len(SITE_LAYOUT[region][: config.max_sites_per_region]) + 1)
+        keep = max(0, min(NEW_SITES_PER_REGION, len(numbers) - 1))
+        out.extend(f"{region}-{n:03d}" for n in list(numbers)[len(numbers) - keep:])
+    return tuple(sorted(out))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -703,8 +759,14 @@ def _carbon(
     params: dict[str, np.ndarray],
     soils: dict[str, np.ndarray],
     cal: _Calendar,
+    management: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the water bucket and the carbon pools day by day (vectorised over sites).
+
+    ``management`` (hidden, observed flavour only) adds irrigation (in season, an irrigated
+    field's bucket is refilled to 80 % whenever it falls below 50 %, so its crop is never water
+    stressed) and residue removal (only ``residue_retention`` of the non-grain biomass enters the
+    litter pool); the other hidden factors act through ``params``.
 
     Returns GPP, Ra, Rh (n_days, n_sites), the yield in t ha-1 dry grain (n_years, n_sites) and,
     for diagnostics, the litter and soil organic carbon pools (n_days, n_sites), gC m-2.
@@ -733,12 +795,17 @@ def _carbon(
     soc = soils["TSOC"] * soils["TBKDS"] * SOC_DEPTH_M * 1000.0  # g kg-1 x kg m-3 x m -> gC m-2
     k_soc, k_litter = params["k_soc"] / 365.0, params["k_litter"] / 365.0
     litter = np.full_like(capacity, LITTER_START)
+    n_sites = len(capacity)
+    irrigated = np.zeros(n_sites, bool) if management is None else management["irrigated"]
+    retention = np.ones(n_sites) if management is None else management["residue_retention"]
+    in_season = fapar > 0.0
 
     n_days = len(tmean)
     gpp, ra, rh = np.empty_like(tmean), np.empty_like(tmean), np.empty_like(tmean)
     litter_pool, soc_pool = np.empty_like(tmean), np.empty_like(tmean)
     yield_t = np.zeros((len(cal.years), len(capacity)))
     for t in range(n_days):
+        water = np.where(irrigated & in_season[t] & (water < 0.5 * capacity), 0.8 * capacity, water)
         relative = water / capacity
         f_water = np.minimum(relative / WATER_STRESS_POINT, 1.0)
         g = gpp_potential[t] * f_water
@@ -749,7 +816,7 @@ def _carbon(
         if harvest[t].any():
             grain = np.where(harvest[t], hi[t] * biomass, 0.0)
             yield_t[cal.year_index[t]] += grain / grain_c[t] / 100.0  # gC m-2 -> t ha-1 dry
-            litter = litter + np.where(harvest[t], biomass - grain, 0.0)
+            litter = litter + np.where(harvest[t], retention * (biomass - grain), 0.0)
             biomass = np.where(harvest[t], 0.0, biomass)
         et = pet[t] * (transpiring[t] * f_water + evaporating[t] * relative)
         water = np.clip(water + inflow[t] - et, 0.0, capacity)
@@ -770,13 +837,25 @@ def _carbon(
 # --------------------------------------------------------------------------------------------------
 
 
-def _truth_parameters(params: dict[str, np.ndarray], sites: list[_Site]) -> dict[str, np.ndarray]:
-    """The process parameters with the per-state REALITY_GAP factors applied."""
-    gap = [REALITY_GAP[s.region] for s in sites]
+def _truth_parameters(params: dict[str, np.ndarray], sites: list[_Site], reality_gap: bool,
+                      management: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The process parameters with the per-state REALITY_GAP factors and each field's hidden
+    management factors (cultivar LUE and harvest index, tillage and soil-carbon history on the
+    decomposition rates) applied."""
     truth = dict(params)
-    for name, factor in (("lue_corn", "lue"), ("lue_soy", "lue"), ("q10_rh", "q10_rh"),
-                         ("rm_ref", "rm_ref"), ("k_soc", "k_soc")):
-        truth[name] = params[name] * np.array([getattr(g, factor) for g in gap])
+    if reality_gap:
+        gap = [REALITY_GAP[s.region] for s in sites]
+        for name, factor in (("lue_corn", "lue"), ("lue_soy", "lue"), ("q10_rh", "q10_rh"),
+                             ("rm_ref", "rm_ref"), ("k_soc", "k_soc")):
+            truth[name] = truth[name] * np.array([getattr(g, factor) for g in gap])
+    if management is not None:
+        m = management
+        for name, factor in (("lue_corn", m["cultivar_lue"]), ("lue_soy", m["cultivar_lue"]),
+                             ("hi_corn", m["cultivar_hi"]), ("hi_soy", m["cultivar_hi"]),
+                             ("rm_ref", m["cultivar_rm"]),
+                             ("k_soc", m["soc_rate"] * m["decomposition_factor"]),
+                             ("k_litter", m["decomposition_factor"])):
+            truth[name] = truth[name] * factor
     return truth
 
 
@@ -858,12 +937,14 @@ def simulate(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     Yield; one row per site-day (29 February included), sorted by site then date.
     """
     sites, cal, params, soils = _run(config)
+    coords = _coordinates(config, sites)
     weather = _weather(config, sites, cal)
     crop, plant = _management(config, sites, cal)
     phen = _phenology(weather["TMEAN"], cal, crop, plant)
     if config.observed:
-        truth = _truth_parameters(params, sites) if config.reality_gap else params
-        out = _observe(config, sites, cal, _carbon(weather, phen, truth, soils, cal))
+        hidden = _hidden_management(config, sites, coords) if config.management else None
+        truth = _truth_parameters(params, sites, config.reality_gap, hidden)
+        out = _observe(config, sites, cal, _carbon(weather, phen, truth, soils, cal, hidden))
         windows = [_observed_window(config, s) for s in sites]
     else:
         out = _carbon(weather, phen, params, soils, cal)
@@ -888,6 +969,8 @@ def simulate(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     columns["Year"] = cal.years[cal.year_index[day_idx]].astype(float)
     for name in SOIL_COLUMNS:
         columns[name] = soils[name][site_idx]
+    for name in COORDINATE_COLUMNS:
+        columns[name] = coords[name][site_idx]
     for name in ("Ra", "Rh", "NEE", "Reco"):
         columns[name] = out[name][day_idx, site_idx]
     columns["Yield"] = out["Yield"][cal.year_index[day_idx], site_idx]
@@ -896,16 +979,28 @@ def simulate(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     return frame
 
 
+#: The hidden management columns of :func:`site_parameters`.
+HIDDEN_MANAGEMENT_COLUMNS: tuple[str, ...] = (
+    "irrigated", "cultivar_lue", "cultivar_hi", "cultivar_rm", "residue_retention", "tilled",
+    "decomposition_factor", "soc_rate",
+)
+
+
 def site_parameters(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
-    """One row per site: region, years simulated, rotation phase, process parameters and soil.
+    """One row per site: region, years simulated, rotation phase, process parameters, soil,
+    coordinates, hidden management and whether the site is a new field (:func:`new_sites`).
 
     ``obs_first_year``/``obs_last_year`` give the years the site's tower observes in the observed
     flavour. The process parameters are the process model's; the observed flavour's truth is them
-    times :data:`REALITY_GAP`.
+    times :data:`REALITY_GAP` and the hidden management factors (which apply only when
+    ``config.management`` is on; they are listed either way).
     """
     sites, cal, params, soils = _run(config)
     crop, _ = _management(config, sites, cal)
     windows = [_observed_window(config, s) for s in sites]
+    coords = _coordinates(config, sites)
+    hidden = _hidden_management(config, sites, coords)
+    fresh = set(new_sites(config))
     table = {
         schema.SITE: [s.site for s in sites],
         schema.REGION: [s.region for s in sites],
@@ -918,4 +1013,7 @@ def site_parameters(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     }
     table.update({name: params[name] for name in PROCESS_PARAMETERS})
     table.update({name: soils[name] for name in SOIL_COLUMNS})
+    table.update(coords)
+    table.update({name: hidden[name] for name in HIDDEN_MANAGEMENT_COLUMNS})
+    table["new_site"] = [s.site in fresh for s in sites]
     return pd.DataFrame(table)
