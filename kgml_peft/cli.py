@@ -131,8 +131,11 @@ def import_group() -> None:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output table (.csv or .parquet).")
 @click.option("--site-meta", type=click.Path(path_type=Path), default=None,
-              help="Table with site, region (and optionally static soil columns) per site; "
-                   "a site it does not list is its own region.")
+              help="Table with site, region (and optionally static soil columns and lat, lon in "
+                   "degrees) per site; a site it does not list is its own region.")
+@click.option("--crops", type=click.Path(path_type=Path), default=None,
+              help="Table with site, year, crop (maize/corn or soybean/soy) per site-year: writes "
+                   "Crop_Type, left empty for site-years it does not list.")
 @click.option("--min-qc", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Mask NEE and Reco on days whose NEE_VUT_REF_QC (fraction measured) is lower.")
 @click.option("--gpp", type=click.Choice(["NT", "DT"], case_sensitive=False), default="NT",
@@ -142,8 +145,8 @@ def import_group() -> None:
                    "is left out.")
 @click.option("--force", is_flag=True, help="Replace an existing output table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
-def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, min_qc: float,
-                   gpp: str, max_gap: int, force: bool, as_json: bool) -> None:
+def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, crops: Path | None,
+                   min_qc: float, gpp: str, max_gap: int, force: bool, as_json: bool) -> None:
     """Import FLUXNET2015 daily (DD) CSV files, or folders of them, into one table."""
     from kgml_peft import schema
     from kgml_peft.data.fluxnet import ImportOptions, expand_paths, import_fluxnet as run_import
@@ -153,10 +156,11 @@ def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, m
     table_format(out)
     writable_target(out, force)  # fail before reading, not after
     files = expand_paths(paths)
-    if any(out.resolve() == p.resolve() for p in [*files, *([site_meta] if site_meta else [])]):
+    tables = [p for p in (site_meta, crops) if p is not None]
+    if any(out.resolve() == p.resolve() for p in [*files, *tables]):
         raise KgmlPeftError(f"--out {out} is one of the input files; write the table elsewhere")
     options = ImportOptions(min_qc=min_qc, gpp=gpp.upper(), max_gap=max_gap)
-    table, reports = run_import(files, site_meta, options)
+    table, reports = run_import(files, site_meta, options, crops=crops)
     write_table(table, out)
     if as_json:
         _echo_json({"out": str(out), "rows": len(table), "options": options.__dict__,
@@ -169,7 +173,10 @@ def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, m
                    f"{r.observed_nee_days:>9}{r.qc_masked_days:>11}{sum(r.filled_days.values()):>8}  "
                    f"{', '.join(map(str, r.dropped_years)) or '-'}")
     inputs = [c for c in table.columns if c in schema.ALL_INPUTS]
-    click.echo(f"wrote {out}: {len(table)} site-days, {len(reports)} sites; inputs {', '.join(inputs)}")
+    unknown = sum(len(r.unknown_crop_years) for r in reports)
+    crop_note = f"; Crop_Type unknown in {unknown} site-years" if crops is not None else ""
+    click.echo(f"wrote {out}: {len(table)} site-days, {len(reports)} sites; inputs {', '.join(inputs)}"
+               f"{crop_note}")
 
 
 @cli.command(short_help="Staged, physics-guided global pretraining; writes a backbone.")

@@ -28,7 +28,7 @@ class Column:
     low: float
     high: float
     description: str
-    #: True for soil properties that are constant for a site.
+    #: True for site properties (soil, coordinates) that are constant for a site.
     static: bool = False
 
 
@@ -62,6 +62,9 @@ _COLUMNS: tuple[Column, ...] = (
     Column("TSOC", "g kg-1", 0.0, 600.0, "soil organic carbon concentration", static=True),
     Column("TPH", "pH", 2.0, 12.0, "soil pH", static=True),
     Column("TCEC", "cmol kg-1", 0.0, 200.0, "cation exchange capacity", static=True),
+    # site coordinates (WGS84): optional, checked whenever present, features only by choice
+    Column("lat", "degrees north", -90.0, 90.0, "site latitude, WGS84", static=True),
+    Column("lon", "degrees east", -180.0, 180.0, "site longitude, WGS84", static=True),
     # targets
     Column("Ra", "gC m-2 d-1", -10.0, 60.0, "autotrophic respiration"),
     Column("Rh", "gC m-2 d-1", -10.0, 60.0, "heterotrophic respiration"),
@@ -79,8 +82,13 @@ KGML_AG_INPUTS: tuple[str, ...] = (
 )
 #: Weather that flux towers record and KGML-ag does not use (mean temperature, VPD).
 FLUX_TOWER_INPUTS: tuple[str, ...] = ("TAVG_AIR", "VPD_AIR", "VPDMAX_AIR")
+#: Site coordinates (degrees, WGS84), constant per site. Optional columns: a table that has them
+#: is checked (range, no NaN, one value per site) whether or not a backbone uses them. They are
+#: features only when a backbone config names them, never by default: a backbone that knows where
+#: its training sites are extrapolates at a site outside that area.
+SITE_INPUTS: tuple[str, ...] = ("lat", "lon")
 #: Every input a backbone may be built for.
-ALL_INPUTS: tuple[str, ...] = KGML_AG_INPUTS + FLUX_TOWER_INPUTS
+ALL_INPUTS: tuple[str, ...] = KGML_AG_INPUTS + FLUX_TOWER_INPUTS + SITE_INPUTS
 #: The default backbone features: all KGML-ag inputs except ``Year``, which carries no physics and
 #: extrapolates outside its training range whenever validation years come after training years.
 DEFAULT_FEATURES: tuple[str, ...] = tuple(f for f in KGML_AG_INPUTS if f != "Year")
@@ -92,6 +100,10 @@ FLUXNET_FEATURES: tuple[str, ...] = (
 #: The features of official FLUXNET2015 DD files (``TA_F``, ``SW_IN_F``, ``VPD_F``, ``P_F``,
 #: ``WS_F``; no daily minimum or maximum).
 FLUXNET_DD_FEATURES: tuple[str, ...] = ("RADN", "TAVG_AIR", "VPD_AIR", "PRECN", "WIND", "GPP")
+
+#: Crop names (lower case) and their ``Crop_Type`` code, as crop tables spell them (1 = corn,
+#: 0 = soybean). Other crops have no code: KGML-ag was trained on the corn-soybean rotation.
+CROP_CODES: dict[str, float] = {"maize": 1.0, "corn": 1.0, "soybean": 0.0, "soy": 0.0}
 
 #: Daily flux targets predicted by the backbone, in output order.
 FLUX_OUTPUTS: tuple[str, ...] = ("Ra", "Rh", "NEE")

@@ -196,6 +196,21 @@ def _in_store(edit: Callable[[dict, dict], None]) -> Callable[[MEnv], Path]:
     return lambda env: env.store(env.edited_adapter(edit))
 
 
+# --- site coordinates ------------------------------------------------------------------------
+
+
+def _coordinates(*edits: Callable) -> Callable:
+    """Add constant ``lat``/``lon`` per site (not features of the backbone), then apply ``edits``
+    (table corruptions such as ``setv``)."""
+    def corrupt(f):
+        f["lat"] = f["site"].map({"IA-001": 41.99, "IL-001": 40.10})
+        f["lon"] = f["site"].map({"IA-001": -93.69, "IL-001": -88.29})
+        for edit in edits:
+            f = edit(f)
+        return f
+    return corrupt
+
+
 # --- FLUXNET edits -------------------------------------------------------------------------
 
 FIRST_DAY = "2011-01-05"  # a day inside the first 400 rows of the US-CRT file
@@ -226,6 +241,14 @@ def _flux_unsafe_meta(env: MEnv) -> list[str]:
     meta = env.tmp / "meta.csv"
     meta.write_text(f"site,region\n{EDIT_SITE},NE\n../x,NE\n")
     return env.import_fluxnet("--site-meta", str(meta))
+
+
+def _flux_table(option: str, text: str) -> Callable[[MEnv], list[str]]:
+    """Import with ``option`` (``--site-meta`` or ``--crops``) naming a table whose CSV is ``text``."""
+    def setup(env: MEnv) -> list[str]:
+        path = _text(env.tmp / "table.csv", text)
+        return env.import_fluxnet(option, str(path))
+    return setup
 
 
 CASES = [
@@ -260,6 +283,12 @@ CASES = [
          "unknown site or region 'IA-999'"),
     case("evaluate-site-with-newline", lambda env: env.evaluate(env.data(rename_site("IL-001", "IL\n001"))),
          "unsafe site id 'IL\\n001'"),
+    case("evaluate-coordinates-change-within-site",
+         lambda env: env.evaluate(env.data(_coordinates(setv("lon", -88.5, "IL-001", "2004-06-01", 10)))),
+         "column lon changes within site IL-001", "-88.29 on 2003-01-01", "-88.5 on 2004-06-01"),
+    case("evaluate-latitude-out-of-range",
+         lambda env: env.evaluate(env.data(_coordinates(setv("lat", 95.0, "IA-001", "2003-01-01", 731)))),
+         "column lat", "outside [-90, 90] degrees north", "e.g. 95", "site IA-001"),
     case("evaluate-backbone-torch-state-dict", lambda env: env.evaluate(env.data(), torch_pickle(env)),
          "model.pt is not a readable safetensors file"),
     case("evaluate-backbone-pickle-payload", lambda env: env.evaluate(env.data(), torch_pickle_payload(env)),
@@ -275,6 +304,10 @@ CASES = [
     case("predict-site-absolute-path",
          lambda env: env.predict("--site-column", "site", data=env.data(rename_site("IA-001", "/abs"))),
          "unsafe site id '/abs'"),
+    case("predict-longitude-out-of-range",
+         lambda env: env.predict(data=env.data(
+             _coordinates(setv("lon", -200.0, "IL-001", "2003-01-01", 731)))),
+         "column lon", "outside [-180, 180] degrees east", "e.g. -200", "site IL-001"),
     case("predict-unknown-adapter", lambda env: env.predict("--site", "IL"), "no adapter 'IL' in the store"),
     case("predict-adapter-name-traversal", lambda env: env.predict("--site", "../x"), "unsafe site '../x'"),
     case("predict-backbone-pickle-payload",
@@ -308,6 +341,9 @@ CASES = [
     case("calibrate-duplicate-site-dates",
          lambda env: env.calibrate("--site", "IA", data=env.data(duplicate_row)),
          "1 duplicate site-dates (site IL-001, first 2004-03-05)"),
+    case("calibrate-missing-latitude",
+         lambda env: env.calibrate("--site", "IA", data=env.data(_coordinates(setv("lat", np.nan, n=2)))),
+         "column lat has 2 NaN values (site IA-001, first 2003-07-14)"),
     case("calibrate-unknown-site", lambda env: env.calibrate("--site", "OH"), "unknown site or region 'OH'"),
     case("calibrate-site-traversal", lambda env: env.calibrate("--site", "../x"), "'../x'"),
     case("calibrate-site-nul-in-parquet",
@@ -451,6 +487,17 @@ CASES = [
          f"site {EDIT_SITE} has only 100 days"),
     case("fluxnet-empty-file", _flux_empty, "is empty"),
     case("fluxnet-unsafe-site-in-meta", _flux_unsafe_meta, "unsafe site id '../x'"),
+    case("fluxnet-meta-latitude-95",
+         _flux_table("--site-meta", f"site,region,lat,lon\n{EDIT_SITE},OH,95,-83.35\n"),
+         "table.csv: column lat must be in [-90, 90]", f"site {EDIT_SITE} has 95"),
+    case("fluxnet-meta-longitude-minus-200",
+         _flux_table("--site-meta", f"site,region,lat,lon\n{EDIT_SITE},OH,41.63,-200\n"),
+         "table.csv: column lon must be in [-180, 180]", f"site {EDIT_SITE} has -200"),
+    case("fluxnet-crops-unknown-crop", _flux_table("--crops", f"site,year,crop\n{EDIT_SITE},2011,wheat\n"),
+         "table.csv: unknown crop 'wheat'", "maize", "soybean"),
+    case("fluxnet-crops-site-year-twice",
+         _flux_table("--crops", f"site,year,crop\n{EDIT_SITE},2011,maize\n{EDIT_SITE},2011,corn\n"),
+         f"site {EDIT_SITE}, year 2011 is listed twice"),
     case("fluxnet-path-missing", lambda env: env.import_fluxnet(path=env.tmp / "nowhere"),
          "nowhere does not exist"),
     case("fluxnet-out-is-directory", lambda env: env.import_fluxnet(out=str(_dir(env, "flux.parquet"))),

@@ -19,7 +19,7 @@ import pytest
 from kgml_peft import schema
 from kgml_peft.cli import cli
 from kgml_peft.data.fluxnet import ImportOptions, import_fluxnet
-from kgml_peft.data.tables import load_table
+from kgml_peft.data.tables import load_table, validate_table
 from kgml_peft.data.windows import make_windows
 from kgml_peft.errors import KgmlPeftError
 from tests.test_cli_validation import _runner, _snapshot, check_user_error
@@ -547,6 +547,80 @@ def test_site_meta_static_column_for_a_single_site(tmp_path: Path) -> None:
     assert (table["TSAND"] == 12.5).all() and len(table) == 1096
 
 
+SITES_CSV = SHARED / "sites.csv"
+CROPS_CSV = SHARED / "crops.csv"
+#: Small files: US-Tw2 (every year listed in crops.csv), US-Tw3 (none listed); US-Ne2 (rotation:
+#: both crops) is imported through the API only.
+CROP_SITES = ("US-Tw2", "US-Tw3")
+
+
+def test_real_site_meta_and_crops_through_cli(tmp_path: Path, monkeypatch) -> None:
+    """sites.csv and crops.csv as shipped: lat/lon per site and Crop_Type per listed site-year as
+    the CSVs say (read here with pandas), Crop_Type empty (NaN) for the years crops.csv leaves out."""
+    monkeypatch.chdir(tmp_path)
+    args = ["import", "fluxnet", *(str(daily_file(s)) for s in CROP_SITES), "--out", "c.csv",
+            "--site-meta", str(SITES_CSV), "--crops", str(CROPS_CSV), "--json"]
+    result = invoke(args)
+    assert_ok(result, args)
+    report = {s["site"]: s for s in json.loads(result.stdout)["sites"]}
+    sites = pd.read_csv(SITES_CSV).set_index("site")
+    crops = pd.read_csv(CROPS_CSV)
+    written = pd.read_csv(tmp_path / "c.csv", parse_dates=["date"])
+    assert {"lat", "lon", "Crop_Type"} <= set(written.columns)
+    assert not {"igbp", "irrigated", "management"} & set(written.columns)
+    for site in CROP_SITES:
+        rows = site_rows(written, site)
+        assert len(rows) == len(raw_frame(site))
+        assert (rows["region"] == sites.loc[site, "region"]).all()
+        assert (rows["lat"] == sites.loc[site, "lat"]).all() and (rows["lon"] == sites.loc[site, "lon"]).all()
+        mine = crops[crops["site"] == site]
+        listed = dict(zip(mine["year"].astype(int), mine["crop"]))
+        for year, year_rows in rows.groupby(rows["date"].dt.year):
+            if year in listed:
+                assert (year_rows["Crop_Type"] == {"maize": 1.0, "soybean": 0.0}[listed[year]]).all()
+            else:
+                assert year_rows["Crop_Type"].isna().all(), (site, year)
+        unknown = sorted(set(rows["date"].dt.year) - set(listed))
+        assert report[site]["unknown_crop_years"] == unknown
+    assert report["US-Tw2"]["unknown_crop_years"] == []
+    assert report["US-Tw3"]["unknown_crop_years"] == [2013, 2014]
+    # the written table is a contract table: coordinates survive validation, Crop_Type is usable
+    # where it is known and refused as a feature where it is not
+    table = load_table(tmp_path / "c.csv", schema.FLUXNET_FEATURES)
+    assert {"lat", "lon"} <= set(table.columns) and "Crop_Type" not in table.columns
+    assert len(make_windows(table, schema.FLUXNET_FEATURES)) == 4
+    tw2 = written[written["site"] == "US-Tw2"]
+    assert len(validate_table(tw2, [*schema.FLUXNET_FEATURES, "Crop_Type", "lat", "lon"])) == 731
+    with pytest.raises(KgmlPeftError, match="column Crop_Type has 730 NaN values .site US-Tw3"):
+        load_table(tmp_path / "c.csv", [*schema.FLUXNET_FEATURES, "Crop_Type"])
+
+
+def test_crop_rotation_through_api() -> None:
+    """US-Ne2's maize-soybean rotation: both codes, each on every day of its year; crop names are
+    case-insensitive and corn/soy are synonyms."""
+    crops = pd.read_csv(CROPS_CSV)
+    table, (report,) = import_fluxnet([daily_file("US-Ne2")], crops=CROPS_CSV)
+    expected = crops[crops["site"] == "US-Ne2"].set_index("year")["crop"].map({"maize": 1.0, "soybean": 0.0})
+    got = table.groupby(table[schema.DATE].dt.year)["Crop_Type"].agg(["min", "max"])
+    assert (got["min"] == got["max"]).all()
+    pd.testing.assert_series_equal(got["min"], expected, check_names=False, check_index_type=False)
+    assert report.unknown_crop_years == [] and "Crop_Type" in report.inputs
+    spelt = crops.assign(crop=crops["crop"].map({"maize": "Corn", "soybean": "SOY"}))
+    again, _ = import_fluxnet([daily_file("US-Ne2")], crops=spelt)
+    np.testing.assert_array_equal(again["Crop_Type"].to_numpy(), table["Crop_Type"].to_numpy())
+
+
+def test_site_without_meta_row_keeps_region_and_drops_coordinates(tmp_path: Path) -> None:
+    """A site sites.csv does not list is its own region, as without coordinates; coordinates known
+    for some sites only are left out of the table (the contract has no NaN coordinates)."""
+    meta = tmp_path / "meta.csv"
+    pd.read_csv(SITES_CSV).query("site != 'US-Tw3'").to_csv(meta, index=False)
+    table, reports = import_fluxnet([daily_file("US-Tw2"), daily_file("US-Tw3")], site_meta=meta)
+    assert {r.site: r.region for r in reports} == {"US-Tw2": "CA", "US-Tw3": "US-Tw3"}
+    assert not {"lat", "lon", "Crop_Type"} & set(table.columns)
+    assert all("lat" not in r.inputs for r in reports)
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. bad input: exit 2, one error line, nothing written
 
@@ -622,6 +696,18 @@ def _meta(frame: pd.DataFrame):
     def setup(work: Path) -> list[str]:
         frame.to_csv(work / "meta.csv", index=False)
         return _cmd(daily_file(EDIT_SITE), out=_good_output(work), extra=("--site-meta", "meta.csv"))
+    return setup
+
+
+def _crops_file(work: Path, text: str) -> str:
+    (work / "crops.csv").write_text(text)
+    return "crops.csv"
+
+
+def _crops(text: str):
+    """A crops table ``text`` with the real US-CRT file, into an existing output (with --force)."""
+    def setup(work: Path) -> list[str]:
+        return _cmd(daily_file(EDIT_SITE), out=_good_output(work), extra=("--crops", _crops_file(work, text)))
     return setup
 
 
@@ -703,6 +789,31 @@ CASES = [
                  ("TSAND", "US-Lin"), id="meta-static-without-every-site"),
     pytest.param(lambda w: _cmd(daily_file(EDIT_SITE), out=_good_output(w), extra=("--gpp", "DT")),
                  ("RECO_DT_VUT_REF", "--gpp NT"), id="dt-without-reco-dt"),
+    pytest.param(_meta(pd.DataFrame({"site": ["US-CRT"], "region": ["OH"], "lat": [95.0], "lon": [-83.3]})),
+                 ("meta.csv", "column lat", "[-90, 90]", "US-CRT", "95"), id="meta-lat-95"),
+    pytest.param(_meta(pd.DataFrame({"site": ["US-CRT"], "region": ["OH"], "lat": [41.6], "lon": [-200]})),
+                 ("meta.csv", "column lon", "[-180, 180]", "US-CRT", "-200"), id="meta-lon-minus-200"),
+    pytest.param(_meta(pd.DataFrame({"site": ["US-CRT"], "region": ["OH"], "lat": ["north"],
+                                     "lon": [-83.3]})),
+                 ("meta.csv", "lat needs a number", "US-CRT", "north"), id="meta-lat-text"),
+    pytest.param(_crops("site,year,crop\nUS-CRT,2011,maize\nUS-CRT,2012,wheat\n"),
+                 ("crops.csv", "unknown crop 'wheat'", "US-CRT", "2012", "maize", "soybean"),
+                 id="crops-unknown-crop"),
+    pytest.param(_crops("site,year,crop\nUS-CRT,2011,maize\nUS-CRT,2011,Soybean\n"),
+                 ("crops.csv", "US-CRT", "2011", "twice"), id="crops-site-year-twice"),
+    pytest.param(_crops("site,season,crop\nUS-CRT,2011,maize\n"),
+                 ("crops.csv", "missing column year"), id="crops-without-year"),
+    pytest.param(_crops("site,year,crop\nUS-CRT,2011.5,maize\n"),
+                 ("crops.csv", "whole years", "US-CRT", "2011.5"), id="crops-fractional-year"),
+    pytest.param(_crops("site,year,crop\nUS-CRT,twenty,maize\n"),
+                 ("crops.csv", "whole years", "twenty"), id="crops-text-year"),
+    pytest.param(_crops("site,year,crop\nUS-CRT,2011,maize\n../x,2011,maize\n"),
+                 ("crops.csv", "unsafe site id '../x'"), id="crops-unsafe-site"),
+    pytest.param(_crops("site,year,crop\nUS-CRT,2011,\n"),
+                 ("crops.csv", "column crop", "empty", "US-CRT"), id="crops-empty-crop"),
+    pytest.param(lambda w: _cmd(daily_file(EDIT_SITE), out="crops.csv",
+                                extra=("--crops", _crops_file(w, "site,year,crop\nUS-CRT,2011,maize\n"))),
+                 ("--out", "input"), id="out-is-the-crops-file"),
     pytest.param(lambda w: (CsvText().write(w), _cmd(w / CsvText().name, out=CsvText().name))[1],
                  ("--out", "input"), id="out-is-an-input"),
     pytest.param(_file_case(lambda c: c.set("2012-06-15", "NEE_VUT_REF_QC", "87.5"), good_output=True),

@@ -66,3 +66,17 @@ def test_violation_metrics_in_physical_units():
     assert m["negative_ra_rate"] == pytest.approx(0.25)
     assert m["negative_rh_rate"] == pytest.approx(0.25)
     assert m["negative_flux_mean"] == pytest.approx(1.5 / 4)
+
+
+def test_violation_rate_has_an_absolute_floor_for_winter_days():
+    # winter: Ra + Rh = 0.2, so 5 % is 0.01; residuals of 0.05 break the relative test only,
+    # 0.3 breaks both; summer: Ra + Rh = 10 -> 0.5 tolerance, residual 0.6 breaks both
+    ra = torch.tensor([0.1, 0.1, 0.1, 6.0, 6.0])
+    rh = torch.tensor([0.1, 0.1, 0.1, 4.0, 4.0])
+    gpp = torch.tensor([0.0, 0.0, 0.0, 12.0, 12.0])
+    nee = ra + rh - gpp + torch.tensor([0.05, 0.3, 0.0, 0.6, 0.4])
+    m = physics.violation_metrics(ra, rh, nee, gpp, tolerance=0.05)
+    assert m["mass_balance_violation_rate_relative"] == pytest.approx(3 / 5)
+    assert m["mass_balance_violation_rate"] == pytest.approx(2 / 5)
+    assert physics.violation_metrics(ra, rh, nee, gpp, tolerance=0.05, floor=0.0)[
+        "mass_balance_violation_rate"] == pytest.approx(3 / 5)

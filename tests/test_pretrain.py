@@ -14,6 +14,7 @@ from kgml_peft import schema
 from kgml_peft.cli import cli
 from kgml_peft.data.synthetic import SynthConfig, simulate
 from kgml_peft.data.tables import validate_table, write_table
+from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import BackboneConfig
 from kgml_peft.store.checkpoint import load_backbone
 from kgml_peft.train.loop import PhaseConfig
@@ -93,8 +94,26 @@ def test_scalers_come_from_synthetic_training_years(tables):
     assert result.scalers.mean["TMAX_AIR"] == pytest.approx(train["TMAX_AIR"].mean())
 
 
-def test_demo_toml_is_the_default_config():
-    assert PretrainConfig.from_toml(ROOT / "configs" / "demo.toml") == PretrainConfig()
+def test_demo_toml_is_the_default_config_without_the_new_fields():
+    from kgml_peft.data.synthetic import new_sites
+
+    demo = PretrainConfig.from_toml(ROOT / "configs" / "demo.toml")
+    assert demo == PretrainConfig(exclude_sites=new_sites())
+    assert len(demo.exclude_sites) == 6
+
+
+def test_excluded_sites_are_in_no_phase(tables):
+    synthetic, observed = tables
+    gone = str(synthetic[schema.SITE].iloc[0])
+    result = pretrain(synthetic, observed, PretrainConfig(**{**TINY.__dict__, "exclude_sites": (gone,)}),
+                      cpu=True, progress=False)
+    sites = synthetic[schema.SITE].nunique()
+    assert result.summary["data"]["synthetic"]["sites"] == sites - 1
+    assert result.summary["data"]["observed"]["sites"] == observed[schema.SITE].nunique() - 1
+    assert result.summary["config"]["exclude_sites"] == [gone]
+    with pytest.raises(KgmlPeftError, match="exclude_sites names 'XX-999'"):
+        pretrain(synthetic, observed, PretrainConfig(**{**TINY.__dict__, "exclude_sites": ("XX-999",)}),
+                 cpu=True, progress=False)
 
 
 def test_cli_pretrain_evaluate_show_compare(tables, tmp_path):
@@ -158,7 +177,10 @@ def test_shipped_backbone_on_the_demo_data(tmp_path):
             assert group["physics"]["ra_gpp_response_mean"] > 0
     shipped = load_backbone(ROOT / "checkpoints" / "demo.safetensors")
     assert (ROOT / "checkpoints" / "demo.safetensors").stat().st_size <= 2 * 1024 * 1024
-    assert shipped.training["config"] == PretrainConfig().to_dict()
+    assert shipped.training["config"] == PretrainConfig.from_toml(ROOT / "configs" / "demo.toml").to_dict()
+    # the new fields are in no phase of the shipped backbone's training
+    assert shipped.training["data"]["synthetic"]["sites"] == 12
+    assert shipped.training["data"]["observed"]["sites"] == 12
 
 
 @pytest.mark.slow

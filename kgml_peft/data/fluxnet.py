@@ -21,6 +21,10 @@ FLUXNET column         contract column                 conversion
 ``NEE_VUT_REF_QC``     ``NEE_QC``                      fraction of the day measured (0..1)
 =====================  ==============================  =========================================
 
+Site metadata adds each site's region, static soil columns and coordinates (``lat``, ``lon``); a
+crops table (``site``, ``year``, ``crop``) adds ``Crop_Type`` per site-year, NaN where the crop is
+not documented (a backbone with ``Crop_Type`` among its features refuses such a table).
+
 ``-9999`` is missing. Targets stay missing (masked in losses and metrics). Inputs must be complete
 for a backbone, so a gap of at most ``max_gap`` days is filled by linear interpolation and a year
 with a longer gap is left out; both are recorded in the import report. ``NEE_gapfilled`` and
@@ -106,6 +110,8 @@ class SiteReport:
     filled_days: dict[str, int]
     #: calendar years left out because an input gap was longer than max_gap
     dropped_years: list[int] = field(default_factory=list)
+    #: years written whose crop the crops table does not give (Crop_Type NaN); empty without one
+    unknown_crop_years: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -149,8 +155,9 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def read_site_meta(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     """Per-site metadata (a table file or a DataFrame), checked: ``site`` and ``region`` columns,
-    optionally static soil inputs (``TSAND``, ...), one row per site; other columns are ignored.
-    Returns it indexed by site."""
+    optionally static soil inputs (``TSAND``, ...) and coordinates (``lat``, ``lon``, in range),
+    one row per site; other columns (``igbp``, ``management``, ...) are ignored. Returns it indexed
+    by site."""
     meta = path.reset_index(drop=schema.SITE in path.columns) if isinstance(path, pd.DataFrame) \
         else read_table(path)
     path = "site metadata" if isinstance(path, pd.DataFrame) else path
@@ -176,7 +183,76 @@ def read_site_meta(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
             raise KgmlPeftError(f"{path}: column {name} needs a number for every site; site "
                                 f"{meta.loc[bad, schema.SITE].iloc[0]} has {meta.loc[bad, name].iloc[0]!r}")
         meta[name] = values.astype("float64")
+    for name in (c for c in static if c in schema.SITE_INPUTS):
+        _check_coordinate(meta, name, path)
     return meta[[schema.SITE, schema.REGION, *static]].set_index(schema.SITE)
+
+
+def _check_coordinate(meta: pd.DataFrame, name: str, path: object) -> None:
+    """Refuse a coordinate out of range here, naming the metadata file, rather than later in the
+    imported table, where the message could only name the site."""
+    spec = schema.COLUMNS[name]
+    values = meta[name]
+    out = (values < spec.low) | (values > spec.high) | np.isinf(values)
+    if out.any():
+        raise KgmlPeftError(f"{path}: column {name} must be in [{spec.low:g}, {spec.high:g}] "
+                            f"({spec.unit}, WGS84); site {meta.loc[out, schema.SITE].iloc[0]} has "
+                            f"{values[out].iloc[0]:g}")
+
+
+def read_crops(path: str | os.PathLike | pd.DataFrame) -> pd.Series:
+    """The crop of each documented site-year (a table file or a DataFrame with ``site``, ``year``,
+    ``crop``), as ``Crop_Type`` codes (see :data:`kgml_peft.schema.CROP_CODES`; names are case
+    insensitive), indexed by (site, year). Unknown crop names, site-years listed twice, years that
+    are not whole numbers and unsafe site ids are refused: a wrong crop would silently change an
+    input of the backbone."""
+    table = path.reset_index(drop=True) if isinstance(path, pd.DataFrame) else read_table(path)
+    source = "crops table" if isinstance(path, pd.DataFrame) else path
+    for name in (schema.SITE, "year", "crop"):
+        if name not in table.columns:
+            raise KgmlPeftError(f"{source}: missing column {name} (a crops table needs site, year, crop)")
+    for name in (schema.SITE, "year", "crop"):
+        empty = table[name].isna()
+        if empty.any():
+            where = "" if name == schema.SITE else f", first at site {table.loc[empty, schema.SITE].iloc[0]}"
+            raise KgmlPeftError(f"{source}: column {name} has {empty.sum()} empty values{where}")
+    sites = table[schema.SITE].astype(str)
+    for site in sites.unique():
+        try:
+            schema.check_site_id(site)
+        except KgmlPeftError as exc:
+            raise KgmlPeftError(f"{source}: {exc}") from None
+    years = _whole_years(table, sites, source)
+    crops = table["crop"].astype(str).str.strip().str.lower()
+    unknown = ~crops.isin(list(schema.CROP_CODES))
+    if unknown.any():
+        i = int(np.flatnonzero(unknown)[0])
+        known = ", ".join(f"{name} ({code:g})" for name, code in schema.CROP_CODES.items())
+        raise KgmlPeftError(f"{source}: unknown crop {table['crop'].iloc[i]!r} (site {sites.iloc[i]}, "
+                            f"year {years.iloc[i]}); known crops (Crop_Type): {known}; leave other "
+                            "crops out, their Crop_Type is unknown")
+    index = pd.MultiIndex.from_arrays([sites, years], names=[schema.SITE, "year"])
+    twice = index.duplicated()
+    if twice.any():
+        site, year = index[twice][0]
+        raise KgmlPeftError(f"{source}: site {site}, year {year} is listed twice; give one crop per "
+                            "site-year")
+    return pd.Series(crops.map(schema.CROP_CODES).to_numpy(dtype="float64"), index=index,
+                     name="Crop_Type")
+
+
+def _whole_years(table: pd.DataFrame, sites: pd.Series, source: object) -> pd.Series:
+    """The ``year`` column as integers; text, fractions and years outside the contract's ``Year``
+    range are refused (a year that matches no data would just leave its crop unknown)."""
+    spec = schema.COLUMNS["Year"]
+    numbers = pd.to_numeric(table["year"], errors="coerce").astype("float64")
+    bad = ~(np.isfinite(numbers) & (numbers == np.round(numbers))
+            & (numbers >= spec.low) & (numbers <= spec.high))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise KgmlPeftError(f"{source}: column year needs whole years in [{spec.low:g}, {spec.high:g}]; "
+                            f"site {sites.iloc[i]} has {str(table['year'].iloc[i])!r}")
+    return numbers.astype("int64")
 
 
 def read_daily(path: str | os.PathLike) -> pd.DataFrame:
@@ -319,16 +395,23 @@ def import_fluxnet(
     paths: Sequence[str | os.PathLike],
     site_meta: str | os.PathLike | pd.DataFrame | None = None,
     options: ImportOptions = ImportOptions(),
+    crops: str | os.PathLike | pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, list[SiteReport]]:
     """Import FLUXNET2015 daily files (or folders of them) into one validated contract table.
 
     The site id comes from each file name; the region from ``site_meta`` (a table with ``site``
-    and ``region``, optionally static soil columns) or, for a site it does not list, the site id.
-    Only inputs every file provides are kept. Returns the table (sorted by site, date) and one
-    :class:`SiteReport` per file.
+    and ``region``, optionally static soil columns and ``lat``/``lon``) or, for a site it does not
+    list, the site id. ``crops`` (see :func:`read_crops`) adds ``Crop_Type``: the documented crop of
+    each site-year, NaN where it is unknown. Only inputs every file provides are kept (coordinates
+    too: a site without a metadata row leaves them out of the table). Returns the table (sorted by
+    site, date) and one :class:`SiteReport` per file.
     """
     files = expand_paths(paths)
     meta = None if site_meta is None else read_site_meta(site_meta)
+    crop_codes = None if crops is None else read_crops(crops)
+    # soil must be known at every site; coordinates may be missing (then they are left out)
+    soil = [] if meta is None else [c for c in meta.columns.drop(schema.REGION)
+                                    if c not in schema.SITE_INPUTS]
     seen: dict[str, str] = {}
     frames, reports = [], []
     for path in files:
@@ -337,8 +420,8 @@ def import_fluxnet(
             raise KgmlPeftError(f"site {site} is in two files: {seen[site]} and {Path(path).name}")
         seen[site] = Path(path).name
         listed = meta is not None and site in meta.index
-        if meta is not None and not listed and len(meta.columns) > 1:
-            raise KgmlPeftError(f"the site metadata gives {', '.join(meta.columns.drop(schema.REGION))} "
+        if soil and not listed:
+            raise KgmlPeftError(f"the site metadata gives {', '.join(soil)} "
                                 f"but has no row for site {site}; add one")
         region = str(meta.loc[site, schema.REGION]) if listed else site
         frame, report = convert(read_daily(path), site, region, options, Path(path).name)
@@ -346,14 +429,29 @@ def import_fluxnet(
             for name in meta.columns.drop(schema.REGION):
                 frame[name] = float(meta.loc[site, name])
                 report.inputs.append(name)
+        if crop_codes is not None:
+            _add_crop_type(frame, report, crop_codes)
         frames.append(frame)
         reports.append(report)
     common = [c for c in schema.ALL_INPUTS if all(c in f.columns for f in frames)]
     for frame, report in zip(frames, reports):
         report.inputs = [c for c in report.inputs if c in common]
-    extra = [*GAPFILLED, "NEE_QC"]
-    table = pd.concat([f[[*schema.ID_COLUMNS, *common, "NEE", "Reco", *extra]] for f in frames],
-                      ignore_index=True)
-    checked = validate_table(table, common, targets=["NEE", "Reco"])
-    return checked.join(table.set_index([schema.SITE, schema.DATE])[extra],
-                        on=[schema.SITE, schema.DATE]), reports
+    # Crop_Type may be unknown (NaN): checked as an input only where a backbone uses it
+    checked_inputs = [c for c in common if c != "Crop_Type"]
+    extra = [*(["Crop_Type"] if "Crop_Type" in common else []), *GAPFILLED, "NEE_QC"]
+    table = pd.concat([f[[*schema.ID_COLUMNS, *common, "NEE", "Reco", *GAPFILLED, "NEE_QC"]]
+                       for f in frames], ignore_index=True)
+    checked = validate_table(table, checked_inputs, targets=["NEE", "Reco"])
+    joined = checked.join(table.set_index([schema.SITE, schema.DATE])[extra], on=[schema.SITE, schema.DATE])
+    return joined[[*schema.ID_COLUMNS, *common, "NEE", "Reco", *GAPFILLED, "NEE_QC"]], reports
+
+
+def _add_crop_type(frame: pd.DataFrame, report: SiteReport, crop_codes: pd.Series) -> None:
+    """Write one site's ``Crop_Type`` (the crop of each day's year; NaN where the crops table does
+    not list the year) and record the unknown years in its report."""
+    site = str(frame[schema.SITE].iloc[0])
+    years = frame[schema.DATE].dt.year
+    keys = pd.MultiIndex.from_arrays([np.full(len(frame), site, dtype=object), years])
+    frame["Crop_Type"] = crop_codes.reindex(keys).to_numpy(dtype="float64")
+    report.inputs.append("Crop_Type")
+    report.unknown_crop_years = sorted({int(y) for y in years[frame["Crop_Type"].isna()]})

@@ -33,6 +33,16 @@ _UNIT_HINTS = {
     "NEE": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",
     "Reco": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",
     "TSOC": "percent instead of g kg-1? multiply by 10",
+    "lat": "lat and lon swapped, or not decimal degrees?",
+    "lon": "degrees east from 0 to 360? subtract 360 from values above 180",
+}
+
+# What a NaN usually means where it is allowed as long as the column is not a feature.
+_NAN_HINTS = {
+    "Crop_Type": "the crop of these site-years is unknown: give it, or use a backbone without "
+                 "Crop_Type among its features",
+    "lat": "a table with site coordinates needs them on every row of every site",
+    "lon": "a table with site coordinates needs them on every row of every site",
 }
 
 
@@ -112,7 +122,8 @@ def _check_numeric(frame: pd.DataFrame, name: str, allow_nan: bool) -> None:
     values = frame[name]
     nan = values.isna()
     if nan.any() and not allow_nan:
-        raise KgmlPeftError(f"column {name} has {nan.sum()} NaN values ({_where(frame, nan)})")
+        hint = f"; {_NAN_HINTS[name]}" if name in _NAN_HINTS else ""
+        raise KgmlPeftError(f"column {name} has {nan.sum()} NaN values ({_where(frame, nan)}){hint}")
     inf = np.isinf(values.to_numpy())
     if inf.any():
         bad = pd.Series(inf, index=frame.index)
@@ -126,6 +137,24 @@ def _check_numeric(frame: pd.DataFrame, name: str, allow_nan: bool) -> None:
         raise KgmlPeftError(
             f"column {name} has {out.sum()} values outside [{spec.low:g}, {spec.high:g}] {spec.unit}, "
             f"e.g. {value:g} ({_where(frame, out)}){unit_hint}"
+        )
+
+
+def _check_constant_per_site(frame: pd.DataFrame, name: str) -> None:
+    """A site property (coordinates) must have one value per site: two values mean two places, or
+    two sites under one id, and every later per-site summary would pick one of them silently."""
+    distinct = frame.groupby(schema.SITE, sort=False)[name].nunique()
+    changing = distinct[distinct > 1]
+    if len(changing):
+        site = changing.index[0]
+        rows = frame[frame[schema.SITE] == site].sort_values(schema.DATE, kind="stable")
+        first = rows[name].iloc[0]
+        other = rows[rows[name] != first].iloc[0]
+        raise KgmlPeftError(  # shortest exact spelling: 41.16511 and 41.16512 must not look alike
+            f"column {name} changes within site {site}: {float(first)} on "
+            f"{pd.Timestamp(rows[schema.DATE].iloc[0]).date()}, {float(other[name])} on "
+            f"{pd.Timestamp(other[schema.DATE]).date()}; a site is one place: give every row of the "
+            f"site the same {name}, or split it into two sites"
         )
 
 
@@ -175,8 +204,9 @@ def validate_table(
     ``features`` must all be present, numeric, finite, without NaN and in physical range.
     ``targets`` (default: every known target present in the table) may hold NaN (missing
     observations are masked later) but not inf or out-of-range values. ``require_targets`` must be
-    present as columns. Raises :class:`KgmlPeftError` naming the column, site and date of the
-    first problem.
+    present as columns. Site coordinates (``lat``, ``lon``) are kept and checked whenever the
+    table has them, features or not: in range, never NaN, one value per site. Other columns are
+    dropped. Raises :class:`KgmlPeftError` naming the column, site and date of the first problem.
     """
     columns = list(frame.columns)
     for name in schema.ID_COLUMNS:
@@ -190,7 +220,8 @@ def validate_table(
             raise _missing_column(name, columns, "a target this command needs")
     if targets is None:
         targets = [t for t in schema.TARGETS if t in frame.columns]
-    keep = list(schema.ID_COLUMNS) + list(dict.fromkeys([*features, *targets]))
+    coordinates = [c for c in schema.SITE_INPUTS if c in frame.columns]
+    keep = list(schema.ID_COLUMNS) + list(dict.fromkeys([*features, *coordinates, *targets]))
     frame = frame[keep].copy()
 
     for name in (schema.SITE, schema.REGION):
@@ -215,6 +246,10 @@ def validate_table(
 
     for name in features:
         _check_numeric(frame, name, allow_nan=False)
+    for name in coordinates:
+        if name not in features:
+            _check_numeric(frame, name, allow_nan=False)
+        _check_constant_per_site(frame, name)
     for name in targets:
         if name not in features:
             _check_numeric(frame, name, allow_nan=True)

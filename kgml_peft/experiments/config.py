@@ -71,6 +71,11 @@ class ExperimentConfig:
     scarcity: tuple[int, ...] = (1, 2, 4)
     #: also train on every pair of regions for the cross-regional matrix
     pairs: bool = True
+    #: new fields: the last ``new_sites_per_region`` sites (by id) of each region are left out of
+    #: a second global model entirely; each calibrates on its first k years (k in
+    #: ``new_site_years``) and is tested on its years after the largest k (0: no new fields)
+    new_sites_per_region: int = 2
+    new_site_years: tuple[int, ...] = (1, 2, 3)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -105,6 +110,16 @@ class ExperimentConfig:
             expect_type(value, int, "rank / scarcity years")
             if value < 1:
                 raise KgmlPeftError("ranks and scarcity years must be >= 1")
+        expect_type(self.new_sites_per_region, int, "new_sites_per_region")
+        expect_type(self.new_site_years, (list, tuple), "new_site_years")
+        set_(self, "new_site_years", tuple(self.new_site_years))
+        for value in self.new_site_years:
+            expect_type(value, int, "new_site_years entry")
+        if self.new_sites_per_region < 0 or (self.new_sites_per_region and (
+                not self.new_site_years or min(self.new_site_years) < 1
+                or len(set(self.new_site_years)) != len(self.new_site_years))):
+            raise KgmlPeftError("new_sites_per_region must be >= 0, and new_site_years must list "
+                                "distinct year counts >= 1")
 
     @classmethod
     def quick(cls) -> ExperimentConfig:
@@ -114,7 +129,8 @@ class ExperimentConfig:
         return cls(seeds=(0,), backbone=BackboneConfig(hidden_size=8, attention_size=4, yield_hidden=8),
                    scratch=small, finetune=dataclasses.replace(small, lr=5e-4),
                    adapter=dataclasses.replace(small, lr=1e-2), ranks=(1, 2),
-                   sensitivity=((1e-3, 32),), scarcity=(1,))
+                   sensitivity=((1e-3, 32),), scarcity=(1,), new_sites_per_region=1,
+                   new_site_years=(1,))
 
     def to_dict(self) -> dict:
         """JSON-ready form (stored in results.json)."""

@@ -81,6 +81,24 @@ def _audit(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _new_sites(results: dict, path: Path) -> Path:
+    """Test MSE of the new fields against the calibration years k, per region and method."""
+    plt = _pyplot()
+    regions, new = results["regions"], results["new_sites"]
+    fig, axes = plt.subplots(1, len(regions), figsize=(3.2 * len(regions), 3.2), dpi=120, squeeze=False)
+    for ax, region in zip(axes[0], regions):
+        for method, by_region in new.items():
+            ks = list(by_region[region])
+            means = [by_region[region][k]["mse_mean"] for k in ks]
+            stds = [by_region[region][k]["mse_std"] for k in ks]
+            ax.errorbar([int(k[1:]) for k in ks], means, yerr=stds, fmt="-o", ms=3, capsize=2, label=method)
+        ax.set_title(f"{region} new fields")
+        ax.set_xlabel("calibration years k")
+    axes[0][0].set_ylabel("test MSE (scaled)")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def all_figures(results: dict, out: Path) -> list[Path]:
     """Every figure of the report, written into ``out``."""
     regimes = results["regimes"]
@@ -100,5 +118,7 @@ def all_figures(results: dict, out: Path) -> list[Path]:
     ablations = [n for n in regimes if n.startswith(("ablation_", "rank_"))]
     if ablations:
         written.append(_bars(results, ablations, out / "ablations.png", "Adapter components and LoRA rank"))
+    if results.get("new_sites"):
+        written.append(_new_sites(results, out / "new_sites.png"))
     written.append(_audit(results, out / "physics_audit.png"))
     return written

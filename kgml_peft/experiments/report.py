@@ -14,12 +14,12 @@ from pathlib import Path
 
 from kgml_peft import schema
 from kgml_peft.experiments.config import MAIN_REGIMES
-from kgml_peft.experiments.runs import Experiment
+from kgml_peft.experiments.runs import Experiment, Plan
 from kgml_peft.store.atomic import atomic_path
 
 #: Physics figures the audit compares (the keys of ``held_out_metrics(...)["physics"]``).
-AUDIT_KEYS = ("l_phys", "mass_balance_violation_rate", "mass_balance_mae", "negative_ra_rate",
-              "negative_rh_rate")
+AUDIT_KEYS = ("l_phys", "mass_balance_violation_rate", "mass_balance_violation_rate_relative",
+              "mass_balance_mae", "negative_ra_rate", "negative_rh_rate")
 
 
 def seed_stats(values: list[float]) -> dict:
@@ -58,6 +58,7 @@ def aggregate(experiment: Experiment) -> dict:
                      for base in ("site_only", "global_only")}
             for region in experiment.regions}
     global_runs = [records[k] for k in experiment.plan.regimes["global_only"][experiment.regions[0]]]
+    new = new_site_results(experiment.plan, records)
     return {
         "config": experiment.config.to_dict(),
         "regions": list(experiment.regions),
@@ -70,10 +71,48 @@ def aggregate(experiment: Experiment) -> dict:
         "regimes": regimes,
         "relative": relative,
         "cross_regional": cross,
+        "new_sites": new,
+        "new_sites_relative": {
+            method: {region: {k: {"vs_global_only_pct": 100 * (entry["mse_mean"] / new["global_only"][region][k]["mse_mean"] - 1)}
+                              for k, entry in by_k.items()} for region, by_k in by_region.items()}
+            for method, by_region in new.items() if method != "global_only"},
+        "new_site_ids": {region: sorted({site for _, site in by_k[next(iter(by_k))]})
+                         for region, by_k in experiment.plan.new_sites.get("global_only", {}).items()},
         "global_curves": global_runs[0].get("curve", []),
         "runs": len(records),
         "seconds_total": sum(r["seconds"] for r in records.values()),
     }
+
+
+def _new_site_test(record: dict, site: str) -> dict:
+    return record["new_sites"][site] if "new_sites" in record else record["test"]["site"]
+
+
+def new_site_results(plan: Plan, records: dict) -> dict:
+    """``new_sites.<method>.<region>.k<k>``: the test MSE of the region's new fields, averaged over
+    the fields per seed, then mean ± std over seeds; with per-field means (``sites``), and for
+    calibrated methods the share of runs whose early stopping kept epoch 0 (the global model)."""
+    out: dict = {}
+    for method, by_region in plan.new_sites.items():
+        for region, by_k in by_region.items():
+            for k, pairs in by_k.items():
+                per_seed: dict[int, list[float]] = {}
+                per_site: dict[str, list[float]] = {}
+                kept_start = []
+                for key, site in pairs:
+                    record = records[key]
+                    mse = _new_site_test(record, site)["mse"]
+                    per_seed.setdefault(record["seed"], []).append(mse)
+                    per_site.setdefault(site, []).append(mse)
+                    if "site" in record and record["method"] != "scratch":
+                        kept_start.append(record["best_epoch"][0] == 0)
+                stats = seed_stats([statistics.fmean(v) for v in per_seed.values()])
+                entry = {"mse_mean": stats["mean"], "mse_std": stats["std"], "seeds": stats["n"],
+                         "sites": {site: statistics.fmean(v) for site, v in sorted(per_site.items())}}
+                if kept_start:
+                    entry["kept_global_share"] = sum(kept_start) / len(kept_start)
+                out.setdefault(method, {}).setdefault(region, {})[f"k{k}"] = entry
+    return out
 
 
 def _fmt(entry: dict) -> str:
@@ -117,6 +156,22 @@ def markdown(results: dict) -> str:
             first = regimes[name][regions[0]]
             lines.append(f"| {name[len(prefix):]} | " + " | ".join(_fmt(regimes[name][r]) for r in regions)
                          + f" | {first['trainable_parameters']} | {first.get('adapter_bytes', '-')} |")
+    new = results.get("new_sites") or {}
+    if new:
+        ks = list(next(iter(new["global_only"].values())))
+        lines += ["", "## New fields (left out of the global model entirely)", "",
+                  "Test MSE on each new field's years after the largest k, after calibrating on its "
+                  "first k years; mean over the region's new fields, then mean ± std over seeds.", "",
+                  "| method | k | " + " | ".join(regions) + " |", "|---|---|" + "---|" * len(regions)]
+        for method, by_region in new.items():
+            for k in ks:
+                lines.append(f"| {method} | {k[1:]} | " + " | ".join(_fmt(by_region[r][k]) for r in regions) + " |")
+        lines += ["", "| method | k | vs global_only: " + " | ".join(regions) + " |",
+                  "|---|---|" + "---|" * len(regions)]
+        for method, by_region in results["new_sites_relative"].items():
+            for k in ks:
+                lines.append(f"| {method} | {k[1:]} | " + " | ".join(
+                    f"{by_region[r][k]['vs_global_only_pct']:+.1f} %" for r in regions) + " |")
     lines += ["", "## Physics audit (test years, mean over regions and seeds)", "",
               "| regime | " + " | ".join(AUDIT_KEYS) + " |", "|---|" + "---|" * len(AUDIT_KEYS)]
     for regime in MAIN_REGIMES:

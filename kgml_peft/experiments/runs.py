@@ -24,7 +24,7 @@ from kgml_peft import schema
 from kgml_peft.calibration.calibrate import CalibrationData, calibrate_unit
 from kgml_peft.calibration.config import COMPONENTS, AdapterConfig, CalibrationConfig
 from kgml_peft.data.tables import validate_table
-from kgml_peft.data.windows import Scalers, YearWindows, make_windows
+from kgml_peft.data.windows import Scalers, YearWindows, make_windows, split_by_day_blocks
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.config import ExperimentConfig, Training
 from kgml_peft.metrics import flux_mse_scaled, group_metrics
@@ -86,16 +86,25 @@ class Run:
     training: Training
     components: tuple[str, ...] = COMPONENTS
     rank: int = 1
-    years: int | None = None  # most recent training years per site (None: all)
+    years: int | None = None  # most recent training years per site (None: all); new fields: first
+    #: trained without the new fields: the global model new fields are calibrated from
+    known_only: bool = False
+    #: a new field, calibrated on its first ``years`` years (``regions`` is its region)
+    site: str | None = None
 
     @property
     def key(self) -> str:
         """A unique, file-name-safe name of the run."""
         t = self.training
-        parts = [self.method, "+".join(self.regions), f"lr{t.lr:g}-bs{t.batch_size}-e{t.epochs}"]
+        parts = [self.method, self.site or "+".join(self.regions), f"lr{t.lr:g}-bs{t.batch_size}-e{t.epochs}"]
         if self.method == "adapter":
             parts.append(f"{'+'.join(self.components)}-r{self.rank}")
-        parts.append("all" if self.years is None else f"{self.years}y")
+        if self.site is not None:
+            parts.append(f"first{self.years}y")
+        else:
+            parts.append("all" if self.years is None else f"{self.years}y")
+        if self.known_only:
+            parts.append("known")
         return "__".join(parts) + f"__s{self.seed}"
 
 
@@ -108,6 +117,9 @@ class Plan:
     runs: list[Run] = field(default_factory=list)
     regimes: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     cross: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    #: ``new_sites[method][region][k]``: ``(run key, site)`` per seed and new field; ``global_only``
+    #: points at the global model trained without the new fields
+    new_sites: dict[str, dict[str, dict[int, list[tuple[str, str]]]]] = field(default_factory=dict)
 
     def include(self, run: Run) -> None:
         """Plan ``run`` once (a run several regimes share trains once)."""
@@ -120,10 +132,30 @@ class Plan:
         self.regimes.setdefault(regime, {}).setdefault(region, []).append(run.key)
 
 
-def plan(config: ExperimentConfig, regions: tuple[str, ...]) -> Plan:
-    """Every run the experiment needs (see module docstring)."""
+#: Methods of the new-field comparison, as ``results.json`` names them, and the run method of each.
+NEW_SITE_METHODS: dict[str, str] = {"global_only": "global", "site_only": "scratch",
+                                    "full_finetune": "full", "adapters": "adapter"}
+
+
+def plan(config: ExperimentConfig, regions: tuple[str, ...],
+         new_sites: dict[str, tuple[str, ...]] | None = None) -> Plan:
+    """Every run the experiment needs (see module docstring); ``new_sites`` maps a region to its
+    new fields."""
     out = Plan()
     everything = tuple(regions)
+    trainings = {"scratch": config.scratch, "full": config.finetune, "adapter": config.adapter}
+    for seed in config.seeds if any((new_sites or {}).values()) else ():
+        known = Run("scratch", everything, seed, config.scratch, known_only=True)
+        out.include(known)
+        for region in regions:
+            for site in (new_sites or {}).get(region, ()):
+                for years in config.new_site_years:
+                    for name, method in NEW_SITE_METHODS.items():
+                        run = known if method == "global" else Run(
+                            method, (region,), seed, trainings[method], years=years, site=site)
+                        out.include(run)
+                        out.new_sites.setdefault(name, {}).setdefault(region, {}).setdefault(
+                            years, []).append((run.key, site))
     for seed in config.seeds:
         for region in regions:
             out.add("global_only", region, Run("scratch", everything, seed, config.scratch))
@@ -204,6 +236,27 @@ def scratch_phases(training: Training, weights: dict[str, float],
     return tuple(phases)
 
 
+def _site_years(windows: YearWindows, site: str) -> YearWindows:
+    """Every window of ``site``, oldest year first."""
+    idx = np.flatnonzero(windows.sites == site)
+    return windows.subset(idx[np.argsort(windows.years[idx], kind="stable")])
+
+
+def choose_new_sites(windows: YearWindows, regions: tuple[str, ...],
+                     config: ExperimentConfig) -> dict[str, tuple[str, ...]]:
+    """The new fields: the last ``config.new_sites_per_region`` sites (by id) of each region; a
+    region must keep at least one known site."""
+    out = {}
+    for region in regions:
+        sites = sorted(set(windows.sites[windows.regions == region]))
+        n = config.new_sites_per_region
+        if n and len(sites) <= n:
+            raise KgmlPeftError(f"region {region} has {len(sites)} site(s); holding out {n} new field(s) "
+                                "needs at least one more (lower new_sites_per_region, 0 switches new fields off)")
+        out[region] = tuple(sites[len(sites) - n:]) if n else ()
+    return out
+
+
 class RunFiles:
     """Finished runs as ``<out>/runs/<key>.json``, written atomically: what makes a suite resumable
     (a run whose file exists is done)."""
@@ -248,10 +301,19 @@ class Experiment(RunFiles):
         if len(regions) < 2:
             raise KgmlPeftError("the experiment compares regions: the data needs at least two")
         self.regions = tuple(regions)
-        self.split = split_years(windows.subset(np.flatnonzero(np.isin(windows.regions, regions))),
-                                 config.test_fraction, config.val_fraction)
-        #: one scaling for every regime: fitted on the training years of all regions
-        self.scalers = _complete(Scalers.fit(self.split.train))
+        windows = windows.subset(np.flatnonzero(np.isin(windows.regions, regions)))
+        self.split = split_years(windows, config.test_fraction, config.val_fraction)
+        self.new_sites = choose_new_sites(windows, self.regions, config)
+        #: every year of each new field, oldest first
+        self.new_windows = {site: _site_years(windows, site)
+                            for sites in self.new_sites.values() for site in sites}
+        for site, years in self.new_windows.items():
+            if len(years) <= max(config.new_site_years):
+                raise KgmlPeftError(f"new field {site} has {len(years)} complete years; calibrating on up to "
+                                    f"{max(config.new_site_years)} needs at least one more to test")
+        #: one scaling for every regime: fitted on the training years of the known sites (the new
+        #: fields' data stays out of everything the global models see, scaling included)
+        self.scalers = _complete(Scalers.fit(self.known(self.split.train)))
         self.scalers.require([*features, *schema.FLUX_OUTPUTS, "Yield", "Reco"])
         observed = [t for t in schema.TARGETS if t in self.scalers.std
                     and np.isfinite(self.split.train.target(t)).any()
@@ -260,8 +322,10 @@ class Experiment(RunFiles):
             raise KgmlPeftError("the experiment needs observed daily fluxes (Ra, Rh, NEE or Reco) "
                                 "in the training and validation years")
         self.weights = {t: 1.0 for t in observed}
-        self.plan = plan(config, self.regions)
-        self._globals: dict[int, Backbone] = {}
+        #: new fields calibrate on daily fluxes only (one to three annual yields say nothing)
+        self.daily_weights = {t: w for t, w in self.weights.items() if t in schema.DAILY_TARGETS}
+        self.plan = plan(config, self.regions, self.new_sites)
+        self._globals: dict[tuple[int, bool], Backbone] = {}
         self.backbone_parameters = sum(p.numel() for p in build_backbone(config.backbone).parameters())
 
     def _scratch(self, run: Run, train: YearWindows, val: YearWindows):
@@ -273,20 +337,79 @@ class Experiment(RunFiles):
                                             cpu=self.cpu, progress=False)
         return model, phases
 
-    def _global(self, seed: int) -> Backbone:
-        if seed not in self._globals:
-            path = self.out / "models" / f"global__s{seed}.safetensors"
+    def known(self, windows: YearWindows) -> YearWindows:
+        """``windows`` without the new fields."""
+        return windows.subset(np.flatnonzero(~np.isin(windows.sites, list(self.new_windows))))
+
+    @staticmethod
+    def _model_name(seed: int, known_only: bool) -> str:
+        return f"global{'-known' if known_only else ''}__s{seed}.safetensors"
+
+    def _global(self, seed: int, known_only: bool = False) -> Backbone:
+        if (seed, known_only) not in self._globals:
+            path = self.out / "models" / self._model_name(seed, known_only)
             if not path.is_file():
                 raise KgmlPeftError(f"{path} is missing; delete the global run's JSON to retrain it")
-            self._globals[seed] = load_backbone(path)
-        return self._globals[seed]
+            self._globals[(seed, known_only)] = load_backbone(path)
+        return self._globals[(seed, known_only)]
+
+    def new_site_parts(self, site: str, years: int) -> tuple[YearWindows, YearWindows]:
+        """A new field's first ``years`` years (calibration) and its years after the largest k
+        (test; the same for every k, so the k compare)."""
+        windows = self.new_windows[site]
+        return (windows.subset(np.arange(years)),
+                windows.subset(np.arange(max(self.config.new_site_years), len(windows))))
+
+    def _execute_new_site(self, run: Run, start: float) -> dict:
+        """Calibrate a new field on its first ``run.years`` years (observed days split in blocks
+        for early stopping, as the real-site benchmark does) and test it on its later years."""
+        calibration, test = self.new_site_parts(run.site, run.years)
+        train, val = split_by_day_blocks(calibration)
+        record: dict = {"key": run.key, "method": run.method, "regions": list(run.regions), "seed": run.seed,
+                        "site": run.site, "years": run.years, "train_years": [int(y) for y in calibration.years],
+                        "test_years": [int(y) for y in test.years],
+                        "backbone_parameters": self.backbone_parameters}
+        if run.method == "scratch":
+            config = PretrainConfig(backbone=self.config.backbone, seed=run.seed, tolerance=self.config.tolerance,
+                                    phases=scratch_phases(run.training, self.daily_weights,
+                                                          self.config.physics_weight))
+            with deterministic_algorithms():
+                model, phases, _ = train_phases({"observed": (train, val)}, self.scalers, config,
+                                                cpu=self.cpu, progress=False)
+            record.update(trainable_parameters=sum(p.numel() for p in model.parameters()),
+                          best_epoch=[r.best_epoch for r in phases])
+        else:
+            base = self._global(run.seed, known_only=True)
+            table = self.table
+            rows = table[(table[schema.SITE] == run.site) & table[schema.DATE].dt.year.isin(calibration.years)]
+            data = CalibrationData(run.site, "site", rows, train, val, dict(self.daily_weights))
+            t = run.training
+            config = CalibrationConfig(
+                method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
+                rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
+                tolerance=self.config.tolerance, seed=run.seed)
+            result = calibrate_unit(base, data, config, cpu=self.cpu, progress=False)
+            model = result.model
+            record.update(trainable_parameters=result.trained_parameters,
+                          best_epoch=[result.summary["metrics"]["best_epoch"]])
+            if result.adapter is not None:
+                (self.out / "adapters").mkdir(parents=True, exist_ok=True)
+                path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", result.adapter)
+                record["adapter_bytes"] = path.stat().st_size
+        record["test"] = {"site": held_out_metrics(model, self.scalers, test, self.config.tolerance)}
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        return self.save(run, record, indent=1)
 
     def execute(self, run: Run) -> dict:
         """Train ``run``, test it on every region, write its JSON (and model/adapter files)."""
         start = time.perf_counter()
+        if run.site is not None:
+            return self._execute_new_site(run, start)
         is_global = run.method == "scratch" and run.regions == self.regions
         train = self.split.region("train", run.regions, run.years)
         val = self.split.region("val", run.regions)
+        if run.known_only:
+            train, val = self.known(train), self.known(val)
         if run.method == "scratch":
             model, phases = self._scratch(run, train, val)
             trained, adapter, best = sum(p.numel() for p in model.parameters()), None, \
@@ -317,11 +440,15 @@ class Experiment(RunFiles):
                                           self.config.tolerance)
                      for region in self.regions},
         }
+        if run.known_only:
+            record["new_sites"] = {site: held_out_metrics(model, self.scalers, self.new_site_parts(site, 1)[1],
+                                                          self.config.tolerance)
+                                   for site in self.new_windows}
         if is_global:
             (self.out / "models").mkdir(parents=True, exist_ok=True)
-            save_backbone(self.out / "models" / f"global__s{run.seed}.safetensors", model,
+            save_backbone(self.out / "models" / self._model_name(run.seed, run.known_only), model,
                           self.scalers, {"experiment_run": run.key, "curves": curve})
-            self._globals.pop(run.seed, None)
+            self._globals.pop((run.seed, run.known_only), None)
         if adapter is not None:
             (self.out / "adapters").mkdir(parents=True, exist_ok=True)
             path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", adapter)

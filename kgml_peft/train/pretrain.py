@@ -63,9 +63,17 @@ class PretrainConfig:
     val_fraction: float = 0.2
     tolerance: float = 0.05
     mixed_precision: str = "no"
+    #: sites left out of every phase: new fields that join after the global model is trained
+    #: (the demo's are in configs/demo.toml); each must be in the data
+    exclude_sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         expect_type(self.seed, int, "seed")
+        expect_type(self.exclude_sites, (list, tuple), "exclude_sites")
+        object.__setattr__(self, "exclude_sites", tuple(self.exclude_sites))
+        for site in self.exclude_sites:
+            expect_type(site, str, "exclude_sites entry")
+            schema.check_site_id(site, "site in exclude_sites")
         expect_type(self.val_fraction, (int, float), "val_fraction")
         expect_type(self.tolerance, (int, float), "tolerance")
         expect_type(self.mixed_precision, str, "mixed_precision")
@@ -87,15 +95,17 @@ class PretrainConfig:
             "val_fraction": self.val_fraction,
             "tolerance": self.tolerance,
             "mixed_precision": self.mixed_precision,
+            "exclude_sites": list(self.exclude_sites),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> PretrainConfig:
         """Build from a dict shaped like :meth:`to_dict` (every key optional)."""
         data = dict(data)
-        known = {"backbone", "phases", "seed", "val_fraction", "tolerance", "mixed_precision"}
+        known = {"backbone", "phases", "seed", "val_fraction", "tolerance", "mixed_precision", "exclude_sites"}
         check_keys(data, known, "pretraining config")
-        kwargs: dict = {k: data[k] for k in ("seed", "val_fraction", "tolerance", "mixed_precision") if k in data}
+        kwargs: dict = {k: data[k] for k in ("seed", "val_fraction", "tolerance", "mixed_precision",
+                                             "exclude_sites") if k in data}
         if "backbone" in data:
             kwargs["backbone"] = BackboneConfig.from_dict(data["backbone"])
         if "phases" in data:
@@ -148,6 +158,24 @@ def with_reco(frame: pd.DataFrame) -> pd.DataFrame:
     if "Reco" in frame.columns or not {"Ra", "Rh"} <= set(frame.columns):
         return frame
     return frame.assign(Reco=frame["Ra"] + frame["Rh"])
+
+
+def exclude_sites(synthetic: pd.DataFrame, observed: pd.DataFrame | None,
+                  sites: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The tables without ``sites`` (new fields the global model must not see); a site in neither
+    table is refused (a typo would otherwise silently leak a new field into pretraining)."""
+    if not sites:
+        return synthetic, observed
+    frames = [f for f in (synthetic, observed) if f is not None]
+    present = set().union(*(set(f[schema.SITE].astype(str)) for f in frames))
+    unknown = [s for s in sites if s not in present]
+    if unknown:
+        raise KgmlPeftError(f"exclude_sites names {unknown[0]!r}, which is in none of the pretraining "
+                            "tables; list the site ids exactly as the tables spell them")
+    kept = [f[~f[schema.SITE].astype(str).isin(sites)].reset_index(drop=True) for f in frames]
+    if any(k.empty for k in kept):
+        raise KgmlPeftError("exclude_sites leaves a pretraining table empty")
+    return kept[0], (kept[1] if observed is not None else None)
 
 
 def _split(windows: YearWindows, fraction: float) -> tuple[YearWindows, YearWindows | None]:
@@ -271,6 +299,7 @@ def _pretrain(
 ) -> PretrainResult:
     features = config.backbone.features
     data: dict[str, tuple[YearWindows, YearWindows | None]] = {}
+    synthetic, observed = exclude_sites(synthetic, observed, config.exclude_sites)
     synthetic = with_reco(synthetic)
     data["synthetic"] = _split(make_windows(synthetic, features), config.val_fraction)
     if observed is not None:
