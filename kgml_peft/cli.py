@@ -288,16 +288,18 @@ def evaluate(backbone: Path, data: Path, site: str | None, by: str, as_json: boo
 @click.option("--seed", default=0, show_default=True, help="Seed of the demo data.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("adapters") / "demo", show_default=True,
-              help="Folder for the demo's adapters (created; its IA/IL/IN files are replaced).")
+              help="Folder for the demo's adapters (created; its state and new-field files are replaced).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -> None:
     """Evaluate the shipped backbone per state on the demo data, calibrate one adapter per state
-    (IA, IL, IN), print validation MSE before and after, and serve every site-year with them."""
+    (IA, IL, IN), print validation MSE before and after, calibrate the new fields the backbone
+    never saw on their earlier years and compare on their last year, and serve every site-year."""
     from kgml_peft.calibration.runs import run_calibration
     from kgml_peft.data.synthetic import SynthConfig, simulate
     from kgml_peft.evaluation import calibration_table
     from kgml_peft.evaluation import evaluate as run_evaluate
+    from kgml_peft.experiments.new_fields import calibrate_new_fields, new_field_sites
     from kgml_peft.store.checkpoint import load_backbone
 
     model = load_backbone(backbone)
@@ -309,6 +311,11 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = run_calibration("all", backbone_path=backbone, data=frames["observed"], out_dir=out_dir,
                            progress=not quiet, force=True)
+    fresh = new_field_sites(backbone)
+    new_table = None
+    if fresh:
+        new_table, new_runs = calibrate_new_fields(backbone, frames["observed"], fresh, out_dir,
+                                                   progress=not quiet, force=True)
     # serve every observed site-year through one bank: each row picks its state's adapter
     from kgml_peft.serve.predict import run_predict
 
@@ -319,6 +326,7 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     if as_json:
         _echo_json({**reports, "calibration": [{"path": str(r.path), "seconds": r.seconds,
                                                 **r.summary} for r in runs],
+                    "new_fields": [] if new_table is None else new_table.to_dict(orient="records"),
                     "predictions": {"path": str(out_dir / "predictions.csv"), "site_years": served.site_years,
                                     "adapters": served.used, "seconds": serve_seconds}})
         return
@@ -328,8 +336,9 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
                    "(MSE in (gC m-2 d-1)^2, Yield in (t ha-1)^2):")
         _print_report(report, False, "regions")
     if seed == 0:
-        click.echo("\nSeed 0 is the data the shipped backbone was pretrained on (80 % of its years); "
-                   "--seed 1 simulates unseen sites.")
+        click.echo("\nSeed 0 is the data the shipped backbone was pretrained on (80 % of its years), "
+                   f"except the new fields {', '.join(fresh)}, which it never saw; --seed 1 simulates "
+                   "unseen sites.")
     click.echo("\nper-state calibration on the observed demo data: validation = the last year of "
                "each site, global backbone -> adapter (MSE in the units above):")
     table = calibration_table([r.summary | {"path": str(r.path), "bytes": r.path.stat().st_size,
@@ -338,6 +347,15 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}",
                                formatters={k: f for k, f in formats.items() if k in table}))
     click.echo(f"adapters written to {out_dir}/ (backbone {backbone.stat().st_size / 1024:.0f} KiB)")
+    if new_table is not None:
+        click.echo(f"\nnew fields (never seen by the backbone): one adapter each from its earlier years; "
+                   "test = its last year, used by neither training nor early stopping (MSE in "
+                   "(gC m-2 d-1)^2, change of NEE + Reco MSE):")
+        click.echo(new_table.to_string(index=False, float_format=lambda v: f"{v:.3f}",
+                                       formatters={"change_%": "{:+.1f}".format}))
+        better = int((new_table["change_%"] < 0).sum())
+        click.echo(f"{better} of {len(new_table)} new fields predicted better with their adapter; "
+                   f"mean change {new_table['change_%'].mean():+.1f} %")
     click.echo(f"\nserved all {served.site_years} observed site-years with the {len(served.used)} state "
                f"adapters from one AdapterBank (mixed-state batches) in {serve_seconds:.1f} s: "
                f"{out_dir / 'predictions.csv'} (daily Ra, Rh, Reco, NEE in gC m-2 d-1; Yield in t ha-1)")

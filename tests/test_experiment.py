@@ -3,6 +3,7 @@ CLI (structure of results.json / results.md / figures, resume without redoing ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,6 +58,45 @@ def test_plan_shares_runs_between_regimes_and_trains_global_models_first() -> No
     assert len(p.runs) == 2 * (1 + 3 * per_unit + 3)  # + global + the pairs
 
 
+def test_plan_new_fields_come_from_a_global_model_that_never_saw_them() -> None:
+    config = ExperimentConfig(seeds=(0, 1), new_site_years=(1, 3))
+    new = {"IA": ("IA-007", "IA-008"), "IL": ("IL-004",), "IN": ()}
+    p = plan(config, ("IA", "IL", "IN"), new)
+    known = [r for r in p.runs if r.known_only]
+    assert [r.seed for r in known] == [0, 1] and all(r.method == "scratch" for r in known)
+    assert p.runs.index(known[-1]) < min(p.runs.index(r) for r in p.runs if r.site)  # global models first
+    # per seed: 3 new fields x 2 k x (site-only, full, adapter)
+    assert len([r for r in p.runs if r.site]) == 2 * 3 * 2 * 3
+    assert set(p.new_sites) == {"global_only", "site_only", "full_finetune", "adapters"}
+    assert set(p.new_sites["adapters"]) == {"IA", "IL"}
+    assert [site for _, site in p.new_sites["adapters"]["IA"][3]] == ["IA-007", "IA-008"] * 2
+    assert p.new_sites["global_only"]["IL"][1] == [(k.key, "IL-004") for k in known]
+    assert len(plan(config, ("IA", "IL", "IN")).runs) == len(p.runs) - 2 - 36  # without new fields
+
+
+def test_new_fields_are_left_out_of_the_known_global_model_and_the_scaling(tmp_path: Path) -> None:
+    from kgml_peft.data.synthetic import SynthConfig, simulate
+    from kgml_peft.experiments.runs import Experiment
+
+    frame = simulate(SynthConfig(observed=True, obs_years=(6, 6), max_sites_per_region=2,
+                                 regions=("IA", "IL")))
+    config = dataclasses.replace(ExperimentConfig.quick(), new_site_years=(1, 2))
+    experiment = Experiment(frame, config, tmp_path / "out")
+    assert experiment.new_sites == {"IA": ("IA-002",), "IL": ("IL-002",)}
+    known = experiment.known(experiment.split.train)
+    assert set(known.sites) == {"IA-001", "IL-001"}
+    from kgml_peft.data.windows import Scalers
+
+    assert Scalers.fit(known).std["NEE"] == pytest.approx(experiment.scalers.std["NEE"])
+    calibration, test = experiment.new_site_parts("IA-002", 1)
+    assert list(calibration.years) == [calibration.years.min()]
+    assert sorted(test.years) == sorted(experiment.new_windows["IA-002"].years)[2:]  # after the largest k
+    with pytest.raises(KgmlPeftError, match="region IA has 2 site"):
+        Experiment(frame, dataclasses.replace(config, new_sites_per_region=2), tmp_path / "o2")
+    with pytest.raises(KgmlPeftError, match="new field IA-002 has 6 complete years"):
+        Experiment(frame, dataclasses.replace(config, new_site_years=(6,)), tmp_path / "o3")
+
+
 def test_config_checks_and_toml(tmp_path: Path) -> None:
     path = tmp_path / "e.toml"
     path.write_text('seeds = [3, 4]\nranks = [2]\n[adapter]\nepochs = 5\n[backbone]\nhidden_size = 12\n')
@@ -66,7 +106,8 @@ def test_config_checks_and_toml(tmp_path: Path) -> None:
     assert ExperimentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     for bad, match in (({"seeds": []}, "at least one seed"), ({"test_fraction": 0.6}, "test_fraction"),
                        ({"ablations": [["lora", "x"]]}, "ablation"), ({"colour": 1}, "colour"),
-                       ({"adapter": {"epochs": 0}}, "epochs >= 1")):
+                       ({"adapter": {"epochs": 0}}, "epochs >= 1"),
+                       ({"new_site_years": [0]}, "new_site_years"), ({"new_sites_per_region": -1}, "new_sites")):
         with pytest.raises(KgmlPeftError, match=match):
             ExperimentConfig.from_dict(bad)
 
@@ -98,12 +139,28 @@ def test_quick_experiment_writes_every_output(quick_run) -> None:
     assert {"scarcity_adapters_1y", "sensitivity_full_lr0.001_bs32", "ablation_head", "rank_2"} <= set(results["regimes"])
     assert set(results["regimes"]["adapters"]["IA"]["physics"]) >= {"l_phys", "mass_balance_violation_rate"}
     assert results["scaling"]["targets"] == ["NEE", "Reco"]
+    # new fields: one per region, calibrated on 1 year, tested on its years after it
+    assert results["new_site_ids"] == {"IA": ["IA-008"], "IL": ["IL-004"], "IN": ["IN-006"]}
+    for method in ("global_only", "site_only", "full_finetune", "adapters"):
+        for region in regions:
+            entry = results["new_sites"][method][region]["k1"]
+            assert np.isfinite(entry["mse_mean"]) and entry["mse_mean"] > 0 and entry["seeds"] == 1
+            assert list(entry["sites"]) == results["new_site_ids"][region]
+    assert 0 <= results["new_sites"]["adapters"]["IA"]["k1"]["kept_global_share"] <= 1
+    change = results["new_sites_relative"]["adapters"]["IN"]["k1"]["vs_global_only_pct"]
+    ia = results["new_sites"]
+    assert change == pytest.approx(100 * (ia["adapters"]["IN"]["k1"]["mse_mean"]
+                                          / ia["global_only"]["IN"]["k1"]["mse_mean"] - 1))
+    run = json.loads(next((out / "runs").glob("adapter__IA-008__*__first1y__s0.json")).read_text())
+    assert len(run["train_years"]) == 1 and min(run["test_years"]) > run["train_years"][0]
+    assert (out / "models" / "global-known__s0.safetensors").is_file()
+    assert set(results["regimes"]["adapters"]["IA"]["physics"]) >= {"mass_balance_violation_rate_relative"}
     text = (out / "results.md").read_text()
     for heading in ("## Regimes per region", "## Relative MSE change", "## Cross-regional",
-                    "## Data scarcity", "## Physics audit"):
+                    "## Data scarcity", "## New fields", "## Physics audit"):
         assert heading in text
     for name in ("regimes", "cross_regional", "sensitivity", "scarcity", "ablations", "physics_audit",
-                 "global_training"):
+                 "global_training", "new_sites"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert len(list((out / "runs").glob("*.json"))) == results["runs"]
     assert "adapters" in result.stdout and "IA" in result.stdout
