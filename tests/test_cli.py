@@ -10,7 +10,9 @@ from click.testing import CliRunner
 
 from kgml_peft import __version__
 from kgml_peft.cli import cli
+from kgml_peft.data.synthetic import SynthConfig, simulate
 from kgml_peft.store.adapter import read_adapter
+from kgml_peft.store.checkpoint import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints" / "demo.safetensors"
@@ -73,6 +75,21 @@ def test_demo_evaluates_and_calibrates_every_state(tmp_path):
     assert list(predictions.columns) == ["site", "date", "Ra", "Rh", "Reco", "NEE", "Yield", "adapter"]
     assert (predictions["adapter"] == predictions["site"].str[:2]).all()
     assert "served all 72 observed site-years with the 3 state adapters" in result.output
+    # the new fields: the backbone never saw them; each adapter learnt from the years before the
+    # field's last one, which is where backbone and adapter are compared
+    shipped = load_backbone(DEMO)
+    fresh = shipped.training["config"]["exclude_sites"]
+    assert fresh == ["IA-007", "IA-008", "IL-003", "IL-004", "IN-005", "IN-006"]
+    assert "new fields (never seen by the backbone)" in result.output
+    observed = simulate(SynthConfig(observed=True))
+    for site in fresh:
+        info = read_adapter(out / f"{site}.safetensors").info
+        last = observed.loc[observed["site"] == site, "date"].dt.year.max()
+        assert info["sites"] == [site] and int(info["data"]["last_date"][:4]) == last - 1
+        row = next(line for line in lines if line.startswith(site))
+        assert f" {last} " in row  # the test year
+    summary = next(line for line in lines if "new fields predicted better" in line)
+    assert summary.split()[0].isdigit() and "of 6" in summary
 
 
 def test_backbone_show_and_plot(tmp_path):

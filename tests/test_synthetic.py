@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from kgml_peft.data.synthetic import (
     REGION_PARAMETERS,
     SITE_LAYOUT,
     SynthConfig,
+    new_sites,
     simulate,
     site_parameters,
 )
@@ -260,3 +263,59 @@ def test_observed_weather_equals_process_model_weather(
     ratio = both.groupby([schema.SITE, "Year_obs"])[["Yield_obs", "Yield_sim"]].first()
     ratio = ratio["Yield_obs"] / ratio["Yield_sim"]
     assert not np.allclose(ratio, 1.0) and ratio.between(0.6, 1.5).all()
+
+
+def test_hidden_management_is_spatial_hidden_and_only_in_the_truth() -> None:
+    """Coordinates lie in the state's box; hidden management changes the observed truth only,
+    reveals itself in no input column, and nearby fields are more alike than distant ones."""
+    from kgml_peft.data.heterogeneity import distance_km
+    from kgml_peft.data.management import STATE_BOXES, ManagementSpread
+
+    params = site_parameters(SynthConfig())
+    for _, row in params.iterrows():
+        lat0, lat1, lon0, lon1 = STATE_BOXES[row["region"]]
+        assert lat0 <= row["lat"] <= lat1 and lon0 <= row["lon"] <= lon1
+    assert params["new_site"].sum() == 6 and set(params.loc[params["new_site"], "site"]) == set(new_sites())
+    small = SynthConfig(max_sites_per_region=2, max_years_per_site=3, observed=True)
+    plain = simulate(dataclasses.replace(small, management=False))
+    managed = simulate(small)
+    inputs = [c for c in managed.columns if c not in ("NEE", "Reco", "Yield", "GPP")]
+    pd.testing.assert_frame_equal(managed[inputs], plain[inputs])  # no input reveals management
+    assert not np.allclose(managed["NEE"].fillna(0), plain["NEE"].fillna(0))
+    # the process-model flavour is the same with or without management
+    pd.testing.assert_frame_equal(simulate(dataclasses.replace(small, observed=False)),
+                                  simulate(dataclasses.replace(small, observed=False, management=False)))
+    # no spread: every field as the process model assumes, except residue removal (mean 0.85)
+    none = site_parameters(SynthConfig(management_spread=ManagementSpread(scale=0.0, irrigated_fraction=0.0,
+                                                                          tilled_fraction=0.0)))
+    assert (none["cultivar_lue"] == 1).all() and (none["soc_rate"] == 1).all() and not none["irrigated"].any()
+    # spatial correlation of a hidden factor: near pairs alike, far pairs not (20 seeds)
+    near, far = [], []
+    for seed in range(20):
+        p = site_parameters(SynthConfig(seed=seed))
+        for i in range(len(p)):
+            for j in range(i + 1, len(p)):
+                a, b = p.iloc[i], p.iloc[j]
+                if a["region"] == b["region"]:
+                    pair = (np.log(a["soc_rate"]), np.log(b["soc_rate"]))
+                    (near if distance_km(a["lat"], a["lon"], b["lat"], b["lon"]) <= 100 else far).append(pair)
+    assert np.corrcoef(np.array(near).T)[0, 1] > 0.2 > abs(np.corrcoef(np.array(far).T)[0, 1])
+
+
+def test_simulated_neighbours_differ_like_the_development_towers() -> None:
+    """docs/simulator.md's table: the default spread is within a factor 1.5 of US-Ne1 vs US-Ne2
+    on every statistic; without hidden management it is not."""
+    from pathlib import Path
+
+    from kgml_peft.data.heterogeneity import simulated_spread, tower_spread
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "fluxnet2015"
+    if not (data / "daily").is_dir():
+        pytest.skip("FLUXNET2015 data not found")
+    towers = tower_spread(data / "daily", data / "crops.csv")
+    assert towers["pair_years"] == 8 and towers["nee_abs_diff"] == pytest.approx(161.27, abs=0.01)
+    keys = ("reco_gpp_abs_diff", "reco_rel_abs_diff", "nee_abs_diff")
+    default = simulated_spread(SynthConfig())
+    assert all(1 / 1.5 < default[k] / towers[k] < 1.5 for k in keys)
+    plain = simulated_spread(SynthConfig(management=False))
+    assert plain["reco_gpp_abs_diff"] < 0.5 * towers["reco_gpp_abs_diff"]

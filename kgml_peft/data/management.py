@@ -30,6 +30,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from kgml_peft.errors import KgmlPeftError
+
 #: (lat_min, lat_max, lon_min, lon_max) of a box inside each state, degrees (rounded state
 #: outlines; each box lies inside its state).
 STATE_BOXES: dict[str, tuple[float, float, float, float]] = {
@@ -86,6 +88,17 @@ class ManagementSpread:
     #: lognormal s.d. of the soil-carbon history factor on the SOC decomposition rate
     soc_rate: float = 0.5
 
+    def __post_init__(self) -> None:
+        for name in ("scale", "cultivar_lue", "cultivar_hi", "cultivar_rm", "residue_sd", "tillage_factor",
+                     "soc_rate"):
+            if not getattr(self, name) >= 0:
+                raise KgmlPeftError(f"management spread: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("irrigated_fraction", "tilled_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise KgmlPeftError(f"management spread: {name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.residue_mean <= 1:
+            raise KgmlPeftError(f"management spread: residue_mean must be in (0, 1], got {self.residue_mean}")
+
 
 def site_coordinates(rng: np.random.Generator, region: str) -> tuple[float, float]:
     """A uniformly random (lat, lon) inside the state's box, rounded to 1e-4 degrees (about 10 m)."""
@@ -128,9 +141,13 @@ def management_from_scores(z: np.ndarray, spread: ManagementSpread) -> dict[str,
     def lognormal(score: np.ndarray, sd: float) -> np.ndarray:
         return np.exp(sd * s * score - 0.5 * (sd * s) ** 2)
 
-    tilled = col["tilled"] > NormalDist().inv_cdf(1.0 - spread.tilled_fraction)
+    def above(score: np.ndarray, share: float) -> np.ndarray:
+        """True for the ``share`` of fields with the highest scores (in expectation)."""
+        return score > NormalDist().inv_cdf(1.0 - share) if share > 0 else np.zeros(score.shape, bool)
+
+    tilled = above(col["tilled"], spread.tilled_fraction)
     return {
-        "irrigated": col["irrigated"] > NormalDist().inv_cdf(1.0 - spread.irrigated_fraction),
+        "irrigated": above(col["irrigated"], spread.irrigated_fraction),
         "cultivar_lue": lognormal(col["cultivar_lue"], spread.cultivar_lue),
         "cultivar_hi": lognormal(col["cultivar_hi"], spread.cultivar_hi),
         "cultivar_rm": lognormal(col["cultivar_rm"], spread.cultivar_rm),

@@ -25,8 +25,11 @@ Process parameters differ by state (:data:`REGION_PARAMETERS`) and by site withi
 spread ``SynthConfig.param_spread``), so one pooled model is biased per state and per site.
 
 ``SynthConfig(observed=True)`` gives the flux-tower flavour: the same sites and weather, but a few
-consecutive years per site, a "truth" that differs systematically from the process model
-(:data:`REALITY_GAP`), measurement noise, gaps in NEE/Reco, hidden Ra/Rh and survey yields.
+consecutive years per site, a "truth" that differs systematically from the process model per state
+(:data:`REALITY_GAP`) and per field (hidden management: irrigation, residue, tillage, cultivar,
+soil-carbon history, spatially correlated; :mod:`kgml_peft.data.management`), measurement noise,
+gaps in NEE/Reco, hidden Ra/Rh and survey yields. Every site has coordinates (``lat``, ``lon``);
+:func:`new_sites` names the fields the demo backbone never saw.
 
 Every random number comes from a generator keyed by (seed, stream, state, site, year), so the
 weather of a site-year depends on the seed, site and year only: not on the flavour, nor on how many
@@ -240,7 +243,7 @@ SOIL_COLUMNS: tuple[str, ...] = (
 WEATHER_COLUMNS: tuple[str, ...] = (
     "RADN", "TMAX_AIR", "TDIF_AIR", "HMAX_AIR", "HDIF_AIR", "WIND", "PRECN",
 )
-COORDINATE_COLUMNS: tuple[str, ...] = ("lat", "lon")
+COORDINATE_COLUMNS: tuple[str, ...] = schema.SITE_INPUTS
 #: Column order of :func:`simulate`.
 OUTPUT_COLUMNS: tuple[str, ...] = (
     (schema.SITE, schema.REGION, schema.DATE) + schema.KGML_AG_INPUTS + COORDINATE_COLUMNS

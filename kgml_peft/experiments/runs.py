@@ -328,14 +328,25 @@ class Experiment(RunFiles):
         self._globals: dict[tuple[int, bool], Backbone] = {}
         self.backbone_parameters = sum(p.numel() for p in build_backbone(config.backbone).parameters())
 
-    def _scratch(self, run: Run, train: YearWindows, val: YearWindows):
-        """A backbone from random weights through the staged schedule (:func:`scratch_phases`)."""
+    def _scratch(self, run: Run, train: YearWindows, val: YearWindows, weights: dict[str, float] | None = None):
+        """A backbone from random weights through the staged schedule (:func:`scratch_phases`) on
+        ``weights`` (default: every observed target)."""
         config = PretrainConfig(backbone=self.config.backbone, seed=run.seed, tolerance=self.config.tolerance,
-                                phases=scratch_phases(run.training, self.weights, self.config.physics_weight))
+                                phases=scratch_phases(run.training, weights or self.weights,
+                                                      self.config.physics_weight))
         with deterministic_algorithms():
             model, phases, _ = train_phases({"observed": (train, val)}, self.scalers, config,
                                             cpu=self.cpu, progress=False)
         return model, phases
+
+    def _calibration_config(self, run: Run) -> CalibrationConfig:
+        """Eq. 2 / Eq. 3 settings of a full or adapter run (LoRA alpha = 2 r, so alpha / r stays 2)."""
+        t = run.training
+        return CalibrationConfig(
+            method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
+            rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
+            tolerance=self.config.tolerance, seed=run.seed,
+            adapter=AdapterConfig(components=run.components, lora_rank=run.rank, lora_alpha=2.0 * run.rank))
 
     def known(self, windows: YearWindows) -> YearWindows:
         """``windows`` without the new fields."""
@@ -370,12 +381,7 @@ class Experiment(RunFiles):
                         "test_years": [int(y) for y in test.years],
                         "backbone_parameters": self.backbone_parameters}
         if run.method == "scratch":
-            config = PretrainConfig(backbone=self.config.backbone, seed=run.seed, tolerance=self.config.tolerance,
-                                    phases=scratch_phases(run.training, self.daily_weights,
-                                                          self.config.physics_weight))
-            with deterministic_algorithms():
-                model, phases, _ = train_phases({"observed": (train, val)}, self.scalers, config,
-                                                cpu=self.cpu, progress=False)
+            model, phases = self._scratch(run, train, val, self.daily_weights)
             record.update(trainable_parameters=sum(p.numel() for p in model.parameters()),
                           best_epoch=[r.best_epoch for r in phases])
         else:
@@ -383,12 +389,7 @@ class Experiment(RunFiles):
             table = self.table
             rows = table[(table[schema.SITE] == run.site) & table[schema.DATE].dt.year.isin(calibration.years)]
             data = CalibrationData(run.site, "site", rows, train, val, dict(self.daily_weights))
-            t = run.training
-            config = CalibrationConfig(
-                method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
-                rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
-                tolerance=self.config.tolerance, seed=run.seed)
-            result = calibrate_unit(base, data, config, cpu=self.cpu, progress=False)
+            result = calibrate_unit(base, data, self._calibration_config(run), cpu=self.cpu, progress=False)
             model = result.model
             record.update(trainable_parameters=result.trained_parameters,
                           best_epoch=[result.summary["metrics"]["best_epoch"]])
@@ -419,14 +420,7 @@ class Experiment(RunFiles):
             base = self._global(run.seed)
             rows = self.table[self.table[schema.REGION].isin(run.regions)]
             data = CalibrationData("+".join(run.regions), "region", rows, train, val, self.weights)
-            t = run.training
-            config = CalibrationConfig(
-                method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
-                rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
-                tolerance=self.config.tolerance, seed=run.seed,
-                adapter=AdapterConfig(components=run.components, lora_rank=run.rank,
-                                      lora_alpha=2.0 * run.rank))
-            result = calibrate_unit(base, data, config, cpu=self.cpu, progress=False)
+            result = calibrate_unit(base, data, self._calibration_config(run), cpu=self.cpu, progress=False)
             model, trained, adapter = result.model, result.trained_parameters, result.adapter
             best, curve = [result.summary["metrics"]["best_epoch"]], result.curve
         record = {
