@@ -6,6 +6,7 @@ stderr and exit with code 2; nothing is written in that case.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -314,8 +315,8 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     fresh = new_field_sites(backbone)
     new_table = None
     if fresh:
-        new_table, new_runs = calibrate_new_fields(backbone, frames["observed"], fresh, out_dir,
-                                                   progress=not quiet, force=True)
+        new_table, _ = calibrate_new_fields(backbone, frames["observed"], fresh, out_dir,
+                                            progress=not quiet, force=True)
     # serve every observed site-year through one bank: each row picks its state's adapter
     from kgml_peft.serve.predict import run_predict
 
@@ -336,9 +337,9 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
                    "(MSE in (gC m-2 d-1)^2, Yield in (t ha-1)^2):")
         _print_report(report, False, "regions")
     if seed == 0:
-        click.echo("\nSeed 0 is the data the shipped backbone was pretrained on (80 % of its years), "
-                   f"except the new fields {', '.join(fresh)}, which it never saw; --seed 1 simulates "
-                   "unseen sites.")
+        unseen = f", except the new fields {', '.join(fresh)}, which it never saw" if fresh else ""
+        click.echo("\nSeed 0 is the data the shipped backbone was pretrained on (80 % of its years)"
+                   f"{unseen}; --seed 1 simulates unseen sites.")
     click.echo("\nper-state calibration on the observed demo data: validation = the last year of "
                "each site, global backbone -> adapter (MSE in the units above):")
     table = calibration_table([r.summary | {"path": str(r.path), "bytes": r.path.stat().st_size,
@@ -663,10 +664,13 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
 @click.option("--quick", is_flag=True, help="Every regime, small and fast (CI): hidden size 8, 2 epochs, 1 seed.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes (one CPU core each); results do not depend on it.")
+@click.option("--new-fields", "new_fields", type=click.IntRange(min=0), default=None,
+              help="paper suite: new fields per region, left out of a second global model "
+                   "(default: the config's, 2; 0: none).")
 @click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def experiment(suite: str, data: Path | None, out: Path, config_path: Path | None, quick: bool, jobs: int,
-               cpu: bool, quiet: bool) -> None:
+               new_fields: int | None, cpu: bool, quiet: bool) -> None:
     """Run an evaluation suite and write results.json, results.md and PNG figures to --out.
 
     paper: site-only, global-only, cross-regional, full fine-tuning and adapters (with ablations,
@@ -679,6 +683,9 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
         raise KgmlPeftError("give --quick or --config, not both")
     start = time.perf_counter()
     if suite == "fluxnet":
+        if new_fields is not None:
+            raise KgmlPeftError("--new-fields is an option of the paper suite; the fluxnet suite's held-out "
+                                "towers are its new fields")
         _experiment_fluxnet(data, out, config_path, quick, jobs, cpu, quiet, start)
         return
     from kgml_peft.experiments.config import ExperimentConfig
@@ -686,6 +693,8 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
 
     config = (ExperimentConfig.quick() if quick else
               ExperimentConfig.from_toml(config_path) if config_path is not None else ExperimentConfig())
+    if new_fields is not None:
+        config = dataclasses.replace(config, new_sites_per_region=new_fields)
     frame = demo_table() if data is None else read_table(data)
     results = run_experiment(frame, config, out, cpu=cpu, progress=not quiet, jobs=jobs)
     regions = results["regions"]
@@ -694,6 +703,14 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
     for regime in ("site_only", "global_only", "full_finetune", "adapters"):
         row = results["regimes"][regime]
         click.echo(f"  {regime:<14}" + "  ".join(f"{r} {row[r]['mse_mean']:.4f}" for r in regions))
+    new = results.get("new_sites") or {}
+    if new:
+        ks = list(next(iter(new["global_only"].values())))
+        click.echo("new fields (never seen by the global model), test MSE after calibrating on the first k years:")
+        for method, by_region in new.items():
+            for k in ks:
+                click.echo(f"  {method:<14}{k:<4}" + "  ".join(f"{r} {by_region[r][k]['mse_mean']:.4f}"
+                                                           for r in regions if r in by_region))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and figures")
 
 

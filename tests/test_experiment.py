@@ -89,7 +89,7 @@ def test_new_fields_are_left_out_of_the_known_global_model_and_the_scaling(tmp_p
 
     assert Scalers.fit(known).std["NEE"] == pytest.approx(experiment.scalers.std["NEE"])
     calibration, test = experiment.new_site_parts("IA-002", 1)
-    assert list(calibration.years) == [calibration.years.min()]
+    assert list(calibration.years) == sorted(experiment.new_windows["IA-002"].years)[:1]  # its first year
     assert sorted(test.years) == sorted(experiment.new_windows["IA-002"].years)[2:]  # after the largest k
     with pytest.raises(KgmlPeftError, match="region IA has 2 site"):
         Experiment(frame, dataclasses.replace(config, new_sites_per_region=2), tmp_path / "o2")
@@ -203,7 +203,8 @@ def test_two_worker_processes_give_the_same_results(quick_run, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("case", ["quick-and-config", "one-region", "few-years", "no-parent",
-                                  "unknown-region", "zero-jobs"])
+                                  "unknown-region", "zero-jobs", "one-site-per-region",
+                                  "new-fields-fluxnet", "foreign-folder"])
 def test_bad_input_is_one_line(case: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["experiment", "--out", "res", "--quiet", "--cpu"]
@@ -219,6 +220,18 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, monkeypatch) -> None:
         _write(make_frame(years=(2001, 2002)), tmp_path / "d.csv")
         args += ["--quick", "--data", "d.csv"]
         expect = ("complete years",)
+    elif case == "one-site-per-region":  # nothing would be left to train a global model on
+        _write(make_frame(years=tuple(range(2001, 2007))), tmp_path / "d.csv")
+        args += ["--quick", "--data", "d.csv"]
+        expect = ("region IA has 1 site(s)", "--new-fields 0")
+    elif case == "new-fields-fluxnet":
+        args += ["--suite", "fluxnet", "--quick", "--new-fields", "1"]
+        expect = ("--new-fields is an option of the paper suite",)
+    elif case == "foreign-folder":  # runs of another (or an older) experiment are not resumed
+        (tmp_path / "res" / "runs").mkdir(parents=True)
+        (tmp_path / "res" / "runs" / "scratch__IA__x__s0.json").write_text("{}")
+        args += ["--quick"]
+        expect = ("holds runs without experiment.json",)
     elif case == "zero-jobs":
         args += ["--quick", "--jobs", "0"]
         expect = ("--jobs",)

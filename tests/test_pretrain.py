@@ -18,7 +18,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import BackboneConfig
 from kgml_peft.store.checkpoint import load_backbone
 from kgml_peft.train.loop import PhaseConfig
-from kgml_peft.train.pretrain import PretrainConfig, pretrain
+from kgml_peft.train.pretrain import PretrainConfig, pretrain, with_reco
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(max_sites_per_region=1, max_years_per_site=3)
@@ -111,6 +111,13 @@ def test_excluded_sites_are_in_no_phase(tables):
     assert result.summary["data"]["synthetic"]["sites"] == sites - 1
     assert result.summary["data"]["observed"]["sites"] == observed[schema.SITE].nunique() - 1
     assert result.summary["config"]["exclude_sites"] == [gone]
+    # the scaling, too, comes from the other sites only
+    from kgml_peft.data.windows import Scalers, make_windows, split_by_year
+
+    kept = synthetic[synthetic[schema.SITE] != gone]
+    windows = make_windows(with_reco(kept.reset_index(drop=True)), TINY.backbone.features)
+    train, _ = split_by_year(windows, TINY.val_fraction)
+    assert result.scalers.std == pytest.approx(Scalers.fit(windows.subset(train)).std)
     with pytest.raises(KgmlPeftError, match="exclude_sites names 'XX-999'"):
         pretrain(synthetic, observed, PretrainConfig(**{**TINY.__dict__, "exclude_sites": ("XX-999",)}),
                  cpu=True, progress=False)

@@ -11,11 +11,16 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kgml_peft import schema
+from kgml_peft.data.fluxnet import read_crops, read_daily
+from kgml_peft.data.synthetic import SITE_LAYOUT, SynthConfig, simulate, site_parameters
+from kgml_peft.errors import KgmlPeftError
 
 #: The development tower pair: 1.6 km apart, same weather (US-Ne3 and US-CRT are held out and are
 #: never used here).
@@ -30,7 +35,9 @@ def annual_sums(frame: pd.DataFrame, gpp: str = "GPP", reco: str = "Reco",
     days = frame.assign(year=frame[schema.DATE].dt.year)
     grouped = days.groupby([schema.SITE, "year"])
     sums = grouped[[gpp, reco, nee]].sum(min_count=1)
-    complete = grouped[[gpp, reco, nee]].count().min(axis=1) >= 365
+    years = sums.index.get_level_values("year")
+    in_year = np.where((years % 4 == 0) & ((years % 100 != 0) | (years % 400 == 0)), 366, 365)
+    complete = grouped[[gpp, reco, nee]].count().min(axis=1).to_numpy() >= in_year
     out = sums[complete].rename(columns={gpp: "GPP", reco: "Reco", nee: "NEE"})
     if "Crop_Type" in frame.columns:
         out["Crop_Type"] = grouped["Crop_Type"].first()[complete]
@@ -59,22 +66,19 @@ def pair_spread(annual: pd.DataFrame, pairs: list[tuple[str, str]]) -> dict[str,
 
 def tower_spread(daily: str | os.PathLike, crops: str | os.PathLike) -> dict[str, float]:
     """The spread of the development tower pair (:data:`TOWER_PAIR`) from FLUXNET2015 daily files
-    (``daily`` folder, ONEFlux NT partitioning, gap-filled NEE) and a crops table (site, year, crop)."""
-    from pathlib import Path
-
-    from kgml_peft.data.fluxnet import read_daily
-
+    (``daily`` folder, ONEFlux NT partitioning, gap-filled NEE) and a crops table (site, year, crop;
+    see :func:`~kgml_peft.data.fluxnet.read_crops`)."""
     frames = []
     for site in TOWER_PAIR:
-        (path,) = sorted(Path(daily).glob(f"FLX_{site}_*.csv"))
-        raw = read_daily(path).replace(-9999, np.nan)
+        found = sorted(Path(daily).glob(f"FLX_{site}_*.csv"))
+        if len(found) != 1:
+            raise KgmlPeftError(f"{daily}: expected one FLUXNET2015 daily file of {site}, found {len(found)}")
+        raw = read_daily(found[0]).replace(-9999, np.nan)
         frames.append(pd.DataFrame({
             schema.SITE: site, schema.DATE: pd.to_datetime(raw["TIMESTAMP"].astype(str), format="%Y%m%d"),
             "GPP": raw["GPP_NT_VUT_REF"], "Reco": raw["RECO_NT_VUT_REF"], "NEE": raw["NEE_VUT_REF"]}))
     annual = annual_sums(pd.concat(frames, ignore_index=True))
-    crop = pd.read_csv(crops)
-    crop = crop.assign(Crop_Type=crop["crop"].str.lower().isin(["maize", "corn"]).astype(float))
-    annual["Crop_Type"] = crop.set_index([schema.SITE, "year"])["Crop_Type"].reindex(annual.index)
+    annual["Crop_Type"] = read_crops(crops).reindex(annual.index).to_numpy()
     return pair_spread(annual, [TOWER_PAIR])
 
 
@@ -96,13 +100,9 @@ def neighbour_pairs(sites: pd.DataFrame, max_km: float) -> list[tuple[str, str]]
     return pairs
 
 
-def simulated_spread(config=None, max_km: float = 100.0) -> dict[str, float]:
+def simulated_spread(config: SynthConfig | None = None, max_km: float = 100.0) -> dict[str, float]:
     """The spread of simulated neighbouring fields (same state, at most ``max_km`` apart), from the
     observed flavour's true fluxes (no tower noise or gaps; every simulated year)."""
-    from dataclasses import replace
-
-    from kgml_peft.data.synthetic import SITE_LAYOUT, SynthConfig, simulate, site_parameters
-
     config = config or SynthConfig()
     longest = max(max(v) for v in SITE_LAYOUT.values())
     clean = replace(config, observed=True, gap_fraction=0.0, nee_noise=0.0, nee_noise_rel=0.0,

@@ -4,8 +4,9 @@ Real neighbouring fields differ far more than their weather and soil explain. Tw
 towers 1.6 km apart under the same weather (US-Ne1, US-Ne2) differ by 0.09 in annual Reco/GPP
 and by 161 gC m-2 yr-1 in annual NEE in their common maize years (docs/simulator.md). Management
 history explains such differences: irrigation, residue removal and tillage, the cultivar, the
-field's soil-carbon history. No input column of the data contract reveals them, so a global model
-cannot know them and a field's own data is the only way to learn them. That is what calibration
+field's soil-carbon history. No input column of the data contract names them (GPP, an input,
+carries some of their effect), so a global model cannot know them and a field's own data is the
+only way to learn them. That is what calibration
 is for, and what this module gives the simulator.
 
 * **Coordinates.** Every site gets ``lat``/``lon`` inside a box that lies inside its state
@@ -25,6 +26,7 @@ such sampler; a Cholesky draw over the sites would depend on the site count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -79,7 +81,8 @@ class ManagementSpread:
     cultivar_hi: float = 0.06
     #: lognormal s.d. of the cultivar's maintenance respiration factor
     cultivar_rm: float = 0.15
-    #: mean and s.d. of the fraction of crop residue left on the field (the rest is baled)
+    #: centre and s.d. of the fraction of crop residue left on the field (the rest is baled); the
+    #: clip to [0.2, 1] puts the mean at about 0.80 with the default scale
     residue_mean: float = 0.85
     residue_sd: float = 0.15
     #: share of fields under conventional tillage, and its factor on decomposition rates
@@ -121,7 +124,12 @@ def spatial_field(rng: np.random.Generator, lat: np.ndarray, lon: np.ndarray, re
     omega = rng.standard_normal((FOURIER_FEATURES, 2)) / length_km
     phase = rng.uniform(0.0, 2.0 * np.pi, FOURIER_FEATURES)
     x = _km(np.asarray(lat, float), np.asarray(lon, float), region)
-    return np.sqrt(2.0 / FOURIER_FEATURES) * np.cos(x @ omega.T + phase).sum(axis=1)
+    # element-wise, not ``x @ omega.T``, and one exactly rounded sum per site (math.fsum), not
+    # ``.sum(axis=1)``: BLAS and numpy's 2-D reductions may round differently for one row than for
+    # several, and a field's value must not depend on how many sites are simulated
+    angle = x[:, :1] * omega[:, 0] + x[:, 1:] * omega[:, 1] + phase
+    sums = np.array([math.fsum(row) for row in np.cos(angle)]).reshape(len(x))
+    return np.sqrt(2.0 / FOURIER_FEATURES) * sums
 
 
 def hidden_scores(field: np.ndarray, nugget: np.ndarray) -> np.ndarray:

@@ -233,6 +233,8 @@ RH_MOISTURE_OPT = 0.6  #: relative available water above which decomposition is 
 HARVEST_DOY_MAX = 305  #: latest harvest (1 November; immature crops are killed by frost)
 SOIL_LAG_DAYS = 6.0  #: time constant of soil temperature following air temperature, days
 LITTER_START = 500.0  #: crop residue carbon on 1 January of the first year, gC m-2
+IRRIGATION_TRIGGER = 0.5  #: an irrigated field is watered in season when its bucket falls below this
+IRRIGATION_REFILL = 0.8  #: ... up to this share of its capacity (a centre-pivot pass)
 STATE_COUPLING = 0.8  #: weight of the state-wide component of daily weather anomalies
 PRECIP_GAMMA_SHAPE = 0.8  #: shape of the gamma distribution of wet-day precipitation amounts
 WET_PERSISTENCE = 0.5  #: probability that a wet day follows a wet day
@@ -454,14 +456,13 @@ def _hidden_management(config: SynthConfig, sites: list[_Site],
 
 
 def new_sites(config: SynthConfig = SynthConfig()) -> tuple[str, ...]:
-    """The new fields of a configuration: the last NEW_SITES_PER_REGION sites of each state
-    (fewer if the configuration keeps fewer sites, always leaving one known site per state)."""
-    out = []
-    for region in config.regions:
-        numbers = range(1, len(SITE_LAYOUT[region][: config.max_sites_per_region]) + 1)
-        keep = max(0, min(NEW_SITES_PER_REGION, len(numbers) - 1))
-        out.extend(f"{region}-{n:03d}" for n in list(numbers)[len(numbers) - keep:])
-    return tuple(sorted(out))
+    """The new fields a configuration keeps: the last NEW_SITES_PER_REGION sites of each state's
+    full layout (the same sites for every configuration; a shrunk one may keep none)."""
+    _check_config(config)
+    kept = {s.site for s in _sites(config)}
+    out = [f"{region}-{n:03d}" for region in config.regions
+           for n in range(len(SITE_LAYOUT[region]) - NEW_SITES_PER_REGION + 1, len(SITE_LAYOUT[region]) + 1)]
+    return tuple(sorted(s for s in out if s in kept))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -808,7 +809,8 @@ def _carbon(
     litter_pool, soc_pool = np.empty_like(tmean), np.empty_like(tmean)
     yield_t = np.zeros((len(cal.years), len(capacity)))
     for t in range(n_days):
-        water = np.where(irrigated & in_season[t] & (water < 0.5 * capacity), 0.8 * capacity, water)
+        water = np.where(irrigated & in_season[t] & (water < IRRIGATION_TRIGGER * capacity),
+                         IRRIGATION_REFILL * capacity, water)
         relative = water / capacity
         f_water = np.minimum(relative / WATER_STRESS_POINT, 1.0)
         g = gpp_potential[t] * f_water
@@ -936,8 +938,8 @@ def _run(config: SynthConfig):
 def simulate(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     """Simulate the long site-day table of the data contract (see the module docstring).
 
-    Columns: site, region, date, the KGML-ag inputs (``schema.KGML_AG_INPUTS``), Ra, Rh, NEE, Reco,
-    Yield; one row per site-day (29 February included), sorted by site then date.
+    Columns: site, region, date, the KGML-ag inputs (``schema.KGML_AG_INPUTS``), lat, lon, Ra, Rh,
+    NEE, Reco, Yield; one row per site-day (29 February included), sorted by site then date.
     """
     sites, cal, params, soils = _run(config)
     coords = _coordinates(config, sites)

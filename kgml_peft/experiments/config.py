@@ -112,7 +112,7 @@ class ExperimentConfig:
                 raise KgmlPeftError("ranks and scarcity years must be >= 1")
         expect_type(self.new_sites_per_region, int, "new_sites_per_region")
         expect_type(self.new_site_years, (list, tuple), "new_site_years")
-        set_(self, "new_site_years", tuple(self.new_site_years))
+        set_(self, "new_site_years", tuple(sorted(self.new_site_years)))
         for value in self.new_site_years:
             expect_type(value, int, "new_site_years entry")
         if self.new_sites_per_region < 0 or (self.new_sites_per_region and (

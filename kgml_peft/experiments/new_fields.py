@@ -42,9 +42,11 @@ def split_last_year(frame: pd.DataFrame, sites: tuple[str, ...]) -> tuple[pd.Dat
         raise KgmlPeftError(f"new field {missing[0]} is not in the data")
     year = rows[schema.DATE].dt.year
     last = year.groupby(rows[schema.SITE]).transform("max")
-    if (year.groupby(rows[schema.SITE]).nunique() < 3).any():
-        raise KgmlPeftError("each new field needs at least 3 years: 2 to calibrate (the second "
-                            "stops early) and 1 to test")
+    counts = year.groupby(rows[schema.SITE]).nunique()
+    if (counts < 3).any():
+        short = counts[counts < 3].index[0]
+        raise KgmlPeftError(f"new field {short} has {counts[short]} year(s); a new field needs at least 3: "
+                            "2 to calibrate (the second stops early) and 1 to test")
     return rows[year < last].reset_index(drop=True), rows[year == last].reset_index(drop=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from functools import partial
@@ -13,6 +14,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.config import ExperimentConfig
 from kgml_peft.experiments.report import aggregate, write_report
 from kgml_peft.experiments.runs import Experiment
+from kgml_peft.store.atomic import atomic_path
 
 
 def demo_table() -> pd.DataFrame:
@@ -84,6 +86,7 @@ def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.
     out = _check_out(out)
     experiment = Experiment(frame, config, out, cpu=cpu)  # every data check before any training
     out.mkdir(exist_ok=True)
+    claim_folder(out, experiment.identity())
     todo = [run for run in experiment.plan.runs if not experiment.done(run)]
     first = [r for r in todo if r.method == "scratch" and r.regions == experiment.regions]
     execute_runs(experiment, partial(Experiment, frame, config, str(out), cpu=cpu), first,
@@ -92,6 +95,28 @@ def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.
     results["resumed_runs"] = len(experiment.plan.runs) - len(todo)
     write_report(results, out)
     return results
+
+
+def claim_folder(out: Path, identity: dict) -> None:
+    """Resume only what this experiment wrote: ``<out>/experiment.json`` records the config, data
+    hash, scaling and new fields of the runs in ``out``; another experiment's folder (or one written
+    before the record existed) is refused instead of mixing its runs into this report."""
+    record = out / "experiment.json"
+    identity = json.loads(json.dumps(identity, sort_keys=True))
+    if record.is_file():
+        try:
+            same = json.loads(record.read_text()) == identity
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise KgmlPeftError(f"{out} holds the runs of another experiment (config, data, scaling or new "
+                                "fields differ); use a new --out folder or delete this one")
+        return
+    if any((out / "runs").glob("*.json")):
+        raise KgmlPeftError(f"{out} holds runs without {record.name} (an older version wrote them); use a "
+                            "new --out folder or delete this one")
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
 
 
 def _check_out(out: str | os.PathLike) -> Path:

@@ -73,7 +73,7 @@ def aggregate(experiment: Experiment) -> dict:
         "cross_regional": cross,
         "new_sites": new,
         "new_sites_relative": {
-            method: {region: {k: {"vs_global_only_pct": 100 * (entry["mse_mean"] / new["global_only"][region][k]["mse_mean"] - 1)}
+            method: {region: {k: {"vs_global_only_pct": _change_pct(entry, new["global_only"][region][k])}
                               for k, entry in by_k.items()} for region, by_k in by_region.items()}
             for method, by_region in new.items() if method != "global_only"},
         "new_site_ids": {region: sorted({site for _, site in by_k[next(iter(by_k))]})
@@ -82,6 +82,10 @@ def aggregate(experiment: Experiment) -> dict:
         "runs": len(records),
         "seconds_total": sum(r["seconds"] for r in records.values()),
     }
+
+
+def _change_pct(entry: dict, base: dict) -> float:
+    return 100 * (entry["mse_mean"] / base["mse_mean"] - 1)
 
 
 def _new_site_test(record: dict, site: str) -> dict:

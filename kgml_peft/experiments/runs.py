@@ -6,6 +6,11 @@ shared by two regimes (the all-components rank-1 adapter is both ``adapters`` an
 of the rank sweep) trains once. Each finished run is written to ``<out>/runs/<key>.json``
 atomically; a later invocation skips it (resume). Global models are kept as backbone checkpoints
 in ``<out>/models/`` because fine-tuning and adapter runs start from them.
+
+**New fields** (:func:`choose_new_sites`): a second global model per seed trains without them
+(``known_only``); a new-field run calibrates one of them on its first k years and is tested on its
+years after the largest k only (:meth:`Experiment.new_site_parts`), and the known-only global
+model's record carries its test figures on every new field.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from kgml_peft.store.atomic import atomic_path
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
 from kgml_peft.train.objectives import physics_loss
 from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms
-from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
+from kgml_peft.train.pretrain import PretrainConfig, frame_hash, train_phases, with_reco
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,8 @@ class Run:
     training: Training
     components: tuple[str, ...] = COMPONENTS
     rank: int = 1
-    years: int | None = None  # most recent training years per site (None: all); new fields: first
+    #: most recent training years per site (None: all); for a new field, its first years
+    years: int | None = None
     #: trained without the new fields: the global model new fields are calibrated from
     known_only: bool = False
     #: a new field, calibrated on its first ``years`` years (``regions`` is its region)
@@ -248,11 +254,11 @@ def choose_new_sites(windows: YearWindows, regions: tuple[str, ...],
     region must keep at least one known site."""
     out = {}
     for region in regions:
-        sites = sorted(set(windows.sites[windows.regions == region]))
+        sites = sorted({str(s) for s in windows.sites[windows.regions == region]})
         n = config.new_sites_per_region
         if n and len(sites) <= n:
             raise KgmlPeftError(f"region {region} has {len(sites)} site(s); holding out {n} new field(s) "
-                                "needs at least one more (lower new_sites_per_region, 0 switches new fields off)")
+                                "needs at least one more (lower new_sites_per_region; --new-fields 0 switches new fields off)")
         out[region] = tuple(sites[len(sites) - n:]) if n else ()
     return out
 
@@ -310,7 +316,8 @@ class Experiment(RunFiles):
         for site, years in self.new_windows.items():
             if len(years) <= max(config.new_site_years):
                 raise KgmlPeftError(f"new field {site} has {len(years)} complete years; calibrating on up to "
-                                    f"{max(config.new_site_years)} needs at least one more to test")
+                                    f"{max(config.new_site_years)} needs at least one more to test (lower "
+                                    "new_site_years; --new-fields 0 switches new fields off)")
         #: one scaling for every regime: fitted on the training years of the known sites (the new
         #: fields' data stays out of everything the global models see, scaling included)
         self.scalers = _complete(Scalers.fit(self.known(self.split.train)))
@@ -347,6 +354,12 @@ class Experiment(RunFiles):
             rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
             tolerance=self.config.tolerance, seed=run.seed,
             adapter=AdapterConfig(components=run.components, lora_rank=run.rank, lora_alpha=2.0 * run.rank))
+
+    def identity(self) -> dict:
+        """What makes two invocations the same experiment (a folder resumes only its own runs)."""
+        return {"config": self.config.to_dict(), "data": frame_hash(self.table),
+                "scaling": {"mean": self.scalers.mean, "std": self.scalers.std},
+                "new_sites": {region: list(sites) for region, sites in self.new_sites.items()}}
 
     def known(self, windows: YearWindows) -> YearWindows:
         """``windows`` without the new fields."""
@@ -402,7 +415,8 @@ class Experiment(RunFiles):
         return self.save(run, record, indent=1)
 
     def execute(self, run: Run) -> dict:
-        """Train ``run``, test it on every region, write its JSON (and model/adapter files)."""
+        """Train ``run``, test it on every region (a new-field run: on its field's test years),
+        write its JSON (and model/adapter files)."""
         start = time.perf_counter()
         if run.site is not None:
             return self._execute_new_site(run, start)
