@@ -92,6 +92,7 @@ def _new_sites(results: dict, path: Path) -> Path:
             means = [by_region[region][k]["mse_mean"] for k in ks]
             stds = [by_region[region][k]["mse_std"] for k in ks]
             ax.errorbar([int(k[1:]) for k in ks], means, yerr=stds, fmt="-o", ms=3, capsize=2, label=method)
+        ax.set_xticks([int(k[1:]) for k in by_region[region]])
         ax.set_title(f"{region} new fields")
         ax.set_xlabel("calibration years k")
     axes[0][0].set_ylabel("test MSE (scaled)")

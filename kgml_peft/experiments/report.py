@@ -62,8 +62,9 @@ def aggregate(experiment: Experiment) -> dict:
     return {
         "config": experiment.config.to_dict(),
         "regions": list(experiment.regions),
-        "scaling": {"description": "test MSE = mean over the observed daily flux targets of "
-                                   "MSE / std^2, std of that target over the training years of all regions",
+        "scaling": {"description": "test MSE = mean over the observed daily flux targets of MSE / std^2, std "
+                                   "of that target over the training years of the known sites (all but the "
+                                   "new fields)",
                     "std": {t: experiment.scalers.std[t] for t in experiment.weights},
                     "targets": [t for t in experiment.weights if t in schema.DAILY_TARGETS],
                     "trained_on": list(experiment.weights)},
