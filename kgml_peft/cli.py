@@ -897,7 +897,14 @@ def adapters_import(path: Path, store: Path, backbone: Path, force: bool) -> Non
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="kgml-peft")
+    try:
+        cli(prog_name="kgml-peft")
+    except SystemExit:  # every normal end, user errors included (click exits through SystemExit)
+        if "torch.distributed" in sys.modules:  # else no process group can exist
+            from kgml_peft.train.processes import close_process_group
+
+            close_process_group()
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -85,3 +85,18 @@ def wait_for_everyone() -> None:
     """A barrier when launched; nothing otherwise."""
     if launched():
         process_state().wait_for_everyone()
+
+
+def close_process_group() -> None:
+    """Destroy the process group, if this process started one, before the interpreter shuts down.
+
+    Left to interpreter finalization, gloo's worker threads can still hold tensors, and a process
+    whose work is done aborts with SIGABRT ("terminate called without an active exception";
+    pytorch/pytorch#190489), which the launcher reports as a failed run. Local: no collective, so
+    it cannot wait for another process."""
+    if not launched():
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
