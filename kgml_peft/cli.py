@@ -312,7 +312,7 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = run_calibration("all", backbone_path=backbone, data=frames["observed"], out_dir=out_dir,
                            progress=not quiet, force=True)
-    fresh = new_field_sites(backbone)
+    fresh = new_field_sites(model)
     new_table = None
     if fresh:
         new_table, _ = calibrate_new_fields(backbone, frames["observed"], fresh, out_dir,

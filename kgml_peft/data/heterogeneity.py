@@ -8,6 +8,7 @@ of pairs is the mean of these over pair-years. Only years with every day present
 
 from __future__ import annotations
 
+import calendar
 import itertools
 import math
 import os
@@ -20,12 +21,12 @@ import pandas as pd
 from kgml_peft import schema
 from kgml_peft.data.fluxnet import read_crops, read_daily
 from kgml_peft.data.synthetic import SITE_LAYOUT, SynthConfig, simulate, site_parameters
+from kgml_peft.data.tables import parse_yyyymmdd
 from kgml_peft.errors import KgmlPeftError
 
 #: The development tower pair: 1.6 km apart, same weather (US-Ne3 and US-CRT are held out and are
 #: never used here).
 TOWER_PAIR: tuple[str, str] = ("US-Ne1", "US-Ne2")
-SPREAD_KEYS: tuple[str, ...] = ("pair_years", "reco_gpp_abs_diff", "reco_rel_abs_diff", "nee_abs_diff")
 
 
 def annual_sums(frame: pd.DataFrame, gpp: str = "GPP", reco: str = "Reco",
@@ -35,8 +36,7 @@ def annual_sums(frame: pd.DataFrame, gpp: str = "GPP", reco: str = "Reco",
     days = frame.assign(year=frame[schema.DATE].dt.year)
     grouped = days.groupby([schema.SITE, "year"])
     sums = grouped[[gpp, reco, nee]].sum(min_count=1)
-    years = sums.index.get_level_values("year")
-    in_year = np.where((years % 4 == 0) & ((years % 100 != 0) | (years % 400 == 0)), 366, 365)
+    in_year = [366 if calendar.isleap(year) else 365 for year in sums.index.get_level_values("year")]
     complete = grouped[[gpp, reco, nee]].count().min(axis=1).to_numpy() >= in_year
     out = sums[complete].rename(columns={gpp: "GPP", reco: "Reco", nee: "NEE"})
     if "Crop_Type" in frame.columns:
@@ -75,7 +75,7 @@ def tower_spread(daily: str | os.PathLike, crops: str | os.PathLike) -> dict[str
             raise KgmlPeftError(f"{daily}: expected one FLUXNET2015 daily file of {site}, found {len(found)}")
         raw = read_daily(found[0]).replace(-9999, np.nan)
         frames.append(pd.DataFrame({
-            schema.SITE: site, schema.DATE: pd.to_datetime(raw["TIMESTAMP"].astype(str), format="%Y%m%d"),
+            schema.SITE: site, schema.DATE: parse_yyyymmdd(raw["TIMESTAMP"]),
             "GPP": raw["GPP_NT_VUT_REF"], "Reco": raw["RECO_NT_VUT_REF"], "NEE": raw["NEE_VUT_REF"]}))
     annual = annual_sums(pd.concat(frames, ignore_index=True))
     annual["Crop_Type"] = read_crops(crops).reindex(annual.index).to_numpy()

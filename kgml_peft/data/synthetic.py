@@ -245,10 +245,9 @@ SOIL_COLUMNS: tuple[str, ...] = (
 WEATHER_COLUMNS: tuple[str, ...] = (
     "RADN", "TMAX_AIR", "TDIF_AIR", "HMAX_AIR", "HDIF_AIR", "WIND", "PRECN",
 )
-COORDINATE_COLUMNS: tuple[str, ...] = schema.SITE_INPUTS
 #: Column order of :func:`simulate`.
 OUTPUT_COLUMNS: tuple[str, ...] = (
-    (schema.SITE, schema.REGION, schema.DATE) + schema.KGML_AG_INPUTS + COORDINATE_COLUMNS
+    (schema.SITE, schema.REGION, schema.DATE) + schema.KGML_AG_INPUTS + schema.SITE_INPUTS
     + ("Ra", "Rh", "NEE", "Reco", "Yield")
 )
 
@@ -974,7 +973,7 @@ def simulate(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     columns["Year"] = cal.years[cal.year_index[day_idx]].astype(float)
     for name in SOIL_COLUMNS:
         columns[name] = soils[name][site_idx]
-    for name in COORDINATE_COLUMNS:
+    for name in schema.SITE_INPUTS:
         columns[name] = coords[name][site_idx]
     for name in ("Ra", "Rh", "NEE", "Reco"):
         columns[name] = out[name][day_idx, site_idx]
@@ -982,13 +981,6 @@ def simulate(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     frame = pd.DataFrame({name: columns[name] for name in OUTPUT_COLUMNS})
     frame[schema.DATE] = frame[schema.DATE].astype("datetime64[ns]")
     return frame
-
-
-#: The hidden management columns of :func:`site_parameters`.
-HIDDEN_MANAGEMENT_COLUMNS: tuple[str, ...] = (
-    "irrigated", "cultivar_lue", "cultivar_hi", "cultivar_rm", "residue_retention", "tilled",
-    "decomposition_factor", "soc_rate",
-)
 
 
 def site_parameters(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
@@ -1019,6 +1011,6 @@ def site_parameters(config: SynthConfig = SynthConfig()) -> pd.DataFrame:
     table.update({name: params[name] for name in PROCESS_PARAMETERS})
     table.update({name: soils[name] for name in SOIL_COLUMNS})
     table.update(coords)
-    table.update({name: hidden[name] for name in HIDDEN_MANAGEMENT_COLUMNS})
+    table.update(hidden)
     table["new_site"] = [s.site in fresh for s in sites]
     return pd.DataFrame(table)

@@ -22,15 +22,15 @@ from kgml_peft.data.tables import validate_table
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
-from kgml_peft.store.checkpoint import load_backbone
+from kgml_peft.store.checkpoint import Backbone, load_backbone
 
 #: Targets compared on the test year (what flux towers observe).
 SCORED: tuple[str, ...] = ("NEE", "Reco")
 
 
-def new_field_sites(backbone_path: str | os.PathLike) -> tuple[str, ...]:
+def new_field_sites(backbone: Backbone) -> tuple[str, ...]:
     """The sites a backbone's pretraining left out (``exclude_sites`` of its training config)."""
-    training = load_backbone(backbone_path).training or {}
+    training = backbone.training or {}
     return tuple(training.get("config", {}).get("exclude_sites", ()))
 
 

@@ -61,7 +61,6 @@ from kgml_peft.experiments.runs import RunFiles, _complete, scratch_phases
 from kgml_peft.metrics import group_metrics
 from kgml_peft.model.backbone import BackboneConfig
 from kgml_peft.model.inference import predict_windows
-from kgml_peft.store.adapter import save_adapter
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
 from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms
 from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
@@ -389,9 +388,7 @@ class RealSiteBenchmark(RunFiles):
         info = {"trained_parameters": result.trained_parameters,
                 "best_epoch": [result.summary["metrics"]["best_epoch"]]}
         if result.adapter is not None:
-            (self.out / "adapters").mkdir(parents=True, exist_ok=True)
-            path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", result.adapter)
-            info["adapter_bytes"] = path.stat().st_size
+            info["adapter_bytes"] = self.save_run_adapter(run, result.adapter)
         return result.model, base.scalers, info
 
     # -- execution --------------------------------------------------------------------------------

@@ -77,8 +77,7 @@ def aggregate(experiment: Experiment) -> dict:
             method: {region: {k: {"vs_global_only_pct": _change_pct(entry, new["global_only"][region][k])}
                               for k, entry in by_k.items()} for region, by_k in by_region.items()}
             for method, by_region in new.items() if method != "global_only"},
-        "new_site_ids": {region: sorted({site for _, site in by_k[next(iter(by_k))]})
-                         for region, by_k in experiment.plan.new_sites.get("global_only", {}).items()},
+        "new_site_ids": {region: list(sites) for region, sites in experiment.new_sites.items() if sites},
         "global_curves": global_runs[0].get("curve", []),
         "runs": len(records),
         "seconds_total": sum(r["seconds"] for r in records.values()),

@@ -288,6 +288,11 @@ class RunFiles:
             tmp.write_text(json.dumps(record, indent=indent, sort_keys=True, allow_nan=False))
         return record
 
+    def save_run_adapter(self, run, adapter) -> int:
+        """Write ``run``'s adapter as ``<out>/adapters/<key>.safetensors``; returns its size in bytes."""
+        (self.out / "adapters").mkdir(parents=True, exist_ok=True)
+        return save_adapter(self.out / "adapters" / f"{run.key}.safetensors", adapter).stat().st_size
+
 
 class Experiment(RunFiles):
     """Runs a :class:`Plan` on one table into ``out`` (see module docstring)."""
@@ -377,12 +382,15 @@ class Experiment(RunFiles):
             self._globals[(seed, known_only)] = load_backbone(path)
         return self._globals[(seed, known_only)]
 
-    def new_site_parts(self, site: str, years: int) -> tuple[YearWindows, YearWindows]:
-        """A new field's first ``years`` years (calibration) and its years after the largest k
-        (test; the same for every k, so the k compare)."""
+    def new_site_test(self, site: str) -> YearWindows:
+        """A new field's test years: those after the largest k, the same for every k so the k
+        compare."""
         windows = self.new_windows[site]
-        return (windows.subset(np.arange(years)),
-                windows.subset(np.arange(max(self.config.new_site_years), len(windows))))
+        return windows.subset(np.arange(max(self.config.new_site_years), len(windows)))
+
+    def new_site_parts(self, site: str, years: int) -> tuple[YearWindows, YearWindows]:
+        """A new field's first ``years`` years (calibration) and its test years."""
+        return self.new_windows[site].subset(np.arange(years)), self.new_site_test(site)
 
     def _execute_new_site(self, run: Run, start: float) -> dict:
         """Calibrate a new field on its first ``run.years`` years (observed days split in blocks
@@ -407,9 +415,7 @@ class Experiment(RunFiles):
             record.update(trainable_parameters=result.trained_parameters,
                           best_epoch=[result.summary["metrics"]["best_epoch"]])
             if result.adapter is not None:
-                (self.out / "adapters").mkdir(parents=True, exist_ok=True)
-                path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", result.adapter)
-                record["adapter_bytes"] = path.stat().st_size
+                record["adapter_bytes"] = self.save_run_adapter(run, result.adapter)
         record["test"] = {"site": held_out_metrics(model, self.scalers, test, self.config.tolerance)}
         record["seconds"] = round(time.perf_counter() - start, 2)
         return self.save(run, record, indent=1)
@@ -449,7 +455,7 @@ class Experiment(RunFiles):
                      for region in self.regions},
         }
         if run.known_only:
-            record["new_sites"] = {site: held_out_metrics(model, self.scalers, self.new_site_parts(site, 1)[1],
+            record["new_sites"] = {site: held_out_metrics(model, self.scalers, self.new_site_test(site),
                                                           self.config.tolerance)
                                    for site in self.new_windows}
         if is_global:
@@ -458,8 +464,6 @@ class Experiment(RunFiles):
                           self.scalers, {"experiment_run": run.key, "curves": curve})
             self._globals.pop((run.seed, run.known_only), None)
         if adapter is not None:
-            (self.out / "adapters").mkdir(parents=True, exist_ok=True)
-            path = save_adapter(self.out / "adapters" / f"{run.key}.safetensors", adapter)
-            record["adapter_bytes"] = path.stat().st_size
+            record["adapter_bytes"] = self.save_run_adapter(run, adapter)
         record["seconds"] = round(time.perf_counter() - start, 2)
         return self.save(run, record, indent=1)
