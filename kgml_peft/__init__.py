@@ -23,13 +23,13 @@ _API = {
     "AdapterConfig": "kgml_peft.calibration.config",
     "load_adapter": "kgml_peft.store.adapter",
     "save_adapter": "kgml_peft.store.adapter",
-    "apply_adapter": "kgml_peft.calibration.site_model",
+    "apply_adapter": "kgml_peft.serve.loading",
     "evaluate": "kgml_peft.evaluation",
     "AdapterBank": "kgml_peft.serve.bank",
     "predict_table": "kgml_peft.serve.predict",
     "run_predict": "kgml_peft.serve.predict",
-    "run_bench": "kgml_peft.serve.bench",
-    "BenchConfig": "kgml_peft.serve.bench",
+    "run_bench": "kgml_peft.experiments.bench",
+    "BenchConfig": "kgml_peft.experiments.bench",
 }
 
 __all__ = ["__version__", *_API]

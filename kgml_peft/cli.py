@@ -206,7 +206,7 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
 
     from kgml_peft import schema
     from kgml_peft.data.tables import load_table
-    from kgml_peft.store.atomic import check_writable_target
+    from kgml_peft.atomic import check_writable_target
     from kgml_peft.store.checkpoint import save_backbone
     from kgml_peft.train.pretrain import PretrainConfig, pretrain_state
     from kgml_peft.train.pretrain import pretrain as run_pretrain
@@ -492,7 +492,7 @@ def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, confi
     """Calibrate the global backbone to a site or region (Eq. 3 adapter, or Eq. 2 / site-only
     backbones with --method) and print validation MSE before and after."""
     from kgml_peft.calibration.runs import run_calibration
-    from kgml_peft.store.atomic import check_writable_target
+    from kgml_peft.atomic import check_writable_target
     from kgml_peft.train.processes import is_main_process
 
     config = _calibration_config(config_path, options)
@@ -614,8 +614,8 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
           **options) -> None:
     """Measure adapter swaps, single-site and mixed-site throughput, memory per resident adapter,
     calibration time per site and adapter size, side by side in one run; print JSON."""
-    from kgml_peft.serve.bench import BenchConfig, run_bench
-    from kgml_peft.store.atomic import atomic_path, check_writable_target
+    from kgml_peft.experiments.bench import BenchConfig, run_bench
+    from kgml_peft.atomic import atomic_path, check_writable_target
 
     if out is not None:
         check_writable_target(out)
@@ -848,7 +848,7 @@ def adapters_verify(path: Path, backbone: Path) -> None:
     """Check an adapter against a backbone: integrity, fingerprint, tensor shapes, a forward pass."""
     import torch
 
-    from kgml_peft.calibration.site_model import apply_adapter
+    from kgml_peft.serve.loading import apply_adapter
     from kgml_peft.store.adapter import read_adapter
     from kgml_peft.store.checkpoint import load_backbone
 

@@ -124,8 +124,8 @@ def random_adapter(backbone, site: str, config=None, seed: int = 0, unfreeze: tu
     """An adapter for ``backbone`` whose every tensor is random and non-zero (so each component
     changes the predictions), with well-formed metadata; ``unfreeze`` adds ``backbone.<name>``
     weights (the global value plus noise)."""
-    from kgml_peft.calibration.config import AdapterConfig
-    from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.tuners.config import AdapterConfig
+    from kgml_peft.tuners.site_model import SiteModel
     from kgml_peft.store.adapter import Adapter
 
     config = config or AdapterConfig()

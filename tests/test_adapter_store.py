@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kgml_peft.calibration.site_model import apply_adapter
+from kgml_peft.serve.loading import apply_adapter
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import METADATA_KEYS, load_adapter, read_adapter, save_adapter
 from kgml_peft.store.checkpoint import load_backbone

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from kgml_peft.calibration.config import AdapterConfig
+from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.cli import cli
 from kgml_peft.store.adapter import _hash, save_adapter
 from kgml_peft.store.checkpoint import load_backbone

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from kgml_peft.calibration.batched import calibrate_batched
 from kgml_peft.calibration.calibrate import calibrate_unit, calibration_units, prepare_unit
-from kgml_peft.calibration.config import AdapterConfig, CalibrationConfig
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.cli import cli
 from kgml_peft.data.tables import validate_table, write_table
 from kgml_peft.data.windows import Scalers, make_windows
@@ -197,9 +198,9 @@ def test_training_mode_drops_out_between_gru_layers_and_eval_does_not(plain_path
     """The batched forward (serve.mixed) applies the backbone's dropout between the layers of a
     two-layer GRU with LoRA, as torch's GRU does in training mode; eval mode stays exact."""
     from kgml_peft.calibration.batched import _rows_model
-    from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.tuners.site_model import SiteModel
     from kgml_peft.data.windows import WindowDataset
-    from kgml_peft.serve.weights import ServingAdapter
+    from kgml_peft.tuners.serving import ServingAdapter
 
     backbone = load_backbone(plain_path)
     net = backbone.model

@@ -47,8 +47,8 @@ def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     rss = data["memory_mb_per_1000_adapters"]
     assert rss is None or isinstance(rss, (int, float))
     # resident tensor data = the default adapter's values in float32, per adapter
-    from kgml_peft.calibration.config import AdapterConfig
-    from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.tuners.config import AdapterConfig
+    from kgml_peft.tuners.site_model import SiteModel
     from kgml_peft.store.checkpoint import load_backbone
 
     values = sum(p.numel() for p in SiteModel(load_backbone(SHIPPED).model, AdapterConfig())

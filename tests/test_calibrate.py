@@ -9,8 +9,10 @@ import torch
 
 from kgml_peft import schema
 from kgml_peft.calibration.calibrate import calibrate, calibration_units
-from kgml_peft.calibration.config import AdapterConfig, CalibrationConfig
-from kgml_peft.calibration.site_model import SiteModel, apply_adapter
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.serve.loading import apply_adapter
+from kgml_peft.tuners.site_model import SiteModel
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import make_windows
 from kgml_peft.errors import KgmlPeftError

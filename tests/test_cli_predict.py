@@ -73,7 +73,7 @@ def test_round_trip_matches_the_library(suffix, work, backbone_path) -> None:
 def test_units_are_physical(work, backbone_path) -> None:
     """Daily fluxes in gC m-2 d-1 and Yield in t ha-1: the same numbers as the library's
     physical-unit predictions of the adapter's site model (not z-scores)."""
-    from kgml_peft.calibration.site_model import apply_adapter
+    from kgml_peft.serve.loading import apply_adapter
     from kgml_peft.data.tables import validate_table
     from kgml_peft.data.windows import make_windows
     from kgml_peft.model.inference import predict_windows

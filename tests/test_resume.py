@@ -31,7 +31,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import load_adapter, read_adapter
 from kgml_peft.store.checkpoint import compare_checkpoints, load_backbone
 from kgml_peft.train.pretrain import pretrain, pretrain_state
-from kgml_peft.store.atomic import STALE_AFTER_S
+from kgml_peft.atomic import STALE_AFTER_S
 from kgml_peft.store.hashing import read_safetensors
 from kgml_peft.train.state import RESUME_DIR, StateFile, load_state, resume_path
 from tests.conftest import make_frame, tiny_calibration

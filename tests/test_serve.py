@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kgml_peft.calibration.config import AdapterConfig
-from kgml_peft.calibration.site_model import apply_adapter
+from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.serve.loading import apply_adapter
 from kgml_peft.data.windows import WindowDataset, make_windows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.inference import predict_windows
@@ -305,7 +305,7 @@ def test_predict_table_edge_cases(backbone_path, store) -> None:
 
 
 def test_batched_plan_refuses_weight_replacing_adapters(backbone_path, store) -> None:
-    from kgml_peft.serve.mixed import plan_rows
+    from kgml_peft.tuners.mixed import plan_rows
 
     bank = AdapterBank(backbone_path, store)
     with pytest.raises(KgmlPeftError, match="IL-002 replaces backbone weights"):

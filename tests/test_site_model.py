@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kgml_peft.calibration.config import AdapterConfig
-from kgml_peft.calibration.site_model import SiteModel
+from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.tuners.site_model import SiteModel
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import WindowDataset, make_windows
 from kgml_peft.errors import KgmlPeftError

@@ -12,7 +12,7 @@ from kgml_peft import schema
 from kgml_peft.data.tables import read_table, validate_table, write_table
 from kgml_peft.data.windows import make_windows
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 
 from conftest import make_frame
 

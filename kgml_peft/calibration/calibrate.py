@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 
 from kgml_peft import schema
 from kgml_peft.calibration.config import CalibrationConfig
-from kgml_peft.calibration.site_model import SiteModel
+from kgml_peft.tuners.site_model import SiteModel
 from kgml_peft.data.tables import select_sites, validate_table
 from kgml_peft.data.windows import WindowDataset, YearWindows, make_windows, split_by_year
 from kgml_peft.errors import KgmlPeftError

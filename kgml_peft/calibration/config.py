@@ -1,9 +1,8 @@
-"""Configs of site calibration: what a site adapter is made of, and how it is trained.
-
-:class:`AdapterConfig` fixes the adapter's architecture (it travels inside every adapter file and
-rebuilds the adapter at load time). :class:`CalibrationConfig` is the whole run: method, objective
-weights (rho, mu, lambda), optimiser, early stopping and storage. Both read from and write to plain
-dicts (JSON in adapter metadata, TOML for ``kgml-peft calibrate --config``).
+"""The config of a site calibration run: :class:`CalibrationConfig` is the whole run (method,
+adapter architecture, objective weights rho, mu, lambda, optimiser, early stopping and storage).
+It reads from and writes to plain dicts (JSON in adapter metadata, TOML for
+``kgml-peft calibrate --config``); the adapter's architecture is
+:class:`~kgml_peft.tuners.config.AdapterConfig`.
 """
 
 from __future__ import annotations
@@ -16,13 +15,10 @@ from dataclasses import dataclass, field
 from kgml_peft import schema
 from kgml_peft.config_files import check_keys, read_toml
 from kgml_peft.errors import KgmlPeftError, expect_type
-from kgml_peft.model.backbone import GRU_NAMES
+from kgml_peft.store.adapter import STORAGE_DTYPES
+from kgml_peft.tuners.config import AdapterConfig
 
-COMPONENTS: tuple[str, ...] = ("lora", "blocks", "head")
-LORA_WEIGHTS: tuple[str, ...] = ("ih", "hh")
-HEAD_KINDS: tuple[str, ...] = ("affine", "mlp")
 METHODS: tuple[str, ...] = ("adapter", "full", "scratch")
-STORAGE_DTYPES: tuple[str, ...] = ("float32", "float16")
 
 #: Per-method defaults for the options left unset (``None``) in :class:`CalibrationConfig`.
 METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
@@ -30,78 +26,6 @@ METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
     "full": {"epochs": 40, "lr": 5e-4},
     "scratch": {"epochs": 150, "lr": 3e-3},
 }
-
-
-def _names(value: object, allowed: tuple[str, ...], what: str, empty_ok: bool = False) -> tuple[str, ...]:
-    """A tuple of distinct names from ``allowed`` (order kept); a comma-separated string is split."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    expect_type(value, (list, tuple), what)
-    names = tuple(value)
-    for name in names:
-        if name not in allowed:
-            raise KgmlPeftError(f"unknown {what} {name!r}; choose from {', '.join(allowed)}")
-    if len(set(names)) != len(names):
-        raise KgmlPeftError(f"{what} lists a name twice: {', '.join(names)}")
-    if not names and not empty_ok:
-        raise KgmlPeftError(f"{what} must name at least one of {', '.join(allowed)}")
-    return names
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """Architecture of a site adapter phi_s: LoRA on GRU weights, bottleneck blocks, output head."""
-
-    #: which parts are present (any non-empty subset of :data:`COMPONENTS`)
-    components: tuple[str, ...] = COMPONENTS
-    #: LoRA rank r and alpha (the update is alpha / r * B A)
-    lora_rank: int = 1
-    lora_alpha: float = 2.0
-    #: GRUs whose weight matrices get LoRA, and which matrices (input-hidden, hidden-hidden)
-    lora_targets: tuple[str, ...] = ("gru_ra", "gru_rh", "gru_nee")
-    lora_weights: tuple[str, ...] = ("hh",)
-    #: GRUs followed by a bottleneck block, and the block's inner size
-    block_targets: tuple[str, ...] = ("gru_rh", "gru_nee")
-    bottleneck: int = 2
-    #: ``affine`` = per-output scale and shift; ``mlp`` adds a residual MLP on the input features
-    head: str = "affine"
-    head_hidden: int = 8
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "components", _names(self.components, COMPONENTS, "adapter component"))
-        set_(self, "lora_targets", _names(self.lora_targets, GRU_NAMES, "LoRA target"))
-        set_(self, "lora_weights", _names(self.lora_weights, LORA_WEIGHTS, "LoRA weight"))
-        set_(self, "block_targets", _names(self.block_targets, GRU_NAMES, "block target"))
-        for key in ("lora_rank", "bottleneck", "head_hidden"):
-            expect_type(getattr(self, key), int, key)
-            if getattr(self, key) < 1:
-                raise KgmlPeftError(f"{key} must be >= 1, got {getattr(self, key)}")
-        expect_type(self.lora_alpha, (int, float), "lora_alpha")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise KgmlPeftError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        set_(self, "lora_alpha", float(self.lora_alpha))
-        expect_type(self.head, str, "head")
-        if self.head not in HEAD_KINDS:
-            raise KgmlPeftError(f"head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}")
-
-    @property
-    def lora_parameters(self) -> tuple[str, ...]:
-        """The GRU weight names LoRA targets, e.g. ``gru_rh.weight_hh_l1`` (every layer)."""
-        layers = {"gru_basis": 2, "gru_ra": 1, "gru_rh": 2, "gru_nee": 1}
-        return tuple(f"{gru}.weight_{kind}_l{layer}" for gru in self.lora_targets
-                     for layer in range(layers[gru]) for kind in self.lora_weights)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (stored in every adapter file)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AdapterConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
-        expect_type(data, dict, "adapter config")
-        check_keys(data, {f.name for f in dataclasses.fields(cls)}, "adapter config")
-        return cls(**data)
 
 
 @dataclass(frozen=True)

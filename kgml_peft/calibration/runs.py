@@ -24,7 +24,7 @@ from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.data.tables import load_table, validate_table
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import read_adapter, save_adapter
-from kgml_peft.store.atomic import check_writable_target
+from kgml_peft.atomic import check_writable_target
 from kgml_peft.store.checkpoint import Backbone, load_backbone, read_checkpoint, save_backbone
 from kgml_peft.store.library import adapter_path, writable_target
 from kgml_peft.train.pretrain import frame_hash

@@ -16,7 +16,7 @@ import pandas as pd
 
 from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 

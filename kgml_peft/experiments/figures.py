@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 
 
 def _pyplot():

@@ -14,7 +14,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.config import ExperimentConfig
 from kgml_peft.experiments.report import aggregate, write_report
 from kgml_peft.experiments.runs import Experiment
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 
 
 def demo_table() -> pd.DataFrame:

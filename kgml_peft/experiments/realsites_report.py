@@ -15,7 +15,7 @@ import numpy as np
 from kgml_peft.experiments.figures import _pyplot, _save
 from kgml_peft.experiments.report import seed_stats
 from kgml_peft.experiments.realsites import SCORED, RealRun, RealSiteBenchmark
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 
 FIGURES = ("timeseries.png", "mse_by_years.png", "annual_sums.png")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from kgml_peft import schema
 from kgml_peft.experiments.config import MAIN_REGIMES
 from kgml_peft.experiments.runs import Experiment, Plan
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 
 #: Physics figures the audit compares (the keys of ``held_out_metrics(...)["physics"]``).
 AUDIT_KEYS = ("l_phys", "mass_balance_violation_rate", "mass_balance_violation_rate_relative",

@@ -27,7 +27,8 @@ import torch
 
 from kgml_peft import schema
 from kgml_peft.calibration.calibrate import CalibrationData, calibrate_unit
-from kgml_peft.calibration.config import COMPONENTS, AdapterConfig, CalibrationConfig
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.tuners.config import COMPONENTS, AdapterConfig
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import Scalers, YearWindows, make_windows, split_by_day_blocks
 from kgml_peft.errors import KgmlPeftError
@@ -36,7 +37,7 @@ from kgml_peft.metrics import flux_mse_scaled, group_metrics
 from kgml_peft.model.backbone import build_backbone
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.adapter import save_adapter
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
 from kgml_peft.train.objectives import physics_loss
 from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms

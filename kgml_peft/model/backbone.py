@@ -24,8 +24,9 @@ from kgml_peft import schema
 from kgml_peft.config_files import check_keys
 from kgml_peft.errors import KgmlPeftError, expect_type
 
-#: The recurrent modules, in the order they run.
-GRU_NAMES: tuple[str, ...] = ("gru_basis", "gru_ra", "gru_rh", "gru_nee")
+#: The recurrent modules, in the order they run, and their numbers of layers.
+GRU_LAYERS: dict[str, int] = {"gru_basis": 2, "gru_ra": 1, "gru_rh": 2, "gru_nee": 1}
+GRU_NAMES: tuple[str, ...] = tuple(GRU_LAYERS)
 
 #: How to run GRUs that read the same input: ``(names, modules, inputs [B, T, in], h0s) ->
 #: [(sequence, last state), ...]`` in the order of ``names`` (an ``h0`` of None starts at zero).
@@ -86,7 +87,7 @@ class KGMLag(nn.Module):
         super().__init__()
         self.config = config
         f, h = len(config.features), config.hidden_size
-        self.gru_basis = nn.GRU(f, h, num_layers=2, batch_first=True, dropout=config.dropout)
+        self.gru_basis = nn.GRU(f, h, num_layers=GRU_LAYERS["gru_basis"], batch_first=True, dropout=config.dropout)
         self.drop = nn.Dropout(config.dropout)
         self.attn_score = nn.Sequential(
             nn.Linear(h, config.attention_size), nn.Tanh(), nn.Linear(config.attention_size, 1)
@@ -94,11 +95,11 @@ class KGMLag(nn.Module):
         self.yield_head = nn.Sequential(
             nn.Linear(h, config.yield_hidden), nn.ReLU(), nn.Linear(config.yield_hidden, 1)
         )
-        self.gru_ra = nn.GRU(h + f, h, num_layers=1, batch_first=True)
+        self.gru_ra = nn.GRU(h + f, h, num_layers=GRU_LAYERS["gru_ra"], batch_first=True)
         self.ra_out = nn.Linear(h, 1)
-        self.gru_rh = nn.GRU(h + f, h, num_layers=2, batch_first=True, dropout=config.dropout)
+        self.gru_rh = nn.GRU(h + f, h, num_layers=GRU_LAYERS["gru_rh"], batch_first=True, dropout=config.dropout)
         self.rh_out = nn.Linear(h, 1)
-        self.gru_nee = nn.GRU(2 + f, h, num_layers=1, batch_first=True)
+        self.gru_nee = nn.GRU(2 + f, h, num_layers=GRU_LAYERS["gru_nee"], batch_first=True)
         self.nee_out = nn.Linear(h, 1)
 
     def forward(

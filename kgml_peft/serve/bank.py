@@ -9,7 +9,7 @@ cache's bounds. How a batch runs:
   (``W + up @ down``, microseconds at this size) and the backbone runs with them through
   :func:`torch.func.functional_call`, so torch's fused GRU kernel runs at the bare backbone's speed.
 * **mixed batches**, by ``strategy``: ``batched`` (and ``auto``, the default) runs one pass with
-  shared base matmuls and per-row low-rank deltas (:mod:`kgml_peft.serve.mixed`), measured faster
+  shared base matmuls and per-row low-rank deltas (:mod:`kgml_peft.tuners.mixed`), measured faster
   than ``grouped`` from 2 adapters per batch up (docs/serving.md); ``grouped`` runs each adapter's
   rows merged, one group after another; ``naive`` runs every row on its own, single-adapter
   batches too (a baseline for ``kgml-peft bench``). Rows whose adapter replaces backbone weights
@@ -34,8 +34,9 @@ from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.inference import PREDICTED, in_batches
 from kgml_peft.model.outputs import physical
-from kgml_peft.serve.mixed import forward_rows, plan_rows
-from kgml_peft.serve.weights import ServingAdapter
+from kgml_peft.tuners.mixed import forward_rows, plan_rows
+from kgml_peft.serve.loading import serving_adapter
+from kgml_peft.tuners.serving import ServingAdapter
 from kgml_peft.store.adapter import Adapter, load_adapter
 from kgml_peft.store.checkpoint import Backbone, load_backbone
 from kgml_peft.store.library import adapter_path
@@ -81,7 +82,7 @@ class AdapterBank:
 
     def add(self, adapter: Adapter) -> ServingAdapter:
         """Check an in-memory adapter against the backbone and pin it under its site name."""
-        served = ServingAdapter.from_adapter(adapter, self.backbone, self.device)
+        served = serving_adapter(adapter, self.backbone, self.device)
         with self._lock:
             self._drop(served.name)
             self._pinned[served.name] = served
@@ -123,7 +124,7 @@ class AdapterBank:
         if path is None or not path.is_file():
             where = f"store {self.store}" if self.store is not None else "bank (no store)"
             raise KgmlPeftError(f"no adapter {name!r} in the {where}")
-        served = ServingAdapter.from_adapter(load_adapter(path), self.backbone, self.device)
+        served = serving_adapter(load_adapter(path), self.backbone, self.device)
         if served.name != name:
             raise KgmlPeftError(f"{path} holds the adapter of {served.name!r}, not {name!r}")
         with self._lock:

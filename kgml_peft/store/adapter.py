@@ -19,14 +19,16 @@ import torch
 from safetensors.torch import save_file
 
 from kgml_peft import __version__, schema
-from kgml_peft.calibration.config import STORAGE_DTYPES, AdapterConfig
+from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.store.hashing import content_hash, read_safetensors
 
 FORMAT = "kgml-peft/adapter"
 FORMAT_VERSION = "1"
+#: The dtypes adapter tensors may be stored in (training is always float32).
+STORAGE_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Tensor-name prefixes an adapter file may hold.
 NAMESPACES: tuple[str, ...] = ("lora.", "blocks.", "head.", "backbone.")
 #: Metadata keys whose values are JSON text.

@@ -29,7 +29,7 @@ from kgml_peft import __version__, schema
 from kgml_peft.data.windows import Scalers
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import BackboneConfig, KGMLag
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 from kgml_peft.store.hashing import content_hash, read_safetensors
 
 FORMAT = "kgml-peft/backbone"

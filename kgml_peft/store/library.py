@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 
 from kgml_peft import schema
-from kgml_peft.calibration.config import AdapterConfig
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
-from kgml_peft.store.atomic import atomic_path, check_writable_target
+from kgml_peft.atomic import atomic_path, check_writable_target
 from kgml_peft.store.checkpoint import Backbone, load_backbone
+from kgml_peft.tuners.site_model import adapter_shapes, check_adapter_tensors
 
 SUFFIX = ".safetensors"
 
@@ -106,35 +106,13 @@ def _is_backbone(path: Path) -> bool:
     return True
 
 
-def adapter_shapes(backbone: Backbone, config: AdapterConfig) -> tuple[dict[str, tuple[int, ...]],
-                                                                        dict[str, tuple[int, ...]]]:
-    """(adapter tensor name -> shape, backbone parameter name -> shape) for ``config`` on
-    ``backbone``, from a site model built on the meta device: a config naming a huge rank or
-    bottleneck allocates nothing, and one too large to describe is refused."""
-    import torch
-
-    from kgml_peft.calibration.site_model import SiteModel  # lazily: site_model imports the store
-
-    try:
-        with torch.device("meta"):
-            own = SiteModel(backbone.model, config).adapter_parameters()
-    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise KgmlPeftError(f"adapter config {config.to_dict()} does not fit backbone "
-                            f"{backbone.fingerprint[:16]} ({first})") from None
-    return ({k: tuple(v.shape) for k, v in own.items()},
-            {k: tuple(v.shape) for k, v in backbone.model.named_parameters()})
-
-
 def check_fits(adapter: Adapter, backbone: Backbone) -> None:
     """Refuse an adapter that was not made for ``backbone`` (fingerprint, features) or whose
     tensor names and shapes do not fit its adapter config on that backbone. The content hash only
     proves the file is as its writer left it; a buggy writer can still store a config (a LoRA rank)
     that its tensors do not have."""
-    from kgml_peft.calibration.site_model import check_adapter_tensors
-
     check_compatible(adapter, backbone)
-    check_adapter_tensors(adapter.tensors, *adapter_shapes(backbone, adapter.config))
+    check_adapter_tensors(adapter.tensors, *adapter_shapes(backbone.model, adapter.config))
 
 
 def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.store.atomic import atomic_path
+from kgml_peft.atomic import atomic_path
 from kgml_peft.store.hashing import content_hash, read_safetensors
 
 RESUME_DIR = ".kgml-resume"

@@ -114,7 +114,7 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
     from kgml_peft.calibration.calibrate import calibration_units, prepare_unit
     from kgml_peft.calibration.config import CalibrationConfig
     from kgml_peft.calibration.runs import demo_table
-    from kgml_peft.calibration.site_model import SiteModel
+    from kgml_peft.tuners.site_model import SiteModel
     from kgml_peft.calibration.throughput import calibration_throughput, time_in_process
     from kgml_peft.data.synthetic import SynthConfig, simulate
     from kgml_peft.data.tables import validate_table

@@ -3,9 +3,9 @@
 A :class:`ServingAdapter` holds what a request needs from one adapter file: the LoRA factors with
 their scaling folded in (``up = alpha / r * B``), the bottleneck blocks' and head's weights, and any
 backbone weights the run unfroze. It is a few kilobytes, so thousands stay resident, and it gives
-the same predictions as the peft-wrapped :class:`~kgml_peft.calibration.site_model.SiteModel`
+the same predictions as the peft-wrapped :class:`~kgml_peft.tuners.site_model.SiteModel`
 two ways: merged into the backbone's weights (:meth:`ServingAdapter.merged_parameters`, one site
-per batch) or per row in a mixed batch (:mod:`kgml_peft.serve.mixed`).
+per batch) or per row in a mixed batch (:mod:`kgml_peft.tuners.mixed`).
 """
 
 from __future__ import annotations
@@ -17,24 +17,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from kgml_peft.calibration.config import AdapterConfig
-from kgml_peft.calibration.site_model import bottleneck, calibrate_outputs, check_adapter_tensors
-from kgml_peft.store.adapter import Adapter, check_compatible
-from kgml_peft.store.checkpoint import Backbone
-from kgml_peft.store.library import adapter_shapes
-
-
-_SHAPES: dict[tuple[str, AdapterConfig], tuple[dict, dict]] = {}
-
-
-def _expected_shapes(backbone: Backbone, config: AdapterConfig) -> tuple[dict, dict]:
-    """(adapter tensor shapes, backbone parameter shapes) for ``config`` on ``backbone``, taken
-    from a reference :class:`SiteModel` built once per backbone and config (building one costs
-    milliseconds; a cached swap must not)."""
-    key = (backbone.fingerprint, config)
-    if key not in _SHAPES:
-        _SHAPES[key] = adapter_shapes(backbone, config)  # a meta-device model: nothing allocated
-    return _SHAPES[key]
+from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.tuners.site_model import bottleneck, calibrate_outputs
 
 
 @dataclass(frozen=True)
@@ -84,7 +68,8 @@ class Head:
 
 @dataclass(frozen=True)
 class ServingAdapter:
-    """One adapter, ready to serve (see module docstring). Build it with :meth:`from_adapter`."""
+    """One adapter, ready to serve (see module docstring). Build it with :meth:`from_tensors`
+    (:func:`kgml_peft.serve.loading.serving_adapter` checks an adapter file first)."""
 
     name: str
     content_hash: str
@@ -95,21 +80,10 @@ class ServingAdapter:
     path: Path | None = None
 
     @classmethod
-    def from_adapter(cls, adapter: Adapter, backbone: Backbone,
-                     device: str | torch.device = "cpu") -> ServingAdapter:
-        """Check ``adapter`` against ``backbone`` (fingerprint, features, tensor names and shapes)
-        and lay it out for serving on ``device``."""
-        check_compatible(adapter, backbone)
-        check_adapter_tensors(adapter.tensors, *_expected_shapes(backbone, adapter.config))
-        t = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.tensors.items()}
-        return cls.from_tensors(adapter.site, t, adapter.config,
-                                content_hash=str(adapter.info.get("content_hash", "")), path=adapter.path)
-
-    @classmethod
     def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig,
                      content_hash: str = "", path: Path | None = None) -> ServingAdapter:
         """Lay out already-checked adapter tensors (file names, see
-        :class:`~kgml_peft.calibration.site_model.SiteModel`). Only views and one product are
+        :class:`~kgml_peft.tuners.site_model.SiteModel`). Only views and one product are
         taken, so gradients reach ``tensors``: batched calibration trains through this layout."""
         t, cfg = tensors, config
         scaling = cfg.lora_alpha / cfg.lora_rank

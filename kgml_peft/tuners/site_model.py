@@ -23,11 +23,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from kgml_peft import schema
-from kgml_peft.calibration.config import AdapterConfig
+from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import KGMLag
-from kgml_peft.store.adapter import Adapter
-from kgml_peft.store.checkpoint import Backbone
 
 #: The outputs the head calibrates, in the order of its ``scale``/``shift`` entries.
 HEAD_OUTPUTS: tuple[str, ...] = (*schema.FLUX_OUTPUTS, "Yield")
@@ -222,13 +220,17 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], own: dict[str, tuple
     return unfrozen
 
 
-def apply_adapter(backbone: Backbone, adapter: Adapter) -> SiteModel:
-    """The site model of ``adapter`` on ``backbone`` (eval mode). Refuses an adapter made for
-    another backbone or whose tensors do not fit its config (checked before anything is
-    allocated); the backbone object itself is not modified."""
-    from kgml_peft.store.library import check_fits  # lazily: the store imports this module lazily
-
-    check_fits(adapter, backbone)
-    model = SiteModel(backbone.model, adapter.config)
-    model.load_adapter_tensors(adapter.tensors)
-    return model.eval()
+def adapter_shapes(backbone: KGMLag, config: AdapterConfig) -> tuple[dict[str, tuple[int, ...]],
+                                                                     dict[str, tuple[int, ...]]]:
+    """(adapter tensor name -> shape, backbone parameter name -> shape) for ``config`` on
+    ``backbone``, from a site model built on the meta device: a config naming a huge rank or
+    bottleneck allocates nothing, and one too large to describe is refused."""
+    try:
+        with torch.device("meta"):
+            own = SiteModel(backbone, config).adapter_parameters()
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise KgmlPeftError(f"adapter config {config.to_dict()} does not fit the "
+                            f"backbone ({first})") from None
+    return ({k: tuple(v.shape) for k, v in own.items()},
+            {k: tuple(v.shape) for k, v in backbone.named_parameters()})

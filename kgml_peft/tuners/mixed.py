@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kgml_peft.calibration.site_model import HEAD_OUTPUTS, calibrate_outputs
+from kgml_peft.tuners.site_model import HEAD_OUTPUTS, calibrate_outputs
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import KGMLag
-from kgml_peft.serve.weights import ServingAdapter
+from kgml_peft.tuners.serving import ServingAdapter
 
 
 @dataclass(frozen=True)

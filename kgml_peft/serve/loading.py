@@ -1,0 +1,46 @@
+"""Adapters from files, checked against a backbone and made ready to run: the peft-wrapped site model
+(:func:`apply_adapter`) or the plain-tensor serving layout (:func:`serving_adapter`)."""
+
+from __future__ import annotations
+
+import torch
+
+from kgml_peft.store.adapter import Adapter, check_compatible
+from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.store.library import check_fits
+from kgml_peft.tuners.serving import ServingAdapter
+from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.tuners.site_model import SiteModel, adapter_shapes, check_adapter_tensors
+
+_SHAPES: dict[tuple[str, AdapterConfig], tuple[dict, dict]] = {}
+
+
+def _expected_shapes(backbone: Backbone, config: AdapterConfig) -> tuple[dict, dict]:
+    """(adapter tensor shapes, backbone parameter shapes) for ``config`` on ``backbone``, found
+    once per backbone and config (finding them costs milliseconds; a cached swap must not)."""
+    key = (backbone.fingerprint, config)
+    if key not in _SHAPES:
+        _SHAPES[key] = adapter_shapes(backbone.model, config)  # a meta-device model: nothing allocated
+    return _SHAPES[key]
+
+
+def apply_adapter(backbone: Backbone, adapter: Adapter) -> SiteModel:
+    """The site model of ``adapter`` on ``backbone`` (eval mode). Refuses an adapter made for
+    another backbone or whose tensors do not fit its config (checked before anything is
+    allocated); the backbone object itself is not modified."""
+    check_fits(adapter, backbone)
+    model = SiteModel(backbone.model, adapter.config)
+    model.load_adapter_tensors(adapter.tensors)
+    return model.eval()
+
+
+def serving_adapter(adapter: Adapter, backbone: Backbone,
+                    device: str | torch.device = "cpu") -> ServingAdapter:
+    """Check ``adapter`` against ``backbone`` (fingerprint, features, tensor names and shapes)
+    and lay it out for serving on ``device``."""
+    check_compatible(adapter, backbone)
+    check_adapter_tensors(adapter.tensors, *_expected_shapes(backbone, adapter.config))
+    tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.tensors.items()}
+    return ServingAdapter.from_tensors(adapter.site, tensors, adapter.config,
+                                       content_hash=str(adapter.info.get("content_hash", "")),
+                                       path=adapter.path)
