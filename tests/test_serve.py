@@ -162,7 +162,8 @@ def test_lru_memory_bound_counts_tensor_bytes(backbone_path, store) -> None:
     assert "IA-001" not in bounded.resident() and bounded.resident()[-1] == "IN-001"
     # an evicted adapter comes back from disk unchanged
     again = bounded.get("IA-001")
-    assert torch.equal(again.lora["gru_ra.weight_hh_l0"].up, bank.get("IA-001").lora["gru_ra.weight_hh_l0"].up)
+    assert torch.equal(again.parts["lora"].factors["gru_ra.weight_hh_l0"].up,
+                       bank.get("IA-001").parts["lora"].factors["gru_ra.weight_hh_l0"].up)
 
 
 def test_added_adapters_are_pinned(backbone_path, store) -> None:
@@ -305,7 +306,7 @@ def test_predict_table_edge_cases(backbone_path, store) -> None:
 
 
 def test_batched_plan_refuses_weight_replacing_adapters(backbone_path, store) -> None:
-    from kgml_peft.tuners.mixed import plan_rows
+    from kgml_peft.tuners.rows import plan_rows
 
     bank = AdapterBank(backbone_path, store)
     with pytest.raises(KgmlPeftError, match="IL-002 replaces backbone weights"):

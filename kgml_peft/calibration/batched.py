@@ -6,7 +6,7 @@ overhead, not arithmetic. Here K units train side by side:
 
 * every step stacks each unit's next mini-batch (its own loader, shuffled with the config's seed as
   in a run of its own) into one batch and runs the frozen backbone once, each row with its own
-  unit's adapter: the stacked LoRA factors, blocks and heads of :mod:`kgml_peft.tuners.mixed`,
+  unit's adapter: the stacked LoRA factors, blocks and heads of :mod:`kgml_peft.tuners.rows`,
   built from the units' trainable tensors so that gradients flow back to them;
 * the loss is the sum of the units' own objectives (L_pred + lambda L_phys (+ response) + rho
   ||phi||^2, each on its own rows). The units' tensors are disjoint, so each receives the gradient
@@ -49,7 +49,7 @@ from kgml_peft.tuners.site_model import SiteModel
 from kgml_peft.data.windows import WindowDataset
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.outputs import physical, scaled_targets
-from kgml_peft.tuners.mixed import forward_rows, plan_rows
+from kgml_peft.tuners.rows import forward_rows, plan_rows
 from kgml_peft.tuners.serving import ServingAdapter
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import close_epoch, deterministic_algorithms, make_accelerator, weighted_mse

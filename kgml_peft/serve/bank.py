@@ -9,7 +9,7 @@ cache's bounds. How a batch runs:
   (``W + up @ down``, microseconds at this size) and the backbone runs with them through
   :func:`torch.func.functional_call`, so torch's fused GRU kernel runs at the bare backbone's speed.
 * **mixed batches**, by ``strategy``: ``batched`` (and ``auto``, the default) runs one pass with
-  shared base matmuls and per-row low-rank deltas (:mod:`kgml_peft.tuners.mixed`), measured faster
+  shared base matmuls and per-row low-rank deltas (:mod:`kgml_peft.tuners.rows`), measured faster
   than ``grouped`` from 2 adapters per batch up (docs/serving.md); ``grouped`` runs each adapter's
   rows merged, one group after another; ``naive`` runs every row on its own, single-adapter
   batches too (a baseline for ``kgml-peft bench``). Rows whose adapter replaces backbone weights
@@ -27,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 from kgml_peft import schema
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.inference import PREDICTED, in_batches
 from kgml_peft.model.outputs import physical
-from kgml_peft.tuners.mixed import forward_rows, plan_rows
+from kgml_peft.tuners.rows import forward_rows, plan_rows
 from kgml_peft.serve.loading import serving_adapter
 from kgml_peft.tuners.serving import ServingAdapter
 from kgml_peft.store.adapter import Adapter, load_adapter
@@ -186,9 +185,7 @@ class AdapterBank:
         weights; no routing and no lock (:meth:`forward` is the thread-safe entry point)."""
         if adapter is None:
             return self.model(x, state)
-        merged = adapter.merged_parameters(self._base)
-        out = functional_call(self.model, merged, (x, state), {"taps": adapter.blocks}, strict=False)
-        return adapter.head(out, x) if adapter.head is not None else out
+        return adapter.forward(self.model, self._base, x, state)
 
     def _pieces(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None, n_rows: int,
                 pieces: list[tuple[list[int], Callable]]) -> dict[str, torch.Tensor]:

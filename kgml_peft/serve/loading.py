@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from kgml_peft.store.adapter import Adapter, check_compatible
+from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.store.library import check_fits
 from kgml_peft.tuners.serving import ServingAdapter
-from kgml_peft.tuners.config import AdapterConfig
-from kgml_peft.tuners.site_model import SiteModel, adapter_shapes, check_adapter_tensors
-
-_SHAPES: dict[tuple[str, AdapterConfig], tuple[dict, dict]] = {}
-
-
-def _expected_shapes(backbone: Backbone, config: AdapterConfig) -> tuple[dict, dict]:
-    """(adapter tensor shapes, backbone parameter shapes) for ``config`` on ``backbone``, found
-    once per backbone and config (finding them costs milliseconds; a cached swap must not)."""
-    key = (backbone.fingerprint, config)
-    if key not in _SHAPES:
-        _SHAPES[key] = adapter_shapes(backbone.model, config)  # a meta-device model: nothing allocated
-    return _SHAPES[key]
+from kgml_peft.tuners.site_model import SiteModel
 
 
 def apply_adapter(backbone: Backbone, adapter: Adapter) -> SiteModel:
@@ -38,8 +26,7 @@ def serving_adapter(adapter: Adapter, backbone: Backbone,
                     device: str | torch.device = "cpu") -> ServingAdapter:
     """Check ``adapter`` against ``backbone`` (fingerprint, features, tensor names and shapes)
     and lay it out for serving on ``device``."""
-    check_compatible(adapter, backbone)
-    check_adapter_tensors(adapter.tensors, *_expected_shapes(backbone, adapter.config))
+    check_fits(adapter, backbone)
     tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.tensors.items()}
     return ServingAdapter.from_tensors(adapter.site, tensors, adapter.config,
                                        content_hash=str(adapter.info.get("content_hash", "")),

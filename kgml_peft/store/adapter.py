@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from kgml_peft import __version__, schema
+from kgml_peft.tuners.base import namespaces
 from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.atomic import atomic_path
@@ -29,8 +30,6 @@ FORMAT = "kgml-peft/adapter"
 FORMAT_VERSION = "1"
 #: The dtypes adapter tensors may be stored in (training is always float32).
 STORAGE_DTYPES: tuple[str, ...] = ("float32", "float16")
-#: Tensor-name prefixes an adapter file may hold.
-NAMESPACES: tuple[str, ...] = ("lora.", "blocks.", "head.", "backbone.")
 #: Metadata keys whose values are JSON text.
 JSON_KEYS: tuple[str, ...] = ("sites", "regions", "features", "targets", "adapter_config",
                               "calibration", "data", "metrics")
@@ -104,9 +103,9 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, dtype: str = "float3
     schema.check_site_id(adapter.site, "adapter site")
     if dtype not in STORAGE_DTYPES:
         raise KgmlPeftError(f"adapter dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
-    bad = [k for k in adapter.tensors if not k.startswith(NAMESPACES)]
+    bad = [k for k in adapter.tensors if not k.startswith(namespaces())]
     if bad:
-        raise KgmlPeftError(f"adapter tensor {bad[0]} is outside the namespaces {NAMESPACES}")
+        raise KgmlPeftError(f"adapter tensor {bad[0]} is outside the namespaces {namespaces()}")
     tensors = {k: v.detach().cpu().to(_DTYPES[dtype]).contiguous() for k, v in sorted(adapter.tensors.items())}
     nonfinite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if nonfinite:
@@ -169,7 +168,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     if dtype not in _DTYPES:
         raise KgmlPeftError(f"{source} declares dtype {dtype!r}; expected float32 or float16")
     for name, tensor in tensors.items():
-        if not name.startswith(NAMESPACES):
+        if not name.startswith(namespaces()):
             raise KgmlPeftError(f"{source}: tensor {name} is outside the adapter namespaces")
         if tensor.dtype != _DTYPES[dtype]:
             raise KgmlPeftError(f"{source}: tensor {name} is {tensor.dtype}, the file declares {dtype}")

@@ -17,7 +17,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
 from kgml_peft.atomic import atomic_path, check_writable_target
 from kgml_peft.store.checkpoint import Backbone, load_backbone
-from kgml_peft.tuners.site_model import adapter_shapes, check_adapter_tensors
+from kgml_peft.tuners.base import check_tensors
 
 SUFFIX = ".safetensors"
 
@@ -112,7 +112,7 @@ def check_fits(adapter: Adapter, backbone: Backbone) -> None:
     proves the file is as its writer left it; a buggy writer can still store a config (a LoRA rank)
     that its tensors do not have."""
     check_compatible(adapter, backbone)
-    check_adapter_tensors(adapter.tensors, *adapter_shapes(backbone.model, adapter.config))
+    check_tensors(adapter.tensors, adapter.config, backbone.model)
 
 
 def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,

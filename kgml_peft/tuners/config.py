@@ -1,43 +1,46 @@
 """What a site adapter is made of: :class:`AdapterConfig`, which travels inside every adapter file
 and rebuilds the adapter at load time (JSON in the file's metadata, ``[adapter]`` in a calibration
-TOML)."""
+TOML). Each component checks its own settings (:meth:`~kgml_peft.tuners.base.Component.check`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from kgml_peft.config_files import check_keys
 from kgml_peft.errors import KgmlPeftError, expect_type
-from kgml_peft.model.backbone import GRU_LAYERS, GRU_NAMES
+from kgml_peft.model.backbone import GRU_LAYERS
+from kgml_peft.tuners import base
 
+#: The built-in components, in the order they apply (``kgml_peft.tuners`` registers them).
 COMPONENTS: tuple[str, ...] = ("lora", "blocks", "head")
 LORA_WEIGHTS: tuple[str, ...] = ("ih", "hh")
 HEAD_KINDS: tuple[str, ...] = ("affine", "mlp")
 
 
-def _names(value: object, allowed: tuple[str, ...], what: str, empty_ok: bool = False) -> tuple[str, ...]:
+def names(value: object, allowed: tuple[str, ...], what: str, empty_ok: bool = False) -> tuple[str, ...]:
     """A tuple of distinct names from ``allowed`` (order kept); a comma-separated string is split."""
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     expect_type(value, (list, tuple), what)
-    names = tuple(value)
-    for name in names:
+    found = tuple(value)
+    for name in found:
         if name not in allowed:
             raise KgmlPeftError(f"unknown {what} {name!r}; choose from {', '.join(allowed)}")
-    if len(set(names)) != len(names):
-        raise KgmlPeftError(f"{what} lists a name twice: {', '.join(names)}")
-    if not names and not empty_ok:
+    if len(set(found)) != len(found):
+        raise KgmlPeftError(f"{what} lists a name twice: {', '.join(found)}")
+    if not found and not empty_ok:
         raise KgmlPeftError(f"{what} must name at least one of {', '.join(allowed)}")
-    return names
+    return found
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Architecture of a site adapter phi_s: LoRA on GRU weights, bottleneck blocks, output head."""
+    """Architecture of a site adapter phi_s: LoRA on GRU weights, bottleneck blocks, output head,
+    and any other registered component (settings in ``options[<component>]``)."""
 
-    #: which parts are present (any non-empty subset of :data:`COMPONENTS`)
+    #: which parts are present (any non-empty subset of the registered components)
     components: tuple[str, ...] = COMPONENTS
     #: LoRA rank r and alpha (the update is alpha / r * B A)
     lora_rank: int = 1
@@ -51,24 +54,33 @@ class AdapterConfig:
     #: ``affine`` = per-output scale and shift; ``mlp`` adds a residual MLP on the input features
     head: str = "affine"
     head_hidden: int = 8
+    #: settings of components registered beyond the built-ins: component name -> {key: value}
+    #: (keys from the component's ``defaults``; left out of :meth:`to_dict` when empty)
+    options: Mapping[str, Mapping[str, object]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "components", _names(self.components, COMPONENTS, "adapter component"))
-        set_(self, "lora_targets", _names(self.lora_targets, GRU_NAMES, "LoRA target"))
-        set_(self, "lora_weights", _names(self.lora_weights, LORA_WEIGHTS, "LoRA weight"))
-        set_(self, "block_targets", _names(self.block_targets, GRU_NAMES, "block target"))
-        for key in ("lora_rank", "bottleneck", "head_hidden"):
-            expect_type(getattr(self, key), int, key)
-            if getattr(self, key) < 1:
-                raise KgmlPeftError(f"{key} must be >= 1, got {getattr(self, key)}")
-        expect_type(self.lora_alpha, (int, float), "lora_alpha")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise KgmlPeftError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        set_(self, "lora_alpha", float(self.lora_alpha))
-        expect_type(self.head, str, "head")
-        if self.head not in HEAD_KINDS:
-            raise KgmlPeftError(f"head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}")
+        known = tuple(c.name for c in base.registered())
+        object.__setattr__(self, "components", names(self.components, known, "adapter component"))
+        expect_type(self.options, Mapping, "adapter options")
+        options = {}
+        for name, values in self.options.items():
+            if name not in known:
+                raise KgmlPeftError(f"adapter options name an unknown component {name!r}; "
+                                    f"choose from {', '.join(known)}")
+            expect_type(values, Mapping, f"options of component {name}")
+            defaults = dict(next(c for c in base.registered() if c.name == name).defaults)
+            check_keys(dict(values), set(defaults), f"options of component {name}")
+            options[name] = {**defaults, **values}
+        object.__setattr__(self, "options", options)
+        for component in base.registered():  # every component checks its settings, used or not
+            for key, value in component.check(self).items():
+                object.__setattr__(self, key, value)
+
+    def option(self, component: str, key: str) -> object:
+        """Setting ``key`` of ``component`` (its default when not given)."""
+        if component in self.options:
+            return self.options[component][key]
+        return next(c for c in base.registered() if c.name == component).defaults[key]
 
     @property
     def lora_parameters(self) -> tuple[str, ...]:
@@ -78,7 +90,10 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         """JSON-ready form (stored in every adapter file)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if not self.options:  # files of the built-in components keep their original form
+            del data["options"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterConfig:

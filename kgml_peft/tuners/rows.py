@@ -1,18 +1,20 @@
-"""Mixed-site batches in one pass: shared backbone matmuls plus per-row low-rank deltas.
+"""Mixed-site batches in one pass: shared backbone matmuls plus each row's own adapter.
 
 peft cannot run a batch whose rows use different adapters when LoRA wraps parameters
-(``target_parameters``), so this module computes such a batch itself, the way multi-LoRA servers do:
+(``target_parameters``), so this module computes such a batch itself, the way multi-LoRA servers do.
+:func:`plan_rows` asks every registered component to stack its parts of the batch's adapters
+(:meth:`~kgml_peft.tuners.base.Component.stack`); :func:`forward_rows` runs the backbone with them.
 
-* **LoRA** on a GRU weight W: every row computes ``W h`` with the shared W, and its own update as
-  ``up_s (down_s h)``. All adapters' ``down`` factors are stacked into one matrix [R, in] and a 0/1
-  mask [B, R] keeps each row's own rank columns, so the delta costs two small matmuls for the
-  whole batch: ``((h @ down_all.T) * mask) @ up_all.T``. Adapters of different ranks mix freely.
-  Input-to-hidden updates are applied to the whole sequence at once; hidden-to-hidden updates
-  need the recurrence, so GRUs with LoRA in the batch run a hand-written GRU loop (torch's fused
-  GRU kernel takes one weight for all rows; that is why this loop exists). GRUs without LoRA in
-  the batch still run torch's kernel.
-* **Blocks** and the **head** gather each row's weights ([B, ...], zeros for rows without that
-  part, which is an exact identity) and apply them with batched matmuls.
+* **Per-row low-rank GRU updates** (LoRA): every row computes ``W h`` with the shared W, and its
+  own update as ``up_s (down_s h)``. All adapters' ``down`` factors are stacked into one matrix
+  [R, in] and a 0/1 mask [B, R] keeps each row's own rank columns (:class:`RowLora`), so the delta
+  costs two small matmuls for the whole batch: ``((h @ down_all.T) * mask) @ up_all.T``. Adapters
+  of different ranks mix freely. Input-to-hidden updates are applied to the whole sequence at
+  once; hidden-to-hidden updates need the recurrence, so GRUs with such updates in the batch run a
+  hand-written GRU loop (:func:`gru_rows`; torch's fused GRU kernel takes one weight for all rows,
+  which is why this loop exists). GRUs without updates in the batch still run torch's kernel.
+* **Taps and output transforms** (blocks, head) gather each row's weights ([B, ...], zeros for
+  rows without that part, an exact identity) and apply them with batched matmuls.
 
 Rows whose adapter replaces backbone weights (``--unfreeze``) cannot share the base weights; the
 bank runs those grouped by site with merged weights instead.
@@ -27,9 +29,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kgml_peft.tuners.site_model import HEAD_OUTPUTS, calibrate_outputs
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import KGMLag
+from kgml_peft.tuners import base
 from kgml_peft.tuners.serving import ServingAdapter
 
 
@@ -48,19 +50,8 @@ class RowLora:
         return ((h @ self.down.t()) * mask) @ self.up_t
 
 
-@dataclass(frozen=True)
-class RowPlan:
-    """Everything a mixed batch needs, per row: LoRA by GRU weight name, block weights by GRU,
-    head scale/shift [B, 4] and head MLP weights [B, ...]."""
-
-    lora: dict[str, RowLora]
-    blocks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    head: tuple[torch.Tensor, torch.Tensor] | None
-    head_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
-
-
-def _stack_padded(parts: Sequence[torch.Tensor | None], shape: tuple[int, ...],
-                  like: torch.Tensor) -> torch.Tensor:
+def stack_padded(parts: Sequence[torch.Tensor | None], shape: tuple[int, ...],
+                 like: torch.Tensor) -> torch.Tensor:
     """Stack tensors zero-padded to ``shape``; ``None`` (no such part) becomes all zeros."""
     out = like.new_zeros((len(parts), *shape))
     for i, part in enumerate(parts):
@@ -69,9 +60,9 @@ def _stack_padded(parts: Sequence[torch.Tensor | None], shape: tuple[int, ...],
     return out
 
 
-def plan_rows(rows: Sequence[ServingAdapter | None], like: torch.Tensor) -> RowPlan:
-    """Stack the adapters of a batch's rows (``None`` = bare backbone) for :func:`forward_rows`;
-    ``like`` gives dtype and device."""
+def plan_rows(rows: Sequence[ServingAdapter | None], like: torch.Tensor) -> list[base.Part]:
+    """Stack the adapters of a batch's rows (``None`` = bare backbone) for :func:`forward_rows`:
+    one part per component that any of them has; ``like`` gives dtype and device."""
     unique = list({id(a): a for a in rows if a is not None}.values())
     replacing = [a.name for a in unique if a.overrides]
     if replacing:
@@ -79,47 +70,13 @@ def plan_rows(rows: Sequence[ServingAdapter | None], like: torch.Tensor) -> RowP
                             "batched pass (AdapterBank runs such rows grouped)")
     slot = {id(a): i for i, a in enumerate(unique)}
     index = torch.tensor([slot[id(a)] if a is not None else len(unique) for a in rows],
-                         device=like.device)  # len(unique) = the all-zero slot
-
-    lora: dict[str, RowLora] = {}
-    for name in dict.fromkeys(n for a in unique for n in a.lora):
-        owners = [a for a in unique if name in a.lora]
-        down = torch.cat([a.lora[name].down for a in owners])
-        up_t = torch.cat([a.lora[name].up for a in owners], dim=1).t().contiguous()
-        columns = like.new_zeros((len(unique) + 1, down.shape[0]))
-        start = 0
-        for a in owners:
-            rank = a.lora[name].down.shape[0]
-            columns[slot[id(a)], start:start + rank] = 1
-            start += rank
-        lora[name] = RowLora(down.to(like), up_t.to(like), columns[index])
-
-    blocks = {}
-    for gru in dict.fromkeys(g for a in unique for g in a.blocks):
-        found = [a.blocks.get(gru) for a in unique] + [None]
-        k = max(b.down_weight.shape[0] for b in found if b is not None)
-        size = next(b for b in found if b is not None).up_bias.shape[0]
-        parts = [[None if b is None else getattr(b, f) for b in found]
-                 for f in ("down_weight", "down_bias", "up_weight", "up_bias")]
-        dw, db, uw, ub = (_stack_padded(p, s, like)[index] for p, s in
-                          zip(parts, ((k, size), (k,), (size, k), (size,))))
-        blocks[gru] = (dw, db, uw, ub)
-
-    head = head_mlp = None
-    heads = [a.head for a in unique] + [None]
-    if any(h is not None for h in heads):
-        n = len(HEAD_OUTPUTS)
-        scale = _stack_padded([None if h is None else h.scale for h in heads], (n,), like)[index]
-        shift = _stack_padded([None if h is None else h.shift for h in heads], (n,), like)[index]
-        head = (scale, shift)
-        mlps = [None if h is None else h.mlp for h in heads]
-        if any(m is not None for m in mlps):
-            hidden = max(m[0].shape[0] for m in mlps if m is not None)
-            features = next(m for m in mlps if m is not None)[0].shape[1]
-            shapes = ((hidden, features), (hidden,), (3, hidden), (3,))
-            head_mlp = tuple(_stack_padded([None if m is None else m[i] for m in mlps], shapes[i], like)[index]
-                             for i in range(4))
-    return RowPlan(lora=lora, blocks=blocks, head=head, head_mlp=head_mlp)
+                         device=like.device)  # len(unique) = the slot of rows without an adapter
+    plan = []
+    for component in base.registered():
+        parts = [a.parts.get(component.name) for a in unique] + [None]
+        if any(p is not None for p in parts):
+            plan.append(component.stack(parts, index, like))
+    return plan
 
 
 @dataclass(frozen=True)
@@ -222,24 +179,15 @@ def gru_rows(modules: Sequence[nn.GRU], inputs: torch.Tensor, h0s: Sequence[torc
     return results
 
 
-def _row_block(weights: tuple[torch.Tensor, ...]):
-    dw, db, uw, ub = weights
-
-    def apply(h: torch.Tensor) -> torch.Tensor:
-        inner = F.gelu(torch.baddbmm(db[:, None, :], h, dw.transpose(1, 2)))
-        return h + torch.baddbmm(ub[:, None, :], inner, uw.transpose(1, 2))
-
-    return apply
-
-
-def forward_rows(backbone: KGMLag, x: torch.Tensor, plan: RowPlan,
+def forward_rows(backbone: KGMLag, x: torch.Tensor, plan: Sequence[base.Part],
                  state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The backbone's forward on ``x`` [B, T, F] with each row's own adapter (see :func:`plan_rows`);
     scaled outputs like :meth:`KGMLag.forward`."""
     by_gru: dict[str, dict[str, RowLora]] = {}
-    for name, row_lora in plan.lora.items():
-        gru, weight = name.split(".", 1)
-        by_gru.setdefault(gru, {})[weight] = row_lora
+    for part in plan:
+        for name, row_lora in part.row_updates().items():
+            gru, weight = name.split(".", 1)
+            by_gru.setdefault(gru, {})[weight] = row_lora
 
     def runner(names, modules, inputs, h0s) -> list[tuple[torch.Tensor, torch.Tensor]]:
         rows = [i for i, name in enumerate(names) if name in by_gru]
@@ -247,13 +195,4 @@ def forward_rows(backbone: KGMLag, x: torch.Tensor, plan: RowPlan,
                               [by_gru[names[i]] for i in rows]) if rows else [])
         return [next(fused) if i in rows else modules[i](inputs, h0s[i]) for i in range(len(names))]
 
-    taps = {gru: _row_block(weights) for gru, weights in plan.blocks.items()}
-    out = backbone(x, state, taps=taps, runner=runner)
-    if plan.head is None:
-        return out
-    residual = None
-    if plan.head_mlp is not None:
-        w1, b1, w2, b2 = plan.head_mlp
-        hidden = torch.tanh(torch.baddbmm(b1[:, None, :], x, w1.transpose(1, 2)))
-        residual = torch.baddbmm(b2[:, None, :], hidden, w2.transpose(1, 2))
-    return calibrate_outputs(out, *plan.head, residual)
+    return base.run_parts(backbone, x, state, plan, runner=runner)

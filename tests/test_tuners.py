@@ -1,0 +1,117 @@
+"""The tuners package: old adapter files still load and serve bit-identically, and the package
+layering holds (no import cycle anywhere, tuners below calibration, serve and store)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.serve.loading import apply_adapter
+from kgml_peft.store.adapter import load_adapter, read_adapter
+from kgml_peft.store.checkpoint import load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "adapter_v1"
+OUTPUTS = ("Ra", "Rh", "NEE", "Yield")
+
+
+def _expected() -> tuple[dict[str, torch.Tensor], list[str | None]]:
+    with safe_open(FIXTURES / "expected.safetensors", "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        rows = [None if n == "-" else n for n in handle.metadata()["rows"].split(",")]
+    return tensors, rows
+
+
+def test_adapter_files_of_the_previous_layout_serve_bit_identically():
+    """Adapter files written before the tuners package (commit 4c34371: one default adapter, one
+    with LoRA on ih+hh of three GRUs, rank 2, blocks after gru_basis/gru_ra, an MLP head, an
+    unfrozen weight, float16) give exactly the predictions that code gave, through the site
+    model and every bank strategy."""
+    backbone = load_backbone(ROOT / "checkpoints" / "demo.safetensors")
+    expected, rows = _expected()
+    x = expected["x"]
+    with torch.no_grad():
+        for site in ("IA-001", "IL-002"):
+            adapter = load_adapter(FIXTURES / f"{site}.safetensors", backbone)
+            out = apply_adapter(backbone, adapter)(x)
+            for key in OUTPUTS:
+                assert torch.equal(out[key], expected[f"site_model.{site}.{key}"]), (site, key)
+        bank = AdapterBank(backbone, FIXTURES)
+        for strategy in ("batched", "grouped", "naive"):
+            out = bank.forward(x, bank.resolve(rows, require=False), strategy=strategy)
+            for key in OUTPUTS:
+                assert torch.equal(out[key], expected[f"bank.{strategy}.{key}"]), (strategy, key)
+    # the files still read with the very names and config they were written with
+    adapter = read_adapter(FIXTURES / "IL-002.safetensors")
+    assert "head.mlp.2.weight" in adapter.tensors and "backbone.rh_out.weight" in adapter.tensors
+    assert adapter.config.to_dict()["lora_weights"] == ["ih", "hh"] and "options" not in adapter.config.to_dict()
+
+
+def _module_imports(path: Path, package: str) -> set[str]:
+    """The kgml_peft modules ``path`` imports (top-level and inside functions)."""
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = module.split(".")
+                parent = parts if path.name == "__init__.py" else parts[:-1]
+                anchor = parent[: len(parent) - node.level + 1]
+                target = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith(package):
+                found.add(target)
+                found.update(f"{target}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith(package))
+    return found
+
+
+def test_no_package_imports_a_package_that_imports_it_back():
+    """Walk every import in kgml_peft (also those inside functions) and fail on a cycle between
+    packages or top-level modules: a lazy import that hides a cycle still counts."""
+    pkg = ROOT / "kgml_peft"
+    units = {p.name if p.is_dir() else p.stem for p in pkg.iterdir()
+             if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"}
+    edges: dict[str, set[str]] = {}
+    for path in pkg.rglob("*.py"):
+        src = path.relative_to(pkg).parts[0].removesuffix(".py")
+        for target in _module_imports(path, "kgml_peft"):
+            parts = target.split(".")
+            if len(parts) > 1 and parts[1] in units and parts[1] != src and src != "__init__":
+                edges.setdefault(src, set()).add(parts[1])
+    # depth-first search for a back edge
+    colour: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        colour[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if colour.get(nxt) == 1:
+                cycle = trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if nxt not in colour:
+                visit(nxt, trail + [nxt])
+        colour[node] = 2
+
+    for unit in sorted(edges):
+        if unit not in colour:
+            visit(unit, [unit])
+    assert edges["tuners"] <= {"model", "errors", "config_files", "schema", "data"}, edges["tuners"]
+    assert "calibration" not in edges["store"] and "serve" not in edges["calibration"]
+
+
+def test_importing_tuners_loads_neither_calibration_nor_serve_nor_store():
+    code = ("import sys, kgml_peft.tuners; "
+            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('kgml_peft.')}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for package in ("calibration", "serve", "store", "train", "experiments"):
+        assert f"'{package}'" not in loaded, loaded
+    assert "'tuners'" in loaded and "'model'" in loaded
