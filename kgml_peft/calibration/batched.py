@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from kgml_peft.calibration.calibrate import (
     CalibrationData,
@@ -52,7 +51,7 @@ from kgml_peft.model.outputs import physical, scaled_targets
 from kgml_peft.tuners.rows import forward_rows, plan_rows
 from kgml_peft.tuners.serving import ServingAdapter
 from kgml_peft.store.checkpoint import Backbone
-from kgml_peft.train.loop import close_epoch, deterministic_algorithms, make_accelerator, weighted_mse
+from kgml_peft.train.loop import Member, check_finite, deterministic_algorithms, fit, make_accelerator, weighted_mse
 from kgml_peft.train.objectives import output_loss, response_loss, responses, squared_norm, target_errors
 from kgml_peft.train.state import PhaseResult
 
@@ -65,20 +64,17 @@ VAL_ROWS = 256
 
 @dataclass
 class _Unit:
-    """One unit of a batched run: its data, trainable tensors and early-stopping bookkeeping."""
+    """One unit of a batched run: its data, trainable tensors, loader and its place in the
+    training loop (a :class:`~kgml_peft.train.loop.Member`: steps, early stopping, best tensors)."""
 
     data: CalibrationData
     tensors: dict[str, torch.nn.Parameter]
     loader: DataLoader
     val: WindowDataset
     total_steps: int
-    result: PhaseResult
-    best: dict[str, torch.Tensor]
+    member: Member
     #: its parameter group in the optimizer (its learning rate is set there before each step)
     group: dict = field(default_factory=dict)
-    stale: int = 0
-    stopped: bool = False
-    losses: list[float] = field(default_factory=list)
 
     def layout(self, config: CalibrationConfig) -> ServingAdapter:
         """The unit's current adapter in the layout a mixed batch takes (gradients flow)."""
@@ -147,54 +143,42 @@ def _calibrate_batched(backbone: Backbone, data: list[CalibrationData], config: 
         tensors = {k: torch.nn.Parameter(v.clone().to(device)) for k, v in start.items()}
         loader = DataLoader(WindowDataset(d.train, backbone.scalers), batch_size=config.batch_size,
                             shuffle=True, generator=torch.Generator().manual_seed(config.seed))
+        member = Member(PhaseResult(name=f"calibrate {d.name}"), lambda l=loader: iter(l),
+                        lambda t=tensors: {k: v.detach().clone() for k, v in t.items()})
         units.append(_Unit(d, tensors, loader, WindowDataset(d.val, backbone.scalers),
-                           max(config.epochs * len(loader), 1), PhaseResult(name=f"calibrate {d.name}"),
-                           {k: v.detach().clone() for k, v in tensors.items()}))
+                           max(config.epochs * len(loader), 1), member))
     optimizer = torch.optim.Adam([{"params": list(u.tensors.values())} for u in units], lr=config.lr)
     optimizer = accelerator.prepare_optimizer(optimizer)  # mixed precision: loss scaling
     for unit, group in zip(units, optimizer.param_groups):  # its own copies of the group dicts
         unit.group = group
+    by_member = {id(u.member): u for u in units}
 
-    for unit, loss in zip(units, _validate(net, units, config, backbone, accelerator)):
-        unit.result.curve.append({"phase": unit.result.name, "epoch": 0, "step": 0,
-                                  "train_loss": None, "val_loss": loss})
-        unit.result.best_val_loss = loss
+    def step(pairs: list[tuple[Member, dict]], epoch: int) -> list[float]:
+        return _train_step(net, reference, [(by_member[id(m)], b) for m, b in pairs], config, backbone,
+                           accelerator, optimizer, epoch, response_feature)
 
-    bar = tqdm(range(1, config.epochs + 1), desc=f"calibrate {len(units)} units", leave=False,
-               disable=not progress or not accelerator.is_local_main_process, unit="epoch")
-    for epoch in bar:
-        active = [u for u in units if not u.stopped]
-        if not active:
-            break
-        net.train()
-        iterators = {id(u): iter(u.loader) for u in active}
-        for u in active:
-            u.losses = []
-        while True:
-            step = [(u, b) for u in active if (b := next(iterators[id(u)], None)) is not None]
-            if not step:
-                break
-            _train_step(net, reference, step, config, backbone, accelerator, optimizer, epoch,
-                        response_feature)
-        losses = _validate(net, active, config, backbone, accelerator)
-        for u, val_loss in zip(active, losses):
-            _end_epoch(u, epoch, val_loss, config)
-        bar.set_postfix(active=sum(not u.stopped for u in units))
-    bar.close()
+    def validate(members: list[Member]) -> list[float]:
+        return _validate(net, [by_member[id(m)] for m in members], config, backbone, accelerator)
+
+    fit([u.member for u in units], epochs=config.epochs, patience=config.patience, step=step,
+        validate=validate, train_mode=net.train, desc=f"calibrate {len(units)} units",
+        progress=progress and accelerator.is_local_main_process,
+        postfix=lambda members: {"active": sum(not m.stopped for m in members)})
 
     results = []
     for unit, before in zip(units, befores):
         model = SiteModel(backbone.model, config.adapter, seed=config.seed)
-        model.load_adapter_tensors({k: v.cpu() for k, v in unit.best.items()})
+        model.load_adapter_tensors({k: v.cpu() for k, v in unit.member.best.items()})
+        unit.member.result.steps = unit.member.step
         provenance = {PROVENANCE[0]: [u.data.name for u in units]}
-        results.append(finish_unit(backbone, unit.data, config, model.eval(), unit.result, before,
+        results.append(finish_unit(backbone, unit.data, config, model.eval(), unit.member.result, before,
                                    provenance))
     return results
 
 
 def _train_step(net, reference, step, config: CalibrationConfig, backbone: Backbone, accelerator,
-                optimizer, epoch: int, response_feature: int) -> None:
-    """One optimizer step for the units in ``step`` ([(unit, its mini-batch)])."""
+                optimizer, epoch: int, response_feature: int) -> list[float]:
+    """One optimizer step for the units in ``step`` ([(unit, its mini-batch)]); their losses."""
     batch = _stack([b for _, b in step], accelerator.device)
     adapters = [u.layout(config) for u, _ in step]
     rows = [a for a, (_, b) in zip(adapters, step) for _ in range(len(b["x"]))]
@@ -219,17 +203,13 @@ def _train_step(net, reference, step, config: CalibrationConfig, backbone: Backb
         stacked = torch.stack([loss.float() for loss in losses])
     values = stacked.detach().cpu().tolist()  # one device sync per step, not one per unit
     for (unit, _), value in zip(step, values):
-        if not math.isfinite(value):
-            raise KgmlPeftError(f"phase {unit.result.name}: the loss became {value} at epoch {epoch}; "
-                                "lower the learning rate")
+        check_finite(unit.member.result.name, value, epoch)
     optimizer.zero_grad(set_to_none=True)  # units not in this step keep no gradient: Adam skips them
     accelerator.backward(stacked.sum())
     for unit, _ in step:
-        unit.group["lr"] = _lr(config, unit.result.steps, unit.total_steps)
+        unit.group["lr"] = _lr(config, unit.member.step, unit.total_steps)
     optimizer.step()
-    for (unit, _), value in zip(step, values):
-        unit.losses.append(value)
-        unit.result.steps += 1
+    return values
 
 
 def _lr(config: CalibrationConfig, done: int, total: int) -> float:
@@ -267,12 +247,3 @@ def _validate(net, units: Sequence[_Unit], config: CalibrationConfig, backbone: 
         cols = [names.index(n) for n in u.data.weights]
         losses.append(weighted_mse(sse[j, cols], count[j, cols], u.data.weights))
     return losses
-
-
-def _end_epoch(unit: _Unit, epoch: int, val_loss: float, config: CalibrationConfig) -> None:
-    """Close the unit's epoch as a unit trained alone does; keep its tensors if it improved."""
-    train_loss = sum(unit.losses) / max(len(unit.losses), 1)
-    improved, unit.stale, unit.stopped = close_epoch(unit.result, epoch, unit.result.steps, train_loss,
-                                                     val_loss, unit.stale, config.patience)
-    if improved:
-        unit.best = {k: v.detach().clone() for k, v in unit.tensors.items()}

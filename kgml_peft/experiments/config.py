@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from kgml_peft.calibration.config import COMPONENTS
+from kgml_peft.tuners.config import COMPONENTS
 from kgml_peft.config_files import check_keys, read_toml
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import BackboneConfig

@@ -211,6 +211,100 @@ def close_epoch(result: PhaseResult, epoch: int, step: int, train_loss: float, v
     return improved, stale, bool(patience) and stale >= patience
 
 
+@dataclass
+class Member:
+    """One unit a training run fits: its batches, its step count, its early stopping and best
+    weights. :func:`run_phase` fits one; batched calibration fits several side by side, each with
+    its own data order, learning rate schedule and stopping epoch."""
+
+    result: PhaseResult
+    #: this epoch's batches (a fresh iterator per call)
+    batches: Callable[[], Iterator[dict]]
+    #: a copy of the weights to keep when an epoch improves
+    snapshot: Callable[[], dict]
+    #: optimizer steps so far (the curve's ``step``; a phase may start counting at an offset)
+    step: int = 0
+    best: dict | None = None
+    stale: int = 0
+    stopped: bool = False
+    #: this epoch's per-step training losses
+    losses: list[float] = field(default_factory=list)
+
+
+def check_finite(name: str, value: float, epoch: int) -> None:
+    """Stop a phase whose training loss is no longer a number (before its optimizer steps)."""
+    if not math.isfinite(value):
+        raise KgmlPeftError(f"phase {name}: the loss became {value} at epoch {epoch}; lower the learning rate")
+
+
+def fit(
+    members: Sequence[Member],
+    *,
+    epochs: int,
+    patience: int,
+    step: Callable[[list[tuple[Member, dict]], int], list[float]],
+    validate: Callable[[list[Member]], list[float | None]],
+    train_mode: Callable[[], None],
+    first_epoch: int = 1,
+    desc: str = "train",
+    progress: bool = True,
+    after_step: Callable[[list[Member], int], None] | None = None,
+    reduce: Callable[[float], float] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+    postfix: Callable[[Sequence[Member]], dict] | None = None,
+) -> None:
+    """The epoch loop every training run goes through: pretraining phases, one calibration and
+    many calibrations side by side.
+
+    With ``first_epoch`` 1 the members are validated first (the curve's epoch 0, the first best
+    weights). Each epoch takes every member that has not stopped, steps them together batch by
+    batch (``step(pairs, epoch)`` gets ``[(member, its next batch)]`` for the members that still
+    have one and returns their training losses; ``after_step`` sees them after), validates them
+    (``validate(members)``), and closes each member's epoch with :func:`close_epoch`: divergence
+    check, curve entry, best weights, patience. ``reduce`` turns a member's mean training loss into
+    the figure every process agrees on; ``on_epoch(epoch)`` runs at each epoch's end (to save a
+    training state). The loop ends after ``epochs`` or when every member has stopped.
+    """
+    if first_epoch == 1:
+        for member, val_loss in zip(members, validate(list(members))):
+            member.result.curve.append({"phase": member.result.name, "epoch": 0, "step": member.step,
+                                        "train_loss": None, "val_loss": val_loss})
+            member.result.best_val_loss = val_loss
+            member.best = member.snapshot()
+    bar = tqdm(range(first_epoch, epochs + 1), desc=desc, leave=False, disable=not progress, unit="epoch",
+               initial=first_epoch - 1, total=epochs)
+    for epoch in bar:
+        active = [m for m in members if not m.stopped]
+        if not active:
+            break
+        train_mode()
+        iterators = {id(m): m.batches() for m in active}
+        for member in active:
+            member.losses = []
+        while True:
+            pairs = [(m, b) for m in active if (b := next(iterators[id(m)], None)) is not None]
+            if not pairs:
+                break
+            for (member, _), value in zip(pairs, step(pairs, epoch)):
+                member.losses.append(value)
+                member.step += 1
+            if after_step is not None:
+                after_step([m for m, _ in pairs], epoch)
+        for member, val_loss in zip(active, validate(active)):
+            train_loss = sum(member.losses) / max(len(member.losses), 1)
+            if reduce is not None:
+                train_loss = reduce(train_loss)
+            improved, member.stale, member.stopped = close_epoch(
+                member.result, epoch, member.step, train_loss, val_loss, member.stale, patience)
+            if improved:
+                member.best = member.snapshot()
+        if on_epoch is not None:
+            on_epoch(epoch)
+        if postfix is not None:
+            bar.set_postfix(**postfix(members))
+    bar.close()
+
+
 def run_phase(
     model: torch.nn.Module,
     phase: PhaseConfig,
@@ -235,7 +329,7 @@ def run_phase(
     ``penalty`` (no arguments) returns a regulariser added to every step's loss, e.g. Eq. 2's
     mu-anchor or Eq. 3's rho-norm (:mod:`kgml_peft.train.objectives`). ``on_epoch`` receives the
     phase's state after every epoch (to save it); ``resume`` continues from such a state, with the
-    same result as a run that was never interrupted.
+    same result as a run that was never interrupted. The epochs run through :func:`fit`.
 
     Under several processes (``accelerate launch``, ``torchrun``) the phase is data-parallel:
     ``model`` is DDP-wrapped by the caller, each process takes its share of every batch (the
@@ -270,75 +364,73 @@ def run_phase(
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
                  if phase.schedule == "cosine" else None)
 
-    val_loss: float | None = None
-    if resume is None:
-        result = PhaseResult(name=phase.name)
-        best_state = copy.deepcopy(raw.state_dict())
-        if val_loader is not None:
-            val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator, local)
-        result.curve.append({"phase": phase.name, "epoch": 0, "step": step_offset,
-                             "train_loss": None, "val_loss": val_loss})
-        result.best_val_loss = val_loss
-        first, step, stale = 1, step_offset, 0
-    else:
-        result, best_state, first, step, stale = _restore(resume, raw, optimizer, scheduler,
-                                                          accelerator, generator, phase)
-    bar = tqdm(range(first, phase.epochs + 1), desc=phase.name, leave=False,
-               disable=not progress or not accelerator.is_local_main_process,
-               unit="epoch", initial=first - 1, total=phase.epochs)
-    for epoch in bar:
-        model.train()
-        total, batches = 0.0, 0
-        for batch in _on_device(train_loader, device):
-            with accelerator.autocast():
-                loss = objective(model, batch, scalers, phase.targets, phase.physics_weight,
-                                 tolerance, reference, phase.response_weight, response_feature)
-                if penalty is not None:
-                    loss = loss + penalty()
-            if not torch.isfinite(loss):
-                raise KgmlPeftError(
-                    f"phase {phase.name}: the loss became {loss.item()} at epoch {epoch}; "
-                    "lower the learning rate"
-                )
-            optimizer.zero_grad()
-            accelerator.backward(loss)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += float(loss.detach())
-            batches += 1
-            step += 1
-            if (phase.val_every and val_loader is not None and step % phase.val_every == 0
-                    and batches < len(train_loader)):  # the epoch end logs its own entry
-                result.curve.append({
-                    "phase": phase.name, "epoch": epoch, "step": step, "train_loss": total / batches,
-                    "val_loss": validation_loss(model, val_loader, scalers, phase.targets, accelerator,
-                                                local),
-                })
-                model.train()
-        train_loss = total / max(batches, 1)
-        if shared:  # one figure for all processes: they must take the same decisions
-            train_loss = float(accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean"))
-        if val_loader is not None:
-            val_loss = validation_loss(model, val_loader, scalers, phase.targets, accelerator, local)
-        improved, stale, stop = close_epoch(result, epoch, step, train_loss, val_loss, stale, phase.patience)
-        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-")
-        if improved:
-            best_state = copy.deepcopy(raw.state_dict())
-        if on_epoch is not None:
-            on_epoch(PhaseState(
-                epoch=epoch, step=step, stale=stale, stopped=stop, result=copy.deepcopy(result),
-                model=raw.state_dict(), best_model=best_state, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict() if scheduler is not None else None,
-                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                rng=capture_rng(generator),
-            ))
-        if stop:
-            break
-    raw.load_state_dict(best_state)
+    member = Member(PhaseResult(name=phase.name), lambda: _on_device(train_loader, device),
+                    lambda: copy.deepcopy(raw.state_dict()), step=step_offset)
+    first = 1
+    if resume is not None:
+        member.result, member.best, first, member.step, member.stale = _restore(
+            resume, raw, optimizer, scheduler, accelerator, generator, phase)
+
+    def validate(_members: list[Member]) -> list[float | None]:
+        if val_loader is None:
+            return [None]
+        return [validation_loss(model, val_loader, scalers, phase.targets, accelerator, local)]
+
+    def step(pairs: list[tuple[Member, dict]], epoch: int) -> list[float]:
+        [(_, batch)] = pairs
+        with accelerator.autocast():
+            loss = objective(model, batch, scalers, phase.targets, phase.physics_weight,
+                             tolerance, reference, phase.response_weight, response_feature)
+            if penalty is not None:
+                loss = loss + penalty()
+        value = float(loss.detach())
+        check_finite(phase.name, value, epoch)
+        optimizer.zero_grad()
+        accelerator.backward(loss)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return [value]
+
+    def after_step(_members: list[Member], epoch: int) -> None:
+        done = len(member.losses)
+        if (phase.val_every and val_loader is not None and member.step % phase.val_every == 0
+                and done < len(train_loader)):  # the epoch end logs its own entry
+            member.result.curve.append({
+                "phase": phase.name, "epoch": epoch, "step": member.step,
+                "train_loss": sum(member.losses) / done,
+                "val_loss": validation_loss(model, val_loader, scalers, phase.targets, accelerator, local),
+            })
+            model.train()
+
+    def reduce(train_loss: float) -> float:  # one figure for all processes: they decide alike
+        return float(accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean"))
+
+    def save_state(epoch: int) -> None:
+        on_epoch(PhaseState(
+            epoch=epoch, step=member.step, stale=member.stale, stopped=member.stopped,
+            result=copy.deepcopy(member.result), model=raw.state_dict(), best_model=member.best,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            rng=capture_rng(generator),
+        ))
+
+    def postfix(_members: Sequence[Member]) -> dict:
+        val_loss = member.result.curve[-1]["val_loss"]
+        return {"train": f"{member.result.curve[-1]['train_loss']:.4f}",
+                "val": f"{val_loss:.4f}" if val_loss is not None else "-"}
+
+    fit([member], epochs=phase.epochs, patience=phase.patience, step=step, validate=validate,
+        train_mode=model.train, first_epoch=first, desc=phase.name,
+        progress=progress and accelerator.is_local_main_process, after_step=after_step,
+        reduce=reduce if shared else None, on_epoch=save_state if on_epoch is not None else None,
+        postfix=postfix)
+    raw.load_state_dict(member.best)
     for name, p in raw.named_parameters():
         p.requires_grad_(was_trainable[name])
-    result.steps = step - step_offset
+    result = member.result
+    result.steps = member.step - step_offset
     model.eval()
     return result
 
