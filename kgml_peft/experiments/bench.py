@@ -1,7 +1,9 @@
 """``kgml-peft bench``: serving and calibration figures, measured side by side in one run.
 
 What it does, in order (all on one device; steps 1-4 in this process, step 5 also starts the
-``calibrate`` command as subprocesses):
+``calibrate`` command as subprocesses); each stage is a function of its own (:func:`calibrate_sites`,
+:func:`mixed_batch` + :func:`time_forward` + :func:`mixed_differences`, :func:`strategy_sweep`,
+:func:`swaps_and_memory`, :func:`~kgml_peft.calibration.throughput.calibration_throughput`):
 
 1. calibrates ``sites`` demo sites (observed flavour, seed 0) with the default adapter config and
    times each calibration, then calibrates them again all together (batched);
@@ -37,9 +39,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from kgml_peft import schema
+from kgml_peft.calibration.calibrate import calibration_units, prepare_unit
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.runs import demo_table
+from kgml_peft.calibration.throughput import InProcess, calibration_throughput, time_in_process
+from kgml_peft.data.synthetic import SynthConfig, simulate
+from kgml_peft.data.tables import validate_table
+from kgml_peft.data.windows import WindowDataset, make_windows
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model.outputs import physical
+from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.store.adapter import Adapter, save_adapter
+from kgml_peft.store.checkpoint import Backbone, load_backbone
+from kgml_peft.store.library import adapter_path
+from kgml_peft.tuners.site_model import SiteModel
 
 
 @dataclass(frozen=True)
@@ -107,39 +123,128 @@ def _interleaved(methods: dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
-    """Run the benchmark (see module docstring) and return its figures as a JSON-ready dict."""
-    from tqdm.auto import tqdm
-
-    from kgml_peft.calibration.calibrate import calibration_units, prepare_unit
-    from kgml_peft.calibration.config import CalibrationConfig
-    from kgml_peft.calibration.runs import demo_table
-    from kgml_peft.tuners.site_model import SiteModel
-    from kgml_peft.calibration.throughput import calibration_throughput, time_in_process
-    from kgml_peft.data.synthetic import SynthConfig, simulate
-    from kgml_peft.data.tables import validate_table
-    from kgml_peft.data.windows import WindowDataset, make_windows
-    from kgml_peft.model.outputs import physical
-    from kgml_peft.serve.bank import AdapterBank
-    from kgml_peft.store.adapter import save_adapter
-    from kgml_peft.store.checkpoint import load_backbone
-    from kgml_peft.store.library import adapter_path
-
-    device = torch.device(config.device)
-    backbone = load_backbone(config.backbone)
-    features = backbone.config.features
-    steps = tqdm(total=5, desc="bench", unit="stage", disable=not progress)
-
-    # 1. calibrate real adapters for the first `sites` demo sites
-    observed = validate_table(demo_table(), features)
+def calibrate_sites(backbone: Backbone, config: BenchConfig,
+                    device: torch.device) -> tuple[list[str], CalibrationConfig, InProcess]:
+    """Stage 1: calibrate the first ``config.sites`` demo sites, one after another and batched."""
+    observed = validate_table(demo_table(), backbone.config.features)
     sites = list(dict.fromkeys(observed[schema.SITE]))[:config.sites]
     if len(sites) < config.sites:
         raise KgmlPeftError(f"the demo data has only {len(sites)} sites; bench --sites {config.sites}")
     calibration = CalibrationConfig(seed=config.seed, **({"epochs": config.epochs} if config.epochs else {}))
     units = [prepare_unit(backbone, rows, name, scope, calibration)
              for site in sites for name, scope, rows in calibration_units(observed, site)]
-    timed = time_in_process(backbone, units, calibration, cpu=device.type == "cpu")
-    calib_seconds = timed.sequential_seconds
+    return sites, calibration, time_in_process(backbone, units, calibration, cpu=device.type == "cpu")
+
+
+def mixed_batch(backbone: Backbone, config: BenchConfig, sites: list[str],
+                device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    """Stage 2's batch: ``years_per_site`` synthetic years of each calibrated site (inputs on
+    ``device``, and each row's site)."""
+    synthetic = validate_table(simulate(SynthConfig(seed=config.seed)), backbone.config.features, targets=[])
+    windows = make_windows(synthetic[synthetic[schema.SITE].isin(sites)], backbone.config.features)
+    index = np.concatenate([np.flatnonzero(windows.sites == s)[:config.years_per_site] for s in sites])
+    if len(index) < config.sites * config.years_per_site:
+        raise KgmlPeftError(f"the demo data has fewer than {config.years_per_site} years per site")
+    windows = windows.subset(index)
+    return WindowDataset(windows, backbone.scalers).x.to(device), [str(s) for s in windows.sites]
+
+
+def _site_model(backbone: Backbone, adapter: Adapter, device: torch.device) -> SiteModel:
+    model = SiteModel(backbone.model, adapter.config).to(device).eval()
+    model.load_adapter_tensors(adapter.tensors)
+    return model
+
+
+@torch.no_grad()
+def time_forward(bank: AdapterBank, adapters: dict[str, Adapter], x: torch.Tensor, names: list[str],
+                 config: BenchConfig) -> dict[str, float]:
+    """Stage 2: median seconds per pass of the bare backbone, the peft site model, the merged
+    adapter, the bank with one adapter on every row and the bank on the mixed batch (three
+    strategies), timed interleaved."""
+    first = names[0]
+    mixed, single = bank.resolve(names), bank.resolve([first] * len(names))
+    peft_model = _site_model(bank.backbone, adapters[first], bank.device)
+    methods = {
+        "bare": lambda: bank.model(x),
+        "peft": lambda: peft_model(x),
+        "merged": lambda: bank.run_merged(x, single[0]),  # no bank routing
+        "single_same_size": lambda: bank.forward(x, single),
+        "mixed": lambda: bank.forward(x, mixed),
+        "grouped": lambda: bank.forward(x, mixed, strategy="grouped"),
+        "naive": lambda: bank.forward(x, mixed, strategy="naive"),
+    }
+    return _interleaved(methods, config.repeats, bank.device)
+
+
+@torch.no_grad()
+def mixed_differences(bank: AdapterBank, adapters: dict[str, Adapter], x: torch.Tensor,
+                      names: list[str]) -> dict[str, float]:
+    """Stage 2's check: the largest difference (physical units) between the bank's mixed batch,
+    per strategy, and per-site peft models on the same rows."""
+    scalers = bank.backbone.scalers
+    reference = {}
+    for site in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == site]
+        reference[site] = (rows, physical(_site_model(bank.backbone, adapters[site], bank.device)(x[rows]), scalers))
+    mixed = bank.resolve(names)
+    diffs = {}
+    for strategy in ("batched", "grouped", "naive"):
+        out = physical(bank.forward(x, mixed, strategy=strategy), scalers)
+        diffs[strategy] = max(float((out[k][rows] - ref[k]).abs().max())
+                              for rows, ref in reference.values() for k in ("Ra", "Rh", "NEE", "Yield"))
+    return diffs
+
+
+@torch.no_grad()
+def strategy_sweep(bank: AdapterBank, sites: list[str], x: torch.Tensor, config: BenchConfig) -> dict[str, dict]:
+    """Stage 3: site-days per second of batched vs grouped by distinct adapters per batch."""
+    site_days = x.shape[0] * schema.DAYS_PER_YEAR
+    sweep = {}
+    for k in sorted({1, 2, 4, config.sites} & set(range(1, config.sites + 1))):
+        rows = bank.resolve([sites[i % k] for i in range(x.shape[0])])
+        t = _interleaved({"batched": lambda: bank.forward(x, rows, strategy="batched"),
+                          "grouped": lambda: bank.forward(x, rows, strategy="grouped")},
+                         max(2, config.repeats // 2), bank.device)
+        sweep[str(k)] = {name: site_days / v for name, v in t.items()}
+    return sweep
+
+
+def swaps_and_memory(bank: AdapterBank, adapters: dict[str, Adapter], sites: list[str],
+                     config: BenchConfig) -> dict:
+    """Stage 4: adapter swap times (cached, from disk) and the memory of ``memory_adapters``
+    resident adapters (process RSS growth, tensor bytes)."""
+    for site in sites:
+        bank.get(site)
+    cycle = iter(range(10**9))
+    swap = {"cached": lambda: bank.merged_parameters(sites[next(cycle) % len(sites)])}
+    cached = _interleaved(swap, config.swaps, bank.device)["cached"] * 1000
+
+    def from_disk() -> None:
+        bank.clear()
+        bank.merged_parameters(sites[next(cycle) % len(sites)])
+
+    disk = _interleaved({"disk": from_disk}, max(10, config.swaps // 4), bank.device)["disk"] * 1000
+    bank.clear()
+    copies = [f"m{i:05d}-{sites[i % len(sites)]}" for i in range(config.memory_adapters)]
+    for name in copies:
+        save_adapter(adapter_path(bank.store, name), replace(adapters[name.split("-", 1)[1]], site=name))
+    gc.collect()
+    rss_before = _rss_bytes()
+    for name in copies:
+        bank.get(name)
+    gc.collect()
+    rss_after = _rss_bytes()
+    return {"cached_ms": cached, "disk_ms": disk, "resident": len(bank.resident()),
+            "tensor_bytes": bank.memory_bytes(),
+            "rss_bytes": None if rss_before is None else rss_after - rss_before}
+
+
+def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
+    """Run the benchmark (see module docstring) and return its figures as a JSON-ready dict."""
+    device = torch.device(config.device)
+    backbone = load_backbone(config.backbone)
+    steps = tqdm(total=5, desc="bench", unit="stage", disable=not progress)
+    sites, calibration, timed = calibrate_sites(backbone, config, device)
     adapters = {result.name: result.adapter for result in timed.sequential}
     steps.update()
 
@@ -148,85 +253,15 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         for site, adapter in adapters.items():
             save_adapter(adapter_path(store, site), adapter)
         bank = AdapterBank(backbone, store, device=device, max_bytes=None)
-
-        # 2. the mixed batch: years_per_site synthetic years of each calibrated site
-        synthetic = validate_table(simulate(SynthConfig(seed=config.seed)), features, targets=[])
-        windows = make_windows(synthetic[synthetic[schema.SITE].isin(sites)], features)
-        index = np.concatenate([np.flatnonzero(windows.sites == s)[:config.years_per_site] for s in sites])
-        if len(index) < config.sites * config.years_per_site:
-            raise KgmlPeftError(f"the demo data has fewer than {config.years_per_site} years per site")
-        windows = windows.subset(index)
-        x = WindowDataset(windows, backbone.scalers).x.to(device)
-        names = [str(s) for s in windows.sites]
-        mixed = bank.resolve(names)
-        single = bank.resolve([sites[0]] * len(names))
-        peft_model = SiteModel(backbone.model, adapters[sites[0]].config).to(device).eval()
-        peft_model.load_adapter_tensors(adapters[sites[0]].tensors)
-        model = bank.model
-        with torch.no_grad():
-            methods = {
-                "bare": lambda: model(x),
-                "peft": lambda: peft_model(x),
-                "merged": lambda: bank.run_merged(x, single[0]),  # no bank routing
-                "single_same_size": lambda: bank.forward(x, single),
-                "mixed": lambda: bank.forward(x, mixed),
-                "grouped": lambda: bank.forward(x, mixed, strategy="grouped"),
-                "naive": lambda: bank.forward(x, mixed, strategy="naive"),
-            }
-            seconds = _interleaved(methods, config.repeats, device)
-            site_days = len(names) * schema.DAYS_PER_YEAR
-            throughput = {k: site_days / v for k, v in seconds.items()}
-
-            # the mixed batch against per-site peft models on the same rows (physical units)
-            reference = {}
-            for site in sites:
-                rows = [i for i, n in enumerate(names) if n == site]
-                site_model = SiteModel(backbone.model, adapters[site].config).to(device).eval()
-                site_model.load_adapter_tensors(adapters[site].tensors)
-                reference[site] = (rows, physical(site_model(x[rows]), backbone.scalers))
-            diffs = {}
-            for strategy in ("batched", "grouped", "naive"):
-                out = physical(bank.forward(x, mixed, strategy=strategy), backbone.scalers)
-                diffs[strategy] = max(float((out[k][rows] - ref[k]).abs().max())
-                                      for rows, ref in reference.values() for k in ("Ra", "Rh", "NEE", "Yield"))
+        x, names = mixed_batch(backbone, config, sites, device)
+        seconds = time_forward(bank, adapters, x, names, config)
+        site_days = len(names) * schema.DAYS_PER_YEAR
+        throughput = {k: site_days / v for k, v in seconds.items()}
+        diffs = mixed_differences(bank, adapters, x, names)
         steps.update()
-
-        # 3. strategy sweep: batched vs grouped by distinct adapters per batch
-        sweep = {}
-        with torch.no_grad():
-            for k in sorted({1, 2, 4, config.sites} & set(range(1, config.sites + 1))):
-                rows = bank.resolve([sites[i % k] for i in range(len(names))])
-                t = _interleaved({"batched": lambda: bank.forward(x, rows, strategy="batched"),
-                                  "grouped": lambda: bank.forward(x, rows, strategy="grouped")},
-                                 max(2, config.repeats // 2), device)
-                sweep[str(k)] = {name: site_days / v for name, v in t.items()}
+        sweep = strategy_sweep(bank, sites, x, config)
         steps.update()
-
-        # 4. swaps and memory
-        for site in sites:
-            bank.get(site)
-        cycle = iter(range(10**9))
-        swap = {"cached": lambda: bank.merged_parameters(sites[next(cycle) % len(sites)])}
-        cached = _interleaved(swap, config.swaps, device)["cached"] * 1000
-
-        def from_disk() -> None:
-            bank.clear()
-            bank.merged_parameters(sites[next(cycle) % len(sites)])
-
-        disk = _interleaved({"disk": from_disk}, max(10, config.swaps // 4), device)["disk"] * 1000
-        bank.clear()
-        copies = [f"m{i:05d}-{sites[i % len(sites)]}" for i in range(config.memory_adapters)]
-        for name in copies:
-            source = adapters[name.split("-", 1)[1]]
-            save_adapter(adapter_path(store, name), replace(source, site=name))
-        gc.collect()
-        rss_before = _rss_bytes()
-        for name in copies:
-            bank.get(name)
-        gc.collect()
-        rss_after = _rss_bytes()
-        resident = len(bank.resident())
-        tensor_bytes = bank.memory_bytes()
+        held = swaps_and_memory(bank, adapters, sites, config)
         steps.update()
         adapter_bytes = [adapter_path(store, s).stat().st_size for s in sites]
 
@@ -242,8 +277,9 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
     steps.close()
 
     scale = 1000 / config.memory_adapters
-    rss_mb = None if rss_before is None else (rss_after - rss_before) / 2**20 * scale
+    rss_mb = None if held["rss_bytes"] is None else held["rss_bytes"] / 2**20 * scale
     backbone_bytes = Path(config.backbone).stat().st_size
+    calib_seconds = timed.sequential_seconds
     return {
         "config": asdict(config),
         "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
@@ -263,11 +299,11 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         "checks": {"max_abs_diff_vs_per_site": diffs,
                    "mixed_equals_per_site_within_1e-5": diffs["batched"] <= 1e-5},
         "strategy_sweep_site_days_per_s": {k: {n: round(v, 1) for n, v in d.items()} for k, d in sweep.items()},
-        "swap_ms": {"cached_median": round(cached, 4), "disk_median": round(disk, 3)},
+        "swap_ms": {"cached_median": round(held["cached_ms"], 4), "disk_median": round(held["disk_ms"], 3)},
         "memory_mb_per_1000_adapters": None if rss_mb is None else round(rss_mb, 2),
-        "memory": {"adapters_loaded": resident, "tensor_mb_per_1000_adapters":
-                   round(tensor_bytes / 2**20 * 1000 / max(resident, 1), 3),
-                   "rss_available": rss_before is not None},
+        "memory": {"adapters_loaded": held["resident"], "tensor_mb_per_1000_adapters":
+                   round(held["tensor_bytes"] / 2**20 * 1000 / max(held["resident"], 1), 3),
+                   "rss_available": rss_mb is not None},
         "calibration_throughput": calibration_rate,
         "calibrate_s_per_site": round(statistics.mean(calib_seconds), 2),
         "calibrate_s": {s: round(v, 2) for s, v in zip(sites, calib_seconds)},
