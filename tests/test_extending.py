@@ -147,6 +147,11 @@ def test_a_component_defined_outside_the_library_trains_saves_loads_and_serves_m
     batched = calibrate_batched(backbone, units, tiny_calibration(adapter=config, batch_sites=2, lr=0.05),
                                 progress=False)
     assert all(r.summary["metrics"]["steps"] > 0 for r in batched)
+
+    # where the component is not registered, its files are refused in one line
+    unregister("bias")
+    with pytest.raises(KgmlPeftError, match="unknown adapter component 'bias'"):
+        read_adapter(adapter_path(store, "IA-001"))
     improved = [r for r in batched if r.summary["metrics"]["best_epoch"] > 0]
     assert improved and all(r.adapter.tensors["bias.value"].abs().min() > 0 for r in improved)
 
