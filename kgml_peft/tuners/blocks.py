@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import GRU_NAMES, KGMLag
 from kgml_peft.tuners.base import Component, Part, Tap
-from kgml_peft.tuners.config import AdapterConfig, names
+from kgml_peft.tuners.config import AdapterConfig, names, positive_int
 from kgml_peft.tuners.rows import stack_padded
 
 #: a block's tensors, after ``blocks.<gru>.``
@@ -88,9 +87,7 @@ class Blocks(Component):
     name = "blocks"
 
     def check(self, config: AdapterConfig) -> dict[str, object]:  # noqa: D102
-        expect_type(config.bottleneck, int, "bottleneck")
-        if config.bottleneck < 1:
-            raise KgmlPeftError(f"bottleneck must be >= 1, got {config.bottleneck}")
+        positive_int(config.bottleneck, "bottleneck")
         return {"block_targets": names(config.block_targets, GRU_NAMES, "block target")}
 
     def shapes(self, config: AdapterConfig, backbone: KGMLag) -> dict[str, tuple[int, ...]]:  # noqa: D102

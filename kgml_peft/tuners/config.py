@@ -35,6 +35,14 @@ def names(value: object, allowed: tuple[str, ...], what: str, empty_ok: bool = F
     return found
 
 
+def positive_int(value: object, key: str) -> int:
+    """``value`` if it is an integer >= 1 (a size setting such as a rank)."""
+    expect_type(value, int, key)
+    if value < 1:
+        raise KgmlPeftError(f"{key} must be >= 1, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Architecture of a site adapter phi_s: LoRA on GRU weights, bottleneck blocks, output head,

@@ -23,7 +23,7 @@ from torch import nn
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import GRU_NAMES, KGMLag
 from kgml_peft.tuners.base import Component, Part
-from kgml_peft.tuners.config import LORA_WEIGHTS, AdapterConfig, names
+from kgml_peft.tuners.config import LORA_WEIGHTS, AdapterConfig, names, positive_int
 from kgml_peft.tuners.rows import RowLora
 
 
@@ -71,9 +71,7 @@ class Lora(Component):
     name = "lora"
 
     def check(self, config: AdapterConfig) -> dict[str, object]:  # noqa: D102
-        expect_type(config.lora_rank, int, "lora_rank")
-        if config.lora_rank < 1:
-            raise KgmlPeftError(f"lora_rank must be >= 1, got {config.lora_rank}")
+        positive_int(config.lora_rank, "lora_rank")
         expect_type(config.lora_alpha, (int, float), "lora_alpha")
         if not (math.isfinite(config.lora_alpha) and config.lora_alpha > 0):
             raise KgmlPeftError(f"lora_alpha must be > 0, got {config.lora_alpha}")
