@@ -20,7 +20,7 @@ _API = {
     "calibrate": "kgml_peft.calibration.calibrate",
     "run_calibration": "kgml_peft.calibration.runs",
     "CalibrationConfig": "kgml_peft.calibration.config",
-    "AdapterConfig": "kgml_peft.calibration.config",
+    "AdapterConfig": "kgml_peft.tuners.config",
     "load_adapter": "kgml_peft.store.adapter",
     "save_adapter": "kgml_peft.store.adapter",
     "apply_adapter": "kgml_peft.serve.loading",

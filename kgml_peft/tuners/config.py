@@ -78,7 +78,8 @@ class AdapterConfig:
             expect_type(values, Mapping, f"options of component {name}")
             defaults = dict(next(c for c in base.registered() if c.name == name).defaults)
             check_keys(dict(values), set(defaults), f"options of component {name}")
-            options[name] = {**defaults, **values}
+            if defaults:  # a component without settings stores none
+                options[name] = {**defaults, **values}
         object.__setattr__(self, "options", options)
         for component in base.registered():  # every component checks its settings, used or not
             for key, value in component.check(self).items():
