@@ -195,7 +195,7 @@ def test_cli_refuses_unbatchable_options_in_one_line(tmp_path, table, plain_path
 
 
 def test_training_mode_drops_out_between_gru_layers_and_eval_does_not(plain_path, table):
-    """The batched forward (serve.mixed) applies the backbone's dropout between the layers of a
+    """The batched forward (tuners.rows) applies the backbone's dropout between the layers of a
     two-layer GRU with LoRA, as torch's GRU does in training mode; eval mode stays exact."""
     from kgml_peft.calibration.batched import _rows_model
     from kgml_peft.tuners.site_model import SiteModel

@@ -115,3 +115,31 @@ def test_importing_tuners_loads_neither_calibration_nor_serve_nor_store():
     for package in ("calibration", "serve", "store", "train", "experiments"):
         assert f"'{package}'" not in loaded, loaded
     assert "'tuners'" in loaded and "'model'" in loaded
+
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"components": ("head",), "head": "mlp", "head_hidden": 3},
+    {"lora_rank": 3, "lora_targets": ("gru_basis", "gru_nee"), "lora_weights": ("ih", "hh"),
+     "block_targets": ("gru_basis", "gru_ra", "gru_rh", "gru_nee"), "bottleneck": 5},
+])
+def test_each_component_names_attaches_and_lays_out_the_same_tensors(backbone_path, config):
+    """A component's shapes() (what files are checked against), attach() (what trains) and
+    layout() (what serves) agree on every tensor: names, shapes, and none left unused."""
+    from kgml_peft.tuners.base import active, adapter_shapes, namespaces
+    from kgml_peft.tuners.config import AdapterConfig
+    from kgml_peft.tuners.serving import ServingAdapter
+    from kgml_peft.tuners.site_model import SiteModel
+
+    backbone = load_backbone(backbone_path)
+    cfg = AdapterConfig(**config)
+    shapes = adapter_shapes(cfg, backbone.model)
+    assert all(name.startswith(namespaces()) for name in shapes)
+    trained = SiteModel(backbone.model, cfg).adapter_tensors()
+    assert {k: tuple(v.shape) for k, v in trained.items()} == shapes
+    served = ServingAdapter.from_tensors("x", trained, cfg)
+    assert set(served.parts) == {c.name for c in active(cfg)}
+    assert sum(t.numel() for t in served.tensors()) == sum(t.numel() for t in trained.values())
+    with torch.device("meta"):  # shapes() allocates nothing, even for a huge rank
+        huge = adapter_shapes(AdapterConfig(lora_rank=10**11), backbone.model)
+    assert max(s[0] for k, s in huge.items() if k.endswith(".A")) == 10**11

@@ -6,8 +6,8 @@ overhead, not arithmetic. Here K units train side by side:
 
 * every step stacks each unit's next mini-batch (its own loader, shuffled with the config's seed as
   in a run of its own) into one batch and runs the frozen backbone once, each row with its own
-  unit's adapter: the stacked LoRA factors, blocks and heads of :mod:`kgml_peft.tuners.rows`,
-  built from the units' trainable tensors so that gradients flow back to them;
+  unit's adapter: every component's parts stacked per row (:mod:`kgml_peft.tuners.rows`), laid
+  out from the units' trainable tensors so that gradients flow back to them;
 * the loss is the sum of the units' own objectives (L_pred + lambda L_phys (+ response) + rho
   ||phi||^2, each on its own rows). The units' tensors are disjoint, so each receives the gradient
   of its own objective;

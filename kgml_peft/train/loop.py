@@ -227,8 +227,11 @@ class Member:
     best: dict | None = None
     stale: int = 0
     stopped: bool = False
-    #: this epoch's per-step training losses
-    losses: list[float] = field(default_factory=list)
+    #: this epoch's optimizer steps and the running total of their training losses (a running
+    #: total, not ``sum()``: Python 3.12's ``sum`` rounds differently, and logged curves must not
+    #: depend on the Python version)
+    done: int = 0
+    total: float = 0.0
 
 
 def check_finite(name: str, value: float, epoch: int) -> None:
@@ -280,18 +283,19 @@ def fit(
         train_mode()
         iterators = {id(m): m.batches() for m in active}
         for member in active:
-            member.losses = []
+            member.done, member.total = 0, 0.0
         while True:
             pairs = [(m, b) for m in active if (b := next(iterators[id(m)], None)) is not None]
             if not pairs:
                 break
             for (member, _), value in zip(pairs, step(pairs, epoch)):
-                member.losses.append(value)
+                member.total += value
+                member.done += 1
                 member.step += 1
             if after_step is not None:
                 after_step([m for m, _ in pairs], epoch)
         for member, val_loss in zip(active, validate(active)):
-            train_loss = sum(member.losses) / max(len(member.losses), 1)
+            train_loss = member.total / max(member.done, 1)
             if reduce is not None:
                 train_loss = reduce(train_loss)
             improved, member.stale, member.stopped = close_epoch(
@@ -393,12 +397,11 @@ def run_phase(
         return [value]
 
     def after_step(_members: list[Member], epoch: int) -> None:
-        done = len(member.losses)
         if (phase.val_every and val_loader is not None and member.step % phase.val_every == 0
-                and done < len(train_loader)):  # the epoch end logs its own entry
+                and member.done < len(train_loader)):  # the epoch end logs its own entry
             member.result.curve.append({
                 "phase": phase.name, "epoch": epoch, "step": member.step,
-                "train_loss": sum(member.losses) / done,
+                "train_loss": member.total / member.done,
                 "val_loss": validation_loss(model, val_loader, scalers, phase.targets, accelerator, local),
             })
             model.train()
