@@ -36,19 +36,15 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from kgml_peft.calibration.calibrate import (
-    CalibrationData,
-    CalibrationResult,
-    calibrate_unit,
-    finish_unit,
-    validation_metrics,
-)
+from kgml_peft.calibration.single import calibrate_alone
+from kgml_peft.calibration.units import CalibrationData, CalibrationResult, finish_unit, validation_metrics
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.tuners.site_model import SiteModel
-from kgml_peft.data.windows import WindowDataset
+from kgml_peft.data.windows import WindowDataset, YearWindows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.outputs import physical, scaled_targets
 from kgml_peft.tuners.rows import forward_rows, plan_rows
+from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.tuners.serving import ServingAdapter
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import Member, check_finite, deterministic_algorithms, fit, make_accelerator, weighted_mse
@@ -73,12 +69,13 @@ class _Unit:
     val: WindowDataset
     total_steps: int
     member: Member
+    adapter: AdapterConfig
     #: its parameter group in the optimizer (its learning rate is set there before each step)
     group: dict = field(default_factory=dict)
 
     def layout(self, config: CalibrationConfig) -> ServingAdapter:
         """The unit's current adapter in the layout a mixed batch takes (gradients flow)."""
-        return ServingAdapter.from_tensors(self.data.name, self.tensors, config.adapter)
+        return ServingAdapter.from_tensors(self.data.name, self.tensors, self.adapter)
 
 
 def _rows_model(backbone: torch.nn.Module, adapters: Sequence[ServingAdapter], like: torch.Tensor):
@@ -109,16 +106,16 @@ def calibrate_batched(
     progress: bool = True,
     local: bool = False,
 ) -> list[CalibrationResult]:
-    """Calibrate the prepared ``units`` (see :func:`~kgml_peft.calibration.calibrate.prepare_unit`)
+    """Calibrate the prepared ``units`` (see :func:`~kgml_peft.calibration.units.prepare_unit`)
     side by side in one process (see module docstring); results in the order of ``units``. A
     single unit is calibrated on its own, exactly as without batching (``local``: as one of
-    several processes' own units, see :func:`~kgml_peft.calibration.calibrate.calibrate_unit`;
+    several processes' own units, see :func:`~kgml_peft.calibration.single.calibrate_alone`;
     a batched group is always this process's own). :func:`~kgml_peft.calibration.runs.run_calibration`
     sends single units to ``calibrate_unit`` itself, with their per-epoch training state."""
     if config.method != "adapter" or config.unfreeze:  # CalibrationConfig(batch_sites > 1) refuses these
         raise KgmlPeftError("batched calibration needs the adapter method without unfreeze")
     if len(units) < 2:  # nothing to share a pass with: a unit of its own runs torch's fused GRUs
-        return [calibrate_unit(backbone, unit, config, cpu=cpu, progress=progress, local=local)
+        return [calibrate_alone(backbone, unit, config, cpu=cpu, progress=progress, local=local)
                 for unit in units]
     with deterministic_algorithms():
         set_seed(config.seed, deterministic=True)
@@ -128,6 +125,42 @@ def calibrate_batched(
 def _calibrate_batched(backbone: Backbone, data: list[CalibrationData], config: CalibrationConfig, *,
                        cpu: bool, progress: bool) -> list[CalibrationResult]:
     befores = [validation_metrics(backbone.model, backbone, d.val, d.weights, config.tolerance) for d in data]
+    trained = train_side_by_side(backbone, data, config, cpu=cpu, progress=progress)
+    results = []
+    for unit, before in zip(trained, befores):
+        model = SiteModel(backbone.model, config.adapter, seed=config.seed)
+        model.load_adapter_tensors(unit.best)
+        provenance = {PROVENANCE[0]: [d.name for d in data]}
+        results.append(finish_unit(backbone, unit.data, config, model.eval(), unit.result, before,
+                                   provenance))
+    return results
+
+
+@dataclass
+class TrainedUnit:
+    """One unit after :func:`train_side_by_side`: its curve and step count, its best tensors, and
+    (when asked for) its tensors after every epoch it ran (``history[0]`` = the start)."""
+
+    data: CalibrationData
+    adapter: AdapterConfig
+    result: PhaseResult
+    best: dict[str, torch.Tensor]
+    history: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], config: CalibrationConfig, *,
+                       adapters: Sequence[AdapterConfig] | None = None, history: bool = False,
+                       followers: Sequence[bool] | None = None, cpu: bool = False,
+                       progress: bool = True) -> list[TrainedUnit]:
+    """Train one adapter per unit of ``data`` in one batched pass (see module docstring), unit
+    ``i`` with architecture ``adapters[i]`` (default: ``config.adapter`` for all), each early
+    stopped on its own ``val`` windows; CPU tensors, in the order of ``data``. Each architecture
+    starts from the initial adapter a run of its own with ``config.seed`` would have. With
+    ``history`` every unit keeps its tensors after each epoch; a unit marked in ``followers``
+    never stops on its own but with the last of the others (cross-validation refits on all data
+    alongside its folds, and takes the epoch the folds choose)."""
+    adapters = list(adapters) if adapters is not None else [config.adapter] * len(data)
+    followers = list(followers) if followers is not None else [False] * len(data)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     device = accelerator.device
     net = copy.deepcopy(backbone.model).requires_grad_(False).to(device)
@@ -135,45 +168,56 @@ def _calibrate_batched(backbone: Backbone, data: list[CalibrationData], config: 
     if config.response_weight:
         reference = copy.deepcopy(backbone.model).eval().requires_grad_(False).to(device)
     response_feature = backbone.config.features.index("GPP")
-    # every unit starts from the same initial adapter as a run of its own with this seed
-    start = SiteModel(backbone.model, config.adapter, seed=config.seed).adapter_tensors()
+    starts: dict[AdapterConfig, dict[str, torch.Tensor]] = {}
 
     units: list[_Unit] = []
-    for d in data:
-        tensors = {k: torch.nn.Parameter(v.clone().to(device)) for k, v in start.items()}
+    for d, adapter in zip(data, adapters):
+        if adapter not in starts:
+            starts[adapter] = SiteModel(backbone.model, adapter, seed=config.seed).adapter_tensors()
+        tensors = {k: torch.nn.Parameter(v.clone().to(device)) for k, v in starts[adapter].items()}
         loader = DataLoader(WindowDataset(d.train, backbone.scalers), batch_size=config.batch_size,
                             shuffle=True, generator=torch.Generator().manual_seed(config.seed))
         member = Member(PhaseResult(name=f"calibrate {d.name}"), lambda l=loader: iter(l),
-                        lambda t=tensors: {k: v.detach().clone() for k, v in t.items()})
+                        lambda t=tensors: {k: v.detach().clone() for k, v in t.items()},
+                        patience=0 if followers[len(units)] else None)
         units.append(_Unit(d, tensors, loader, WindowDataset(d.val, backbone.scalers),
-                           max(config.epochs * len(loader), 1), member))
+                           max(config.epochs * len(loader), 1), member, adapter))
     optimizer = torch.optim.Adam([{"params": list(u.tensors.values())} for u in units], lr=config.lr)
     optimizer = accelerator.prepare_optimizer(optimizer)  # mixed precision: loss scaling
     for unit, group in zip(units, optimizer.param_groups):  # its own copies of the group dicts
         unit.group = group
     by_member = {id(u.member): u for u in units}
+    kept: dict[int, list[dict[str, torch.Tensor]]] = {id(u): [] for u in units}
 
     def step(pairs: list[tuple[Member, dict]], epoch: int) -> list[float]:
         return _train_step(net, reference, [(by_member[id(m)], b) for m, b in pairs], config, backbone,
                            accelerator, optimizer, epoch, response_feature)
 
     def validate(members: list[Member]) -> list[float]:
-        return _validate(net, [by_member[id(m)] for m in members], config, backbone, accelerator)
+        units_ = [by_member[id(m)] for m in members]
+        return _validate(net, [(u.layout(config), u.val, u.data.weights) for u in units_], backbone, accelerator)
 
+    def end_epoch(epoch: int) -> None:
+        if history:
+            for unit in units:
+                if epoch == 0 or len(unit.member.result.curve) == epoch + 1:  # the start, or it ran
+                    kept[id(unit)].append({k: v.detach().cpu().clone() for k, v in unit.tensors.items()})
+        leaders = [u for u, f in zip(units, followers) if not f]
+        if leaders and all(u.member.stopped for u in leaders):
+            for unit in units:
+                unit.member.stopped = True
+
+    end_epoch(0)
     fit([u.member for u in units], epochs=config.epochs, patience=config.patience, step=step,
         validate=validate, train_mode=net.train, desc=f"calibrate {len(units)} units",
-        progress=progress and accelerator.is_local_main_process,
+        progress=progress and accelerator.is_local_main_process, on_epoch=end_epoch,
         postfix=lambda members: {"active": sum(not m.stopped for m in members)})
-
-    results = []
-    for unit, before in zip(units, befores):
-        model = SiteModel(backbone.model, config.adapter, seed=config.seed)
-        model.load_adapter_tensors({k: v.cpu() for k, v in unit.member.best.items()})
+    trained = []
+    for unit in units:
         unit.member.result.steps = unit.member.step
-        provenance = {PROVENANCE[0]: [u.data.name for u in units]}
-        results.append(finish_unit(backbone, unit.data, config, model.eval(), unit.member.result, before,
-                                   provenance))
-    return results
+        trained.append(TrainedUnit(unit.data, unit.adapter, unit.member.result,
+                                   {k: v.cpu() for k, v in unit.member.best.items()}, kept[id(unit)]))
+    return trained
 
 
 def _train_step(net, reference, step, config: CalibrationConfig, backbone: Backbone, accelerator,
@@ -220,30 +264,39 @@ def _lr(config: CalibrationConfig, done: int, total: int) -> float:
     return config.lr * (1 + math.cos(math.pi * min(done, total) / total)) / 2
 
 
-def _validate(net, units: Sequence[_Unit], config: CalibrationConfig, backbone: Backbone,
-              accelerator) -> list[float]:
-    """Each unit's validation loss (the weighted masked MSE a unit trained alone stops on)."""
+def validate_adapters(backbone: Backbone, items: Sequence[tuple[ServingAdapter, YearWindows, dict[str, float]]],
+                      config: CalibrationConfig, *, cpu: bool = False) -> list[float]:
+    """The validation loss (the weighted masked MSE early stopping uses) of each ``(adapter,
+    windows, target weights)``: every adapter on its own windows, all in mixed batches."""
+    accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+    net = copy.deepcopy(backbone.model).requires_grad_(False).to(accelerator.device)
+    return _validate(net, [(a, WindowDataset(w, backbone.scalers), weights) for a, w, weights in items],
+                     backbone, accelerator)
+
+
+def _validate(net, items: Sequence[tuple[ServingAdapter, WindowDataset, dict[str, float]]],
+              backbone: Backbone, accelerator) -> list[float]:
+    """Each ``(adapter, validation set, target weights)``'s validation loss (the weighted masked
+    MSE a unit trained alone stops on)."""
     net.eval()
-    rows = [(u, i) for u in units for i in range(len(u.val))]
-    names = tuple(dict.fromkeys(n for u in units for n in u.data.weights))
-    sse = torch.zeros(len(units), len(names), dtype=torch.float64)
-    count = torch.zeros(len(units), len(names), dtype=torch.float64)
-    slot = {id(u): j for j, u in enumerate(units)}
+    rows = [(j, i) for j, (_, val, _) in enumerate(items) for i in range(len(val))]
+    names = tuple(dict.fromkeys(n for _, _, weights in items for n in weights))
+    sse = torch.zeros(len(items), len(names), dtype=torch.float64)
+    count = torch.zeros(len(items), len(names), dtype=torch.float64)
     with torch.no_grad():
         for first in range(0, len(rows), VAL_ROWS):
             chunk = rows[first:first + VAL_ROWS]
-            batch = _stack([{k: v[None] for k, v in u.val[i].items()} for u, i in chunk], accelerator.device)
-            layouts = {id(u): u.layout(config) for u, _ in chunk}
+            batch = _stack([{k: v[None] for k, v in items[j][1][i].items()} for j, i in chunk], accelerator.device)
             with accelerator.autocast():
-                out = _rows_model(net, [layouts[id(u)] for u, _ in chunk], batch["x"])(batch["x"])
+                out = _rows_model(net, [items[j][0] for j, _ in chunk], batch["x"])(batch["x"])
             out = {k: v.float() for k, v in out.items() if k != "state"}
             scaled = scaled_targets(out, backbone.scalers, physical(out, backbone.scalers))
             e, c = target_errors(scaled, batch, names)
-            index = torch.tensor([slot[id(u)] for u, _ in chunk])
+            index = torch.tensor([j for j, _ in chunk])
             sse.index_add_(0, index, e.double().cpu())
             count.index_add_(0, index, c.double().cpu())
     losses = []
-    for j, u in enumerate(units):
-        cols = [names.index(n) for n in u.data.weights]
-        losses.append(weighted_mse(sse[j, cols], count[j, cols], u.data.weights))
+    for j, (_, _, weights) in enumerate(items):
+        cols = [names.index(n) for n in weights]
+        losses.append(weighted_mse(sse[j, cols], count[j, cols], weights))
     return losses

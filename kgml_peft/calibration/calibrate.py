@@ -1,188 +1,34 @@
-"""Calibrating a global backbone to one site or region (Eq. 2 and Eq. 3 of DESIGN.md).
+"""Calibrating a global backbone to one site or region: the entry points.
 
-``calibrate(backbone, table, "IA")`` holds out the last years of each site (``val_fraction``),
-measures the global backbone on them, trains with the one Accelerate loop of
-:mod:`kgml_peft.train.loop` and measures again:
-
-* ``adapter`` (Eq. 3): phi_s on the frozen backbone; loss = L_pred + lambda L_phys
-  + rho ||phi_s||^2 (+ mu ||theta_s - theta||^2 on weights unfrozen with ``unfreeze``);
-* ``full`` (Eq. 2): every backbone weight trains; loss = L_pred + lambda L_phys + mu ||theta_s - theta||^2;
-* ``scratch``: the backbone's architecture from random weights, site data only (L_pred + lambda L_phys).
-
-Early stopping keeps the weights of the epoch with the lowest validation loss (epoch 0, the
-starting point, included). The backbone passed in is never modified.
+``calibrate(backbone, table, "IA")`` selects the unit, checks and splits its data
+(:mod:`kgml_peft.calibration.units`) and calibrates it: with ``cv = "none"`` on its own, early
+stopped on its last ``val_fraction`` of years (:mod:`kgml_peft.calibration.single`); with
+``cv = "folds"`` choosing epochs, adapter shape and strength on cross-validation folds
+(:mod:`kgml_peft.calibration.selection`). Many units at once: :mod:`kgml_peft.calibration.runs`.
 """
 
 from __future__ import annotations
 
-import copy
-import os
-from dataclasses import dataclass, field
-
-import numpy as np
 import pandas as pd
-import torch
-from accelerate.utils import set_seed
 
-from kgml_peft import schema
 from kgml_peft.calibration.config import CalibrationConfig
-from kgml_peft.tuners.site_model import SiteModel
-from kgml_peft.data.tables import select_sites, validate_table
-from kgml_peft.data.windows import WindowDataset, YearWindows, make_windows, split_by_year
+from kgml_peft.calibration.selection import calibrate_cross_validated
+from kgml_peft.calibration.single import calibrate_alone, calibration_state
+from kgml_peft.calibration.units import (
+    CalibrationData,
+    CalibrationResult,
+    calibration_units,
+    finish_unit,
+    prepare_unit,
+    validation_metrics,
+)
+from kgml_peft.data.tables import validate_table
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.metrics import group_metrics
-from kgml_peft.model.backbone import build_backbone
-from kgml_peft.model.inference import predict_windows
-from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
-from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms, make_accelerator, run_phase
-from kgml_peft.train.objectives import anchor_distance, squared_norm
-from kgml_peft.train.state import PhaseResult, PhaseState, StateError, StateFile, TrainingState, discard_on_failure
-from kgml_peft.train.pretrain import frame_hash, with_reco
+from kgml_peft.train.state import StateFile
 
-
-@dataclass
-class CalibrationResult:
-    """What one calibration produced.
-
-    ``model`` is the calibrated model (a :class:`SiteModel` for the adapter method, a
-    :class:`KGMLag` otherwise), ``adapter`` the adapter to save (adapter method only), ``metrics``
-    the validation metrics ``before`` (global backbone) and ``after``, ``summary`` the provenance
-    stored in the output file, ``curve`` the per-epoch losses.
-    """
-
-    name: str
-    method: str
-    model: torch.nn.Module
-    adapter: Adapter | None
-    metrics: dict
-    summary: dict
-    curve: list[dict] = field(default_factory=list)
-
-    @property
-    def trained_parameters(self) -> int:
-        """Number of values the run trained (adapter size, or the whole backbone)."""
-        if self.adapter is not None:
-            return self.adapter.parameters
-        return sum(p.numel() for p in self.model.parameters())
-
-
-def calibration_units(frame: pd.DataFrame, site: str) -> list[tuple[str, str, pd.DataFrame]]:
-    """What ``--site`` selects: ``[(name, scope, rows)]``. A site id gives that site, a region
-    label all sites of the region (one pooled unit), ``all`` one unit per region, and a
-    comma-separated list of site ids and region labels one unit per entry."""
-    if isinstance(site, str) and "," in site:
-        names = [part.strip() for part in site.split(",")]
-        if "all" in names or "" in names:
-            raise KgmlPeftError(f"--site {site!r}: a list names sites or regions, each once, "
-                                "without 'all' or empty entries")
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise KgmlPeftError(f"--site lists {repeated[0]!r} twice")
-        return [unit for name in names for unit in calibration_units(frame, name)]
-    schema.check_site_id(site, "site")
-    if site == "all":
-        for region in frame[schema.REGION].unique():
-            schema.check_site_id(region, "region label (it names the adapter file)")
-        return [(str(region), "region", rows.reset_index(drop=True))
-                for region, rows in frame.groupby(schema.REGION, sort=True)]
-    rows = select_sites(frame, site)
-    scope = "site" if (frame[schema.SITE] == site).any() else "region"
-    return [(site, scope, rows)]
-
-
-def validation_metrics(model: torch.nn.Module, backbone: Backbone, windows: YearWindows,
-                       weights: dict[str, float], tolerance: float) -> dict:
-    """Metrics of ``model`` on ``windows``: ``loss`` (the weighted scaled MSE early stopping
-    uses), per-target ``n``/``mse``/``mse_scaled``/``r2`` and physics violations."""
-    preds = predict_windows(model, backbone.scalers, windows)
-    group = group_metrics(windows, preds, backbone.scalers, np.arange(len(windows)), tolerance)
-    scored = {n: group["targets"][n]["mse_scaled"] for n in weights if n in group["targets"]}
-    total = sum(weights[n] for n in scored)
-    group["loss"] = sum(weights[n] * v for n, v in scored.items()) / total if total else None
-    return group
-
-
-def _targets(config: CalibrationConfig, train: YearWindows, val: YearWindows,
-             name: str) -> dict[str, float]:
-    observed = [t for t in schema.TARGETS if np.isfinite(train.target(t)).any()]
-    if config.targets is None:
-        if not observed:
-            raise KgmlPeftError(f"{name}: the training years have no observed target "
-                                f"({', '.join(schema.TARGETS)})")
-        weights = {t: 1.0 for t in observed}
-    else:
-        empty = [t for t in config.targets if t not in observed]
-        if empty:
-            raise KgmlPeftError(f"{name}: target {empty[0]} has no observations in the training years")
-        weights = dict(config.targets)
-    if not any(np.isfinite(val.target(t)).any() for t in weights):
-        raise KgmlPeftError(
-            f"{name}: the validation years ({', '.join(map(str, sorted(set(val.years))))}) have no "
-            f"observation of {', '.join(weights)}; early stopping and the before/after metrics "
-            "need some (lower --val-fraction or provide observations)"
-        )
-    return weights
-
-
-def _model(backbone: Backbone, config: CalibrationConfig) -> tuple[torch.nn.Module, list[str], object]:
-    """The model to train, its trainable parameter patterns and its penalty (closure)."""
-    if config.method == "adapter":
-        model = SiteModel(backbone.model, config.adapter, seed=config.seed)
-        unfrozen = model.unfreeze(config.unfreeze) if config.unfreeze else []
-        adapter_params = list(model.adapter_parameters().values())
-        # SiteModel freezes the backbone: what requires grad is phi_s plus the unfrozen weights
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-
-        def penalty() -> torch.Tensor:
-            loss = config.rho * squared_norm(adapter_params)
-            if unfrozen:
-                loss = loss + config.mu * anchor_distance(model.anchored_pairs())
-            return loss
-
-        return model, trainable, penalty
-    if config.method == "full":
-        model = copy.deepcopy(backbone.model)
-        model.requires_grad_(True)
-        reference = [p.detach().clone() for p in model.parameters()]
-
-        def anchor() -> torch.Tensor:
-            params = list(model.parameters())
-            if reference[0].device != params[0].device:  # once, after accelerate moved the model
-                reference[:] = [r.to(p.device) for p, r in zip(params, reference)]
-            return config.mu * anchor_distance(zip(params, reference))
-
-        return model, ["*"], anchor
-    model = build_backbone(backbone.config, seed=config.seed)
-    return model, ["*"], None
-
-
-@dataclass
-class CalibrationData:
-    """One unit's data, checked and split: training and validation windows and target weights."""
-
-    name: str
-    scope: str
-    rows: pd.DataFrame
-    train: YearWindows
-    val: YearWindows
-    weights: dict[str, float]
-
-
-def prepare_unit(backbone: Backbone, rows: pd.DataFrame, name: str, scope: str,
-                 config: CalibrationConfig) -> CalibrationData:
-    """Split validated ``rows`` by year and choose the targets; every data problem that would stop
-    a calibration is raised here, before any training."""
-    rows = with_reco(rows)
-    windows = make_windows(rows, backbone.config.features)
-    train_idx, val_idx = split_by_year(windows, config.val_fraction)
-    if len(val_idx) == 0:
-        raise KgmlPeftError(
-            f"{name} has a single complete year per site; calibration needs at least two "
-            "(the last year of each site is held out for early stopping)"
-        )
-    train, val = windows.subset(train_idx), windows.subset(val_idx)
-    return CalibrationData(name, scope, rows, train, val, _targets(config, train, val, name))
+__all__ = ["CalibrationData", "CalibrationResult", "calibrate", "calibrate_unit", "calibration_state",
+           "calibration_units", "finish_unit", "prepare_unit", "validation_metrics"]
 
 
 def calibrate(
@@ -219,116 +65,11 @@ def calibrate_unit(
     state: StateFile | None = None,
     local: bool = False,
 ) -> CalibrationResult:
-    """Calibrate on one prepared unit (see :func:`prepare_unit`). With ``state`` (see
-    :func:`calibration_state`) the training state is saved after every epoch, and the run
-    continues from a saved one when ``state.resume`` is set. ``local``: this process calibrates
-    the unit on its own while other processes calibrate others (no data parallelism)."""
-    with deterministic_algorithms(), discard_on_failure(state):
-        set_seed(config.seed, deterministic=True)
-        return _calibrate(backbone, data, config, cpu=cpu, progress=progress, state=state, local=local)
-
-
-def calibration_state(output: str | os.PathLike, backbone: Backbone, data: CalibrationData,
-                      config: CalibrationConfig, resume: bool = False) -> StateFile:
-    """The training-state file of the calibration that writes ``output``; its key covers the
-    unit, its data, the config (seed included) and the backbone."""
-    return StateFile.for_output(output, {"run": "calibrate", "unit": data.name,
-                                         "config": config.to_dict(), "data": frame_hash(data.rows),
-                                         "backbone": backbone.fingerprint}, resume)
-
-
-def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,
-               cpu: bool, progress: bool, state: StateFile | None, local: bool) -> CalibrationResult:
-    features = backbone.config.features
-    name, train, val, weights = data.name, data.train, data.val, data.weights
-    before = validation_metrics(backbone.model, backbone, val, weights, config.tolerance)
-
-    accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
-    model, trainable, penalty = _model(backbone, config)
-    reference = None
-    if config.response_weight:
-        reference = copy.deepcopy(backbone.model).eval().requires_grad_(False)
-        reference = reference.to(accelerator.device)
-    phase = PhaseConfig(
-        name=f"calibrate {name}", data="observed", targets=weights, trainable=tuple(trainable),
-        epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-        physics_weight=config.physics_weight, response_weight=config.response_weight,
-        patience=config.patience, schedule=config.schedule,
-    )
-    prepared = model.to(accelerator.device) if local else accelerator.prepare(model)
-    saved = state.load() if state is not None else None
-    if saved is not None and (saved.phase_index != 0 or saved.done or saved.extra):
-        raise StateError(f"{state.path} is not a calibration's training state; delete it to start over")
-
-    def on_epoch(phase_state: PhaseState) -> None:
-        state.save(TrainingState(0, phase_state))
-
-    result = run_phase(prepared, phase, WindowDataset(train, backbone.scalers),
-                       WindowDataset(val, backbone.scalers), backbone.scalers, accelerator,
-                       seed=config.seed, tolerance=config.tolerance, reference=reference,
-                       response_feature=features.index("GPP"), penalty=penalty, progress=progress,
-                       resume=saved.phase if saved is not None else None,
-                       on_epoch=on_epoch if state is not None else None, local=local)
-    model = accelerator.unwrap_model(prepared).cpu().eval()
-    return finish_unit(backbone, data, config, model, result, before)
-
-
-def finish_unit(backbone: Backbone, data: CalibrationData, config: CalibrationConfig,
-                model: torch.nn.Module, result: PhaseResult, before: dict,
-                provenance: dict | None = None) -> CalibrationResult:
-    """Measure a unit's trained ``model`` (CPU, its best weights) and put together its result:
-    metrics, summary and, for the adapter method, the adapter to save. ``provenance`` adds
-    entries to the summary's ``calibration`` record (e.g. the units trained alongside)."""
-    name, scope, rows = data.name, data.scope, data.rows
-    train, val, weights = data.train, data.val, data.weights
-    if isinstance(model, SiteModel) and config.storage_dtype == "float16":
-        model.round_adapter(torch.float16)
-    after = validation_metrics(model, backbone, val, weights, config.tolerance)
-
-    summary = {
-        "site": name,
-        "scope": scope,
-        "sites": sorted(set(train.sites) | set(val.sites)),
-        "regions": sorted(set(train.regions) | set(val.regions)),
-        "targets": weights,
-        "calibration": {**config.to_dict(), **(provenance or {})},
-        "data": {
-            "hash": frame_hash(rows),
-            "train_site_years": len(train),
-            "val_site_years": len(val),
-            "train_years": sorted({int(y) for y in train.years}),
-            "val_years": sorted({int(y) for y in val.years}),
-            "first_date": str(rows[schema.DATE].min().date()),
-            "last_date": str(rows[schema.DATE].max().date()),
-            "dropped_site_years": len(train.dropped),
-        },
-        "metrics": {
-            "before": _compact(before),
-            "after": _compact(after),
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.curve) - 1,
-            "steps": result.steps,
-        },
-        "backbone_fingerprint": backbone.fingerprint,
-    }
-    adapter = None
-    if isinstance(model, SiteModel):
-        info = {k: summary[k] for k in ("scope", "sites", "regions", "data", "metrics")}
-        # the adapter architecture has its own metadata field (adapter_config)
-        calibration = {k: v for k, v in summary["calibration"].items() if k != "adapter"}
-        info.update(features=list(backbone.config.features), targets=weights, calibration=calibration)
-        adapter = Adapter(site=name, config=config.adapter, tensors=model.adapter_tensors(),
-                          backbone_fingerprint=backbone.fingerprint, info=info)
-    return CalibrationResult(name=name, method=config.method, model=model, adapter=adapter,
-                             metrics={"before": before, "after": after}, summary=summary,
-                             curve=result.curve)
-
-
-def _compact(metrics: dict) -> dict:
-    """The part of a metrics dict an adapter file keeps: loss, per-target n and MSE, mass balance."""
-    out = {"loss": metrics["loss"],
-           "mse": {k: v["mse"] for k, v in metrics["targets"].items()},
-           "n": {k: v["n"] for k, v in metrics["targets"].items()}}
-    out["mass_balance_violation_rate"] = metrics["physics"].get("mass_balance_violation_rate")
-    return out
-
+    """Calibrate on one prepared unit (see :func:`prepare_unit`), cross-validated when the config
+    asks for it. With ``state`` (see :func:`calibration_state`) a unit calibrated alone saves its
+    training state after every epoch and continues from a saved one when ``state.resume`` is set
+    (a cross-validated unit reruns from the start). ``local``: this process calibrates the unit on
+    its own while other processes calibrate others (no data parallelism)."""
+    if config.cv == "folds":
+        return calibrate_cross_validated(backbone, data, config, cpu=cpu, progress=progress)
+    return calibrate_alone(backbone, data, config, cpu=cpu, progress=progress, state=state, local=local)

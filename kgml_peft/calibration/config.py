@@ -19,6 +19,7 @@ from kgml_peft.store.adapter import STORAGE_DTYPES
 from kgml_peft.tuners.config import AdapterConfig
 
 METHODS: tuple[str, ...] = ("adapter", "full", "scratch")
+CV_MODES: tuple[str, ...] = ("none", "folds")
 
 #: Per-method defaults for the options left unset (``None``) in :class:`CalibrationConfig`.
 METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
@@ -68,6 +69,10 @@ class CalibrationConfig:
     #: units calibrated side by side in one pass over the backbone (1 = one after another); see
     #: :mod:`kgml_peft.calibration.batched`
     batch_sites: int = 1
+    #: ``none``: early stopping on the last ``val_fraction`` of years, reported as "after";
+    #: ``folds``: epochs, adapter shape and strength chosen on cross-validation folds, the folds'
+    #: estimate reported (:mod:`kgml_peft.calibration.selection`)
+    cv: str = "none"
 
     def __post_init__(self) -> None:
         expect_type(self.method, str, "method")
@@ -124,6 +129,12 @@ class CalibrationConfig:
         if self.batch_sites > 1 and self.method != "adapter":
             raise KgmlPeftError(f"batch_sites > 1 needs the adapter method; method {self.method} "
                                 "trains backbone weights, one unit at a time")
+        expect_type(self.cv, str, "cv")
+        if self.cv not in CV_MODES:
+            raise KgmlPeftError(f"cv must be one of {', '.join(CV_MODES)}, got {self.cv!r}")
+        if self.cv == "folds" and (self.method != "adapter" or self.unfreeze):
+            raise KgmlPeftError("cv folds choose an adapter's shape and strength: they need the adapter "
+                                "method without unfreeze")
         if self.batch_sites > 1 and self.unfreeze:
             raise KgmlPeftError("batch_sites > 1 cannot be combined with unfreeze: units that "
                                 "replace backbone weights cannot share one pass")

@@ -224,6 +224,8 @@ class Member:
     snapshot: Callable[[], dict]
     #: optimizer steps so far (the curve's ``step``; a phase may start counting at an offset)
     step: int = 0
+    #: epochs without improvement before this member stops (None: the run's patience)
+    patience: int | None = None
     best: dict | None = None
     stale: int = 0
     stopped: bool = False
@@ -299,7 +301,8 @@ def fit(
             if reduce is not None:
                 train_loss = reduce(train_loss)
             improved, member.stale, member.stopped = close_epoch(
-                member.result, epoch, member.step, train_loss, val_loss, member.stale, patience)
+                member.result, epoch, member.step, train_loss, val_loss, member.stale,
+                patience if member.patience is None else member.patience)
             if improved:
                 member.best = member.snapshot()
         if on_epoch is not None:

@@ -107,6 +107,13 @@ class Component(ABC):
         """The serving layout of this component's checked tensors (file names). Take views and
         products only, so that gradients reach ``tensors`` (batched calibration trains this way)."""
 
+    def scale(self, config: AdapterConfig, tensors: Mapping[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
+        """This component's tensors with its change to the backbone scaled by ``strength``: 0 gives
+        its identity values exactly, 1 the tensors unchanged (calibration chooses a strength on
+        held-out folds). A component that cannot be scaled keeps the default, which refuses."""
+        raise KgmlPeftError(f"component {self.name} cannot scale its change (it does not implement "
+                            "Component.scale); choose the strength 1 or leave it out")
+
     @abstractmethod
     def stack(self, parts: Sequence[Part | None], index: torch.Tensor, like: torch.Tensor) -> Part:
         """One part for a batch whose row ``b`` uses ``parts[index[b]]`` (parts from this
@@ -195,6 +202,26 @@ def check_named(tensors: Mapping[str, torch.Tensor], own: Mapping[str, tuple[int
             raise KgmlPeftError(f"adapter tensor {name} has shape {list(tensor.shape)}, this "
                                 f"backbone needs {list(expected[name])}")
     return unfrozen
+
+
+def scale_adapter(tensors: Mapping[str, torch.Tensor], config: AdapterConfig, backbone: KGMLag,
+                  strength: float) -> dict[str, torch.Tensor]:
+    """An adapter's tensors with its whole change to ``backbone`` scaled by ``strength`` in [0, 1]:
+    each component's :meth:`Component.scale`, and unfrozen ``backbone.<name>`` weights moved that
+    fraction of the way from the global value. Strength 0 is the backbone itself."""
+    if not 0.0 <= strength <= 1.0:
+        raise KgmlPeftError(f"an adapter's strength must be in [0, 1], got {strength}")
+    scaled: dict[str, torch.Tensor] = {}
+    for component in active(config):
+        scaled.update(component.scale(config, own_tensors(component, tensors), strength))
+    weights = dict(backbone.named_parameters())
+    for name, value in tensors.items():
+        if name.startswith(BACKBONE_PREFIX):
+            global_value = weights[name[len(BACKBONE_PREFIX):]].detach().to(value)
+            scaled[name] = torch.lerp(global_value, value, strength)  # exact at 0 and 1
+    if set(scaled) != set(tensors):
+        raise KgmlPeftError(f"scaling the adapter lost or added tensors: {sorted(set(scaled) ^ set(tensors))[:1]}")
+    return scaled
 
 
 def run_parts(backbone: KGMLag, x: torch.Tensor, state: dict[str, torch.Tensor] | None,

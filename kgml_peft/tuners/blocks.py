@@ -114,6 +114,11 @@ class Blocks(Component):
         return BlocksPart({gru: Block(*(tensors[f"blocks.{gru}.{t}"] for t in TENSORS))
                            for gru in config.block_targets})
 
+    def scale(self, config: AdapterConfig, tensors: Mapping[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
+        """``up`` times the strength: the block's output change ``up(gelu(down(h)))`` scales
+        linearly."""
+        return {k: v * strength if ".up." in k else v.clone() for k, v in tensors.items()}
+
     def stack(self, parts: Sequence[BlocksPart | None], index: torch.Tensor, like: torch.Tensor) -> BlocksRows:
         """Each GRU's blocks zero-padded to the largest bottleneck and gathered per row."""
         rows = {}

@@ -126,6 +126,12 @@ class Head(Component):
         mlp = tuple(tensors[f"head.{t}"] for t in MLP_TENSORS) if config.head == "mlp" else None
         return HeadPart(tensors["head.scale"], tensors["head.shift"], mlp)
 
+    def scale(self, config: AdapterConfig, tensors: Mapping[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
+        """``scale``, ``shift`` and the MLP's last layer times the strength (towards identity:
+        ``(y + t r) (1 + t s) + t b``)."""
+        moved = ("head.scale", "head.shift", f"head.{MLP_TENSORS[2]}", f"head.{MLP_TENSORS[3]}")
+        return {k: v * strength if k in moved else v.clone() for k, v in tensors.items()}
+
     def stack(self, parts: Sequence[HeadPart | None], index: torch.Tensor, like: torch.Tensor) -> HeadRows:
         """Scales, shifts and MLPs per row (zero-padded to the widest MLP; zeros = identity)."""
         n = len(HEAD_OUTPUTS)

@@ -123,6 +123,10 @@ class Lora(Component):
                                         (tensors[f"lora.{n}.B"] * scaling).contiguous())
                          for n in config.lora_parameters})
 
+    def scale(self, config: AdapterConfig, tensors: Mapping[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
+        """``B`` times the strength: the update ``alpha / r * B A`` scales linearly."""
+        return {k: v * strength if k.endswith(".B") else v.clone() for k, v in tensors.items()}
+
     def stack(self, parts: Sequence[LoraPart | None], index: torch.Tensor, like: torch.Tensor) -> LoraRows:
         """Every adapter's factors of a weight side by side; row ``b`` keeps its own rank columns."""
         rows: dict[str, RowLora] = {}

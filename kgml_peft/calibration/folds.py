@@ -1,0 +1,98 @@
+"""Cross-validation folds over one unit's calibration data, for out-of-sample decisions.
+
+Every choice a calibration makes for a site (how long to train, which adapter shape, how strong an
+adapter) is taken on these folds, never on data it then reports as held out:
+
+* **two or more years**: leave one calendar year out. Fold ``y`` validates on every site-year of
+  year ``y`` and trains on the others; a flux year is one season cycle, so neighbouring days of
+  the validation year never train.
+* **one year**: contiguous blocks of days. The year is cut into ``blocks`` contiguous blocks;
+  fold ``k`` validates on block ``k``'s days and trains on the rest, except ``gap_days`` on
+  either side of the block, which neither train nor validate (daily fluxes are autocorrelated
+  over days to weeks: without a gap the days next to the block would leak its answer). The
+  inputs of the whole year stay (the GRUs read the year in order); only daily targets are masked.
+  The annual yield trains in every fold and validates in none.
+
+A fold whose validation part has no observation of the calibrated targets is left out; fewer than
+:data:`MIN_FOLDS` usable folds is an error that says what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kgml_peft import schema
+from kgml_peft.data.windows import YearWindows
+from kgml_peft.errors import KgmlPeftError
+
+#: fewest usable folds a cross-validation needs
+MIN_FOLDS = 2
+#: a year is cut into this many contiguous validation blocks when there is only one
+BLOCKS = 4
+#: days on either side of a validation block that neither train nor validate
+GAP_DAYS = 14
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold: a name (``year 2005`` or ``days 92-182``), its training and validation windows."""
+
+    name: str
+    train: YearWindows
+    val: YearWindows
+
+
+def _observed(windows: YearWindows, targets: Sequence[str]) -> bool:
+    return len(windows) > 0 and any(np.isfinite(windows.target(t)).any() for t in targets)
+
+
+def _mask_days(windows: YearWindows, keep: np.ndarray, annual: bool) -> YearWindows:
+    """``windows`` with daily targets outside ``keep`` [365] set to NaN (and annual ones unless
+    ``annual``)."""
+    daily = np.where(keep[None, :, None], windows.daily, np.nan)
+    return dataclasses.replace(windows, daily=daily,
+                               annual=windows.annual if annual else np.full_like(windows.annual, np.nan))
+
+
+def year_folds(windows: YearWindows) -> list[Fold]:
+    """Leave one calendar year out (see module docstring)."""
+    years = np.asarray(windows.years)
+    return [Fold(f"year {int(y)}", windows.subset(np.flatnonzero(years != y)),
+                 windows.subset(np.flatnonzero(years == y))) for y in sorted(set(years.tolist()))]
+
+
+def block_folds(windows: YearWindows, blocks: int = BLOCKS, gap_days: int = GAP_DAYS) -> list[Fold]:
+    """Contiguous day blocks with a gap (see module docstring)."""
+    if blocks < 2 or gap_days < 0:
+        raise KgmlPeftError(f"block folds need blocks >= 2 and gap_days >= 0, got {blocks}, {gap_days}")
+    day = np.arange(schema.DAYS_PER_YEAR)
+    edges = np.linspace(0, schema.DAYS_PER_YEAR, blocks + 1).round().astype(int)
+    folds = []
+    for first, stop in zip(edges[:-1], edges[1:]):
+        val = (day >= first) & (day < stop)
+        near = (day >= first - gap_days) & (day < stop + gap_days)
+        folds.append(Fold(f"days {first + 1}-{stop}", _mask_days(windows, ~near, annual=True),
+                          _mask_days(windows, val, annual=False)))
+    return folds
+
+
+def make_folds(windows: YearWindows, targets: Sequence[str], name: str = "the unit") -> list[Fold]:
+    """The folds of one unit's calibration windows (see module docstring): by year when they span
+    two years or more, by day blocks otherwise; folds without validation observations of
+    ``targets`` are left out."""
+    if len(windows) == 0:
+        raise KgmlPeftError(f"{name}: no complete site-year to cross-validate on")
+    by_year = len(set(np.asarray(windows.years).tolist())) >= 2
+    folds = year_folds(windows) if by_year else block_folds(windows)
+    usable = [f for f in folds if _observed(f.val, targets) and _observed(f.train, targets)]
+    if len(usable) < MIN_FOLDS:
+        what = ("years with observations of " if by_year else "blocks of days with observations of ")
+        raise KgmlPeftError(
+            f"{name}: cross-validation needs at least {MIN_FOLDS} {what}{', '.join(targets)} "
+            f"(found {len(usable)} of {len(folds)} {'years' if by_year else 'blocks'}); give more "
+            "data or calibrate with --cv none")
+    return usable

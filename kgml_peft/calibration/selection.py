@@ -1,0 +1,178 @@
+"""Choosing an adapter's training length, shape and strength on cross-validation folds.
+
+A calibration with ``cv = "folds"`` never decides on data it reports as held out. It cuts the
+unit's data into folds (:mod:`kgml_peft.calibration.folds`) and trains, in one batched pass
+(:func:`~kgml_peft.calibration.batched.train_side_by_side`), one adapter per fold and shape of
+:func:`shape_menu` (head only; head + blocks; the configured adapter), each early-stopped on its
+fold, plus one adapter per shape on all the data. Then, per shape:
+
+1. the number of epochs ``E`` minimises the validation loss averaged over the folds (epoch 0, the
+   global backbone, included);
+2. each fold's adapter after ``E`` epochs is scaled to every strength of :data:`STRENGTHS` (the
+   adapter's change to the backbone times t, see :func:`~kgml_peft.tuners.base.scale_adapter`)
+   and scored on its fold's validation data.
+
+The (shape, t) with the lowest mean fold loss wins, ties going to the smaller strength and the
+smaller shape; t = 0 is the global backbone, so an adapter is kept only when it beats the global
+model out of sample. The winner is the all-data adapter of that shape after ``E`` epochs, scaled
+by t; with t = 0 the result is an identity adapter (head only, all zeros) that records why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+
+from kgml_peft.calibration.batched import TrainedUnit, train_side_by_side, validate_adapters
+from kgml_peft.calibration.units import CalibrationData, CalibrationResult, finish_unit, validation_metrics
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.folds import Fold, make_folds
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.train.loop import deterministic_algorithms
+from kgml_peft.train.state import PhaseResult
+from kgml_peft.tuners.base import scale_adapter
+from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.tuners.serving import ServingAdapter
+from kgml_peft.tuners.site_model import SiteModel
+
+#: the strengths a calibration chooses from (0 = the global backbone, 1 = the adapter as trained)
+STRENGTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def shape_menu(adapter: AdapterConfig) -> dict[str, AdapterConfig]:
+    """The shapes cross-validation compares, smallest first: head only, head + blocks, and the
+    configured adapter; only those made of components the configured adapter has."""
+    menu: dict[str, AdapterConfig] = {}
+    for name, parts in (("head", ("head",)), ("head+blocks", ("blocks", "head"))):
+        if set(parts) <= set(adapter.components) and set(parts) != set(adapter.components):
+            menu[name] = dataclasses.replace(adapter, components=tuple(c for c in adapter.components if c in parts))
+    menu["+".join(adapter.components)] = adapter
+    return menu
+
+
+@dataclass
+class Selection:
+    """What cross-validation chose and measured for one unit (the ``cv`` record of its adapter)."""
+
+    folds: list[str]
+    shape: str
+    adapter: AdapterConfig
+    epochs: int
+    strength: float
+    #: per fold: the global backbone's validation loss and the chosen adapter's
+    global_loss: list[float]
+    chosen_loss: list[float]
+    #: per shape: epochs chosen and mean fold loss at each strength
+    table: dict[str, dict]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def change(self) -> list[float]:
+        """Per fold, the chosen adapter's loss relative to the global backbone's, minus 1."""
+        return [c / g - 1 for c, g in zip(self.chosen_loss, self.global_loss)]
+
+    def record(self) -> dict:
+        """JSON-ready summary (stored in the adapter's ``metrics.cv``)."""
+        change = self.change
+        return {
+            "folds": self.folds, "shape": self.shape, "epochs": self.epochs, "strength": self.strength,
+            "global_loss": self.global_loss, "chosen_loss": self.chosen_loss,
+            "change_mean": statistics.fmean(change),
+            "change_sd": statistics.stdev(change) if len(change) > 1 else 0.0,
+            "shapes": self.table,
+        }
+
+
+def _epochs(units: list[TrainedUnit]) -> tuple[int, list[float]]:
+    """The epoch count with the lowest validation loss averaged over the folds (only epochs every
+    fold ran), and that mean curve."""
+    curves = [[e["val_loss"] for e in u.result.curve] for u in units]
+    last = min(len(c) for c in curves)
+    mean = [statistics.fmean(c[e] for c in curves) for e in range(last)]
+    return int(np.argmin(mean)), mean
+
+
+def cross_validate(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,
+                   cpu: bool = False, progress: bool = True) -> Selection:
+    """Choose epochs, shape and strength for ``data`` on folds and return the winner's tensors
+    (see module docstring). ``data.train`` holds every calibration site-year."""
+    folds: list[Fold] = make_folds(data.train, list(data.weights), data.name)
+    menu = shape_menu(config.adapter)
+    units, shapes, followers = [], [], []
+    for shape, adapter in menu.items():
+        for fold in folds:
+            units.append(dataclasses.replace(data, name=f"{data.name} [{shape}, {fold.name}]",
+                                             train=fold.train, val=fold.val))
+            shapes.append(adapter)
+            followers.append(False)
+        units.append(dataclasses.replace(data, name=f"{data.name} [{shape}, all data]", val=data.train))
+        shapes.append(adapter)
+        followers.append(True)
+    trained = train_side_by_side(backbone, units, config, adapters=shapes, history=True,
+                                 followers=followers, cpu=cpu, progress=progress)
+
+    per_shape = len(folds) + 1
+    candidates, table = [], {}
+    items = []  # (shape, strength, fold index) for every scored adapter
+    layouts = []
+    for s, (shape, adapter) in enumerate(menu.items()):
+        fold_units = trained[s * per_shape:s * per_shape + len(folds)]
+        epochs, mean_curve = _epochs(fold_units)
+        table[shape] = {"epochs": epochs, "mean_fold_curve": mean_curve}
+        for t in STRENGTHS:
+            for f, unit in enumerate(fold_units):
+                tensors = scale_adapter(unit.history[epochs], adapter, backbone.model, t)
+                layouts.append((ServingAdapter.from_tensors(f"{shape} t={t} f={f}", tensors, adapter),
+                                folds[f].val, data.weights))
+                items.append((shape, t, f))
+    losses = validate_adapters(backbone, layouts, config, cpu=cpu)
+    scores: dict[tuple[str, float], list[float]] = {}
+    for (shape, t, f), loss in zip(items, losses):
+        scores.setdefault((shape, t), []).append(loss)
+    for s, shape in enumerate(menu):
+        table[shape]["mean_fold_loss"] = {str(t): statistics.fmean(scores[(shape, t)]) for t in STRENGTHS}
+        for t in STRENGTHS:
+            # ties: the smaller strength, then the smaller shape
+            candidates.append((statistics.fmean(scores[(shape, t)]), t, s, shape))
+    global_loss = scores[(next(iter(menu)), 0.0)]
+    best_loss, strength, s, shape = min(candidates)
+    if strength == 0.0:  # the global backbone wins: an identity adapter of the smallest shape
+        shape = next(iter(menu))
+    adapter = menu[shape]
+    epochs = table[shape]["epochs"]
+    all_data = trained[list(menu).index(shape) * per_shape + len(folds)]
+    if epochs >= len(all_data.history):
+        raise KgmlPeftError(f"{data.name}: the all-data adapter stopped before epoch {epochs}")
+    tensors = scale_adapter(all_data.history[epochs], adapter, backbone.model, strength)
+    return Selection(folds=[f.name for f in folds], shape=shape, adapter=adapter, epochs=epochs,
+                     strength=strength, global_loss=global_loss, chosen_loss=scores[(shape, strength)],
+                     table=table, tensors=tensors)
+
+
+def selected_model(backbone: Backbone, selection: Selection) -> SiteModel:
+    """The site model of a selection's adapter (eval mode)."""
+    model = SiteModel(backbone.model, selection.adapter)
+    model.load_adapter_tensors(selection.tensors)
+    return model.eval()
+
+
+def calibrate_cross_validated(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,
+                              cpu: bool = False, progress: bool = True) -> CalibrationResult:
+    """Calibrate one prepared unit with its epochs, shape and strength chosen on folds (see module
+    docstring). Its ``metrics.before``/``after`` are in-sample (all calibration data); the
+    out-of-sample figures are ``metrics.cv``: per fold, the global backbone's loss and the chosen
+    adapter's, and their mean relative change."""
+    with deterministic_algorithms():
+        set_seed(config.seed, deterministic=True)
+        before = validation_metrics(backbone.model, backbone, data.val, data.weights, config.tolerance)
+        selection = cross_validate(backbone, data, config, cpu=cpu, progress=progress)
+    result = PhaseResult(name=f"calibrate {data.name}", best_epoch=selection.epochs)
+    chosen = dataclasses.replace(config, adapter=selection.adapter)
+    return finish_unit(backbone, data, chosen, selected_model(backbone, selection), result, before,
+                       metrics={"cv": selection.record(), "in_sample": True})

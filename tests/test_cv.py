@@ -1,0 +1,162 @@
+"""Cross-validated calibration (``cv = "folds"``): folds, the strength of an adapter, and the choice
+that keeps the global model when an adapter does not beat it out of sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kgml_peft import schema
+from kgml_peft.calibration.calibrate import calibrate
+from kgml_peft.calibration.folds import GAP_DAYS, block_folds, make_folds, year_folds
+from kgml_peft.calibration.selection import STRENGTHS, shape_menu
+from kgml_peft.data.tables import validate_table
+from kgml_peft.data.windows import make_windows
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model.inference import predict_windows
+from kgml_peft.store.checkpoint import load_backbone
+from kgml_peft.tuners.base import scale_adapter
+from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.tuners.site_model import SiteModel
+from tests.conftest import make_frame, random_adapter, tiny_calibration
+
+YEARS = (2003, 2004, 2005, 2006)
+FLUXES = {"Ra": 1.0, "Rh": 1.0, "NEE": 1.0}
+
+
+def _windows(years=YEARS, sites=None):
+    frame = make_frame(sites or {"IA-001": "IA"}, years=years)
+    features = load_backbone_features()
+    return make_windows(validate_table(frame, features), features)
+
+
+def load_backbone_features():
+    from kgml_peft.model.backbone import BackboneConfig
+    return BackboneConfig().features
+
+
+def test_year_folds_leave_each_calendar_year_out_across_sites():
+    windows = _windows(sites={"IA-001": "IA", "IA-002": "IA"})
+    folds = year_folds(windows)
+    assert [f.name for f in folds] == [f"year {y}" for y in YEARS]
+    for fold, year in zip(folds, YEARS):
+        assert set(fold.val.years) == {year} and len(fold.val) == 2
+        assert year not in set(fold.train.years) and len(fold.train) == 6
+
+
+def test_block_folds_cover_the_year_once_with_a_gap_that_neither_trains_nor_validates():
+    windows = _windows(years=(2005,))
+    folds = block_folds(windows)
+    validated = np.zeros(schema.DAYS_PER_YEAR, dtype=int)
+    for fold in folds:
+        val_days = np.isfinite(fold.val.daily[0, :, 0])
+        train_days = np.isfinite(fold.train.daily[0, :, 0])
+        validated += val_days
+        assert not (val_days & train_days).any()
+        first, last = np.flatnonzero(val_days)[[0, -1]]
+        near = np.zeros_like(val_days)
+        near[max(first - GAP_DAYS, 0):last + GAP_DAYS + 1] = True
+        assert not (train_days & near).any() and (train_days | near).all()
+        assert np.isnan(fold.val.annual).all() and np.isfinite(fold.train.annual).any()
+        np.testing.assert_array_equal(fold.train.inputs, windows.inputs)  # the whole year is read
+    assert (validated == 1).all()
+
+
+def test_too_little_data_for_folds_says_the_minimum():
+    windows = _windows(years=(2005,))
+    dry = windows.subset([0])
+    dry.daily[:] = np.nan
+    with pytest.raises(KgmlPeftError, match="at least 2 blocks of days with observations of NEE"):
+        make_folds(dry, ["NEE"], "IA-001")
+
+
+def test_strength_zero_is_the_backbone_and_one_the_adapter(backbone_path):
+    backbone = load_backbone(backbone_path)
+    config = AdapterConfig(head="mlp")
+    adapter = random_adapter(backbone, "IA-001", config, unfreeze=("nee_out.bias",))
+    x = torch.randn(3, schema.DAYS_PER_YEAR, len(backbone.config.features))
+
+    def run(tensors):
+        model = SiteModel(backbone.model, config)
+        model.load_adapter_tensors(tensors)
+        with torch.no_grad():
+            return model.eval()(x)
+
+    with torch.no_grad():
+        bare = backbone.model.eval()(x)
+        fresh = SiteModel(backbone.model, config).eval()(x)  # the identity adapter, same code path
+    zero, one = (run(scale_adapter(adapter.tensors, config, backbone.model, t)) for t in (0.0, 1.0))
+    half = run(scale_adapter(adapter.tensors, config, backbone.model, 0.5))
+    full = run(adapter.tensors)
+    for key in ("Ra", "Rh", "NEE", "Yield"):
+        assert torch.equal(zero[key], fresh[key]) and torch.equal(one[key], full[key])
+        torch.testing.assert_close(zero[key], bare[key], rtol=0, atol=1e-6)
+        assert not torch.equal(half[key], fresh[key]) and not torch.equal(half[key], full[key])
+    with pytest.raises(KgmlPeftError, match="strength"):
+        scale_adapter(adapter.tensors, config, backbone.model, 1.5)
+
+
+def test_shape_menu_goes_from_the_head_to_the_configured_adapter():
+    assert list(shape_menu(AdapterConfig())) == ["head", "head+blocks", "lora+blocks+head"]
+    assert list(shape_menu(AdapterConfig(components=("lora", "head")))) == ["head", "lora+head"]
+    assert list(shape_menu(AdapterConfig(components=("lora",)))) == ["lora"]
+
+
+def _site(backbone, scale: float, shift: float, noise: float, seed: int = 0) -> pd.DataFrame:
+    """One site whose targets are the backbone's own predictions, changed by ``scale``/``shift``
+    and daily noise of sd ``noise`` (physical units)."""
+    frame = make_frame({"IA-001": "IA"}, years=YEARS, seed=seed)
+    features = backbone.config.features
+    windows = make_windows(validate_table(frame, features), features)
+    pred = predict_windows(backbone.model, backbone.scalers, windows)
+    rng = np.random.default_rng(seed)
+    frame = frame.set_index("date")
+    for i in range(len(windows)):
+        dates = pd.DatetimeIndex(windows.dates[i])
+        for name in ("Ra", "Rh", "NEE"):
+            frame.loc[dates, name] = pred[name][i] * scale + shift + rng.normal(0, noise, len(dates))
+        frame.loc[frame.index.year == windows.years[i], "Yield"] = pred["Yield"][i] * scale + shift
+    frame["Reco"] = frame["Ra"] + frame["Rh"]
+    return frame.reset_index()[list(make_frame().columns)]
+
+
+def test_a_site_the_global_model_already_fits_keeps_the_global_model(backbone_path):
+    """Targets = the global model's own predictions plus noise: no adapter can beat it out of
+    sample, so cross-validation picks strength 0 and writes an identity adapter."""
+    backbone = load_backbone(backbone_path)
+    result = calibrate(backbone, _site(backbone, 1.0, 0.0, noise=0.3), "IA-001",
+                       tiny_calibration(cv="folds", epochs=15, lr=0.05, targets=FLUXES), progress=False)
+    cv = result.summary["metrics"]["cv"]
+    assert cv["strength"] == 0.0 and cv["shape"] == "head" and cv["change_mean"] == 0.0
+    assert cv["folds"] == [f"year {y}" for y in YEARS]
+    assert all(v == 0 for v in result.adapter.tensors.values() for v in v.flatten())
+    assert result.adapter.config.components == ("head",)
+    # every strength was scored on every fold: the adapters were worse than the global model
+    losses = cv["shapes"]["head"]["mean_fold_loss"]
+    assert set(losses) == {str(t) for t in STRENGTHS} and min(losses, key=losses.get) == "0.0"
+    x = torch.randn(2, schema.DAYS_PER_YEAR, len(backbone.config.features))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x)["NEE"], backbone.model.eval()(x)["NEE"], rtol=0, atol=1e-6)
+
+
+def test_a_site_with_a_strong_shift_gets_an_adapter_that_beats_the_global_model_on_folds(backbone_path):
+    backbone = load_backbone(backbone_path)
+    result = calibrate(backbone, _site(backbone, 1.4, 0.8, noise=0.05), "IA-001",
+                       tiny_calibration(cv="folds", epochs=15, lr=0.05, targets=FLUXES), progress=False)
+    cv = result.summary["metrics"]["cv"]
+    assert cv["strength"] > 0 and cv["epochs"] > 0
+    assert all(c < g for c, g in zip(cv["chosen_loss"], cv["global_loss"]))
+    assert cv["change_mean"] < -0.2
+    assert result.summary["metrics"]["in_sample"] is True
+    assert result.adapter.info["metrics"]["cv"]["strength"] == cv["strength"]
+
+
+def test_cv_config_is_checked():
+    from kgml_peft.calibration.config import CalibrationConfig
+
+    with pytest.raises(KgmlPeftError, match="cv must be one of none, folds"):
+        CalibrationConfig(cv="loo")
+    with pytest.raises(KgmlPeftError, match="adapter method"):
+        CalibrationConfig(cv="folds", method="full")
