@@ -403,11 +403,16 @@ def _print_calibration(run) -> None:
     summary, path, seconds, backbone_bytes = run.summary, run.path, run.seconds, run.backbone_bytes
     data, metrics = summary["data"], summary["metrics"]
     kind = "adapter parameters" if run.is_adapter else "trained backbone parameters"
+    years = (f"{data['train_site_years']} site-years, all in the folds" if "cv" in metrics else
+             f"{data['train_site_years']} training / {data['val_site_years']} validation site-years")
     click.echo(f"{run.name} ({summary['scope']}, {len(summary['sites'])} site"
-               f"{'s' if len(summary['sites']) != 1 else ''}): {data['train_site_years']} training / "
-               f"{data['val_site_years']} validation site-years, {run.trained_parameters} {kind}")
+               f"{'s' if len(summary['sites']) != 1 else ''}): {years}, {run.trained_parameters} {kind}")
     before, after = metrics["before"], metrics["after"]
-    click.echo(f"  {'validation':<26}{'global':>10}{'calibrated':>12}{'change':>9}")
+    cv = metrics.get("cv")
+    if cv is not None:
+        _print_cross_validation(cv)
+    where = "in-sample (all data)" if cv is not None else "validation"
+    click.echo(f"  {where:<26}{'global':>10}{'calibrated':>12}{'change':>9}")
     click.echo(f"  {'loss (scaled MSE)':<26}{before['loss']:>10.4f}{after['loss']:>12.4f}"
                f"{_change(before['loss'], after['loss']):>9}")
     for target, mse in after["mse"].items():
@@ -415,14 +420,30 @@ def _print_calibration(run) -> None:
         label = f"{target} MSE {unit}"
         click.echo(f"  {label:<26}{before['mse'][target]:>10.4f}{mse:>12.4f}"
                    f"{_change(before['mse'][target], mse):>9}")
-    click.echo(f"  best epoch {metrics['best_epoch']} of {metrics['epochs_run']} "
-               f"({metrics['steps']} steps)")
+    if cv is None:
+        click.echo(f"  best epoch {metrics['best_epoch']} of {metrics['epochs_run']} "
+                   f"({metrics['steps']} steps)")
     size = path.stat().st_size
     ratio = f", {backbone_bytes / size:.0f}x smaller than the backbone" if run.is_adapter else ""
     group = run.summary["calibration"].get("batched_with")
     timing = (f"in {seconds:.1f} s (its share of a pass with {len(group)} units)" if group
               else f"in {seconds:.0f} s")
     click.echo(f"wrote {path} ({size / 1024:.1f} KiB{ratio}) {timing}")
+
+
+def _print_cross_validation(cv: dict) -> None:
+    """What cross-validation chose, and its out-of-sample estimate (mean and sd over folds)."""
+    folds = f"{len(cv['folds'])} folds ({', '.join(cv['folds'])})"
+    if cv["strength"] == 0:
+        best = cv.get("best_adapter_change_mean")
+        click.echo(f"  cross-validation on {folds}: the global model is best for this site "
+                   f"(the best adapter changed the fold loss by {100 * best:+.1f}%); "
+                   "wrote an identity adapter")
+        return
+    click.echo(f"  cross-validation on {folds}: {cv['shape']} adapter at strength {cv['strength']:g}, "
+               f"{cv['epochs']} epochs")
+    click.echo(f"  fold estimate of the change vs the global model: loss {100 * cv['change_mean']:+.1f}% "
+               f"(sd {100 * cv['change_sd']:.1f}% over folds)")
 
 
 @cli.command(short_help="Calibrate the backbone to a site or region; writes an adapter.")
@@ -474,6 +495,10 @@ def _print_calibration(run) -> None:
 @click.option("--dtype", "storage_dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="Storage dtype of the adapter tensors.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None)
+@click.option("--cv", type=click.Choice(["none", "folds"]), default=None,
+              help="folds: choose epochs, adapter shape and strength on cross-validation folds "
+                   "(leave one year out; day blocks for one year) and report their estimate; "
+                   "none (default): early stopping on the last years. See docs/calibration.md.")
 @click.option("--batch-sites", type=int, default=None,
               help="Calibrate up to this many units side by side in one pass over the backbone "
                    "(default 1: one after another); see docs/scaling.md.")

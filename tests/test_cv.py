@@ -160,3 +160,60 @@ def test_cv_config_is_checked():
         CalibrationConfig(cv="loo")
     with pytest.raises(KgmlPeftError, match="adapter method"):
         CalibrationConfig(cv="folds", method="full")
+
+
+def test_cli_cv_prints_the_fold_estimate_and_resume_skips_the_written_unit(backbone_path, tmp_path):
+    from kgml_peft.cli import cli
+    from kgml_peft.store.adapter import read_adapter
+    from tests.test_cli_validation import _runner
+
+    table = tmp_path / "sites.csv"
+    make_frame({"IA-001": "IA"}, years=(2003, 2004, 2005)).to_csv(table, index=False, date_format="%Y-%m-%d")
+    out = tmp_path / "adapters"
+    out.mkdir()
+    args = ["calibrate", "--data", str(table), "--backbone", str(backbone_path), "--out", str(out),
+            "--site", "IA-001", "--cv", "folds", "--epochs", "4", "--batch-size", "2", "--quiet"]
+    result = _runner().invoke(cli, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "3 site-years, all in the folds" in result.stdout
+    assert "cross-validation on 3 folds (year 2003, year 2004, year 2005)" in result.stdout
+    assert "in-sample (all data)" in result.stdout
+    adapter = read_adapter(out / "IA-001.safetensors")
+    cv = adapter.info["metrics"]["cv"]
+    assert len(cv["global_loss"]) == len(cv["chosen_loss"]) == 3 and cv["strength"] in STRENGTHS
+    assert adapter.info["calibration"]["requested_adapter"] == AdapterConfig().to_dict()
+    written = (out / "IA-001.safetensors").read_bytes()
+    again = _runner().invoke(cli, [*args, "--resume"])
+    assert again.exit_code == 0 and "already written by this run" in again.stdout
+    assert (out / "IA-001.safetensors").read_bytes() == written
+
+
+def _user_error(args: list[str], expect: tuple[str, ...], root) -> None:
+    from kgml_peft.cli import cli
+    from tests.test_cli_validation import _runner, _snapshot, check_user_error
+
+    before = _snapshot(root)
+    check_user_error(_runner().invoke(cli, args), args, expect, root, before)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-sites", "2"], "use batch_sites 1"),
+    (["--method", "full"], "adapter method"),
+])
+def test_cli_cv_refuses_what_it_cannot_do_in_one_line(backbone_path, tmp_path, extra, message):
+    out = tmp_path / "adapters"
+    out.mkdir()
+    _user_error(["calibrate", "--backbone", str(backbone_path), "--out", str(out), "--site", "IA-001",
+                 "--cv", "folds", *extra], (message,), tmp_path)
+
+
+def test_cli_cv_with_one_dry_year_says_the_minimum(backbone_path, tmp_path):
+    frame = make_frame({"IA-001": "IA"}, years=(2005,))
+    frame.loc[frame["date"].dt.month > 3, ["Ra", "Rh", "NEE", "Reco"]] = np.nan  # one block observed
+    table = tmp_path / "sites.csv"
+    frame.to_csv(table, index=False, date_format="%Y-%m-%d")
+    out = tmp_path / "adapters"
+    out.mkdir()
+    _user_error(["calibrate", "--data", str(table), "--backbone", str(backbone_path), "--out", str(out),
+                 "--site", "IA-001", "--cv", "folds", "--targets", "NEE"],
+                ("needs at least 2 blocks of days with observations of NEE", "--cv none"), tmp_path)

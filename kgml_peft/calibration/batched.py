@@ -51,8 +51,6 @@ from kgml_peft.train.loop import Member, check_finite, deterministic_algorithms,
 from kgml_peft.train.objectives import output_loss, response_loss, responses, squared_norm, target_errors
 from kgml_peft.train.state import PhaseResult
 
-#: what a batched unit's summary records next to its config: the units it was calibrated with
-PROVENANCE = ("batched_with",)
 
 #: validation rows per forward pass (all units' held-out years together)
 VAL_ROWS = 256
@@ -130,7 +128,7 @@ def _calibrate_batched(backbone: Backbone, data: list[CalibrationData], config: 
     for unit, before in zip(trained, befores):
         model = SiteModel(backbone.model, config.adapter, seed=config.seed)
         model.load_adapter_tensors(unit.best)
-        provenance = {PROVENANCE[0]: [d.name for d in data]}
+        provenance = {"batched_with": [d.name for d in data]}
         results.append(finish_unit(backbone, unit.data, config, model.eval(), unit.result, before,
                                    provenance))
     return results

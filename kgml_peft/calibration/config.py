@@ -132,6 +132,9 @@ class CalibrationConfig:
         expect_type(self.cv, str, "cv")
         if self.cv not in CV_MODES:
             raise KgmlPeftError(f"cv must be one of {', '.join(CV_MODES)}, got {self.cv!r}")
+        if self.cv == "folds" and self.batch_sites > 1:
+            raise KgmlPeftError("cv folds already trains each unit's folds side by side in one pass; "
+                                "use batch_sites 1 with it")
         if self.cv == "folds" and (self.method != "adapter" or self.unfreeze):
             raise KgmlPeftError("cv folds choose an adapter's shape and strength: they need the adapter "
                                 "method without unfreeze")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kgml_peft.calibration.batched import PROVENANCE, calibrate_batched
+from kgml_peft.calibration.batched import calibrate_batched
 from kgml_peft.calibration.calibrate import (
     CalibrationData,
     CalibrationResult,
@@ -21,6 +21,7 @@ from kgml_peft.calibration.calibrate import (
     prepare_unit,
 )
 from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.units import PROVENANCE
 from kgml_peft.data.tables import load_table, validate_table
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import read_adapter, save_adapter
@@ -178,7 +179,8 @@ def written_by(path: Path, backbone: Backbone, unit: CalibrationData, config: Ca
     try:
         if config.method == "adapter":
             adapter = read_adapter(path)
-            recorded = {**adapter.info["calibration"], "adapter": adapter.config.to_dict()}
+            calibration = adapter.info["calibration"]
+            recorded = {**calibration, "adapter": calibration.get("requested_adapter", adapter.config.to_dict())}
             site, data_hash, fp = adapter.site, adapter.info["data"].get("hash"), adapter.backbone_fingerprint
         else:
             training = json.loads(read_checkpoint(path)[1].get("training", "{}"))

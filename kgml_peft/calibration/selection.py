@@ -71,6 +71,9 @@ class Selection:
     #: per shape: epochs chosen and mean fold loss at each strength
     table: dict[str, dict]
     tensors: dict[str, torch.Tensor]
+    #: per fold, the loss of the best adapter with a strength above 0 (what "keep the global model"
+    #: was decided against)
+    best_adapter_loss: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def change(self) -> list[float]:
@@ -80,11 +83,13 @@ class Selection:
     def record(self) -> dict:
         """JSON-ready summary (stored in the adapter's ``metrics.cv``)."""
         change = self.change
+        best = [b / g - 1 for b, g in zip(self.best_adapter_loss, self.global_loss)]
         return {
             "folds": self.folds, "shape": self.shape, "epochs": self.epochs, "strength": self.strength,
             "global_loss": self.global_loss, "chosen_loss": self.chosen_loss,
             "change_mean": statistics.fmean(change),
             "change_sd": statistics.stdev(change) if len(change) > 1 else 0.0,
+            "best_adapter_change_mean": statistics.fmean(best) if best else None,
             "shapes": self.table,
         }
 
@@ -142,6 +147,7 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
             candidates.append((statistics.fmean(scores[(shape, t)]), t, s, shape))
     global_loss = scores[(next(iter(menu)), 0.0)]
     best_loss, strength, s, shape = min(candidates)
+    _, best_t, _, best_shape = min(c for c in candidates if c[1] > 0)
     if strength == 0.0:  # the global backbone wins: an identity adapter of the smallest shape
         shape = next(iter(menu))
     adapter = menu[shape]
@@ -152,7 +158,7 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     tensors = scale_adapter(all_data.history[epochs], adapter, backbone.model, strength)
     return Selection(folds=[f.name for f in folds], shape=shape, adapter=adapter, epochs=epochs,
                      strength=strength, global_loss=global_loss, chosen_loss=scores[(shape, strength)],
-                     table=table, tensors=tensors)
+                     table=table, tensors=tensors, best_adapter_loss=scores[(best_shape, best_t)])
 
 
 def selected_model(backbone: Backbone, selection: Selection) -> SiteModel:
@@ -175,4 +181,5 @@ def calibrate_cross_validated(backbone: Backbone, data: CalibrationData, config:
     result = PhaseResult(name=f"calibrate {data.name}", best_epoch=selection.epochs)
     chosen = dataclasses.replace(config, adapter=selection.adapter)
     return finish_unit(backbone, data, chosen, selected_model(backbone, selection), result, before,
+                       provenance={"requested_adapter": config.adapter.to_dict()},
                        metrics={"cv": selection.record(), "in_sample": True})

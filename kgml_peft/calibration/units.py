@@ -12,6 +12,7 @@ import torch
 
 from kgml_peft import schema
 from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.folds import make_folds
 from kgml_peft.data.tables import select_sites
 from kgml_peft.data.windows import YearWindows, make_windows, split_by_year
 from kgml_peft.errors import KgmlPeftError
@@ -22,6 +23,11 @@ from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.pretrain import frame_hash, with_reco
 from kgml_peft.train.state import PhaseResult
 from kgml_peft.tuners.site_model import SiteModel
+
+
+#: what a unit's summary may record next to its config: the units it was calibrated with
+#: (``--batch-sites``), and the adapter asked for when cross-validation chose another shape
+PROVENANCE: tuple[str, ...] = ("batched_with", "requested_adapter")
 
 
 @dataclass
@@ -130,7 +136,9 @@ def prepare_unit(backbone: Backbone, rows: pd.DataFrame, name: str, scope: str,
     if config.cv == "folds":  # every site-year is cut into folds; before/after are in-sample
         if len(windows) == 0:
             raise KgmlPeftError(f"{name} has no complete site-year to calibrate on")
-        return CalibrationData(name, scope, rows, windows, windows, _targets(config, windows, windows, name))
+        weights = _targets(config, windows, windows, name)
+        make_folds(windows, list(weights), name)  # too little data for folds stops before any training
+        return CalibrationData(name, scope, rows, windows, windows, weights)
     train_idx, val_idx = split_by_year(windows, config.val_fraction)
     if len(val_idx) == 0:
         raise KgmlPeftError(
