@@ -38,8 +38,8 @@ def test_plan_skips_k_without_test_years_and_puts_backbones_first() -> None:
     # US-CRT has 3 years: k = 3 would leave nothing to test
     assert {r.years for r in runs if r.site == "US-CRT"} == {1, 2}
     assert {r.years for r in runs if r.site == "US-Ne3"} == {1, 2, 3}
-    # per seed and (site, k): site-only once, global/full/adapter per route
-    assert len(runs) == 4 + 2 * 5 * (1 + 2 * 3)
+    # per seed and (site, k): site-only once, global/full/adapter/adapter_cv per route
+    assert len(runs) == 4 + 2 * 5 * (1 + 2 * 4)
 
 
 def test_config_checks_and_toml(tmp_path: Path) -> None:
@@ -95,8 +95,8 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["held_out"] == list(HELD_OUT)
     assert not set(results["dev_sites"]) & set(HELD_OUT) and len(results["dev_sites"]) == 8
-    expected = {"site_only", "global/observed", "full/observed", "adapter/observed",
-                "global/simulated", "full/simulated", "adapter/simulated"}
+    expected = {"site_only", "global/observed", "full/observed", "adapter/observed", "adapter_cv/observed",
+                "global/simulated", "full/simulated", "adapter/simulated", "adapter_cv/simulated"}
     for site in HELD_OUT:
         cell = results["cells"][site]["1"]
         assert set(cell) == expected
@@ -106,6 +106,11 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
         assert cell["global/observed"]["trained_parameters"] == 0
         assert 0 < cell["adapter/observed"]["trained_parameters"] < cell["full/observed"]["trained_parameters"]
         assert cell["adapter/observed"]["adapter_bytes"] < 16 * 1024
+    # cross-validated adapters record what their folds chose (one year: day blocks, those with
+    # QC-passing observations)
+    record = json.loads((out / "runs" / "adapter_cv__observed__US-Ne3__1y__s0.json").read_text())
+    assert 2 <= len(record["cv"]["folds"]) <= 4 and all(f.startswith("days ") for f in record["cv"]["folds"])
+    assert record["cv"]["strength"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert results["figure_route"] in ("observed", "simulated")
     for name in ("results.md", "timeseries.png", "mse_by_years.png", "annual_sums.png"):
         assert (out / name).stat().st_size > 1000, name
@@ -187,7 +192,7 @@ def test_resume_and_jobs_give_the_same_results(quick_run, fluxnet_table: Path, t
     before = _records(out)
     again = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),
                                    "--out", str(out), "--quiet"])
-    assert again.exit_code == 0 and "(16 resumed)" in again.stdout
+    assert again.exit_code == 0 and "(20 resumed)" in again.stdout
     assert _records(out) == before
     parallel = tmp_path / "parallel"
     result = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),

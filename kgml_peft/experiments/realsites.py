@@ -14,7 +14,9 @@ US-CRT by default) are never seen before calibration; every other site is a deve
 2. **Per held-out site and k** in ``calibration_years`` (k < the site's years): the first k years
    calibrate, the remaining years test. Methods: ``global`` (the backbone as it is), ``site_only``
    (random weights, the k years only), ``full`` (Eq. 2, every weight from the backbone) and
-   ``adapter`` (Eq. 3); the last two from each route's backbone. With one to three years there is
+   ``adapter`` (Eq. 3), and ``adapter_cv`` (Eq. 3 with ``cv = "folds"``: epochs, shape and
+   strength chosen on folds of the k years, see :mod:`kgml_peft.calibration.selection`; the
+   global model is kept when no adapter beats it there); the last three from each route's backbone. With one to three years there is
    no year to spare for early stopping, so the calibration years' observed days are split in
    blocks (:func:`~kgml_peft.data.windows.split_by_day_blocks`: every 4th fortnight validates, the
    model still reads every day's weather); early stopping keeps the epoch with the lowest loss on
@@ -67,7 +69,9 @@ from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
 
 ROUTES: tuple[str, ...] = ("observed", "simulated")
 #: Methods per held-out site and k; ``global``, ``full`` and ``adapter`` exist once per route.
-METHODS: tuple[str, ...] = ("global", "site_only", "full", "adapter")
+METHODS: tuple[str, ...] = ("global", "site_only", "full", "adapter", "adapter_cv")
+#: the methods that start from a route's backbone
+BACKBONE_METHODS: tuple[str, ...] = ("global", "full", "adapter", "adapter_cv")
 SCORED: tuple[str, ...] = ("NEE", "Reco")
 WEIGHTS: dict[str, float] = {"NEE": 1.0, "Reco": 1.0}
 
@@ -208,7 +212,7 @@ def plan_runs(config: RealSiteConfig, site_years: dict[str, int]) -> list[RealRu
                     continue
                 runs.append(RealRun("site_only", seed, None, site, k))
                 for route in config.routes:
-                    runs += [RealRun(m, seed, route, site, k) for m in ("global", "full", "adapter")]
+                    runs += [RealRun(m, seed, route, site, k) for m in BACKBONE_METHODS]
     return runs
 
 
@@ -380,13 +384,21 @@ class RealSiteBenchmark(RunFiles):
         t = c.finetune if run.method == "full" else c.adapter
         table = self.table
         rows = table[(table[schema.SITE] == run.site) & table[schema.DATE].dt.year.isin(years.years)]
-        data = CalibrationData(run.site, "site", rows, train, val, dict(WEIGHTS))
-        config = CalibrationConfig(method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
-                                   patience=t.patience, rho=c.rho, mu=c.mu, physics_weight=c.physics_weight,
+        cv = run.method == "adapter_cv"
+        # cross-validation cuts all calibration years into its own folds (day blocks for one year)
+        data = CalibrationData(run.site, "site", rows, years if cv else train, years if cv else val,
+                               dict(WEIGHTS))
+        config = CalibrationConfig(method="adapter" if cv else run.method, cv="folds" if cv else "none",
+                                   epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
+                                   rho=c.rho, mu=c.mu, physics_weight=c.physics_weight,
                                    tolerance=c.tolerance, seed=run.seed)
         result = calibrate_unit(base, data, config, cpu=self.cpu, progress=False)
         info = {"trained_parameters": result.trained_parameters,
                 "best_epoch": [result.summary["metrics"]["best_epoch"]]}
+        if cv:
+            record = result.summary["metrics"]["cv"]
+            info["cv"] = {k: record[k] for k in ("folds", "shape", "epochs", "strength", "change_mean",
+                                                 "change_sd", "best_adapter_change_mean")}
         if result.adapter is not None:
             info["adapter_bytes"] = self.save_run_adapter(run, result.adapter)
         return result.model, base.scalers, info

@@ -112,7 +112,8 @@ def markdown(results: dict) -> str:
 
 
 def _colors() -> dict[str, str]:
-    return {"global": "tab:blue", "site_only": "tab:red", "full": "tab:green", "adapter": "tab:purple"}
+    return {"global": "tab:blue", "site_only": "tab:red", "full": "tab:green", "adapter": "tab:purple",
+            "adapter_cv": "tab:orange"}
 
 
 def plot_timeseries(results: dict, path: Path) -> Path:
