@@ -46,6 +46,14 @@ def test_year_folds_leave_each_calendar_year_out_across_sites():
         assert year not in set(fold.train.years) and len(fold.train) == 6
 
 
+def test_block_folds_share_out_the_observed_days_of_a_year_that_starts_late():
+    windows = _windows(years=(2005,))
+    windows.daily[:, :274] = np.nan  # a tower that started on day 275
+    folds = make_folds(windows, ["NEE"])
+    counts = [int(np.isfinite(f.val.target("NEE")).sum()) for f in folds]
+    assert len(folds) == 4 and max(counts) - min(counts) <= 1 and sum(counts) == 91
+
+
 def test_block_folds_cover_the_year_once_with_a_gap_that_neither_trains_nor_validates():
     windows = _windows(years=(2005,))
     folds = block_folds(windows)
@@ -209,7 +217,7 @@ def test_cli_cv_refuses_what_it_cannot_do_in_one_line(backbone_path, tmp_path, e
 
 def test_cli_cv_with_one_dry_year_says_the_minimum(backbone_path, tmp_path):
     frame = make_frame({"IA-001": "IA"}, years=(2005,))
-    frame.loc[frame["date"].dt.month > 3, ["Ra", "Rh", "NEE", "Reco"]] = np.nan  # one block observed
+    frame.loc[frame["date"] != "2005-07-01", ["Ra", "Rh", "NEE", "Reco"]] = np.nan  # one day observed
     table = tmp_path / "sites.csv"
     frame.to_csv(table, index=False, date_format="%Y-%m-%d")
     out = tmp_path / "adapters"

@@ -6,9 +6,11 @@ adapter) is taken on these folds, never on data it then reports as held out:
 * **two or more years**: leave one calendar year out. Fold ``y`` validates on every site-year of
   year ``y`` and trains on the others; a flux year is one season cycle, so neighbouring days of
   the validation year never train.
-* **one year**: contiguous blocks of days. The year is cut into ``blocks`` contiguous blocks;
-  fold ``k`` validates on block ``k``'s days and trains on the rest, except ``gap_days`` on
-  either side of the block, which neither train nor validate (daily fluxes are autocorrelated
+* **one year**: contiguous blocks of days. The year is cut into ``blocks`` contiguous blocks
+  holding about equally many observed days (a tower year that starts in autumn, or a QC-thin
+  winter, still gives every block observations); fold ``k`` validates on block ``k``'s days and
+  trains on the rest, except ``gap_days`` on either side of the block, which neither train nor
+  validate (daily fluxes are autocorrelated
   over days to weeks: without a gap the days next to the block would leak its answer). The
   inputs of the whole year stay (the GRUs read the year in order); only daily targets are masked.
   The annual yield trains in every fold and validates in none.
@@ -66,11 +68,17 @@ def year_folds(windows: YearWindows) -> list[Fold]:
 
 
 def block_folds(windows: YearWindows, blocks: int = BLOCKS, gap_days: int = GAP_DAYS) -> list[Fold]:
-    """Contiguous day blocks with a gap (see module docstring)."""
+    """Contiguous day blocks with a gap, of about equal numbers of observed days (see module
+    docstring)."""
     if blocks < 2 or gap_days < 0:
         raise KgmlPeftError(f"block folds need blocks >= 2 and gap_days >= 0, got {blocks}, {gap_days}")
     day = np.arange(schema.DAYS_PER_YEAR)
-    edges = np.linspace(0, schema.DAYS_PER_YEAR, blocks + 1).round().astype(int)
+    observed = np.flatnonzero(np.isfinite(windows.daily).any(axis=(0, 2)))
+    if len(observed) < blocks:  # nothing to balance: calendar blocks (make_folds reports the lack)
+        edges = np.linspace(0, schema.DAYS_PER_YEAR, blocks + 1).round().astype(int)
+    else:  # block k starts at the first observed day of its share; the first at day 1, the last ends at 365
+        starts = [observed[round(k * len(observed) / blocks)] for k in range(1, blocks)]
+        edges = np.array([0, *starts, schema.DAYS_PER_YEAR])
     folds = []
     for first, stop in zip(edges[:-1], edges[1:]):
         val = (day >= first) & (day < stop)
