@@ -140,7 +140,6 @@ class TrainedUnit:
     (when asked for) its tensors after every epoch it ran (``history[0]`` = the start)."""
 
     data: CalibrationData
-    adapter: AdapterConfig
     result: PhaseResult
     best: dict[str, torch.Tensor]
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)
@@ -176,7 +175,7 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
         loader = DataLoader(WindowDataset(d.train, backbone.scalers), batch_size=config.batch_size,
                             shuffle=True, generator=torch.Generator().manual_seed(config.seed))
         member = Member(PhaseResult(name=f"calibrate {d.name}"), lambda l=loader: iter(l),
-                        lambda t=tensors: {k: v.detach().clone() for k, v in t.items()},
+                        lambda t=tensors: {k: v.detach().cpu().clone() for k, v in t.items()},
                         patience=0 if followers[len(units)] else None)
         units.append(_Unit(d, tensors, loader, WindowDataset(d.val, backbone.scalers),
                            max(config.epochs * len(loader), 1), member, adapter))
@@ -199,7 +198,7 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
         if history:
             for unit in units:
                 if epoch == 0 or len(unit.member.result.curve) == epoch + 1:  # the start, or it ran
-                    kept[id(unit)].append({k: v.detach().cpu().clone() for k, v in unit.tensors.items()})
+                    kept[id(unit)].append(unit.member.snapshot())
         leaders = [u for u, f in zip(units, followers) if not f]
         if leaders and all(u.member.stopped for u in leaders):
             for unit in units:
@@ -213,8 +212,7 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
     trained = []
     for unit in units:
         unit.member.result.steps = unit.member.step
-        trained.append(TrainedUnit(unit.data, unit.adapter, unit.member.result,
-                                   {k: v.cpu() for k, v in unit.member.best.items()}, kept[id(unit)]))
+        trained.append(TrainedUnit(unit.data, unit.member.result, unit.member.best, kept[id(unit)]))
     return trained
 
 
