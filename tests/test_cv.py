@@ -142,7 +142,7 @@ def test_a_site_the_global_model_already_fits_keeps_the_global_model(backbone_pa
     assert all(v == 0 for v in result.adapter.tensors.values() for v in v.flatten())
     assert result.adapter.config.components == ("head",)
     # every strength was scored on every fold: the adapters were worse than the global model
-    losses = cv["shapes"]["head"]["mean_fold_loss"]
+    losses = cv["shapes"]["head"]["mean_fold_ratio"]
     assert set(losses) == {str(t) for t in STRENGTHS} and min(losses, key=losses.get) == "0.0"
     x = torch.randn(2, schema.DAYS_PER_YEAR, len(backbone.config.features))
     with torch.no_grad():

@@ -6,14 +6,15 @@ unit's data into folds (:mod:`kgml_peft.calibration.folds`) and trains, in one b
 :func:`shape_menu` (head only; head + blocks; the configured adapter), each early-stopped on its
 fold, plus one adapter per shape on all the data. Then, per shape:
 
-1. the number of epochs ``E`` minimises the validation loss averaged over the folds (epoch 0, the
-   global backbone, included);
+1. the number of epochs ``E`` minimises the validation loss relative to the global backbone's
+   (epoch 0, included), averaged over the folds;
 2. each fold's adapter after ``E`` epochs is scaled to every strength of :data:`STRENGTHS` (the
    adapter's change to the backbone times t, see :func:`~kgml_peft.tuners.base.scale_adapter`)
    and scored on its fold's validation data.
 
-The (shape, t) with the lowest mean fold loss wins, ties going to the smaller strength and the
-smaller shape; t = 0 is the global backbone, so an adapter is kept only when it beats the global
+The (shape, t) with the lowest mean over folds of the fold's loss relative to the global model's
+wins (scale-free, so a fold with large fluxes does not outvote the others), ties going to the
+smaller strength and the smaller shape; t = 0 is the global backbone, so an adapter is kept only when it beats the global
 model out of sample. The winner is the all-data adapter of that shape after ``E`` epochs, scaled
 by t; with t = 0 the result is an identity adapter (head only, all zeros) that records why.
 """
@@ -95,11 +96,11 @@ class Selection:
 
 
 def _epochs(units: list[TrainedUnit]) -> tuple[int, list[float]]:
-    """The epoch count with the lowest validation loss averaged over the folds (only epochs every
-    fold ran), and that mean curve."""
+    """The epoch count with the lowest validation loss relative to the global model's (epoch 0),
+    averaged over the folds (only epochs every fold ran), and that mean relative curve."""
     curves = [[e["val_loss"] for e in u.result.curve] for u in units]
     last = min(len(c) for c in curves)
-    mean = [statistics.fmean(c[e] for c in curves) for e in range(last)]
+    mean = [statistics.fmean(c[e] / c[0] for c in curves) for e in range(last)]
     return int(np.argmin(mean)), mean
 
 
@@ -131,6 +132,8 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
         epochs, mean_curve = _epochs(fold_units)
         table[shape] = {"epochs": epochs, "mean_fold_curve": mean_curve}
         for t in STRENGTHS:
+            if t == 0.0 and s > 0:  # the global backbone: scored once, with the first shape
+                continue
             for f, unit in enumerate(fold_units):
                 tensors = scale_adapter(unit.history[epochs], adapter, backbone.model, t)
                 layouts.append((ServingAdapter.from_tensors(f"{shape} t={t} f={f}", tensors, adapter),
@@ -140,13 +143,21 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     scores: dict[tuple[str, float], list[float]] = {}
     for (shape, t, f), loss in zip(items, losses):
         scores.setdefault((shape, t), []).append(loss)
+    # t = 0 is the global backbone whatever the shape: one score, not one per shape
+    global_loss = scores[(next(iter(menu)), 0.0)]
+    for shape in menu:
+        scores[(shape, 0.0)] = global_loss
+    # scale-free: the mean over folds of each fold's loss relative to the global model's, the
+    # figure the record reports (a mean of raw losses lets one high-variance fold decide)
+    ratio = {key: statistics.fmean(v / g for v, g in zip(values, global_loss))
+             for key, values in scores.items()}
     for s, shape in enumerate(menu):
         table[shape]["mean_fold_loss"] = {str(t): statistics.fmean(scores[(shape, t)]) for t in STRENGTHS}
+        table[shape]["mean_fold_ratio"] = {str(t): ratio[(shape, t)] for t in STRENGTHS}
         for t in STRENGTHS:
             # ties: the smaller strength, then the smaller shape
-            candidates.append((statistics.fmean(scores[(shape, t)]), t, s, shape))
-    global_loss = scores[(next(iter(menu)), 0.0)]
-    best_loss, strength, s, shape = min(candidates)
+            candidates.append((ratio[(shape, t)], t, s, shape))
+    best_ratio, strength, s, shape = min(candidates)
     _, best_t, _, best_shape = min(c for c in candidates if c[1] > 0)
     if strength == 0.0:  # the global backbone wins: an identity adapter of the smallest shape
         shape = next(iter(menu))
