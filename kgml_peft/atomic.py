@@ -37,6 +37,19 @@ def check_writable_target(path: str | os.PathLike) -> Path:
     return target
 
 
+def check_not_inputs(targets: list[str | os.PathLike], inputs: list[str | os.PathLike]) -> None:
+    """Refuse outputs that are an input file or repeat another output (compared after resolving
+    links and relative paths)."""
+    seen: dict[Path, str] = {}
+    for source in inputs:
+        seen[Path(source).resolve()] = f"the input {source}"
+    for target in targets:
+        resolved = Path(target).resolve()
+        if resolved in seen:
+            raise KgmlPeftError(f"output {target} is {seen[resolved]}; write to another file")
+        seen[resolved] = f"also the output {target}"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -579,9 +579,15 @@ def _device(cpu: bool) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON.")
+@click.option("--interval", type=float, default=None,
+              help="Add NEE/Reco bounds at this coverage level, e.g. 0.9 (adapters calibrated with "
+                   "--cv folds; see docs/calibration.md).")
+@click.option("--annual", type=click.Path(path_type=Path), default=None,
+              help="Also write annual NEE/Reco sums per site-year (.csv/.parquet), with bounds "
+                   "when --interval is given.")
 def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site_column: str | None,
             store: Path, require_adapter: bool, batch_size: int, strategy: str, cpu: bool, quiet: bool,
-            force: bool, as_json: bool) -> None:
+            force: bool, as_json: bool, interval: float | None, annual: Path | None) -> None:
     """Predict Ra, Rh, Reco, NEE (daily) and Yield (annual) for every complete site-year."""
     from kgml_peft.serve.predict import run_predict
 
@@ -592,16 +598,21 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
     start = time.perf_counter()
     result = run_predict(data=data, backbone=backbone, out=out, site=site, site_column=site_column,
                          store=store, require_adapter=require_adapter, batch_size=batch_size,
-                         strategy=strategy, device=_device(cpu), force=force, progress=not quiet)
+                         strategy=strategy, device=_device(cpu), force=force, progress=not quiet,
+                         interval=interval, annual=annual)
     seconds = time.perf_counter() - start
     summary = {"out": str(out), "rows": len(result.frame), "site_years": result.site_years,
+               "annual": None if annual is None else str(annual), "interval": interval,
                "adapters": result.used, "missing_adapters": result.missing,
                "dropped_site_years": len(result.dropped), "seconds": round(seconds, 3)}
     if as_json:
         _echo_json(summary)
         return
-    click.echo(f"wrote {out}: {len(result.frame)} site-days, {result.site_years} site-years "
+    bounds = f" with {interval:g} intervals" if interval is not None else ""
+    click.echo(f"wrote {out}: {len(result.frame)} site-days, {result.site_years} site-years{bounds} "
                f"in {seconds:.1f} s")
+    if annual is not None:
+        click.echo(f"wrote {annual}: annual NEE and Reco sums of {result.site_years} site-years{bounds}")
     if result.used:
         click.echo("adapters: " + ", ".join(f"{k} ({v})" for k, v in result.used.items()))
     backbone_years = result.site_years - sum(result.used.values())

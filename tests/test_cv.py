@@ -112,10 +112,10 @@ def test_shape_menu_goes_from_the_head_to_the_configured_adapter():
     assert list(shape_menu(AdapterConfig(components=("lora",)))) == ["lora"]
 
 
-def _site(backbone, scale: float, shift: float, noise: float, seed: int = 0) -> pd.DataFrame:
+def _site(backbone, scale: float, shift: float, noise: float, seed: int = 0, years=YEARS) -> pd.DataFrame:
     """One site whose targets are the backbone's own predictions, changed by ``scale``/``shift``
     and daily noise of sd ``noise`` (physical units)."""
-    frame = make_frame({"IA-001": "IA"}, years=YEARS, seed=seed)
+    frame = make_frame({"IA-001": "IA"}, years=years, seed=seed)
     features = backbone.config.features
     windows = make_windows(validate_table(frame, features), features)
     pred = predict_windows(backbone.model, backbone.scalers, windows)
@@ -141,6 +141,9 @@ def test_a_site_the_global_model_already_fits_keeps_the_global_model(backbone_pa
     assert cv["folds"] == [f"year {y}" for y in YEARS]
     assert all(v == 0 for v in result.adapter.tensors.values() for v in v.flatten())
     assert result.adapter.config.components == ("head",)
+    # one member (all would be the identity), and widths from the global model's own residuals
+    assert result.adapter.member_count == 1 and result.adapter.info["metrics"]["members"]["count"] == 1
+    assert result.adapter.intervals["daily"]["NEE"]["scale"] == [0.0, 1.0]
     # every strength was scored on every fold: the adapters were worse than the global model
     losses = cv["shapes"]["head"]["mean_fold_ratio"]
     assert set(losses) == {str(t) for t in STRENGTHS} and min(losses, key=losses.get) == "0.0"

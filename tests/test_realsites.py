@@ -5,6 +5,7 @@ independence and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from kgml_peft.data.fluxnet import import_fluxnet
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import make_windows
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.experiments.realsites import RealSiteConfig, plan_runs
+from kgml_peft.experiments.realsites import RealSiteBenchmark, RealSiteConfig, plan_runs
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.checkpoint import load_backbone
 from tests.test_cli_validation import _runner, _snapshot, check_user_error
@@ -53,6 +54,10 @@ def test_config_checks_and_toml(tmp_path: Path) -> None:
         RealSiteConfig(exclude=("US-CRT",))
     with pytest.raises(KgmlPeftError, match="sim_sites_per_region must be >= 1"):
         RealSiteConfig(sim_sites_per_region=0)
+    with pytest.raises(KgmlPeftError, match="gpp_route must be one of tower, satellite-like"):
+        RealSiteConfig(gpp_route="modis")
+    with pytest.raises(KgmlPeftError, match="between 0 and 1"):
+        RealSiteConfig(interval=1.0)
     path = tmp_path / "c.toml"
     path.write_text('held_out = ["US-Ne2"]\ncalibration_years = [2]\n[adapter]\nepochs = 7\n'
                     '[backbone]\nhidden_size = 4\n')
@@ -111,6 +116,14 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
     record = json.loads((out / "runs" / "adapter_cv__observed__US-Ne3__1y__s0.json").read_text())
     assert 2 <= len(record["cv"]["folds"]) <= 4 and all(f.startswith("days ") for f in record["cv"]["folds"])
     assert record["cv"]["strength"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    # ... and their intervals are scored as predict --interval serves them
+    intervals = record["test"]["intervals"]
+    assert intervals["level"] == 0.9 and 1 <= intervals["members"] <= 5
+    for target in ("NEE", "Reco"):
+        daily, annual = intervals[target]["daily"], intervals[target]["annual"]
+        assert daily["n"] == record["test"][target]["n"] and 0 <= daily["coverage"] <= 1
+        assert daily["mean_width"] > 0 and annual["n"] >= 1 and annual["mean_width"] > 0
+    assert record["gpp_route"] == "tower"
     assert results["figure_route"] in ("observed", "simulated")
     for name in ("results.md", "timeseries.png", "mse_by_years.png", "annual_sums.png"):
         assert (out / name).stat().st_size > 1000, name
@@ -279,7 +292,6 @@ def test_cli_workflow_on_tower_data(tmp_path: Path, monkeypatch) -> None:
 @needs_data
 def test_exclude_removes_sites_before_anything(fluxnet_table: Path, tmp_path: Path) -> None:
     """The development split (configs/fluxnet-dev.toml) removes the real held-out towers."""
-    import dataclasses
 
     from kgml_peft.experiments.realsites import RealSiteBenchmark
 
@@ -290,3 +302,20 @@ def test_exclude_removes_sites_before_anything(fluxnet_table: Path, tmp_path: Pa
     assert not set(bench.windows.sites) & set(HELD_OUT)
     assert not set(bench.dev_sites) & {*HELD_OUT, *dev.held_out} and len(bench.dev_sites) == 6
     assert not (tmp_path / "out").exists()  # nothing is written before execution
+
+
+@needs_data
+def test_satellite_like_route_degrades_every_sites_gpp_and_nothing_else(fluxnet_table: Path) -> None:
+    """The benchmark's satellite-like route: windows get the degraded GPP (inputs and the mass
+    balance's GPP), targets and other inputs stay as the tower measured them."""
+    frame = pd.read_parquet(fluxnet_table)
+    config = dataclasses.replace(RealSiteConfig.quick(), gpp_route="satellite-like")
+    tower = RealSiteBenchmark(frame, RealSiteConfig.quick(), "unused")
+    satellite = RealSiteBenchmark(frame, config, "unused")
+    gpp = list(tower.windows.features).index("GPP")
+    assert np.array_equal(tower.windows.daily, satellite.windows.daily, equal_nan=True)
+    others = [i for i in range(len(tower.windows.features)) if i != gpp]
+    assert np.array_equal(tower.windows.inputs[..., others], satellite.windows.inputs[..., others])
+    assert np.array_equal(satellite.windows.inputs[..., gpp], satellite.windows.gpp)
+    ratio = satellite.windows.gpp.sum(axis=1) / tower.windows.gpp.sum(axis=1)
+    assert 0.05 < ratio.std() < 0.3 and not np.allclose(ratio, 1)

@@ -16,7 +16,7 @@ from kgml_peft import schema
 from kgml_peft.config_files import check_keys, read_toml
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.store.adapter import STORAGE_DTYPES
-from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.tuners.config import AdapterConfig, positive_int
 
 METHODS: tuple[str, ...] = ("adapter", "full", "scratch")
 CV_MODES: tuple[str, ...] = ("none", "folds")
@@ -73,6 +73,9 @@ class CalibrationConfig:
     #: ``folds``: epochs, adapter shape and strength chosen on cross-validation folds, the folds'
     #: estimate reported (:mod:`kgml_peft.calibration.selection`)
     cv: str = "none"
+    #: most members an adapter file keeps with ``cv = "folds"`` (the all-data adapter and fold
+    #: adapters; their spread shapes prediction intervals)
+    members: int = 5
 
     def __post_init__(self) -> None:
         expect_type(self.method, str, "method")
@@ -129,6 +132,7 @@ class CalibrationConfig:
         if self.batch_sites > 1 and self.method != "adapter":
             raise KgmlPeftError(f"batch_sites > 1 needs the adapter method; method {self.method} "
                                 "trains backbone weights, one unit at a time")
+        positive_int(self.members, "members")
         expect_type(self.cv, str, "cv")
         if self.cv not in CV_MODES:
             raise KgmlPeftError(f"cv must be one of {', '.join(CV_MODES)}, got {self.cv!r}")

@@ -33,6 +33,7 @@ from kgml_peft.calibration.batched import TrainedUnit, train_side_by_side, valid
 from kgml_peft.calibration.units import CalibrationData, CalibrationResult, finish_unit, validation_metrics
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.folds import Fold, make_folds
+from kgml_peft.calibration.members import interval_record
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import deterministic_algorithms
@@ -75,6 +76,9 @@ class Selection:
     #: per fold, the loss of the best adapter with a strength above 0 (what "keep the global model"
     #: was decided against)
     best_adapter_loss: list[float] = dataclasses.field(default_factory=list)
+    #: per fold, the chosen shape's fold adapter after ``epochs`` epochs, scaled by ``strength``
+    fold_tensors: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+    fold_data: list[Fold] = dataclasses.field(default_factory=list)
 
     @property
     def change(self) -> list[float]:
@@ -167,9 +171,13 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     if epochs >= len(all_data.history):
         raise KgmlPeftError(f"{data.name}: the all-data adapter stopped before epoch {epochs}")
     tensors = scale_adapter(all_data.history[epochs], adapter, backbone.model, strength)
+    s = list(menu).index(shape)
+    fold_tensors = [scale_adapter(unit.history[epochs], adapter, backbone.model, strength)
+                    for unit in trained[s * per_shape:s * per_shape + len(folds)]]
     return Selection(folds=[f.name for f in folds], shape=shape, adapter=adapter, epochs=epochs,
                      strength=strength, global_loss=global_loss, chosen_loss=scores[(shape, strength)],
-                     table=table, tensors=tensors, best_adapter_loss=scores[(best_shape, best_t)])
+                     table=table, tensors=tensors, best_adapter_loss=scores[(best_shape, best_t)],
+                     fold_tensors=fold_tensors, fold_data=folds)
 
 
 def selected_model(backbone: Backbone, selection: Selection) -> SiteModel:
@@ -184,13 +192,20 @@ def calibrate_cross_validated(backbone: Backbone, data: CalibrationData, config:
     """Calibrate one prepared unit with its epochs, shape and strength chosen on folds (see module
     docstring). Its ``metrics.before``/``after`` are in-sample (all calibration data); the
     out-of-sample figures are ``metrics.cv``: per fold, the global backbone's loss and the chosen
-    adapter's, and their mean relative change."""
+    adapter's, and their mean relative change. The adapter keeps up to ``config.members`` members
+    and the conformal interval widths (:mod:`kgml_peft.calibration.members`)."""
     with deterministic_algorithms():
         set_seed(config.seed, deterministic=True)
         before = validation_metrics(backbone.model, backbone, data.val, data.weights, config.tolerance)
         selection = cross_validate(backbone, data, config, cpu=cpu, progress=progress)
+        # t = 0: every member is the identity, one is stored
+        stored = 1 if selection.strength == 0.0 else min(config.members, 1 + len(selection.folds))
+        intervals, members = interval_record(backbone, selection.adapter, selection.tensors,
+                                             selection.fold_tensors, selection.fold_data, stored)
     result = PhaseResult(name=f"calibrate {data.name}", best_epoch=selection.epochs)
     chosen = dataclasses.replace(config, adapter=selection.adapter)
     return finish_unit(backbone, data, chosen, selected_model(backbone, selection), result, before,
                        provenance={"requested_adapter": config.adapter.to_dict()},
-                       metrics={"cv": selection.record(), "in_sample": True})
+                       metrics={"cv": selection.record(), "in_sample": True, "intervals": intervals,
+                                "members": members},
+                       members=selection.fold_tensors[:stored - 1])

@@ -151,11 +151,13 @@ def prepare_unit(backbone: Backbone, rows: pd.DataFrame, name: str, scope: str,
 
 def finish_unit(backbone: Backbone, data: CalibrationData, config: CalibrationConfig,
                 model: torch.nn.Module, result: PhaseResult, before: dict,
-                provenance: dict | None = None, metrics: dict | None = None) -> CalibrationResult:
+                provenance: dict | None = None, metrics: dict | None = None,
+                members: list[dict[str, torch.Tensor]] | None = None) -> CalibrationResult:
     """Measure a unit's trained ``model`` (CPU, its best weights) and put together its result:
     metrics, summary and, for the adapter method, the adapter to save. ``provenance`` adds
     entries to the summary's ``calibration`` record (e.g. the units trained alongside),
-    ``metrics`` to its ``metrics`` record (e.g. cross-validation)."""
+    ``metrics`` to its ``metrics`` record (e.g. cross-validation); ``members`` are the adapter's
+    members 2..M."""
     name, scope, rows = data.name, data.scope, data.rows
     train, val, weights = data.train, data.val, data.weights
     if isinstance(model, SiteModel) and config.storage_dtype == "float16":
@@ -196,7 +198,8 @@ def finish_unit(backbone: Backbone, data: CalibrationData, config: CalibrationCo
         calibration = {k: v for k, v in summary["calibration"].items() if k != "adapter"}
         info.update(features=list(backbone.config.features), targets=weights, calibration=calibration)
         adapter = Adapter(site=name, config=config.adapter, tensors=model.adapter_tensors(),
-                          backbone_fingerprint=backbone.fingerprint, info=info)
+                          backbone_fingerprint=backbone.fingerprint, info=info,
+                          members=[{k: v.detach().clone() for k, v in m.items()} for m in members or []])
     return CalibrationResult(name=name, method=config.method, model=model, adapter=adapter,
                              metrics={"before": before, "after": after}, summary=summary,
                              curve=result.curve)

@@ -49,6 +49,7 @@ from kgml_peft.calibration.calibrate import CalibrationData, calibrate_unit
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.config_files import read_toml
 from kgml_peft.data.fluxnet import GAPFILLED
+from kgml_peft.data.gpp import GPP_ROUTES, satellite_like_gpp
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import (
     Scalers,
@@ -61,6 +62,9 @@ from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.experiments.config import Training, config_from_dict
 from kgml_peft.experiments.runs import RunFiles, _complete, scratch_phases
 from kgml_peft.metrics import group_metrics
+from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.store.adapter import Adapter
+from kgml_peft.uncertainty import annual_interval, check_level, coverage, daily_interval
 from kgml_peft.model.backbone import BackboneConfig
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
@@ -111,6 +115,12 @@ class RealSiteConfig:
     #: simulator size for the simulated route (sites per state, years per site; None = all)
     sim_sites_per_region: int | None = 6
     sim_years_per_site: int | None = None
+    #: GPP input: ``tower`` (GPP_NT, partitioned from the tower's own NEE: an upper bound) or
+    #: ``satellite-like`` (every site's tower GPP degraded as a satellite product would see it,
+    #: :mod:`kgml_peft.data.gpp`)
+    gpp_route: str = "tower"
+    #: coverage level of the intervals scored for ``adapter_cv``
+    interval: float = 0.9
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -146,6 +156,9 @@ class RealSiteConfig:
             expect_type(value, (int, float), key)
             if not (math.isfinite(value) and value >= 0):
                 raise KgmlPeftError(f"{key} must be a finite number >= 0, got {value}")
+        if self.gpp_route not in GPP_ROUTES:
+            raise KgmlPeftError(f"gpp_route must be one of {', '.join(GPP_ROUTES)}, got {self.gpp_route!r}")
+        check_level(self.interval)
         for key, low in (("val_block_days", 1), ("val_every", 2)):
             expect_type(getattr(self, key), int, key)
             if getattr(self, key) < low:
@@ -246,6 +259,34 @@ def score(model: torch.nn.Module, scalers: Scalers, windows: YearWindows,
     return out
 
 
+def interval_scores(backbone: Backbone, adapter: Adapter, windows: YearWindows,
+                    gapfilled: dict[str, np.ndarray], level: float) -> dict:
+    """Coverage of ``adapter``'s intervals at ``level`` on test ``windows``, served as ``predict
+    --interval`` serves them (members in one mixed batch): per scored target, the share of
+    QC-passing days inside the daily interval and of site-years whose gap-filled annual sum is
+    inside the annual interval, with mean widths."""
+    bank = AdapterBank(backbone)
+    bank.add(adapter)
+    out = bank.predict_members(windows, [adapter.site] * len(windows))
+    days = windows.dates.shape[1]
+    scores: dict = {"level": level, "members": adapter.member_count}
+    for name in SCORED:
+        scores[name] = {}
+        try:  # a QC-thin calibration may have too few residuals for ``level``: recorded, not fatal
+            lo, hi = daily_interval(out[name], out[f"{name}_spread"], adapter.intervals["daily"][name],
+                                    level, adapter.site)
+            scores[name]["daily"] = coverage(windows.target(name), lo, hi)
+        except KgmlPeftError as exc:
+            scores[name]["daily"] = {"unavailable": str(exc)}
+        try:
+            alo, ahi = annual_interval(out[name].sum(axis=1), days, adapter.intervals["annual"][name],
+                                       level, adapter.site)
+            scores[name]["annual"] = coverage(gapfilled[name].sum(axis=1), alo, ahi)
+        except KgmlPeftError as exc:
+            scores[name]["annual"] = {"unavailable": str(exc)}
+    return scores
+
+
 def _json_rows(values: np.ndarray) -> list[list[float | None]]:
     """[N, 365] values as JSON lists, 4 decimals, None where missing."""
     return [[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in values]
@@ -266,6 +307,8 @@ class RealSiteBenchmark(RunFiles):
             frame = frame[~frame[schema.SITE].astype(str).isin(config.exclude)]
             if frame.empty:
                 raise KgmlPeftError("every site of the data is excluded")
+        if config.gpp_route == "satellite-like":
+            frame = satellite_like_gpp(frame, seed=0)
         table = validate_table(frame, features, targets=list(SCORED))
         self.windows = make_windows(table, features)
         present = set(self.windows.sites)
@@ -370,17 +413,17 @@ class RealSiteBenchmark(RunFiles):
             self._backbones[(route, seed)] = load_backbone(path)
         return self._backbones[(route, seed)]
 
-    def _calibrate(self, run: RealRun, years: YearWindows) -> tuple[torch.nn.Module, Scalers, dict]:
+    def _calibrate(self, run: RealRun, years: YearWindows) -> tuple[torch.nn.Module, Scalers, dict, Adapter | None]:
         c = self.config
         train, val = split_by_day_blocks(years, c.val_block_days, c.val_every)
         if run.method == "site_only":
             phases = scratch_phases(c.site_only, WEIGHTS, c.physics_weight)
             model, results = self._train({"observed": (train, val)}, self.scalers, phases, run.seed)
             return model, self.scalers, {"trained_parameters": sum(p.numel() for p in model.parameters()),
-                                         "best_epoch": [r.best_epoch for r in results]}
+                                         "best_epoch": [r.best_epoch for r in results]}, None
         base = self.backbone(run.route, run.seed)
         if run.method == "global":
-            return base.model, base.scalers, {"trained_parameters": 0}
+            return base.model, base.scalers, {"trained_parameters": 0}, None
         t = c.finetune if run.method == "full" else c.adapter
         table = self.table
         rows = table[(table[schema.SITE] == run.site) & table[schema.DATE].dt.year.isin(years.years)]
@@ -401,7 +444,7 @@ class RealSiteBenchmark(RunFiles):
                                                  "change_sd", "best_adapter_change_mean")}
         if result.adapter is not None:
             info["adapter_bytes"] = self.save_run_adapter(run, result.adapter)
-        return result.model, base.scalers, info
+        return result.model, base.scalers, info, result.adapter
 
     # -- execution --------------------------------------------------------------------------------
 
@@ -424,9 +467,14 @@ class RealSiteBenchmark(RunFiles):
             self._backbones.pop((run.route, run.seed), None)
         else:
             train, test = self.site_split(run.site, run.years)
-            model, scalers, info = self._calibrate(run, train)
+            model, scalers, info, adapter = self._calibrate(run, train)
             record.update(info, train_years=[int(y) for y in train.years],
                           test=score(model, scalers, test, self.gapfilled(test), self.config.tolerance,
                                      keep_series=run.seed == self.config.seeds[0]))
+            if adapter is not None and adapter.intervals is not None:
+                record["test"]["intervals"] = interval_scores(
+                    self.backbone(run.route, run.seed), adapter, test, self.gapfilled(test),
+                    self.config.interval)
+        record["gpp_route"] = self.config.gpp_route
         record["seconds"] = round(time.perf_counter() - start, 2)
         return self.save(run, record)

@@ -39,8 +39,11 @@ from kgml_peft.tuners.serving import ServingAdapter
 from kgml_peft.store.adapter import Adapter, load_adapter
 from kgml_peft.store.checkpoint import Backbone, load_backbone
 from kgml_peft.store.library import adapter_path
+from kgml_peft.uncertainty import INTERVAL_TARGETS
 
 STRATEGIES: tuple[str, ...] = ("auto", "batched", "grouped", "naive")
+#: outputs whose spread over an adapter's members :meth:`AdapterBank.predict_members` returns
+SPREAD_OUTPUTS: tuple[str, ...] = INTERVAL_TARGETS
 
 
 class AdapterBank:
@@ -275,6 +278,39 @@ class AdapterBank:
         out = in_batches(x, batch_size, run, progress=progress)
         # no windows: zero-length arrays of the right shapes
         return out or {name: np.zeros((0,) if name == "Yield" else (0, x.shape[1])) for name in PREDICTED}
+
+    def predict_members(self, windows: YearWindows, names: Sequence[str | None], batch_size: int = 64,
+                        strategy: str | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+        """Every member of adapter ``names[i]`` on window i, all in one mixed batch per
+        ``batch_size`` windows (the per-row machinery: members are rows with their own adapter).
+        Returns member 1's predictions (as :meth:`predict_windows`, the point prediction) and
+        ``<output>_spread``, the standard deviation over the window's members (0 for one member),
+        of NEE and Reco [N, 365]."""
+        if len(names) != len(windows):
+            raise KgmlPeftError(f"{len(names)} adapter names for {len(windows)} windows")
+        names = list(names)
+        x = WindowDataset(windows, self.backbone.scalers).x
+
+        def run(start: int, stop: int) -> dict[str, torch.Tensor]:
+            served = self.resolve(names[start:stop], require=True)
+            rows, owner = [], []
+            for i, adapter in enumerate(served):
+                for member in (adapter.all_members if adapter is not None else (None,)):
+                    rows.append(member)
+                    owner.append(i)
+            index = torch.tensor(owner)
+            phys = physical(self.forward(x[start:stop][index], rows, strategy=strategy), self.backbone.scalers)
+            first = torch.ones(len(rows), dtype=torch.bool)
+            first[1:] = index[1:] != index[:-1]
+            out = {name: phys[name][first] for name in PREDICTED}
+            for name in SPREAD_OUTPUTS:
+                out[f"{name}_spread"] = torch.stack([
+                    phys[name][index == i].double().std(dim=0, correction=0) for i in range(stop - start)])
+            return out
+
+        out = in_batches(x, batch_size, run, progress=progress)
+        return out or {name: np.zeros((0,) if name == "Yield" else (0, x.shape[1]))
+                       for name in (*PREDICTED, *(f"{n}_spread" for n in SPREAD_OUTPUTS))}
 
     @property
     def scalers(self) -> Scalers:

@@ -27,7 +27,12 @@ def serving_adapter(adapter: Adapter, backbone: Backbone,
     """Check ``adapter`` against ``backbone`` (fingerprint, features, tensor names and shapes)
     and lay it out for serving on ``device``."""
     check_fits(adapter, backbone)
-    tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.tensors.items()}
-    return ServingAdapter.from_tensors(adapter.site, tensors, adapter.config,
-                                       content_hash=str(adapter.info.get("content_hash", "")),
-                                       path=adapter.path)
+    content_hash = str(adapter.info.get("content_hash", ""))
+
+    def layout(name: str, tensors: dict[str, torch.Tensor], **extra) -> ServingAdapter:
+        tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()}
+        return ServingAdapter.from_tensors(name, tensors, adapter.config, content_hash=content_hash,
+                                           path=adapter.path, **extra)
+
+    members = tuple(layout(f"{adapter.site}#{m + 2}", t) for m, t in enumerate(adapter.members))
+    return layout(adapter.site, adapter.tensors, members=members, intervals=adapter.intervals)

@@ -6,6 +6,12 @@ for every row, or the adapter named by each row's site or region) through an
 The output has one row per predicted day: ``site``, ``date``, ``Ra``, ``Rh``, ``Reco``, ``NEE``
 (gC m-2 d-1), ``Yield`` (t ha-1, on each year's last day, empty elsewhere) and ``adapter`` (the
 adapter used, empty where the backbone served the row).
+
+With ``interval`` (a coverage level such as 0.9) every adapter's members run as rows of one mixed
+batch and ``NEE_lo``, ``NEE_hi``, ``Reco_lo``, ``Reco_hi`` bound each day; the annual table
+(:func:`annual_table`) sums NEE and Reco per site-year, with bounds at the same level
+(:mod:`kgml_peft.uncertainty`). Intervals need adapters written by a cross-validated calibration
+(they carry the conformal widths); any other row is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kgml_peft import schema
+from kgml_peft import schema, uncertainty
+from kgml_peft.atomic import check_not_inputs
 from kgml_peft.data.tables import load_table, table_format, validate_table, write_table
 from kgml_peft.data.windows import make_windows
 from kgml_peft.errors import KgmlPeftError
@@ -27,6 +34,12 @@ from kgml_peft.store.library import writable_target
 
 #: Output columns, in order.
 OUTPUT_COLUMNS: tuple[str, ...] = ("site", "date", "Ra", "Rh", "Reco", "NEE", "Yield", "adapter")
+#: Interval columns added with an interval level, after ``adapter``.
+INTERVAL_COLUMNS: tuple[str, ...] = tuple(f"{t}_{side}" for t in uncertainty.INTERVAL_TARGETS
+                                          for side in ("lo", "hi"))
+#: Columns of the annual table (``*_lo``/``*_hi`` only with an interval level).
+ANNUAL_COLUMNS: tuple[str, ...] = ("site", "year", "adapter", "days", "NEE", "NEE_lo", "NEE_hi",
+                                   "Reco", "Reco_lo", "Reco_hi", "level")
 #: Columns whose value may pick each row's adapter.
 SITE_COLUMNS: tuple[str, ...] = (schema.SITE, schema.REGION)
 
@@ -45,18 +58,24 @@ class Prediction:
     missing: dict[str, int] = field(default_factory=dict)
     dropped: list[tuple[str, int, int]] = field(default_factory=list)
     site_years: int = 0
+    #: per site-year annual NEE and Reco sums (gC m-2 yr-1), with bounds when ``level`` is set
+    annual: pd.DataFrame | None = None
+    level: float | None = None
 
 
 def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = None,
                   site_column: str | None = None, require_adapter: bool = False,
                   batch_size: int = 64, strategy: str | None = None,
-                  progress: bool = False) -> Prediction:
+                  progress: bool = False, interval: float | None = None) -> Prediction:
     """Predict every complete site-year of ``table`` (a DataFrame in the data contract).
 
     ``site`` applies that adapter to every row (it must exist); ``site_column`` (``site`` or
     ``region``) takes each row's adapter from that column, and rows whose adapter does not exist
     use the backbone (or raise with ``require_adapter``); neither predicts with the backbone.
+    ``interval`` (a level in (0, 1)) adds daily and annual bounds (see module docstring).
     """
+    if interval is not None:
+        interval = uncertainty.check_level(interval)
     if site is not None and site_column is not None:
         raise KgmlPeftError("give --site or --site-column, not both")
     if site_column is not None and site_column not in SITE_COLUMNS:
@@ -83,8 +102,21 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
             f"store (first: {absent[0]}); add them or drop --require-adapter to use the backbone there")
     missing_set = set(absent)
     served = np.array([None if n in missing_set else n for n in wanted], dtype=object)
-    out = bank.predict_windows(windows, list(served), batch_size=batch_size, strategy=strategy,
-                               progress=progress)
+    if interval is None:
+        out = bank.predict_windows(windows, list(served), batch_size=batch_size, strategy=strategy,
+                                   progress=progress)
+    else:
+        records = _interval_records(bank, served, interval)
+        out = bank.predict_members(windows, list(served), batch_size=batch_size, strategy=strategy,
+                                   progress=progress)
+        for target in uncertainty.INTERVAL_TARGETS:
+            lo, hi = np.empty_like(out[target]), np.empty_like(out[target])
+            for name, record in records.items():
+                rows = served == name
+                lo[rows], hi[rows] = uncertainty.daily_interval(
+                    out[target][rows], out[f"{target}_spread"][rows], record["daily"][target], interval,
+                    f"adapter {name}")
+            out[f"{target}_lo"], out[f"{target}_hi"] = lo, hi
 
     n, days = windows.dates.shape
     yield_daily = np.full((n, days), np.nan)
@@ -95,25 +127,78 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
         **{name: out[name].reshape(-1) for name in ("Ra", "Rh", "Reco", "NEE")},
         "Yield": yield_daily.reshape(-1),
         "adapter": pd.array(np.repeat(served, days), dtype="string"),
+        **({name: out[name].reshape(-1) for name in INTERVAL_COLUMNS} if interval is not None else {}),
     })
     counts = Counter(n for n in wanted if n is not None)
     used = {name: counts[name] for name in names if name not in missing_set}
     missing = {name: counts[name] for name in absent}
-    return Prediction(frame=frame[list(OUTPUT_COLUMNS)], used=used, missing=missing,
-                      dropped=list(windows.dropped), site_years=n)
+    columns = list(OUTPUT_COLUMNS) + (list(INTERVAL_COLUMNS) if interval is not None else [])
+    annual = annual_table(windows.sites, windows.years, served, out, days,
+                          records if interval is not None else None, interval)
+    return Prediction(frame=frame[columns], used=used, missing=missing, dropped=list(windows.dropped),
+                      site_years=n, annual=annual, level=interval)
+
+
+def _interval_records(bank: AdapterBank, served: np.ndarray, level: float) -> dict[str, dict]:
+    """Each served adapter's interval widths, checked to exist and to reach ``level`` (a row the
+    backbone serves, or an adapter without widths, is refused)."""
+    bare = int(sum(n is None for n in served))
+    if bare:
+        raise KgmlPeftError(
+            f"--interval needs an adapter with interval widths on every row; {bare} site-years have "
+            "no adapter (the backbone alone has none: calibrate those sites with --cv folds)")
+    records = {}
+    for name in dict.fromkeys(served):
+        record = bank.get(name).intervals
+        if record is None:
+            raise KgmlPeftError(
+                f"adapter {name} has no members or interval widths; recalibrate it with --cv folds "
+                "to predict with --interval")
+        for kind in ("daily", "annual"):
+            for target in uncertainty.INTERVAL_TARGETS:
+                uncertainty.quantile_at(record[kind][target]["quantiles"], level, f"adapter {name}")
+        records[name] = record
+    return records
+
+
+def annual_table(sites: np.ndarray, years: np.ndarray, served: np.ndarray, out: dict[str, np.ndarray],
+                 days: int, records: dict[str, dict] | None, level: float | None) -> pd.DataFrame:
+    """One row per site-year: annual NEE and Reco sums (gC m-2 yr-1) of the daily predictions in
+    ``out``, and their bounds at ``level`` from each adapter's annual widths (``records``)."""
+    frame = pd.DataFrame({"site": sites, "year": np.asarray(years, dtype=int),
+                          "adapter": pd.array(served, dtype="string"), "days": days})
+    for target in uncertainty.INTERVAL_TARGETS:
+        total = out[target].sum(axis=1)
+        frame[target] = total
+        lo, hi = np.full_like(total, np.nan), np.full_like(total, np.nan)
+        for name, record in (records or {}).items():
+            rows = served == name
+            lo[rows], hi[rows] = uncertainty.annual_interval(total[rows], days, record["annual"][target],
+                                                             level, f"adapter {name}")
+        frame[f"{target}_lo"], frame[f"{target}_hi"] = lo, hi
+    frame["level"] = np.nan if level is None else level
+    return frame[list(ANNUAL_COLUMNS)]
 
 
 def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.PathLike,
                 out: str | os.PathLike, site: str | None = None, site_column: str | None = None,
                 store: str | os.PathLike = "adapters", require_adapter: bool = False,
                 batch_size: int = 64, strategy: str | None = None, device: str = "cpu",
-                force: bool = False, progress: bool = False) -> Prediction:
+                force: bool = False, progress: bool = False, interval: float | None = None,
+                annual: str | os.PathLike | None = None) -> Prediction:
     """``kgml-peft predict``: read ``data`` (a table path or DataFrame), predict with the adapters
-    of ``store`` on ``backbone`` and write ``out`` (.csv or .parquet) atomically. Every check runs
-    before the output is written; an existing ``out`` is replaced only with ``force``."""
+    of ``store`` on ``backbone`` and write ``out`` (.csv or .parquet) atomically, and the annual
+    table to ``annual`` if given. ``interval`` adds bounds at that level (see
+    :func:`predict_table`). Every check runs before an output is written; an existing output is
+    replaced only with ``force``, and no output may be the input table or the other output."""
+    if interval is not None:
+        interval = uncertainty.check_level(interval)
     target = Path(out)
-    table_format(target)
-    writable_target(target, force)
+    targets = [target] + ([Path(annual)] if annual is not None else [])
+    check_not_inputs(targets, [data] if not isinstance(data, pd.DataFrame) else [])
+    for path in targets:
+        table_format(path)
+        writable_target(path, force)
     store_path = Path(store)
     needs_store = site is not None or site_column is not None or store_path.is_dir()
     bank = AdapterBank(backbone, store_path if needs_store else None, device=device)  # checks the folder
@@ -121,6 +206,8 @@ def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.Pa
     table = data if isinstance(data, pd.DataFrame) else load_table(data, features, targets=[])
     prediction = predict_table(bank, table, site=site, site_column=site_column,
                                require_adapter=require_adapter, batch_size=batch_size,
-                               strategy=strategy, progress=progress)
+                               strategy=strategy, progress=progress, interval=interval)
     write_table(prediction.frame, target)
+    if annual is not None:
+        write_table(prediction.annual, Path(annual))
     return prediction

@@ -4,8 +4,14 @@ Tensors are namespaced by component (``lora.*``, ``blocks.*``, ``head.*``, and `
 backbone weights a run unfroze), float32 or float16. The ``__metadata__`` strings are listed in
 :data:`METADATA_KEYS`; JSON-valued ones are JSON text. ``content_hash`` covers the adapter config
 and every tensor, so a tampered or damaged file is caught even when it still parses;
-``backbone_fingerprint`` ties the file to the one backbone it was trained on. The full byte layout
-is documented in ``docs/adapter-format.md``.
+``backbone_fingerprint`` ties the file to the one backbone it was trained on.
+
+An adapter may hold several **members** (the fold adapters of a cross-validated calibration): the
+first is stored under the names above and is what serves a point prediction; members 2..M are
+stacked along a leading member axis as ``members.<name>`` (shape ``[M - 1, *shape]``). Their
+spread and the conformal widths in ``metrics.intervals`` (:mod:`kgml_peft.uncertainty`) give
+prediction intervals. A one-member file is exactly a file of earlier versions. The full byte
+layout is documented in ``docs/adapter-format.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kgml_peft import __version__, schema
+from kgml_peft import __version__, schema, uncertainty
 from kgml_peft.tuners.base import namespaces
 from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.errors import KgmlPeftError
@@ -40,6 +46,8 @@ METADATA_KEYS: tuple[str, ...] = (
     "dtype", "content_hash", "toolkit_version", "peft_version", "torch_version",
 )
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: tensor-name prefix of the stacked extra members
+MEMBER_PREFIX = "members."
 
 
 @dataclass
@@ -57,11 +65,52 @@ class Adapter:
     backbone_fingerprint: str
     info: dict = field(default_factory=dict)
     path: Path | None = None
+    #: members 2..M (each a full set of tensors named as ``tensors``); empty for one member
+    members: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     @property
     def parameters(self) -> int:
-        """Number of stored values."""
-        return sum(t.numel() for t in self.tensors.values())
+        """Number of stored values (every member)."""
+        return sum(t.numel() for t in self.tensors.values()) + sum(
+            t.numel() for m in self.members for t in m.values())
+
+    @property
+    def member_count(self) -> int:
+        """M: how many members the adapter holds (1 for a plain adapter)."""
+        return 1 + len(self.members)
+
+    @property
+    def intervals(self) -> dict | None:
+        """The conformal interval widths (``metrics.intervals``), or None if the file has none."""
+        return (self.info.get("metrics") or {}).get("intervals")
+
+
+def stack_members(tensors: dict[str, torch.Tensor], members: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``tensors`` plus members 2..M stacked along a leading axis under ``members.<name>``."""
+    out = dict(tensors)
+    for member in members:
+        if set(member) != set(tensors) or any(member[k].shape != tensors[k].shape for k in tensors):
+            raise KgmlPeftError("every adapter member must have the first member's tensor names and shapes")
+    if members:
+        for name, first in tensors.items():
+            out[MEMBER_PREFIX + name] = torch.stack([m[name].to(first.dtype) for m in members])
+    return out
+
+
+def split_members(tensors: dict[str, torch.Tensor], source: object) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The inverse of :func:`stack_members`, checked: the first member's tensors and the others."""
+    first = {k: v for k, v in tensors.items() if not k.startswith(MEMBER_PREFIX)}
+    stacked = {k[len(MEMBER_PREFIX):]: v for k, v in tensors.items() if k.startswith(MEMBER_PREFIX)}
+    if not stacked:
+        return first, []
+    if set(stacked) != set(first):
+        raise KgmlPeftError(f"{source}: the member tensors do not name the same tensors as the adapter")
+    counts = {v.shape[0] if v.dim() else 0 for v in stacked.values()}
+    bad = [k for k, v in stacked.items() if v.dim() == 0 or tuple(v.shape[1:]) != tuple(first[k].shape)]
+    if bad or len(counts) != 1 or 0 in counts:
+        raise KgmlPeftError(f"{source}: member tensor {MEMBER_PREFIX}{(bad or list(stacked))[0]} does not "
+                            "stack members of the adapter's shapes")
+    return first, [{k: v[m] for k, v in stacked.items()} for m in range(counts.pop())]
 
 
 def _hash(site: str, config: AdapterConfig, fingerprint: str, features: list[str],
@@ -106,7 +155,11 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, dtype: str = "float3
     bad = [k for k in adapter.tensors if not k.startswith(namespaces())]
     if bad:
         raise KgmlPeftError(f"adapter tensor {bad[0]} is outside the namespaces {namespaces()}")
-    tensors = {k: v.detach().cpu().to(_DTYPES[dtype]).contiguous() for k, v in sorted(adapter.tensors.items())}
+    intervals = adapter.intervals
+    if intervals is not None:
+        uncertainty.check_record(intervals, f"adapter {adapter.site}")
+    tensors = {k: v.detach().cpu().to(_DTYPES[dtype]).contiguous()
+               for k, v in sorted(stack_members(adapter.tensors, adapter.members).items())}
     nonfinite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if nonfinite:
         raise KgmlPeftError(f"adapter tensor {nonfinite[0]} is not finite in {dtype}")
@@ -168,7 +221,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     if dtype not in _DTYPES:
         raise KgmlPeftError(f"{source} declares dtype {dtype!r}; expected float32 or float16")
     for name, tensor in tensors.items():
-        if not name.startswith(namespaces()):
+        if not name.removeprefix(MEMBER_PREFIX).startswith(namespaces()):
             raise KgmlPeftError(f"{source}: tensor {name} is outside the adapter namespaces")
         if tensor.dtype != _DTYPES[dtype]:
             raise KgmlPeftError(f"{source}: tensor {name} is {tensor.dtype}, the file declares {dtype}")
@@ -178,11 +231,15 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     fingerprint = metadata["backbone_fingerprint"]
     if _hash(site, config, fingerprint, info["features"], tensors) != metadata["content_hash"]:
         raise KgmlPeftError(f"{source}: content hash mismatch; the file was modified or is corrupt")
+    first, members = split_members(tensors, source)
+    if "intervals" in info["metrics"]:
+        uncertainty.check_record(info["metrics"]["intervals"], str(source))
     info.update(scope=metadata["scope"], dtype=dtype, parameters=int(metadata["parameters"]),
                 content_hash=metadata["content_hash"],
                 versions={k: metadata[k] for k in ("toolkit_version", "peft_version", "torch_version")})
-    return Adapter(site=site, config=config, tensors={k: v.float() for k, v in tensors.items()},
-                   backbone_fingerprint=fingerprint, info=info, path=source)
+    return Adapter(site=site, config=config, tensors={k: v.float() for k, v in first.items()},
+                   backbone_fingerprint=fingerprint, info=info, path=source,
+                   members=[{k: v.float() for k, v in m.items()} for m in members])
 
 
 def check_compatible(adapter: Adapter, backbone: Backbone) -> None:

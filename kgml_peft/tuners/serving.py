@@ -32,20 +32,32 @@ class ServingAdapter:
     parts: dict[str, base.Part] = field(default_factory=dict)  # component name -> its part
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # unfrozen backbone weights
     path: Path | None = None
+    #: members 2..M of a multi-member adapter (each laid out alike), for prediction intervals
+    members: tuple[ServingAdapter, ...] = ()
+    #: the conformal interval widths of the adapter file (``metrics.intervals``), if any
+    intervals: dict | None = None
 
     @classmethod
     def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig,
-                     content_hash: str = "", path: Path | None = None) -> ServingAdapter:
+                     content_hash: str = "", path: Path | None = None,
+                     members: tuple[ServingAdapter, ...] = (), intervals: dict | None = None) -> ServingAdapter:
         """Lay out already-checked adapter tensors (file names). Only views and products are
         taken, so gradients reach ``tensors``: batched calibration trains through this layout."""
         parts = {c.name: c.layout(config, base.own_tensors(c, tensors)) for c in base.active(config)}
         prefix = base.BACKBONE_PREFIX
         overrides = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        return cls(name=name, content_hash=content_hash, parts=parts, overrides=overrides, path=path)
+        return cls(name=name, content_hash=content_hash, parts=parts, overrides=overrides, path=path,
+                   members=members, intervals=intervals)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor this adapter keeps resident."""
-        return [t for part in self.parts.values() for t in part.tensors()] + list(self.overrides.values())
+        """Every tensor this adapter keeps resident (its members' too)."""
+        own = [t for part in self.parts.values() for t in part.tensors()] + list(self.overrides.values())
+        return own + [t for member in self.members for t in member.tensors()]
+
+    @property
+    def all_members(self) -> tuple[ServingAdapter, ...]:
+        """Every member, this adapter (the point prediction's) first."""
+        return (self, *self.members)
 
     @property
     def nbytes(self) -> int:

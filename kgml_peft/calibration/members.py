@@ -1,0 +1,60 @@
+"""The members and interval widths of a cross-validated calibration.
+
+Cross-validation leaves, next to the chosen all-data adapter, one adapter per fold, trained with
+the same shape and epochs and scaled to the same strength. They become the adapter file's members:
+the all-data adapter first (it serves point predictions), then the first ``members - 1`` fold
+adapters. Each fold adapter never trained on its fold's validation days, so its residuals there
+are out of sample; with the members' spread on the same days they give the split-conformal daily
+and annual widths (:mod:`kgml_peft.uncertainty`) stored in the adapter's ``metrics.intervals``.
+When the global model was chosen (strength 0) every member is the identity, so one is stored, and
+the widths come from the global model's own residuals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kgml_peft import uncertainty
+from kgml_peft.calibration.folds import Fold
+from kgml_peft.model.inference import predict_windows
+from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.tuners.site_model import SiteModel
+
+
+def _predict(backbone: Backbone, adapter: AdapterConfig, tensors: dict[str, torch.Tensor], windows) -> dict:
+    model = SiteModel(backbone.model, adapter)
+    model.load_adapter_tensors(tensors)
+    return predict_windows(model.eval(), backbone.scalers, windows)
+
+
+def interval_record(backbone: Backbone, adapter: AdapterConfig, all_data: dict[str, torch.Tensor],
+                    fold_tensors: Sequence[dict[str, torch.Tensor]], folds: Sequence[Fold],
+                    stored: int) -> tuple[dict, dict]:
+    """The ``metrics.intervals`` record (daily and annual widths of NEE and Reco) and the
+    ``metrics.members`` record of a cross-validated calibration whose file keeps ``stored``
+    members: the all-data adapter and the first ``stored - 1`` fold adapters."""
+    members = [all_data, *fold_tensors[:stored - 1]]
+    observed = {t: [] for t in uncertainty.INTERVAL_TARGETS}
+    out_of_fold = {t: [] for t in uncertainty.INTERVAL_TARGETS}
+    spread = {t: [] for t in uncertainty.INTERVAL_TARGETS}
+    with torch.no_grad():
+        for f, fold in enumerate(folds):
+            own = _predict(backbone, adapter, fold_tensors[f], fold.val)
+            runs = [_predict(backbone, adapter, m, fold.val) for m in members] if len(members) > 1 else []
+            for target in uncertainty.INTERVAL_TARGETS:
+                observed[target].append(fold.val.target(target))
+                out_of_fold[target].append(own[target])
+                spread[target].append(uncertainty.member_spread(np.stack([r[target] for r in runs]))
+                                      if runs else np.zeros_like(own[target]))
+    daily, annual = {}, {}
+    for target in uncertainty.INTERVAL_TARGETS:
+        obs, oof, sd = (np.concatenate(v) for v in (observed[target], out_of_fold[target], spread[target]))
+        daily[target] = uncertainty.daily_table(obs, oof, sd)
+        annual[target] = uncertainty.annual_table(obs - oof)
+    record = {"method": "split-conformal on out-of-fold residuals", "daily": daily, "annual": annual}
+    members_record = {"count": len(members), "kinds": ["all data", *[f.name for f in folds[:len(members) - 1]]]}
+    return record, members_record
