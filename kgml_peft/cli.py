@@ -603,6 +603,7 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
     seconds = time.perf_counter() - start
     summary = {"out": str(out), "rows": len(result.frame), "site_years": result.site_years,
                "annual": None if annual is None else str(annual), "interval": interval,
+               "other_crop": result.other_crop,
                "adapters": result.used, "missing_adapters": result.missing,
                "dropped_site_years": len(result.dropped), "seconds": round(seconds, 3)}
     if as_json:
@@ -620,6 +621,9 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
         why = (f"; no adapter for {', '.join(list(result.missing)[:5])}"
                f"{' ...' if len(result.missing) > 5 else ''}" if result.missing else "")
         click.echo(f"backbone only: {backbone_years} site-years (column adapter empty){why}")
+    if result.other_crop:
+        click.echo("other crops than calibrated, served by the backbone: "
+                   + ", ".join(f"{k} ({v})" for k, v in result.other_crop.items()))
     if result.dropped:
         click.echo(f"left out: {len(result.dropped)} incomplete site-years")
 

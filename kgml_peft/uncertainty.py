@@ -12,13 +12,15 @@ how wide an interval must be (split-conformal prediction; Vovk et al. 2005, Lei 
   interval never collapses where members agree); with one member, or members that are all equal,
   ``a = 0, b = 1`` and the scores are absolute residuals.
 * **annual**: an annual sum's error is the sum of daily errors, which are correlated over weeks,
-  and one to three calibration years give too few annual residuals. The score is the absolute
-  mean out-of-fold residual over a block of :data:`BLOCK_DAYS` consecutive days (blocks with fewer
+  and one to three calibration years give too few annual residuals. The scores are the absolute
+  mean out-of-fold residuals over blocks of :data:`BLOCK_DAYS` consecutive days (blocks with fewer
   than :data:`MIN_BLOCK_DAYS` observed days are skipped; shorter blocks when a QC-thin year gives
-  too few), and the annual half-width is
-  ``days * q``. A month's mean error is at least as variable as a year's (errors of opposite
-  sign in different seasons cancel over a year), so this is conservative: it keeps the coverage
-  and pays in width.
+  too few), scaled to what a year's mean would be: mean errors shrink with the averaging length
+  ``L`` as ``L ** slope``, with ``slope`` measured on the same residuals from block means of 10,
+  30 and 91 days (aggregated-variance method) and kept in [-0.5, 0] (-0.5: independent daily
+  errors; 0: a persistent bias, no shrinking, also used when it cannot be measured). The annual
+  half-width is ``days * q`` of those scaled scores. What the blocks cannot see is a bias that
+  changes from year to year; the held-out tests in docs/fluxnet.md report how often that matters.
 
 The conformal quantile at level ``L`` of ``n`` scores is the ``ceil((n + 1) L)``-th smallest; when
 that exceeds ``n`` there are too few scores for level ``L`` (stored as ``None``). Quantiles are
@@ -45,6 +47,8 @@ MIN_BLOCK_DAYS = 10
 SHORTER_BLOCKS: tuple[int, ...] = (15, 10)
 #: scores a 95 % conformal quantile needs (ceil(0.95 (n + 1)) <= n)
 ENOUGH_BLOCKS = 19
+#: averaging lengths (days) whose block means measure how errors shrink when summed over longer spans
+AGGREGATION_DAYS: tuple[int, ...] = (10, 30, 91)
 #: the outputs that get intervals
 INTERVAL_TARGETS: tuple[str, ...] = ("NEE", "Reco")
 
@@ -114,16 +118,36 @@ def block_scores(residuals: np.ndarray, block_days: int = BLOCK_DAYS,
     return np.asarray(scores)
 
 
-def annual_table(residuals: np.ndarray) -> dict:
-    """The annual interval record of one output from out-of-fold daily residuals [N, days]: with
-    too few blocks of :data:`BLOCK_DAYS` days for a 95 % interval (a QC-thin tower year), blocks
-    of :data:`SHORTER_BLOCKS` days are tried in turn (shorter blocks: noisier means, wider and
-    still conservative intervals)."""
+def aggregation_slope(residuals: np.ndarray) -> float:
+    """How the size of mean residuals shrinks with the averaging length ``L``: the slope of
+    log RMS(block mean) against log L over the blocks of :data:`AGGREGATION_DAYS` (each with at
+    least 3 blocks of a third observed days), clipped to [-0.5, 0]. -0.5 is independent daily
+    errors, 0 a persistent bias that no averaging removes (also the answer when it cannot be
+    measured: the conservative one)."""
+    points = []
+    for days in AGGREGATION_DAYS:
+        means = block_scores(residuals, days, max(3, days // 3))
+        if len(means) >= 3:
+            points.append((math.log(days), math.log(max(float(np.sqrt(np.mean(means**2))), 1e-12))))
+    if len(points) < 2:
+        return 0.0
+    x, y = np.array(points).T
+    return float(np.clip(np.polyfit(x, y, 1)[0], -0.5, 0.0))
+
+
+def annual_table(residuals: np.ndarray, days: int = 365) -> dict:
+    """The annual interval record of one output from out-of-fold daily residuals [N, days]
+    (see module docstring): |mean residual| of blocks of :data:`BLOCK_DAYS` days (of
+    :data:`SHORTER_BLOCKS` days in turn when a QC-thin year gives too few for a 95 % interval),
+    scaled to a year's mean by ``(days / block_days) ** slope`` (:func:`aggregation_slope`)."""
     for block_days in (BLOCK_DAYS, *SHORTER_BLOCKS):
         scores = block_scores(residuals, block_days, max(3, round(block_days * MIN_BLOCK_DAYS / BLOCK_DAYS)))
         if len(scores) >= ENOUGH_BLOCKS:
             break
-    return {"block_days": block_days, "n": int(len(scores)), "quantiles": _rounded(conformal_quantiles(scores))}
+    slope = aggregation_slope(residuals)
+    factor = (days / block_days) ** slope
+    return {"block_days": block_days, "slope": round(slope, 4), "factor": round(factor, 6),
+            "n": int(len(scores)), "quantiles": _rounded(conformal_quantiles(scores * factor))}
 
 
 def daily_interval(point: np.ndarray, spread: np.ndarray, record: Mapping, level: float,
@@ -165,6 +189,9 @@ def check_record(record: object, where: str) -> dict:
 
     if not isinstance(record, dict):
         raise bad("not a JSON object")
+    if "global" in record:  # the global model's widths on the same folds (crops outside the adapter's)
+        check_record({k: v for k, v in record["global"].items()} if isinstance(record["global"], dict)
+                     else None, f"{where} (global)")
     for kind in ("daily", "annual"):
         part = record.get(kind)
         if not isinstance(part, dict) or set(part) != set(INTERVAL_TARGETS):
@@ -181,6 +208,8 @@ def check_record(record: object, where: str) -> dict:
                         isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in scale)
                         and scale[1] > 0):
                     raise bad(f"daily {target} scale must be [a >= 0, b > 0]")
-            elif entry.get("block_days") not in (BLOCK_DAYS, *SHORTER_BLOCKS):
-                raise bad(f"annual {target} block_days must be one of {(BLOCK_DAYS, *SHORTER_BLOCKS)}")
+            elif entry.get("block_days") not in (BLOCK_DAYS, *SHORTER_BLOCKS) or not (
+                    isinstance(entry.get("factor"), (int, float)) and 0 < entry["factor"] <= 1):
+                raise bad(f"annual {target} needs block_days in {(BLOCK_DAYS, *SHORTER_BLOCKS)} and a "
+                          "factor in (0, 1]")
     return record

@@ -14,7 +14,8 @@ from tests.test_cli_validation import _runner
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "demo.safetensors"
 REQUIRED = ["swap_ms.cached_median", "swap_ms.disk_median", "ratios.merged_vs_bare",
             "ratios.mixed_vs_single", "memory.tensor_mb_per_1000_adapters", "calibrate_s_per_site",
-            "adapter_bytes", "backbone_bytes"] + [
+            "adapter_bytes", "backbone_bytes", "ratios.interval_vs_point", "predict_ms.point",
+            "predict_ms.interval_5_members"] + [
     f"throughput_site_days_per_s.{k}" for k in
     ("bare", "peft", "merged", "mixed", "grouped", "naive", "single_same_size")]
 
@@ -42,6 +43,8 @@ def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     assert r["merged_vs_bare"] == pytest.approx(t["merged"] / t["bare"], abs=2e-3)
     assert r["mixed_vs_single"] == pytest.approx(t["mixed"] / t["single_same_size"], abs=2e-3)
     assert data["batch"] == {"site_years": 6, "sites": 3, "site_days": 6 * 365}
+    p = data["predict_ms"]
+    assert r["interval_vs_point"] == pytest.approx(p["point"] / p["interval_5_members"], rel=0.02)
     assert data["memory"]["adapters_loaded"] == 12
     # RSS growth of 12 small adapters may be absorbed by freed memory: a number, or None off Linux
     rss = data["memory_mb_per_1000_adapters"]

@@ -587,8 +587,11 @@ def test_real_site_meta_and_crops_through_cli(tmp_path: Path, monkeypatch) -> No
     # the written table is a contract table: coordinates survive validation, Crop_Type is usable
     # where it is known and refused as a feature where it is not
     table = load_table(tmp_path / "c.csv", schema.FLUXNET_FEATURES)
-    assert {"lat", "lon"} <= set(table.columns) and "Crop_Type" not in table.columns
-    assert len(make_windows(table, schema.FLUXNET_FEATURES)) == 4
+    assert {"lat", "lon", "Crop_Type"} <= set(table.columns)  # Crop_Type kept as a site-year attribute
+    windows = make_windows(table, schema.FLUXNET_FEATURES)
+    assert len(windows) == 4
+    assert np.isfinite(windows.crops[windows.sites == "US-Tw2"]).all()
+    assert np.isnan(windows.crops[(windows.sites == "US-Tw3") & (windows.years >= 2013)]).all()
     tw2 = written[written["site"] == "US-Tw2"]
     assert len(validate_table(tw2, [*schema.FLUXNET_FEATURES, "Crop_Type", "lat", "lon"])) == 731
     with pytest.raises(KgmlPeftError, match="column Crop_Type has 730 NaN values .site US-Tw3"):

@@ -13,6 +13,7 @@ from kgml_peft.calibration.calibrate import calibrate
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.serve.predict import predict_table
 from kgml_peft.store.adapter import MEMBER_PREFIX, read_adapter, save_adapter
 from kgml_peft.store.checkpoint import load_backbone
 from kgml_peft.tuners.site_model import SiteModel
@@ -222,3 +223,59 @@ def test_cli_predict_interval_with_a_one_member_adapter_says_so(adapter_path, ba
     args = [*base[:-1], str(tmp_path / "q.csv"), "--interval", "0.9"]
     before = _snapshot(tmp_path)
     check_user_error(_invoke(args), args, ("has no members or interval widths", "--cv folds"), tmp_path, before)
+
+
+# ---- crops: a cross-validated adapter serves the crops it was calibrated on ----------------------
+
+def test_adapter_calibrated_on_one_crop_leaves_other_crops_to_the_global_model(backbone_path, tmp_path):
+    """Calibrated on two maize years (Crop_Type 1): a soybean year of the same site is served by
+    the backbone, with the global model's stored widths; a table without Crop_Type, or with the
+    crop undocumented (NaN, not a feature), puts no limit."""
+    from tests.test_cv import _site
+
+    backbone = load_backbone(backbone_path)
+    site = _site(backbone, 1.4, 0.8, noise=0.05, years=(2003, 2005))
+    site = site[pd.to_datetime(site["date"]).dt.year != 2004]  # make_frame spans 2003-2005; 2004 is soybean
+    result = calibrate(backbone, site, "IA-001",
+                       tiny_calibration(cv="folds", epochs=8, lr=0.05, targets={"NEE": 1.0, "Reco": 1.0}),
+                       progress=False)
+    assert result.summary["metrics"]["cv"]["crops"] == [1.0]
+    assert result.summary["metrics"]["cv"]["strength"] > 0
+    store = tmp_path / "adapters"
+    store.mkdir()
+    save_adapter(store / "IA-001.safetensors", result.adapter)
+    table = make_frame({"IA-001": "IA"}, years=(2006, 2007))  # 2006 soybean (0), 2007 maize (1)
+    bank = AdapterBank(backbone, store)
+    got = predict_table(bank, table, site="IA-001", interval=0.9)
+    assert got.other_crop == {"IA-001": 1} and got.used == {"IA-001": 1}
+    soy = got.frame[pd.to_datetime(got.frame["date"]).dt.year == 2006]
+    maize = got.frame[pd.to_datetime(got.frame["date"]).dt.year == 2007]
+    assert soy["adapter"].isna().all() and (maize["adapter"] == "IA-001").all()
+    features = backbone.config.features
+    bare = predict_windows(backbone.model, backbone.scalers, make_windows(validate_table(table, features), features))
+    np.testing.assert_allclose(soy["NEE"], bare["NEE"][0], atol=1e-5)
+    assert np.abs(maize["NEE"].to_numpy() - bare["NEE"][1]).max() > 1e-3
+    # the soybean year's bounds are the global model's widths (one member: constant half-width)
+    width = (soy["NEE_hi"] - soy["NEE_lo"]).to_numpy()
+    q = uncertainty.quantile_at(result.adapter.intervals["global"]["daily"]["NEE"]["quantiles"], 0.9, "x")
+    np.testing.assert_allclose(width, 2 * q, rtol=1e-9)
+    assert list(got.annual["adapter"].fillna("")) == ["", "IA-001"]
+    # an undocumented crop (NaN) or an adapter without recorded crops puts no limit (the tiny
+    # backbone reads Crop_Type, so a table cannot leave it out here: the rule itself is checked)
+    from kgml_peft.serve.predict import _other_crop
+
+    assert _other_crop((1.0,), float("nan")) is False and _other_crop(None, 0.0) is False
+    assert _other_crop((1.0,), 0.0) is True and _other_crop((0.0, 1.0), 0.0) is False
+
+
+def test_aggregation_slope_tells_independent_errors_from_a_persistent_bias():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0, 1, (3, 365))
+    assert uncertainty.aggregation_slope(noise) == pytest.approx(-0.5, abs=0.1)
+    assert uncertainty.aggregation_slope(noise * 0.05 + 2.0) == pytest.approx(0.0, abs=0.02)
+    # the annual scores of independent errors shrink by about sqrt(30 / 365)
+    record = uncertainty.annual_table(noise)
+    assert record["factor"] == pytest.approx((365 / 30) ** record["slope"]) and record["factor"] < 0.4
+    few = np.full((1, 365), np.nan)
+    few[0, :40] = 1.0  # too few blocks to measure: no shrinking
+    assert uncertainty.aggregation_slope(few) == 0.0

@@ -124,6 +124,7 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
         assert daily["n"] == record["test"][target]["n"] and 0 <= daily["coverage"] <= 1
         assert daily["mean_width"] > 0 and annual["n"] >= 1 and annual["mean_width"] > 0
     assert record["gpp_route"] == "tower"
+    assert record["other_crop_test_years"] == 0  # the table has no Crop_Type: no crop limit
     assert results["figure_route"] in ("observed", "simulated")
     for name in ("results.md", "timeseries.png", "mse_by_years.png", "annual_sums.png"):
         assert (out / name).stat().st_size > 1000, name

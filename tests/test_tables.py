@@ -140,7 +140,13 @@ def test_unknown_crop_type_is_fine_unless_it_is_a_feature():
     frame = _set(make_frame(), "Crop_Type", np.nan, site="IA-001", start="2004-01-01", n=366)
     no_crop = tuple(f for f in FEATURES if f != "Crop_Type")
     out = validate_table(frame, no_crop)
-    assert "Crop_Type" not in out.columns
+    # kept as a site-year attribute (cross-validated adapters keep to their crops), NaN allowed
+    assert out["Crop_Type"].isna().sum() == 366 and out["Crop_Type"].notna().any()
+    windows = make_windows(out, no_crop)
+    assert np.isnan(windows.crops[(windows.sites == "IA-001") & (windows.years == 2004)]).all()
+    assert np.isfinite(windows.crops[windows.sites != "IA-001"]).all()
+    with pytest.raises(KgmlPeftError, match="column Crop_Type has 1 values outside"):
+        validate_table(_set(make_frame(), "Crop_Type", 3.0, site="IA-001", start="2004-01-01", n=1), no_crop)
     with pytest.raises(KgmlPeftError, match=r"column Crop_Type has 366 NaN values \(site IA-001, "
                                             r"first 2004-01-01\); the crop of these site-years is unknown"):
         validate_table(frame, FEATURES)

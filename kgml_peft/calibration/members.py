@@ -7,7 +7,9 @@ adapters. Each fold adapter never trained on its fold's validation days, so its 
 are out of sample; with the members' spread on the same days they give the split-conformal daily
 and annual widths (:mod:`kgml_peft.uncertainty`) stored in the adapter's ``metrics.intervals``.
 When the global model was chosen (strength 0) every member is the identity, so one is stored, and
-the widths come from the global model's own residuals.
+the widths come from the global model's own residuals. The global model's widths are stored in
+any case (``intervals.global``): a site-year of a crop the calibration never saw is served by the
+global model (see :func:`calibration_crops`), with those widths.
 """
 
 from __future__ import annotations
@@ -38,23 +40,41 @@ def interval_record(backbone: Backbone, adapter: AdapterConfig, all_data: dict[s
     ``metrics.members`` record of a cross-validated calibration whose file keeps ``stored``
     members: the all-data adapter and the first ``stored - 1`` fold adapters."""
     members = [all_data, *fold_tensors[:stored - 1]]
-    observed = {t: [] for t in uncertainty.INTERVAL_TARGETS}
-    out_of_fold = {t: [] for t in uncertainty.INTERVAL_TARGETS}
-    spread = {t: [] for t in uncertainty.INTERVAL_TARGETS}
+    targets = uncertainty.INTERVAL_TARGETS
+    observed, out_of_fold, spread, bare = ({t: [] for t in targets} for _ in range(4))
     with torch.no_grad():
         for f, fold in enumerate(folds):
             own = _predict(backbone, adapter, fold_tensors[f], fold.val)
             runs = [_predict(backbone, adapter, m, fold.val) for m in members] if len(members) > 1 else []
-            for target in uncertainty.INTERVAL_TARGETS:
+            backbone_only = predict_windows(backbone.model.eval(), backbone.scalers, fold.val)
+            for target in targets:
                 observed[target].append(fold.val.target(target))
                 out_of_fold[target].append(own[target])
+                bare[target].append(backbone_only[target])
                 spread[target].append(uncertainty.member_spread(np.stack([r[target] for r in runs]))
                                       if runs else np.zeros_like(own[target]))
-    daily, annual = {}, {}
-    for target in uncertainty.INTERVAL_TARGETS:
-        obs, oof, sd = (np.concatenate(v) for v in (observed[target], out_of_fold[target], spread[target]))
-        daily[target] = uncertainty.daily_table(obs, oof, sd)
-        annual[target] = uncertainty.annual_table(obs - oof)
-    record = {"method": "split-conformal on out-of-fold residuals", "daily": daily, "annual": annual}
+    tables = {}
+    for name, predicted, sds in (("adapter", out_of_fold, spread), ("global", bare, None)):
+        daily, annual = {}, {}
+        for target in targets:
+            obs, pred = np.concatenate(observed[target]), np.concatenate(predicted[target])
+            sd = np.concatenate(sds[target]) if sds is not None else np.zeros_like(pred)
+            daily[target] = uncertainty.daily_table(obs, pred, sd)
+            annual[target] = uncertainty.annual_table(obs - pred)
+        tables[name] = {"daily": daily, "annual": annual}
+    # the global model's widths serve site-years of crops the adapter was not calibrated on
+    record = {"method": "split-conformal on out-of-fold residuals", **tables["adapter"],
+              "global": tables["global"]}
     members_record = {"count": len(members), "kinds": ["all data", *[f.name for f in folds[:len(members) - 1]]]}
     return record, members_record
+
+
+def calibration_crops(windows) -> list[float] | None:
+    """The crops (``Crop_Type`` codes) of the calibration site-years, when every one is
+    documented, else None. Cross-validation only speaks for the crops its folds held, so a
+    cross-validated adapter is applied to these crops only (``predict`` serves other crops' years
+    with the global model); unknown crops put no limit."""
+    crops = np.asarray(windows.crops, dtype=float)
+    if len(crops) == 0 or not np.isfinite(crops).all():
+        return None
+    return sorted({float(c) for c in crops})

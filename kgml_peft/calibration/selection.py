@@ -33,7 +33,7 @@ from kgml_peft.calibration.batched import TrainedUnit, train_side_by_side, valid
 from kgml_peft.calibration.units import CalibrationData, CalibrationResult, finish_unit, validation_metrics
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.folds import Fold, make_folds
-from kgml_peft.calibration.members import interval_record
+from kgml_peft.calibration.members import calibration_crops, interval_record
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import deterministic_algorithms
@@ -79,6 +79,9 @@ class Selection:
     #: per fold, the chosen shape's fold adapter after ``epochs`` epochs, scaled by ``strength``
     fold_tensors: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
     fold_data: list[Fold] = dataclasses.field(default_factory=list)
+    #: the crops (Crop_Type codes) of the calibration years when all are documented, else None:
+    #: the adapter applies to these crops only
+    crops: list[float] | None = None
 
     @property
     def change(self) -> list[float]:
@@ -90,6 +93,7 @@ class Selection:
         change = self.change
         best = [b / g - 1 for b, g in zip(self.best_adapter_loss, self.global_loss)]
         return {
+            "crops": self.crops,
             "folds": self.folds, "shape": self.shape, "epochs": self.epochs, "strength": self.strength,
             "global_loss": self.global_loss, "chosen_loss": self.chosen_loss,
             "change_mean": statistics.fmean(change),
@@ -177,7 +181,7 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     return Selection(folds=[f.name for f in folds], shape=shape, adapter=adapter, epochs=epochs,
                      strength=strength, global_loss=global_loss, chosen_loss=scores[(shape, strength)],
                      table=table, tensors=tensors, best_adapter_loss=scores[(best_shape, best_t)],
-                     fold_tensors=fold_tensors, fold_data=folds)
+                     fold_tensors=fold_tensors, fold_data=folds, crops=calibration_crops(data.train))
 
 
 def selected_model(backbone: Backbone, selection: Selection) -> SiteModel:

@@ -442,6 +442,7 @@ def import_fluxnet(
     table = pd.concat([f[[*schema.ID_COLUMNS, *common, "NEE", "Reco", *GAPFILLED, "NEE_QC"]]
                        for f in frames], ignore_index=True)
     checked = validate_table(table, checked_inputs, targets=["NEE", "Reco"])
+    extra = [c for c in extra if c not in checked.columns]  # validate_table keeps Crop_Type
     joined = checked.join(table.set_index([schema.SITE, schema.DATE])[extra], on=[schema.SITE, schema.DATE])
     return joined[[*schema.ID_COLUMNS, *common, "NEE", "Reco", *GAPFILLED, "NEE_QC"]], reports
 

@@ -205,8 +205,9 @@ def validate_table(
     ``targets`` (default: every known target present in the table) may hold NaN (missing
     observations are masked later) but not inf or out-of-range values. ``require_targets`` must be
     present as columns. Site coordinates (``lat``, ``lon``) are kept and checked whenever the
-    table has them, features or not: in range, never NaN, one value per site. Other columns are
-    dropped. Raises :class:`KgmlPeftError` naming the column, site and date of the first problem.
+    table has them, features or not: in range, never NaN, one value per site. ``Crop_Type`` is
+    kept whenever present (NaN allowed where it is no feature: the crop is not documented). Other
+    columns are dropped. Raises :class:`KgmlPeftError` naming the column, site and date of the first problem.
     """
     columns = list(frame.columns)
     for name in schema.ID_COLUMNS:
@@ -221,7 +222,10 @@ def validate_table(
     if targets is None:
         targets = [t for t in schema.TARGETS if t in frame.columns]
     coordinates = [c for c in schema.SITE_INPUTS if c in frame.columns]
-    keep = list(schema.ID_COLUMNS) + list(dict.fromkeys([*features, *coordinates, *targets]))
+    # the crop of each site-year is kept even when no feature (NaN = not documented): adapters
+    # record the crops they were calibrated on and are not applied to others
+    crop = ["Crop_Type"] if "Crop_Type" in frame.columns else []
+    keep = list(schema.ID_COLUMNS) + list(dict.fromkeys([*features, *coordinates, *targets, *crop]))
     frame = frame[keep].copy()
 
     for name in (schema.SITE, schema.REGION):
@@ -250,7 +254,7 @@ def validate_table(
         if name not in features:
             _check_numeric(frame, name, allow_nan=False)
         _check_constant_per_site(frame, name)
-    for name in targets:
+    for name in [*targets, *crop]:
         if name not in features:
             _check_numeric(frame, name, allow_nan=True)
 

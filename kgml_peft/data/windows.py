@@ -38,6 +38,12 @@ class YearWindows:
     annual: np.ndarray  # [N, len(ANNUAL_TARGETS)] float64, NaN = missing
     gpp: np.ndarray  # [N, 365] float64, GPP in gC m-2 d-1 (needed by the mass balance)
     dropped: list[tuple[str, int, int]] = field(default_factory=list)  # (site, year, days)
+    #: [N] float, each site-year's ``Crop_Type`` on its first day (NaN: not documented / no column)
+    crops: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.crops is None:
+            self.crops = np.full(len(self.sites), np.nan)
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -56,6 +62,7 @@ class YearWindows:
             annual=self.annual[idx],
             gpp=self.gpp[idx],
             dropped=list(self.dropped),
+            crops=self.crops[idx],
         )
 
     def target(self, name: str) -> np.ndarray:
@@ -63,6 +70,11 @@ class YearWindows:
         if name in schema.DAILY_TARGETS:
             return self.daily[..., schema.DAILY_TARGETS.index(name)]
         return self.annual[:, schema.ANNUAL_TARGETS.index(name)]
+
+
+#: the column naming each site-year's crop (a feature of crop backbones; an optional attribute of
+#: any table, used to keep adapters to the crops they were calibrated on)
+CROP = "Crop_Type"
 
 
 def make_windows(frame: pd.DataFrame, features: Sequence[str]) -> YearWindows:
@@ -108,6 +120,7 @@ def make_windows(frame: pd.DataFrame, features: Sequence[str]) -> YearWindows:
         annual=annual_values,
         gpp=frame["GPP"].to_numpy(dtype="float64").reshape(n, days),
         dropped=dropped,
+        crops=(first[CROP].to_numpy(dtype="float64") if CROP in frame.columns else np.full(n, np.nan)),
     )
 
 

@@ -13,7 +13,8 @@ What it does, in order (all on one device; steps 1-4 in this process, step 5 als
    ``functional_call`` + head), the bank on the same batch with one adapter on every row
    (``single_same_size``: the merged path plus the bank's routing), and the bank on the mixed
    batch (batched, grouped, naive); it checks that the mixed batch equals the per-site peft
-   predictions;
+   predictions; then times ``predict`` on the same site-years with one-member adapters and with
+   0.9 intervals from five-member adapters (:func:`interval_serving`, ``ratios.interval_vs_point``);
 3. sweeps the number of distinct adapters in a batch (batched vs grouped);
 4. times adapter swaps (cached and from disk) and the memory of ``memory_adapters`` resident
    adapters (process RSS growth, and tensor bytes);
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kgml_peft import schema
+from kgml_peft import schema, uncertainty
 from kgml_peft.calibration.calibrate import calibration_units, prepare_unit
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.runs import demo_table
@@ -52,10 +53,15 @@ from kgml_peft.data.windows import WindowDataset, make_windows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.outputs import physical
 from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.serve.predict import predict_table
 from kgml_peft.store.adapter import Adapter, save_adapter
 from kgml_peft.store.checkpoint import Backbone, load_backbone
 from kgml_peft.store.library import adapter_path
 from kgml_peft.tuners.site_model import SiteModel
+
+
+#: members per adapter in the interval-serving stage (the default of a cross-validated calibration)
+INTERVAL_MEMBERS = 5
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,51 @@ def mixed_batch(backbone: Backbone, config: BenchConfig, sites: list[str],
         raise KgmlPeftError(f"the demo data has fewer than {config.years_per_site} years per site")
     windows = windows.subset(index)
     return WindowDataset(windows, backbone.scalers).x.to(device), [str(s) for s in windows.sites]
+
+
+def serving_table(backbone: Backbone, config: BenchConfig, sites: list[str]):
+    """The synthetic site-day table behind stage 2's batch (``years_per_site`` years per site)."""
+    synthetic = validate_table(simulate(SynthConfig(seed=config.seed)), backbone.config.features, targets=[])
+    synthetic = synthetic[synthetic[schema.SITE].isin(sites)]
+    years = synthetic[schema.DATE].dt.year
+    first = years.groupby(synthetic[schema.SITE]).transform("min")
+    return synthetic[years < first + config.years_per_site]
+
+
+def with_members(adapters: dict[str, Adapter], members: int) -> dict[str, Adapter]:
+    """Timing stand-ins for cross-validated adapters: site i's members 2..M are the other sites'
+    adapters (real tensors of the same config, so every member is a distinct row adapter), and
+    valid conformal widths (their values do not change the work)."""
+    names = list(adapters)
+    residuals = np.linspace(-1.0, 1.0, 1000)
+    daily = uncertainty.daily_table(residuals, np.zeros_like(residuals), np.full_like(residuals, 0.1))
+    annual = uncertainty.annual_table(np.tile(residuals[:365], (3, 1)))
+    record = {"method": "bench stand-in", "daily": {t: daily for t in uncertainty.INTERVAL_TARGETS},
+              "annual": {t: annual for t in uncertainty.INTERVAL_TARGETS}}
+    out = {}
+    for i, name in enumerate(names):
+        others = [adapters[names[(i + m) % len(names)]].tensors for m in range(1, members)]
+        info = {**adapters[name].info, "metrics": {**adapters[name].info.get("metrics", {}), "intervals": record}}
+        out[name] = replace(adapters[name], info=info, members=[dict(t) for t in others])
+    return out
+
+
+def interval_serving(backbone: Backbone, adapters: dict[str, Adapter], sites: list[str],
+                     config: BenchConfig, device: torch.device) -> dict[str, float]:
+    """Stage 2b: ``predict`` of stage 2's site-years, every row with its site's adapter, as point
+    predictions (one-member adapters) and with 0.9 intervals (M = :data:`INTERVAL_MEMBERS`
+    members per adapter, run as rows of one mixed batch); median seconds, timed interleaved."""
+    table = serving_table(backbone, config, sites)
+    point = AdapterBank(backbone, device=device, max_bytes=None)
+    members = AdapterBank(backbone, device=device, max_bytes=None)
+    for name, adapter in adapters.items():
+        point.add(adapter)
+    for adapter in with_members(adapters, INTERVAL_MEMBERS).values():
+        members.add(adapter)
+    return _interleaved({
+        "point": lambda: predict_table(point, table, site_column=schema.SITE),
+        "interval": lambda: predict_table(members, table, site_column=schema.SITE, interval=0.9),
+    }, config.repeats, device)
 
 
 def _site_model(backbone: Backbone, adapter: Adapter, device: torch.device) -> SiteModel:
@@ -258,6 +309,7 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         site_days = len(names) * schema.DAYS_PER_YEAR
         throughput = {k: site_days / v for k, v in seconds.items()}
         diffs = mixed_differences(bank, adapters, x, names)
+        interval_seconds = interval_serving(backbone, adapters, sites, config, device)
         steps.update()
         sweep = strategy_sweep(bank, sites, x, config)
         steps.update()
@@ -295,7 +347,11 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
             "mixed_vs_grouped": round(throughput["mixed"] / throughput["grouped"], 3),
             "mixed_vs_naive": round(throughput["mixed"] / throughput["naive"], 3),
             "backbone_vs_adapter_bytes": round(backbone_bytes / statistics.median(adapter_bytes), 1),
+            # site-days/s with M = 5 members and intervals over one-member point predictions
+            "interval_vs_point": round(interval_seconds["point"] / interval_seconds["interval"], 3),
         },
+        "predict_ms": {"point": round(interval_seconds["point"] * 1000, 2),
+                       "interval_5_members": round(interval_seconds["interval"] * 1000, 2)},
         "checks": {"max_abs_diff_vs_per_site": diffs,
                    "mixed_equals_per_site_within_1e-5": diffs["batched"] <= 1e-5},
         "strategy_sweep_site_days_per_s": {k: {n: round(v, 1) for n, v in d.items()} for k, d in sweep.items()},

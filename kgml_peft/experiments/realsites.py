@@ -63,8 +63,9 @@ from kgml_peft.experiments.config import Training, config_from_dict
 from kgml_peft.experiments.runs import RunFiles, _complete, scratch_phases
 from kgml_peft.metrics import group_metrics
 from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.serve.predict import annual_table, serve_windows
 from kgml_peft.store.adapter import Adapter
-from kgml_peft.uncertainty import annual_interval, check_level, coverage, daily_interval
+from kgml_peft.uncertainty import check_level, coverage
 from kgml_peft.model.backbone import BackboneConfig
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
@@ -230,11 +231,14 @@ def plan_runs(config: RealSiteConfig, site_years: dict[str, int]) -> list[RealRu
 
 
 def score(model: torch.nn.Module, scalers: Scalers, windows: YearWindows,
-          gapfilled: dict[str, np.ndarray], tolerance: float, keep_series: bool = False) -> dict:
+          gapfilled: dict[str, np.ndarray], tolerance: float, keep_series: bool = False,
+          preds: dict[str, np.ndarray] | None = None) -> dict:
     """Test figures of ``model`` on ``windows`` (physical units): per scored target n, MSE and
     R^2 of the QC-passing days, annual sums against the gap-filled record, physics violations;
-    ``keep_series`` adds the daily predictions and observations (for figures)."""
-    preds = predict_windows(model, scalers, windows)
+    ``keep_series`` adds the daily predictions and observations (for figures). ``preds`` are the
+    predictions when they were served otherwise (default: ``model`` on every window)."""
+    if preds is None:
+        preds = predict_windows(model, scalers, windows)
     group = group_metrics(windows, preds, scalers, np.arange(len(windows)), tolerance)
     out: dict = {"site_years": len(windows), "years": [int(y) for y in windows.years],
                  "physics": group["physics"]}
@@ -259,31 +263,25 @@ def score(model: torch.nn.Module, scalers: Scalers, windows: YearWindows,
     return out
 
 
-def interval_scores(backbone: Backbone, adapter: Adapter, windows: YearWindows,
+def interval_scores(bank: AdapterBank, windows: YearWindows, served: np.ndarray,
                     gapfilled: dict[str, np.ndarray], level: float) -> dict:
-    """Coverage of ``adapter``'s intervals at ``level`` on test ``windows``, served as ``predict
-    --interval`` serves them (members in one mixed batch): per scored target, the share of
-    QC-passing days inside the daily interval and of site-years whose gap-filled annual sum is
-    inside the annual interval, with mean widths."""
-    bank = AdapterBank(backbone)
-    bank.add(adapter)
-    out = bank.predict_members(windows, [adapter.site] * len(windows))
-    days = windows.dates.shape[1]
-    scores: dict = {"level": level, "members": adapter.member_count}
+    """Coverage of the served adapters' intervals at ``level`` on test ``windows``, as ``predict
+    --interval`` serves them (members in one mixed batch, other crops' years by the global model
+    with its widths): per scored target, the share of QC-passing days inside the daily interval
+    and of site-years whose gap-filled annual sum is inside the annual interval, with mean widths.
+    A calibration with too few residuals for ``level`` is recorded as unavailable, not fatal."""
+    try:
+        got = serve_windows(bank, windows, served, interval=level)
+    except KgmlPeftError as exc:
+        return {"level": level, "unavailable": str(exc)}
+    annual = annual_table(windows.sites, windows.years, served, got.outside, got.out,
+                          windows.dates.shape[1], got.widths, level)
+    scores: dict = {"level": level, "members": max(len(bank.get(n).all_members) for n in set(served))}
     for name in SCORED:
-        scores[name] = {}
-        try:  # a QC-thin calibration may have too few residuals for ``level``: recorded, not fatal
-            lo, hi = daily_interval(out[name], out[f"{name}_spread"], adapter.intervals["daily"][name],
-                                    level, adapter.site)
-            scores[name]["daily"] = coverage(windows.target(name), lo, hi)
-        except KgmlPeftError as exc:
-            scores[name]["daily"] = {"unavailable": str(exc)}
-        try:
-            alo, ahi = annual_interval(out[name].sum(axis=1), days, adapter.intervals["annual"][name],
-                                       level, adapter.site)
-            scores[name]["annual"] = coverage(gapfilled[name].sum(axis=1), alo, ahi)
-        except KgmlPeftError as exc:
-            scores[name]["annual"] = {"unavailable": str(exc)}
+        scores[name] = {
+            "daily": coverage(windows.target(name), got.out[f"{name}_lo"], got.out[f"{name}_hi"]),
+            "annual": coverage(gapfilled[name].sum(axis=1), annual[f"{name}_lo"].to_numpy(),
+                               annual[f"{name}_hi"].to_numpy())}
     return scores
 
 
@@ -468,13 +466,21 @@ class RealSiteBenchmark(RunFiles):
         else:
             train, test = self.site_split(run.site, run.years)
             model, scalers, info, adapter = self._calibrate(run, train)
-            record.update(info, train_years=[int(y) for y in train.years],
-                          test=score(model, scalers, test, self.gapfilled(test), self.config.tolerance,
-                                     keep_series=run.seed == self.config.seeds[0]))
+            gapfilled, preds, served = self.gapfilled(test), None, None
             if adapter is not None and adapter.intervals is not None:
-                record["test"]["intervals"] = interval_scores(
-                    self.backbone(run.route, run.seed), adapter, test, self.gapfilled(test),
-                    self.config.interval)
+                # served as predict serves a cross-validated adapter: its calibration crops only
+                bank = AdapterBank(self.backbone(run.route, run.seed))
+                bank.add(adapter)
+                served = np.full(len(test), adapter.site, dtype=object)
+                got = serve_windows(bank, test, served)
+                preds = got.out
+                info["other_crop_test_years"] = int(got.outside.sum())
+            record.update(info, train_years=[int(y) for y in train.years],
+                          test=score(model, scalers, test, gapfilled, self.config.tolerance,
+                                     keep_series=run.seed == self.config.seeds[0], preds=preds))
+            if served is not None:
+                record["test"]["intervals"] = interval_scores(bank, test, served, gapfilled,
+                                                              self.config.interval)
         record["gpp_route"] = self.config.gpp_route
         record["seconds"] = round(time.perf_counter() - start, 2)
         return self.save(run, record)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.store.library import check_fits
@@ -35,4 +36,16 @@ def serving_adapter(adapter: Adapter, backbone: Backbone,
                                            path=adapter.path, **extra)
 
     members = tuple(layout(f"{adapter.site}#{m + 2}", t) for m, t in enumerate(adapter.members))
-    return layout(adapter.site, adapter.tensors, members=members, intervals=adapter.intervals)
+    return layout(adapter.site, adapter.tensors, members=members, intervals=adapter.intervals,
+                  crops=adapter_crops(adapter))
+
+
+def adapter_crops(adapter: Adapter) -> tuple[float, ...] | None:
+    """The crops a cross-validated adapter applies to (``metrics.cv.crops``); None: any crop."""
+    crops = ((adapter.info.get("metrics") or {}).get("cv") or {}).get("crops")
+    if crops is None:
+        return None
+    if not isinstance(crops, list) or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                              for c in crops):
+        raise KgmlPeftError(f"adapter {adapter.site}: metrics.cv.crops must be a list of Crop_Type codes")
+    return tuple(float(c) for c in crops)

@@ -12,6 +12,11 @@ batch and ``NEE_lo``, ``NEE_hi``, ``Reco_lo``, ``Reco_hi`` bound each day; the a
 (:func:`annual_table`) sums NEE and Reco per site-year, with bounds at the same level
 (:mod:`kgml_peft.uncertainty`). Intervals need adapters written by a cross-validated calibration
 (they carry the conformal widths); any other row is refused.
+
+A cross-validated adapter records the crops (``Crop_Type``) of its calibration years; a site-year
+whose table documents another crop is served by the backbone (``adapter`` empty; with intervals,
+the global model's widths that the adapter stores). Tables without ``Crop_Type``, or with NaN
+there, put no limit.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import pandas as pd
 from kgml_peft import schema, uncertainty
 from kgml_peft.atomic import check_not_inputs
 from kgml_peft.data.tables import load_table, table_format, validate_table, write_table
-from kgml_peft.data.windows import make_windows
+from kgml_peft.data.windows import YearWindows, make_windows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.store.library import writable_target
@@ -61,6 +66,8 @@ class Prediction:
     #: per site-year annual NEE and Reco sums (gC m-2 yr-1), with bounds when ``level`` is set
     annual: pd.DataFrame | None = None
     level: float | None = None
+    #: adapter name -> site-years of crops it was not calibrated on (the backbone served them)
+    other_crop: dict[str, int] = field(default_factory=dict)
 
 
 def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = None,
@@ -102,21 +109,10 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
             f"store (first: {absent[0]}); add them or drop --require-adapter to use the backbone there")
     missing_set = set(absent)
     served = np.array([None if n in missing_set else n for n in wanted], dtype=object)
-    if interval is None:
-        out = bank.predict_windows(windows, list(served), batch_size=batch_size, strategy=strategy,
-                                   progress=progress)
-    else:
-        records = _interval_records(bank, served, interval)
-        out = bank.predict_members(windows, list(served), batch_size=batch_size, strategy=strategy,
-                                   progress=progress)
-        for target in uncertainty.INTERVAL_TARGETS:
-            lo, hi = np.empty_like(out[target]), np.empty_like(out[target])
-            for name, record in records.items():
-                rows = served == name
-                lo[rows], hi[rows] = uncertainty.daily_interval(
-                    out[target][rows], out[f"{target}_spread"][rows], record["daily"][target], interval,
-                    f"adapter {name}")
-            out[f"{target}_lo"], out[f"{target}_hi"] = lo, hi
+    served_windows = serve_windows(bank, windows, served, interval=interval, batch_size=batch_size,
+                                   strategy=strategy, progress=progress)
+    out, chosen, outside, widths = (served_windows.out, served_windows.chosen, served_windows.outside,
+                                    served_windows.widths)
 
     n, days = windows.dates.shape
     yield_daily = np.full((n, days), np.nan)
@@ -126,53 +122,107 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
         "date": pd.to_datetime(windows.dates.reshape(-1)),
         **{name: out[name].reshape(-1) for name in ("Ra", "Rh", "Reco", "NEE")},
         "Yield": yield_daily.reshape(-1),
-        "adapter": pd.array(np.repeat(served, days), dtype="string"),
+        "adapter": pd.array(np.repeat(chosen, days), dtype="string"),
         **({name: out[name].reshape(-1) for name in INTERVAL_COLUMNS} if interval is not None else {}),
     })
-    counts = Counter(n for n in wanted if n is not None)
-    used = {name: counts[name] for name in names if name not in missing_set}
-    missing = {name: counts[name] for name in absent}
+    used = Counter(n for n in chosen if n is not None)
+    missing = Counter(n for n in wanted if n in missing_set)
     columns = list(OUTPUT_COLUMNS) + (list(INTERVAL_COLUMNS) if interval is not None else [])
-    annual = annual_table(windows.sites, windows.years, served, out, days,
-                          records if interval is not None else None, interval)
-    return Prediction(frame=frame[columns], used=used, missing=missing, dropped=list(windows.dropped),
-                      site_years=n, annual=annual, level=interval)
+    annual = annual_table(windows.sites, windows.years, served, outside, out, days, widths, interval)
+    return Prediction(frame=frame[columns], used={k: used[k] for k in names if k in used},
+                      missing={k: missing[k] for k in absent}, dropped=list(windows.dropped),
+                      site_years=n, annual=annual, level=interval,
+                      other_crop=dict(Counter(served[outside])))
 
 
-def _interval_records(bank: AdapterBank, served: np.ndarray, level: float) -> dict[str, dict]:
-    """Each served adapter's interval widths, checked to exist and to reach ``level`` (a row the
-    backbone serves, or an adapter without widths, is refused)."""
+@dataclass
+class ServedWindows:
+    """What :func:`serve_windows` computed: outputs per window (``*_lo``/``*_hi`` with an
+    interval), the adapter each window used (None: backbone), which windows were of another crop
+    than their adapter's, and the widths of each (adapter, other crop) group."""
+
+    out: dict[str, np.ndarray]
+    chosen: np.ndarray
+    outside: np.ndarray
+    widths: dict[tuple[str, bool], dict] | None
+
+
+def serve_windows(bank: AdapterBank, windows: YearWindows, served: np.ndarray, *,
+                  interval: float | None = None, batch_size: int = 64, strategy: str | None = None,
+                  progress: bool = False) -> ServedWindows:
+    """Predict ``windows`` with adapter ``served[i]`` on window i (None: backbone), keeping each
+    cross-validated adapter to its calibration crops (another documented crop: the backbone), and
+    with ``interval`` the members' daily bounds (see module docstring)."""
+    served = np.asarray(served, dtype=object)
+    outside = np.array([n is not None and _other_crop(bank.get(n).crops, c)
+                        for n, c in zip(served, windows.crops)], dtype=bool)
+    chosen = np.where(outside, None, served)
+    if interval is None:
+        out = bank.predict_windows(windows, list(chosen), batch_size=batch_size, strategy=strategy,
+                                   progress=progress)
+        return ServedWindows(out, chosen, outside, None)
+    widths = _row_widths(bank, served, outside, interval)
+    out = bank.predict_members(windows, list(chosen), batch_size=batch_size, strategy=strategy,
+                               progress=progress)
+    for target in uncertainty.INTERVAL_TARGETS:
+        lo, hi = np.empty_like(out[target]), np.empty_like(out[target])
+        for (name, other_crop), record in widths.items():
+            rows = (served == name) & (outside == other_crop)
+            lo[rows], hi[rows] = uncertainty.daily_interval(
+                out[target][rows], out[f"{target}_spread"][rows], record["daily"][target], interval,
+                f"adapter {name}")
+        out[f"{target}_lo"], out[f"{target}_hi"] = lo, hi
+    return ServedWindows(out, chosen, outside, widths)
+
+
+def _other_crop(crops: tuple[float, ...] | None, crop: float) -> bool:
+    """Whether a site-year of ``crop`` (NaN: not documented) lies outside an adapter's crops."""
+    return crops is not None and bool(np.isfinite(crop)) and float(crop) not in crops
+
+
+def _row_widths(bank: AdapterBank, served: np.ndarray, outside: np.ndarray,
+                level: float) -> dict[tuple[str, bool], dict]:
+    """The interval widths of each (adapter, other crop) group of rows: the adapter's own, or the
+    global model's widths it stores for years of other crops. Rows without an adapter, or an
+    adapter without widths, are refused; so is a level the widths cannot reach."""
     bare = int(sum(n is None for n in served))
     if bare:
         raise KgmlPeftError(
             f"--interval needs an adapter with interval widths on every row; {bare} site-years have "
             "no adapter (the backbone alone has none: calibrate those sites with --cv folds)")
-    records = {}
-    for name in dict.fromkeys(served):
+    widths = {}
+    for name, other_crop in dict.fromkeys(zip(served, outside)):
         record = bank.get(name).intervals
         if record is None:
             raise KgmlPeftError(
                 f"adapter {name} has no members or interval widths; recalibrate it with --cv folds "
                 "to predict with --interval")
+        if other_crop:
+            record = record.get("global")
+            if record is None:
+                raise KgmlPeftError(f"adapter {name} has no widths for years of other crops")
         for kind in ("daily", "annual"):
             for target in uncertainty.INTERVAL_TARGETS:
                 uncertainty.quantile_at(record[kind][target]["quantiles"], level, f"adapter {name}")
-        records[name] = record
-    return records
+        widths[(name, bool(other_crop))] = record
+    return widths
 
 
-def annual_table(sites: np.ndarray, years: np.ndarray, served: np.ndarray, out: dict[str, np.ndarray],
-                 days: int, records: dict[str, dict] | None, level: float | None) -> pd.DataFrame:
+def annual_table(sites: np.ndarray, years: np.ndarray, served: np.ndarray, outside: np.ndarray,
+                 out: dict[str, np.ndarray], days: int, widths: dict[tuple[str, bool], dict] | None,
+                 level: float | None) -> pd.DataFrame:
     """One row per site-year: annual NEE and Reco sums (gC m-2 yr-1) of the daily predictions in
-    ``out``, and their bounds at ``level`` from each adapter's annual widths (``records``)."""
+    ``out``, and their bounds at ``level`` from the annual widths of each row's group (see
+    :func:`_row_widths`); ``adapter`` is the adapter used (empty where the backbone served)."""
+    chosen = np.where(outside, None, served)
     frame = pd.DataFrame({"site": sites, "year": np.asarray(years, dtype=int),
-                          "adapter": pd.array(served, dtype="string"), "days": days})
+                          "adapter": pd.array(chosen, dtype="string"), "days": days})
     for target in uncertainty.INTERVAL_TARGETS:
         total = out[target].sum(axis=1)
         frame[target] = total
         lo, hi = np.full_like(total, np.nan), np.full_like(total, np.nan)
-        for name, record in (records or {}).items():
-            rows = served == name
+        for (name, other_crop), record in (widths or {}).items():
+            rows = (served == name) & (outside == other_crop)
             lo[rows], hi[rows] = uncertainty.annual_interval(total[rows], days, record["annual"][target],
                                                              level, f"adapter {name}")
         frame[f"{target}_lo"], frame[f"{target}_hi"] = lo, hi

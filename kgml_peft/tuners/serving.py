@@ -36,18 +36,21 @@ class ServingAdapter:
     members: tuple[ServingAdapter, ...] = ()
     #: the conformal interval widths of the adapter file (``metrics.intervals``), if any
     intervals: dict | None = None
+    #: the crops (Crop_Type codes) the adapter applies to; None: any
+    crops: tuple[float, ...] | None = None
 
     @classmethod
     def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig,
                      content_hash: str = "", path: Path | None = None,
-                     members: tuple[ServingAdapter, ...] = (), intervals: dict | None = None) -> ServingAdapter:
+                     members: tuple[ServingAdapter, ...] = (), intervals: dict | None = None,
+                     crops: tuple[float, ...] | None = None) -> ServingAdapter:
         """Lay out already-checked adapter tensors (file names). Only views and products are
         taken, so gradients reach ``tensors``: batched calibration trains through this layout."""
         parts = {c.name: c.layout(config, base.own_tensors(c, tensors)) for c in base.active(config)}
         prefix = base.BACKBONE_PREFIX
         overrides = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         return cls(name=name, content_hash=content_hash, parts=parts, overrides=overrides, path=path,
-                   members=members, intervals=intervals)
+                   members=members, intervals=intervals, crops=crops)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this adapter keeps resident (its members' too)."""
