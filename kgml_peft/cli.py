@@ -349,7 +349,7 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
                                formatters={k: f for k, f in formats.items() if k in table}))
     click.echo(f"adapters written to {out_dir}/ (backbone {backbone.stat().st_size / 1024:.0f} KiB)")
     if new_table is not None:
-        click.echo(f"\nnew fields (never seen by the backbone): one adapter each from its earlier years; "
+        click.echo("\nnew fields (never seen by the backbone): one adapter each from its earlier years; "
                    "test = its last year, used by neither training nor early stopping (MSE in "
                    "(gC m-2 d-1)^2, change of NEE + Reco MSE):")
         click.echo(new_table.to_string(index=False, float_format=lambda v: f"{v:.3f}",
