@@ -495,10 +495,12 @@ def _print_cross_validation(cv: dict) -> None:
 @click.option("--dtype", "storage_dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="Storage dtype of the adapter tensors.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None)
-@click.option("--cv", type=click.Choice(["none", "folds"]), default=None,
+@click.option("--cv", type=click.Choice(["auto", "folds", "none"]), default=None,
               help="folds: choose epochs, adapter shape and strength on cross-validation folds "
-                   "(leave one year out; day blocks for one year) and report their estimate; "
-                   "none (default): early stopping on the last years. See docs/calibration.md.")
+                   "(leave one year out; day blocks for one year), report their estimate and keep "
+                   "members and interval widths; none: early stopping on the last years; auto "
+                   "(default): folds for the adapter method, none with --method full/scratch, "
+                   "--unfreeze or --batch-sites > 1. See docs/calibration.md.")
 @click.option("--batch-sites", type=int, default=None,
               help="Calibrate up to this many units side by side in one pass over the backbone "
                    "(default 1: one after another); see docs/scaling.md.")

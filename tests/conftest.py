@@ -97,6 +97,7 @@ def tiny_calibration(**kwargs):
 
     kwargs.setdefault("epochs", 3)
     kwargs.setdefault("batch_size", 2)
+    kwargs.setdefault("cv", "none")  # tests that cross-validate ask for it
     return CalibrationConfig(**kwargs)
 
 

@@ -39,11 +39,14 @@ def test_calibrate_region_prints_before_after_and_writes_adapter(table, backbone
     backbone_bytes = backbone_path.read_bytes()
     result = _calibrate(table, backbone_path, out, "--site", "IA")
     assert result.exit_code == 0, result.output + result.stderr
-    assert "IA (region, 2 sites): 4 training / 2 validation site-years" in result.stdout
-    assert "global  calibrated" in result.stdout and "NEE MSE" in result.stdout
+    # cross-validation is the default for the adapter method: leave one year out over the region
+    assert "IA (region, 2 sites): 6 site-years, all in the folds" in result.stdout
+    assert "cross-validation on 3 folds (year 2003, year 2004, year 2005)" in result.stdout
+    assert "in-sample (all data)" in result.stdout and "NEE MSE" in result.stdout
     assert f"wrote {out / 'IA.safetensors'}" in result.stdout
     adapter = read_adapter(out / "IA.safetensors")
     assert adapter.info["sites"] == ["IA-001", "IA-002"]
+    assert adapter.info["calibration"]["cv"] == "folds" and adapter.intervals is not None
     assert backbone_path.read_bytes() == backbone_bytes
     # an existing adapter is kept unless --force
     good = (out / "IA.safetensors").read_bytes()

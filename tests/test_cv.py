@@ -110,6 +110,9 @@ def test_shape_menu_goes_from_the_head_to_the_configured_adapter():
     assert list(shape_menu(AdapterConfig())) == ["head", "head+blocks", "lora+blocks+head"]
     assert list(shape_menu(AdapterConfig(components=("lora", "head")))) == ["head", "lora+head"]
     assert list(shape_menu(AdapterConfig(components=("lora",)))) == ["lora"]
+    # one calibration year: the head only (within-year folds cannot judge what carries to next year)
+    assert list(shape_menu(AdapterConfig(), years=1)) == ["head"]
+    assert list(shape_menu(AdapterConfig(components=("lora",)), years=1)) == ["lora"]
 
 
 def _site(backbone, scale: float, shift: float, noise: float, seed: int = 0, years=YEARS) -> pd.DataFrame:

@@ -210,7 +210,7 @@ def test_sigkill_mid_calibration_keeps_the_old_adapter_and_resume_finishes_ident
     table = tmp_path / "sites.csv"
     make_frame().to_csv(table, index=False, date_format="%Y-%m-%d")
     common = ["calibrate", "--site", "IA-001", "--data", str(table), "--backbone", str(backbone_path),
-              "--batch-size", "2", "--quiet"]
+              "--batch-size", "2", "--quiet", "--cv", "none"]  # the plain calibration's training state
     store, clean = tmp_path / "store", tmp_path / "clean"
     store.mkdir()
     clean.mkdir()
@@ -269,7 +269,7 @@ def test_sigkill_while_writing_the_adapter_leaves_the_old_one_and_the_next_write
     store = tmp_path / "store"
     store.mkdir()
     args = ["calibrate", "--site", "IA-001", "--data", str(table), "--backbone", str(backbone_path),
-            "--out", str(store), "--epochs", "2", "--batch-size", "2", "--quiet"]
+            "--out", str(store), "--epochs", "2", "--batch-size", "2", "--quiet", "--cv", "none"]
     subprocess.run(_cli(*args), check=True, env=_env(), capture_output=True)
     old = (store / "IA-001.safetensors").read_bytes()
 
@@ -357,5 +357,6 @@ def test_a_bad_resume_state_is_one_line(backbone_path, tmp_path, kind, expect):
             save_file(tensors, str(state_file), metadata=metadata)
     before = _snapshot(tmp_path)
     args = ["calibrate", "--site", "IA-001", "--data", str(table), "--backbone", str(backbone_path),
-            "--out", str(store), "--epochs", "3", "--batch-size", "2", "--quiet", "--resume"]
+            "--out", str(store), "--epochs", "3", "--batch-size", "2", "--quiet", "--resume",
+            "--cv", "none"]  # the mid-training state of a plain calibration
     check_user_error(_runner().invoke(cli, args), args, expect, tmp_path, before)

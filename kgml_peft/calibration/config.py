@@ -19,7 +19,7 @@ from kgml_peft.store.adapter import STORAGE_DTYPES
 from kgml_peft.tuners.config import AdapterConfig, positive_int
 
 METHODS: tuple[str, ...] = ("adapter", "full", "scratch")
-CV_MODES: tuple[str, ...] = ("none", "folds")
+CV_MODES: tuple[str, ...] = ("auto", "none", "folds")
 
 #: Per-method defaults for the options left unset (``None``) in :class:`CalibrationConfig`.
 METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
@@ -69,10 +69,12 @@ class CalibrationConfig:
     #: units calibrated side by side in one pass over the backbone (1 = one after another); see
     #: :mod:`kgml_peft.calibration.batched`
     batch_sites: int = 1
-    #: ``none``: early stopping on the last ``val_fraction`` of years, reported as "after";
     #: ``folds``: epochs, adapter shape and strength chosen on cross-validation folds, the folds'
-    #: estimate reported (:mod:`kgml_peft.calibration.selection`)
-    cv: str = "none"
+    #: estimate reported, members and interval widths kept (:mod:`kgml_peft.calibration.selection`);
+    #: ``none``: early stopping on the last ``val_fraction`` of years, reported as "after";
+    #: ``auto`` (default): folds wherever they apply (the adapter method without unfreeze, one unit
+    #: per pass), none elsewhere. Resolved when the config is made.
+    cv: str = "auto"
     #: most members an adapter file keeps with ``cv = "folds"`` (the all-data adapter and fold
     #: adapters; their spread shapes prediction intervals)
     members: int = 5
@@ -136,6 +138,9 @@ class CalibrationConfig:
         expect_type(self.cv, str, "cv")
         if self.cv not in CV_MODES:
             raise KgmlPeftError(f"cv must be one of {', '.join(CV_MODES)}, got {self.cv!r}")
+        if self.cv == "auto":  # folds wherever they apply: the adapter method, one unit per pass
+            folds = self.method == "adapter" and not self.unfreeze and self.batch_sites == 1
+            object.__setattr__(self, "cv", "folds" if folds else "none")
         if self.cv == "folds" and self.batch_sites > 1:
             raise KgmlPeftError("cv folds already trains each unit's folds side by side in one pass; "
                                 "use batch_sites 1 with it")

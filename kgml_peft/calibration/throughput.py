@@ -76,7 +76,8 @@ def time_command(backbone_path: str | os.PathLike, sites: Sequence[str], config:
     with tempfile.TemporaryDirectory(prefix="kgml-peft-throughput-") as out:
         args = ["calibrate", "--site", ",".join(sites), "--backbone", str(backbone_path), "--out", out,
                 "--epochs", str(config.epochs), "--seed", str(config.seed),
-                "--batch-sites", str(batch_sites), "--quiet", "--json", *(["--cpu"] if cpu else [])]
+                "--batch-sites", str(batch_sites), "--cv", config.cv, "--quiet", "--json",
+                *(["--cpu"] if cpu else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
         try:

@@ -6,7 +6,9 @@ What it does, in order (all on one device; steps 1-4 in this process, step 5 als
 :func:`swaps_and_memory`, :func:`~kgml_peft.calibration.throughput.calibration_throughput`):
 
 1. calibrates ``sites`` demo sites (observed flavour, seed 0) with the default adapter config and
-   times each calibration, then calibrates them again all together (batched);
+   no cross-validation, times each calibration, then calibrates them again all together
+   (batched); then times the default calibration (cross-validated) against that plain one on
+   :data:`CV_SITES` sites (:func:`cross_validation_cost`, ``ratios.cv_vs_plain_calibrate``);
 2. builds a mixed batch of ``sites * years_per_site`` site-years (the same sites' years from the
    synthetic demo flavour) and times, interleaved repeat by repeat so drifts hit all alike: the
    bare backbone, the peft-wrapped site model, the merged adapter on its own (merge +
@@ -43,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kgml_peft import schema, uncertainty
-from kgml_peft.calibration.calibrate import calibration_units, prepare_unit
+from kgml_peft.calibration.calibrate import calibrate_unit, calibration_units, prepare_unit
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.runs import demo_table
 from kgml_peft.calibration.throughput import InProcess, calibration_throughput, time_in_process
@@ -60,6 +62,8 @@ from kgml_peft.store.library import adapter_path
 from kgml_peft.tuners.site_model import SiteModel
 
 
+#: sites whose default (cross-validated) calibration is timed against the plain one
+CV_SITES = 2
 #: members per adapter in the interval-serving stage (the default of a cross-validated calibration)
 INTERVAL_MEMBERS = 5
 
@@ -136,10 +140,32 @@ def calibrate_sites(backbone: Backbone, config: BenchConfig,
     sites = list(dict.fromkeys(observed[schema.SITE]))[:config.sites]
     if len(sites) < config.sites:
         raise KgmlPeftError(f"the demo data has only {len(sites)} sites; bench --sites {config.sites}")
-    calibration = CalibrationConfig(seed=config.seed, **({"epochs": config.epochs} if config.epochs else {}))
+    calibration = CalibrationConfig(seed=config.seed, cv="none",
+                                    **({"epochs": config.epochs} if config.epochs else {}))
     units = [prepare_unit(backbone, rows, name, scope, calibration)
              for site in sites for name, scope, rows in calibration_units(observed, site)]
     return sites, calibration, time_in_process(backbone, units, calibration, cpu=device.type == "cpu")
+
+
+def cross_validation_cost(backbone: Backbone, config: BenchConfig, calibration: CalibrationConfig,
+                          device: torch.device) -> dict[str, float]:
+    """Stage 1b: seconds per site of the default calibration (cross-validated: folds, shapes,
+    members and widths) and of the plain one (``cv = "none"``), on the first
+    :data:`CV_SITES` sites, alternating site by site."""
+    observed = validate_table(demo_table(), backbone.config.features)
+    sites = list(dict.fromkeys(observed[schema.SITE]))[:min(CV_SITES, config.sites)]
+    units = [prepare_unit(backbone, rows, name, scope, calibration)
+             for site in sites for name, scope, rows in calibration_units(observed, site)]
+    folds = replace(calibration, cv="folds")
+    cv_units = [prepare_unit(backbone, rows, name, scope, folds)
+                for site in sites for name, scope, rows in calibration_units(observed, site)]
+    seconds: dict[str, list[float]] = {"plain": [], "cv": []}
+    for plain, cv in zip(units, cv_units):
+        for key, unit, cfg in (("plain", plain, calibration), ("cv", cv, folds)):
+            start = time.perf_counter()
+            calibrate_unit(backbone, unit, cfg, cpu=device.type == "cpu", progress=False)
+            seconds[key].append(time.perf_counter() - start)
+    return {k: statistics.mean(v) for k, v in seconds.items()}
 
 
 def mixed_batch(backbone: Backbone, config: BenchConfig, sites: list[str],
@@ -297,6 +323,7 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
     steps = tqdm(total=5, desc="bench", unit="stage", disable=not progress)
     sites, calibration, timed = calibrate_sites(backbone, config, device)
     adapters = {result.name: result.adapter for result in timed.sequential}
+    cv_seconds = cross_validation_cost(backbone, config, calibration, device)
     steps.update()
 
     with tempfile.TemporaryDirectory(prefix="kgml-peft-bench-") as tmp:
@@ -349,7 +376,11 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
             "backbone_vs_adapter_bytes": round(backbone_bytes / statistics.median(adapter_bytes), 1),
             # site-days/s with M = 5 members and intervals over one-member point predictions
             "interval_vs_point": round(interval_seconds["point"] / interval_seconds["interval"], 3),
+            # seconds of the default (cross-validated) calibration over the plain one, same sites
+            "cv_vs_plain_calibrate": round(cv_seconds["cv"] / cv_seconds["plain"], 3),
         },
+        "calibrate_cv_s_per_site": round(cv_seconds["cv"], 2),
+        "calibrate_plain_s_per_site": round(cv_seconds["plain"], 2),
         "predict_ms": {"point": round(interval_seconds["point"] * 1000, 2),
                        "interval_5_members": round(interval_seconds["interval"] * 1000, 2)},
         "checks": {"max_abs_diff_vs_per_site": diffs,

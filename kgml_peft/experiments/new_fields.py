@@ -67,7 +67,7 @@ def calibrate_new_fields(backbone_path: str | os.PathLike, frame: pd.DataFrame, 
     backbone = load_backbone(backbone_path)
     frame = validate_table(frame, backbone.config.features)
     calibration, test = split_last_year(frame, sites)
-    config = config or CalibrationConfig(batch_sites=len(sites))
+    config = config or CalibrationConfig(batch_sites=len(sites), cv="none")
     runs = run_calibration(",".join(sites), backbone_path=backbone_path, data=calibration,
                            out_dir=out_dir, config=config, cpu=cpu, progress=progress, force=force)
     bank = AdapterBank(backbone, Path(out_dir))

@@ -356,7 +356,7 @@ class Experiment(RunFiles):
         """Eq. 2 / Eq. 3 settings of a full or adapter run (LoRA alpha = 2 r, so alpha / r stays 2)."""
         t = run.training
         return CalibrationConfig(
-            method=run.method, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
+            method=run.method, cv="none", epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, patience=t.patience,
             rho=self.config.rho, mu=self.config.mu, physics_weight=self.config.physics_weight,
             tolerance=self.config.tolerance, seed=run.seed,
             adapter=AdapterConfig(components=run.components, lora_rank=run.rank, lora_alpha=2.0 * run.rank))
