@@ -501,6 +501,8 @@ def _print_cross_validation(cv: dict) -> None:
                    "members and interval widths; none: early stopping on the last years; auto "
                    "(default): folds for the adapter method, none with --method full/scratch, "
                    "--unfreeze or --batch-sites > 1. See docs/calibration.md.")
+@click.option("--members", type=int, default=None,
+              help="Most members a cross-validated adapter keeps for intervals (default 5).")
 @click.option("--batch-sites", type=int, default=None,
               help="Calibrate up to this many units side by side in one pass over the backbone "
                    "(default 1: one after another); see docs/scaling.md.")

@@ -5,7 +5,9 @@ adapter) is taken on these folds, never on data it then reports as held out:
 
 * **two or more years**: leave one calendar year out. Fold ``y`` validates on every site-year of
   year ``y`` and trains on the others; a flux year is one season cycle, so neighbouring days of
-  the validation year never train.
+  the validation year never train. With more than :data:`MAX_FOLDS` calendar years (a region
+  pooling many sites) the years are cut into :data:`MAX_FOLDS` contiguous groups of about equal
+  site-years, and a fold leaves one group out (the cost of cross-validation grows with the folds).
 * **one year**: contiguous blocks of days. The year is cut into ``blocks`` contiguous blocks
   holding about equally many observed days (a tower year that starts in autumn, or a QC-thin
   winter, still gives every block observations); fold ``k`` validates on block ``k``'s days and
@@ -33,6 +35,8 @@ from kgml_peft.errors import KgmlPeftError
 
 #: fewest usable folds a cross-validation needs
 MIN_FOLDS = 2
+#: most folds by year: more calendar years than this (a pooled region) are grouped
+MAX_FOLDS = 5
 #: a year is cut into this many contiguous validation blocks when there is only one
 BLOCKS = 4
 #: days on either side of a validation block that neither train nor validate
@@ -60,11 +64,27 @@ def _mask_days(windows: YearWindows, keep: np.ndarray, annual: bool) -> YearWind
                                annual=windows.annual if annual else np.full_like(windows.annual, np.nan))
 
 
-def year_folds(windows: YearWindows) -> list[Fold]:
-    """Leave one calendar year out (see module docstring)."""
+def year_folds(windows: YearWindows, max_folds: int = MAX_FOLDS) -> list[Fold]:
+    """Leave one calendar year out; with more than ``max_folds`` years, leave out one of
+    ``max_folds`` contiguous groups of years holding about equal numbers of site-years (see module
+    docstring)."""
     years = np.asarray(windows.years)
-    return [Fold(f"year {int(y)}", windows.subset(np.flatnonzero(years != y)),
-                 windows.subset(np.flatnonzero(years == y))) for y in sorted(set(years.tolist()))]
+    distinct = sorted(set(years.tolist()))
+    if len(distinct) <= max_folds:
+        groups = [[y] for y in distinct]
+    else:  # cut the years where the running count of site-years passes each k / max_folds share
+        counts = np.array([(years == y).sum() for y in distinct])
+        share = np.cumsum(counts) / counts.sum()
+        cut = np.minimum(np.floor(share * max_folds - 1e-9).astype(int), max_folds - 1)
+        cut = np.maximum.accumulate(cut)
+        groups = [[y for y, c in zip(distinct, cut) if c == k] for k in range(max_folds)]
+        groups = [g for g in groups if g]
+    folds = []
+    for group in groups:
+        held = np.isin(years, group)
+        name = f"year {group[0]}" if len(group) == 1 else f"years {group[0]}-{group[-1]}"
+        folds.append(Fold(name, windows.subset(np.flatnonzero(~held)), windows.subset(np.flatnonzero(held))))
+    return folds
 
 
 def block_folds(windows: YearWindows, blocks: int = BLOCKS, gap_days: int = GAP_DAYS) -> list[Fold]:

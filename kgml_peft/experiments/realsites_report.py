@@ -65,6 +65,10 @@ def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
                              seeds=len(recs), seconds=_stats([r["seconds"] for r in recs]))
                 if "adapter_bytes" in recs[0]:
                     entry["adapter_bytes"] = recs[0]["adapter_bytes"]
+                if any("intervals" in r["test"] for r in recs):
+                    entry["intervals"] = _interval_stats([r["test"].get("intervals") or {} for r in recs])
+                if any("other_crop_test_years" in r for r in recs):
+                    entry["other_crop_test_years"] = recs[0]["other_crop_test_years"]
                 out_cells.setdefault(site, {}).setdefault(k, {})[name] = entry
     # the route shown in the figures: the one better on the development sites' validation years
     # (never chosen on the held-out sites)
@@ -74,6 +78,21 @@ def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
             "seconds_total": round(sum(r["seconds"] for r in records.values()), 1),
             "backbones": backbones, "figure_route": min(dev_nee, key=dev_nee.get),
             "cells": out_cells, "series": series}
+
+
+def _interval_stats(records: list[dict]) -> dict:
+    """Coverage and mean width of the daily and annual intervals over seeds (runs whose widths
+    could not reach the level are counted, not averaged)."""
+    out: dict = {"level": next((r["level"] for r in records if "level" in r), None),
+                 "unavailable": sum(1 for r in records if "unavailable" in r or not r)}
+    for target in SCORED:
+        for kind in ("daily", "annual"):
+            parts = [r[target][kind] for r in records if target in r and "coverage" in r[target][kind]]
+            out.setdefault(target, {})[kind] = {
+                "coverage": _stats([p["coverage"] for p in parts]),
+                "mean_width": _stats([p["mean_width"] for p in parts]),
+                "n": sum(p["n"] for p in parts)}
+    return out
 
 
 def _fmt(stats: dict | None, digits: int = 3) -> str:
@@ -106,6 +125,24 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {name} | {_fmt(e['NEE']['mse'])} | {_fmt(e['NEE']['r2'])} | {_fmt(e['Reco']['mse'])} | "
                              f"{_fmt(e['Reco']['r2'])} | {_fmt(e['NEE']['annual_mae'], 0)} | "
                              f"{_fmt(e['Reco']['annual_mae'], 0)} | {e['trained_parameters']} |")
+    interval_rows = [(site, k, name, e) for site, by_k in results["cells"].items()
+                     for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0]))
+                     for name, e in rows.items() if "intervals" in e]
+    if interval_rows:
+        level = interval_rows[0][3]["intervals"]["level"]
+        lines += ["", f"## Intervals of the cross-validated adapters (level {level})", "",
+                  "| tower, k | method | NEE daily coverage | NEE daily width | NEE annual coverage | "
+                  "NEE annual width | Reco daily coverage | test years of another crop |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for site, k, name, e in interval_rows:
+            iv = e["intervals"]
+            lines.append(f"| {site}, {k} | {name} | {_fmt(iv['NEE']['daily']['coverage'])} | "
+                         f"{_fmt(iv['NEE']['daily']['mean_width'], 2)} | {_fmt(iv['NEE']['annual']['coverage'])} | "
+                         f"{_fmt(iv['NEE']['annual']['mean_width'], 0)} | {_fmt(iv['Reco']['daily']['coverage'])} | "
+                         f"{e.get('other_crop_test_years', '-')} |")
+        lines += ["", "Coverage: share of QC-passing test days (daily) or of test site-years' gap-filled "
+                  "annual sums (annual) inside the interval; widths in gC m-2 d-1 (daily) and gC m-2 yr-1 "
+                  "(annual)."]
     lines += ["", "MSE in (gC m-2 d-1)^2 on test days whose NEE passed the import's QC threshold; annual "
               "errors in gC m-2 yr-1 against the gap-filled record (365-day years)."]
     return "\n".join(lines) + "\n"
