@@ -233,10 +233,10 @@ def test_cli_cv_with_one_dry_year_says_the_minimum(backbone_path, tmp_path):
                 ("needs at least 2 blocks of days with observations of NEE", "--cv none"), tmp_path)
 
 
-def test_many_years_are_grouped_into_at_most_five_contiguous_folds():
+def test_many_years_are_grouped_into_at_most_three_contiguous_folds():
     windows = _windows(years=tuple(range(2001, 2013)), sites={"IA-001": "IA", "IA-002": "IA"})
     folds = year_folds(windows)
-    assert len(folds) == 5 and all(f.name.startswith("years ") for f in folds)
+    assert len(folds) == 3 and all(f.name.startswith("years ") for f in folds)
     held = [sorted(set(f.val.years.tolist())) for f in folds]
     assert sorted(y for group in held for y in group) == list(range(2001, 2013))  # each year once
     assert all(group == list(range(group[0], group[-1] + 1)) for group in held)  # contiguous

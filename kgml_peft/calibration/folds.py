@@ -36,7 +36,7 @@ from kgml_peft.errors import KgmlPeftError
 #: fewest usable folds a cross-validation needs
 MIN_FOLDS = 2
 #: most folds by year: more calendar years than this (a pooled region) are grouped
-MAX_FOLDS = 5
+MAX_FOLDS = 3
 #: a year is cut into this many contiguous validation blocks when there is only one
 BLOCKS = 4
 #: days on either side of a validation block that neither train nor validate

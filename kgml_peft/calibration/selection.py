@@ -164,7 +164,9 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
         scores[(shape, 0.0)] = global_loss
     # scale-free: the mean over folds of each fold's loss relative to the global model's, the
     # figure the record reports (a mean of raw losses lets one high-variance fold decide)
-    ratio = {key: statistics.fmean(v / g for v, g in zip(values, global_loss))
+    # rounded to 9 digits: an adapter stopped at epoch 0 is the global model up to float noise,
+    # and noise must not pick a strength or shape over it (ties go to the smaller ones)
+    ratio = {key: round(statistics.fmean(v / g for v, g in zip(values, global_loss)), 9)
              for key, values in scores.items()}
     for s, shape in enumerate(menu):
         table[shape]["mean_fold_loss"] = {str(t): statistics.fmean(scores[(shape, t)]) for t in STRENGTHS}
