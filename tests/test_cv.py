@@ -170,7 +170,14 @@ def test_a_site_with_a_strong_shift_gets_an_adapter_that_beats_the_global_model_
 def test_cv_config_is_checked():
     from kgml_peft.calibration.config import CalibrationConfig
 
-    with pytest.raises(KgmlPeftError, match="cv must be one of none, folds"):
+    # auto (the default): folds where they apply, none elsewhere
+    assert CalibrationConfig().cv == "folds" and CalibrationConfig(cv="auto").cv == "folds"
+    assert CalibrationConfig(batch_sites=2).cv == "none" and CalibrationConfig(method="full").cv == "none"
+    assert CalibrationConfig(unfreeze=("nee_out",)).cv == "none"
+    assert CalibrationConfig.from_dict(CalibrationConfig().to_dict()).cv == "folds"
+    with pytest.raises(KgmlPeftError, match="members must be >= 1"):
+        CalibrationConfig(members=0)
+    with pytest.raises(KgmlPeftError, match="cv must be one of auto, none, folds"):
         CalibrationConfig(cv="loo")
     with pytest.raises(KgmlPeftError, match="adapter method"):
         CalibrationConfig(cv="folds", method="full")
@@ -242,4 +249,5 @@ def test_many_years_are_grouped_into_at_most_three_contiguous_folds():
     assert all(group == list(range(group[0], group[-1] + 1)) for group in held)  # contiguous
     assert all(not set(f.train.years.tolist()) & set(group) for f, group in zip(folds, held))
     assert max(len(f.val) for f in folds) - min(len(f.val) for f in folds) <= 2  # ~equal site-years
-    assert [f.name for f in year_folds(_windows(years=(2003, 2004, 2005)))] == ["year 2003", "year 2004", "year 2005"]
+    five = year_folds(_windows(years=tuple(range(2001, 2006))))  # up to 5 years: each year a fold
+    assert [f.name for f in five] == [f"year {y}" for y in range(2001, 2006)]

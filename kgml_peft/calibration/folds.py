@@ -5,9 +5,10 @@ adapter) is taken on these folds, never on data it then reports as held out:
 
 * **two or more years**: leave one calendar year out. Fold ``y`` validates on every site-year of
   year ``y`` and trains on the others; a flux year is one season cycle, so neighbouring days of
-  the validation year never train. With more than :data:`MAX_FOLDS` calendar years (a region
+  the validation year never train. With more than :data:`MAX_YEARS` calendar years (a region
   pooling many sites) the years are cut into :data:`MAX_FOLDS` contiguous groups of about equal
-  site-years, and a fold leaves one group out (the cost of cross-validation grows with the folds).
+  site-years, and a fold leaves one group out (the cost of cross-validation grows with the folds:
+  this keeps a region's calibration within about 3 times the plain one).
 * **one year**: contiguous blocks of days. The year is cut into ``blocks`` contiguous blocks
   holding about equally many observed days (a tower year that starts in autumn, or a QC-thin
   winter, still gives every block observations); fold ``k`` validates on block ``k``'s days and
@@ -35,7 +36,9 @@ from kgml_peft.errors import KgmlPeftError
 
 #: fewest usable folds a cross-validation needs
 MIN_FOLDS = 2
-#: most folds by year: more calendar years than this (a pooled region) are grouped
+#: calendar years up to which every year is a fold of its own
+MAX_YEARS = 5
+#: folds when there are more calendar years (a pooled region): contiguous groups of years
 MAX_FOLDS = 3
 #: a year is cut into this many contiguous validation blocks when there is only one
 BLOCKS = 4
@@ -64,13 +67,13 @@ def _mask_days(windows: YearWindows, keep: np.ndarray, annual: bool) -> YearWind
                                annual=windows.annual if annual else np.full_like(windows.annual, np.nan))
 
 
-def year_folds(windows: YearWindows, max_folds: int = MAX_FOLDS) -> list[Fold]:
-    """Leave one calendar year out; with more than ``max_folds`` years, leave out one of
+def year_folds(windows: YearWindows, max_folds: int = MAX_FOLDS, max_years: int = MAX_YEARS) -> list[Fold]:
+    """Leave one calendar year out; with more than ``max_years`` years, leave out one of
     ``max_folds`` contiguous groups of years holding about equal numbers of site-years (see module
     docstring)."""
     years = np.asarray(windows.years)
     distinct = sorted(set(years.tolist()))
-    if len(distinct) <= max_folds:
+    if len(distinct) <= max_years:
         groups = [[y] for y in distinct]
     else:  # cut the years where the running count of site-years passes each k / max_folds share
         counts = np.array([(years == y).sum() for y in distinct])
