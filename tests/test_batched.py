@@ -66,10 +66,10 @@ def _units(backbone, table, config):
 
 
 CONFIGS = {
-    "cosine": dict(epochs=4, batch_size=1, patience=2),
-    "response+mlp-head": dict(epochs=3, batch_size=2, response_weight=0.5,
+    "cosine": dict(epochs=4, batch_size=1, patience=2, cv="none"),
+    "response+mlp-head": dict(epochs=3, batch_size=2, response_weight=0.5, cv="none",
                               adapter=AdapterConfig(head="mlp", lora_weights=("ih", "hh"), lora_rank=2)),
-    "constant+early-stop": dict(epochs=6, batch_size=1, schedule="constant", lr=0.05, patience=1),
+    "constant+early-stop": dict(epochs=6, batch_size=1, schedule="constant", lr=0.05, patience=1, cv="none"),
 }
 
 
@@ -110,7 +110,7 @@ def test_batched_with_dropout_is_deterministic_and_as_good(dropout_path, table):
     """With dropout the masks are drawn for the stacked batch, so the tensors differ from a run of
     its own; they are the same on every run, and each unit's validation loss is as good."""
     backbone = load_backbone(dropout_path)
-    config = CalibrationConfig(epochs=5, batch_size=2)
+    config = CalibrationConfig(epochs=5, batch_size=2, cv="none")
     units = _units(backbone, table, config)
     first = calibrate_batched(backbone, units, config, progress=False)
     again = calibrate_batched(backbone, units, config, progress=False)
@@ -123,7 +123,7 @@ def test_batched_with_dropout_is_deterministic_and_as_good(dropout_path, table):
 
 def test_batched_bf16_autocast_trains_on_cpu(plain_path, table):
     backbone = load_backbone(plain_path)
-    config = CalibrationConfig(epochs=2, batch_size=2, mixed_precision="bf16")
+    config = CalibrationConfig(epochs=2, batch_size=2, mixed_precision="bf16", cv="none")
     results = calibrate_batched(backbone, _units(backbone, table, config)[:2], config, progress=False)
     for result in results:
         assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in result.adapter.tensors.values())

@@ -112,6 +112,9 @@ def calibrate_batched(
     sends single units to ``calibrate_unit`` itself, with their per-epoch training state."""
     if config.method != "adapter" or config.unfreeze:  # CalibrationConfig(batch_sites > 1) refuses these
         raise KgmlPeftError("batched calibration needs the adapter method without unfreeze")
+    if config.cv == "folds" and len(units) > 1:
+        raise KgmlPeftError("batched calibration trains plain units (cv none); a cross-validated unit "
+                            "already trains its folds side by side: calibrate it with calibrate_unit")
     if len(units) < 2:  # nothing to share a pass with: a unit of its own runs torch's fused GRUs
         return [calibrate_alone(backbone, unit, config, cpu=cpu, progress=progress, local=local)
                 for unit in units]
