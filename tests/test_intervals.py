@@ -98,6 +98,11 @@ def test_cross_validated_adapter_keeps_fold_members_and_widths(cv_result, tmp_pa
     assert path.stat().st_size < 64 * 1024
     back = read_adapter(path)
     assert back.member_count == adapter.member_count and back.intervals == adapter.intervals
+    from kgml_peft.store.library import adapter_summary
+
+    summary = adapter_summary(back)
+    assert f"cross-validated on {len(YEARS)} folds" in summary and "the loss above is in-sample" in summary
+    assert f"{1 + len(YEARS)} member(s); interval widths stored" in summary
     for got, want in zip(back.members, adapter.members):
         assert all(torch.equal(got[k], want[k]) for k in want)
 

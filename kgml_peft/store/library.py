@@ -58,6 +58,18 @@ def adapter_summary(adapter: Adapter) -> str:
     ]
     for target, mse in (after.get("mse") or {}).items():
         lines.append(f"  {target} MSE {_fmt((before.get('mse') or {}).get(target))} -> {_fmt(mse)}")
+    cv = metrics.get("cv")
+    if isinstance(cv, dict):  # a cross-validated adapter: the figures above are in-sample
+        change = cv.get("change_mean")
+        crops = cv.get("crops")
+        lines.append(f"cross-validated on {len(cv.get('folds') or [])} folds: {cv.get('shape')} at strength "
+                     f"{cv.get('strength')}, fold estimate of the change vs the global model "
+                     f"{'-' if change is None else f'{100 * change:+.1f}%'}; the loss above is in-sample"
+                     + ("" if crops is None else f"; applies to Crop_Type {', '.join(f'{c:g}' for c in crops)}"))
+    if adapter.member_count > 1 or adapter.intervals is not None:
+        lines.append(f"{adapter.member_count} member(s); "
+                     + ("interval widths stored (predict --interval)" if adapter.intervals is not None
+                        else "no interval widths"))
     versions = info.get("versions") or {}
     if versions:
         lines.append("made with " + ", ".join(f"{k.replace('_version', '')} {v}" for k, v in versions.items()))
