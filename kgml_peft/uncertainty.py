@@ -190,8 +190,7 @@ def check_record(record: object, where: str) -> dict:
     if not isinstance(record, dict):
         raise bad("not a JSON object")
     if "global" in record:  # the global model's widths on the same folds (crops outside the adapter's)
-        check_record({k: v for k, v in record["global"].items()} if isinstance(record["global"], dict)
-                     else None, f"{where} (global)")
+        check_record(record["global"], f"{where} (global)")
     for kind in ("daily", "annual"):
         part = record.get(kind)
         if not isinstance(part, dict) or set(part) != set(INTERVAL_TARGETS):

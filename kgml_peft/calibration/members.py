@@ -27,10 +27,15 @@ from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.tuners.site_model import SiteModel
 
 
-def _predict(backbone: Backbone, adapter: AdapterConfig, tensors: dict[str, torch.Tensor], windows) -> dict:
+def site_model(backbone: Backbone, adapter: AdapterConfig, tensors: dict[str, torch.Tensor]) -> SiteModel:
+    """The site model of adapter tensors (eval mode)."""
     model = SiteModel(backbone.model, adapter)
     model.load_adapter_tensors(tensors)
-    return predict_windows(model.eval(), backbone.scalers, windows)
+    return model.eval()
+
+
+def _predict(backbone: Backbone, adapter: AdapterConfig, tensors: dict[str, torch.Tensor], windows) -> dict:
+    return predict_windows(site_model(backbone, adapter, tensors), backbone.scalers, windows)
 
 
 def interval_record(backbone: Backbone, adapter: AdapterConfig, all_data: dict[str, torch.Tensor],
@@ -44,8 +49,9 @@ def interval_record(backbone: Backbone, adapter: AdapterConfig, all_data: dict[s
     observed, out_of_fold, spread, bare = ({t: [] for t in targets} for _ in range(4))
     with torch.no_grad():
         for f, fold in enumerate(folds):
-            own = _predict(backbone, adapter, fold_tensors[f], fold.val)
             runs = [_predict(backbone, adapter, m, fold.val) for m in members] if len(members) > 1 else []
+            # fold f's adapter is member f + 2 when it is stored: its predictions are in runs already
+            own = runs[f + 1] if f + 1 < len(runs) else _predict(backbone, adapter, fold_tensors[f], fold.val)
             backbone_only = predict_windows(backbone.model.eval(), backbone.scalers, fold.val)
             for target in targets:
                 observed[target].append(fold.val.target(target))

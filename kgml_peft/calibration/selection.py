@@ -33,7 +33,7 @@ from kgml_peft.calibration.batched import TrainedUnit, train_side_by_side, valid
 from kgml_peft.calibration.units import CalibrationData, CalibrationResult, finish_unit, validation_metrics
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.folds import Fold, make_folds
-from kgml_peft.calibration.members import calibration_crops, interval_record
+from kgml_peft.calibration.members import calibration_crops, interval_record, site_model
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import deterministic_algorithms
@@ -41,7 +41,6 @@ from kgml_peft.train.state import PhaseResult
 from kgml_peft.tuners.base import scale_adapter
 from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.tuners.serving import ServingAdapter
-from kgml_peft.tuners.site_model import SiteModel
 
 #: the strengths a calibration chooses from (0 = the global backbone, 1 = the adapter as trained)
 STRENGTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -69,7 +68,7 @@ def shape_menu(adapter: AdapterConfig, years: int = 2) -> dict[str, AdapterConfi
 class Selection:
     """What cross-validation chose and measured for one unit (the ``cv`` record of its adapter)."""
 
-    folds: list[str]
+    fold_data: list[Fold]
     shape: str
     adapter: AdapterConfig
     epochs: int
@@ -85,10 +84,14 @@ class Selection:
     best_adapter_loss: list[float] = dataclasses.field(default_factory=list)
     #: per fold, the chosen shape's fold adapter after ``epochs`` epochs, scaled by ``strength``
     fold_tensors: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
-    fold_data: list[Fold] = dataclasses.field(default_factory=list)
     #: the crops (Crop_Type codes) of the calibration years when all are documented, else None:
     #: the adapter applies to these crops only
     crops: list[float] | None = None
+
+    @property
+    def folds(self) -> list[str]:
+        """The folds' names."""
+        return [f.name for f in self.fold_data]
 
     @property
     def change(self) -> list[float]:
@@ -187,17 +190,10 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     s = list(menu).index(shape)
     fold_tensors = [scale_adapter(unit.history[epochs], adapter, backbone.model, strength)
                     for unit in trained[s * per_shape:s * per_shape + len(folds)]]
-    return Selection(folds=[f.name for f in folds], shape=shape, adapter=adapter, epochs=epochs,
+    return Selection(fold_data=folds, shape=shape, adapter=adapter, epochs=epochs,
                      strength=strength, global_loss=global_loss, chosen_loss=scores[(shape, strength)],
                      table=table, tensors=tensors, best_adapter_loss=scores[(best_shape, best_t)],
-                     fold_tensors=fold_tensors, fold_data=folds, crops=calibration_crops(data.train))
-
-
-def selected_model(backbone: Backbone, selection: Selection) -> SiteModel:
-    """The site model of a selection's adapter (eval mode)."""
-    model = SiteModel(backbone.model, selection.adapter)
-    model.load_adapter_tensors(selection.tensors)
-    return model.eval()
+                     fold_tensors=fold_tensors, crops=calibration_crops(data.train))
 
 
 def calibrate_cross_validated(backbone: Backbone, data: CalibrationData, config: CalibrationConfig, *,
@@ -217,7 +213,7 @@ def calibrate_cross_validated(backbone: Backbone, data: CalibrationData, config:
                                              selection.fold_tensors, selection.fold_data, stored)
     result = PhaseResult(name=f"calibrate {data.name}", best_epoch=selection.epochs)
     chosen = dataclasses.replace(config, adapter=selection.adapter)
-    return finish_unit(backbone, data, chosen, selected_model(backbone, selection), result, before,
+    return finish_unit(backbone, data, chosen, site_model(backbone, selection.adapter, selection.tensors), result, before,
                        provenance={"requested_adapter": config.adapter.to_dict()},
                        metrics={"cv": selection.record(), "in_sample": True, "intervals": intervals,
                                 "members": members},
