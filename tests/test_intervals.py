@@ -144,6 +144,62 @@ def test_members_run_as_one_mixed_batch_each_row_as_its_own_site_model(cv_result
     assert out["NEE_spread"][0].max() > 1e-3 and np.all(out["NEE_spread"][1] == 0)
 
 
+@pytest.mark.parametrize("components", [("head",), ("blocks", "head"), ("lora", "blocks", "head")])
+def test_members_share_the_gru_passes_before_their_first_difference(components, backbone_path):
+    """A window's members read the same inputs: every GRU whose rows are identical within a window
+    (same inputs, start state and LoRA columns) runs once per window, and the predictions are
+    bit-identical to computing every row. Checked with an independent count of GRU rows run."""
+    from dataclasses import replace
+
+    from kgml_peft.tuners.config import AdapterConfig
+    from kgml_peft.tuners import rows as rows_module
+    from tests.conftest import random_adapter
+
+    backbone = load_backbone(backbone_path)
+    config = replace(AdapterConfig(), components=components)
+    adapter = random_adapter(backbone, "IA-001", config, seed=1)
+    members = [random_adapter(backbone, "IA-001", config, seed=s).tensors for s in (2, 3, 4, 5)]
+    adapter = replace(adapter, members=members)
+    windows = make_windows(validate_table(make_frame({"IA-001": "IA", "IL-001": "IL"}, years=(2003, 2004)),
+                                          backbone.config.features), backbone.config.features)
+    bank = AdapterBank(backbone)
+    bank.add(adapter)
+    names = ["IA-001" if s == "IA-001" else None for s in windows.sites]
+    computed = []
+    real_gru_rows, real_module_call = rows_module.gru_rows, torch.nn.GRU.__call__
+
+    def counting_gru_rows(modules, inputs, *args):
+        computed.append((tuple(id(m) for m in modules), inputs.shape[0]))
+        return real_gru_rows(modules, inputs, *args)
+
+    def counting_call(module, inputs, *args, **kwargs):
+        computed.append(((id(module),), inputs.shape[0]))
+        return real_module_call(module, inputs, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rows_module, "gru_rows", counting_gru_rows)
+        patch.setattr(torch.nn.GRU, "__call__", counting_call)
+        shared = bank.predict_members(windows, names)
+        shared_runs = list(computed)
+        computed.clear()
+        patch.setattr(rows_module, "shared_rows", lambda *a: None)  # every row computed
+        every = bank.predict_members(windows, names)
+        every_runs = list(computed)
+    for key in every:
+        assert np.array_equal(shared[key], every[key]), key
+    assert shared["NEE_spread"][names.index("IA-001")].max() > 1e-3
+    gru = {id(getattr(bank.model, n)): n for n in ("gru_basis", "gru_ra", "gru_rh", "gru_nee")}
+    rows = {"+".join(gru[i] for i in ids): n for ids, n in shared_runs}
+    ia, other = names.count("IA-001"), names.count(None)
+    full, once = ia * adapter.member_count + other, ia + other
+    assert all(n == full for ids, n in every_runs)
+    # the backbone's first GRU never differs between members; the rest depends on the shape
+    assert rows["gru_basis"] == once
+    want = {("head",): (once, once), ("blocks", "head"): (once, full),
+            ("lora", "blocks", "head"): (full, full)}[components]
+    assert (rows.get("gru_ra+gru_rh", rows.get("gru_ra")), rows["gru_nee"]) == want
+
+
 # ---- predict --interval / --annual through the CLI -----------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ What it does, in order (all on one device; steps 1-4 in this process, step 5 als
    (``single_same_size``: the merged path plus the bank's routing), and the bank on the mixed
    batch (batched, grouped, naive); it checks that the mixed batch equals the per-site peft
    predictions; then times ``predict`` on the same site-years with one-member adapters and with
-   0.9 intervals from five-member adapters (:func:`interval_serving`, ``ratios.interval_vs_point``);
+   0.9 intervals from five-member adapters (:func:`interval_serving`, ``ratios.interval_vs_point``;
+   ``ratios.interval_vs_point_head_only`` for head-only adapters, whose members share the GRUs);
 3. sweeps the number of distinct adapters in a batch (batched vs grouped);
 4. times adapter swaps (cached and from disk) and the memory of ``memory_adapters`` resident
    adapters (process RSS growth, and tensor bytes);
@@ -208,22 +209,35 @@ def with_members(adapters: dict[str, Adapter], members: int) -> dict[str, Adapte
     return out
 
 
+def head_only(adapter: Adapter) -> Adapter:
+    """``adapter`` cut down to its calibration head: the shape cross-validation writes for one
+    calibration year (:func:`~kgml_peft.calibration.selection.shape_menu`)."""
+    if "head" not in adapter.config.components:
+        raise KgmlPeftError(f"adapter {adapter.site} has no head")
+    return replace(adapter, config=replace(adapter.config, components=("head",)),
+                   tensors={k: v for k, v in adapter.tensors.items() if k.startswith("head.")})
+
+
 def interval_serving(backbone: Backbone, adapters: dict[str, Adapter], sites: list[str],
                      config: BenchConfig, device: torch.device) -> dict[str, float]:
     """Stage 2b: ``predict`` of stage 2's site-years, every row with its site's adapter, as point
     predictions (one-member adapters) and with 0.9 intervals (M = :data:`INTERVAL_MEMBERS`
-    members per adapter, run as rows of one mixed batch); median seconds, timed interleaved."""
+    members per adapter, run as rows of one mixed batch); median seconds, timed interleaved.
+    Twice: adapters of the configured shape (members differ in every GRU's LoRA, so each member
+    runs the whole backbone) and head-only adapters (members share every GRU pass)."""
     table = serving_table(backbone, config, sites)
-    point = AdapterBank(backbone, device=device, max_bytes=None)
-    members = AdapterBank(backbone, device=device, max_bytes=None)
-    for name, adapter in adapters.items():
-        point.add(adapter)
-    for adapter in with_members(adapters, INTERVAL_MEMBERS).values():
-        members.add(adapter)
-    return _interleaved({
-        "point": lambda: predict_table(point, table, site_column=schema.SITE),
-        "interval": lambda: predict_table(members, table, site_column=schema.SITE, interval=0.9),
-    }, config.repeats, device)
+    timed = {}
+    for label, shaped in (("", adapters), ("head_", {k: head_only(a) for k, a in adapters.items()})):
+        point = AdapterBank(backbone, device=device, max_bytes=None)
+        members = AdapterBank(backbone, device=device, max_bytes=None)
+        for adapter in shaped.values():
+            point.add(adapter)
+        for adapter in with_members(shaped, INTERVAL_MEMBERS).values():
+            members.add(adapter)
+        timed[f"{label}point"] = lambda bank=point: predict_table(bank, table, site_column=schema.SITE)
+        timed[f"{label}interval"] = lambda bank=members: predict_table(bank, table, site_column=schema.SITE,
+                                                                       interval=0.9)
+    return _interleaved(timed, config.repeats, device)
 
 
 def _site_model(backbone: Backbone, adapter: Adapter, device: torch.device) -> SiteModel:
@@ -376,13 +390,18 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
             "backbone_vs_adapter_bytes": round(backbone_bytes / statistics.median(adapter_bytes), 1),
             # site-days/s with M = 5 members and intervals over one-member point predictions
             "interval_vs_point": round(interval_seconds["point"] / interval_seconds["interval"], 3),
+            # the same with head-only adapters (one calibration year's shape)
+            "interval_vs_point_head_only": round(interval_seconds["head_point"]
+                                                 / interval_seconds["head_interval"], 3),
             # seconds of the default (cross-validated) calibration over the plain one, same sites
             "cv_vs_plain_calibrate": round(cv_seconds["cv"] / cv_seconds["plain"], 3),
         },
         "calibrate_cv_s_per_site": round(cv_seconds["cv"], 2),
         "calibrate_plain_s_per_site": round(cv_seconds["plain"], 2),
         "predict_ms": {"point": round(interval_seconds["point"] * 1000, 2),
-                       "interval_5_members": round(interval_seconds["interval"] * 1000, 2)},
+                       "interval_5_members": round(interval_seconds["interval"] * 1000, 2),
+                       "head_only_point": round(interval_seconds["head_point"] * 1000, 2),
+                       "head_only_interval_5_members": round(interval_seconds["head_interval"] * 1000, 2)},
         "checks": {"max_abs_diff_vs_per_site": diffs,
                    "mixed_equals_per_site_within_1e-5": diffs["batched"] <= 1e-5},
         "strategy_sweep_site_days_per_s": {k: {n: round(v, 1) for n, v in d.items()} for k, d in sweep.items()},

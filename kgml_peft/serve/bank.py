@@ -210,15 +210,18 @@ class AdapterBank:
     @torch.no_grad()
     def forward(self, x: torch.Tensor, rows: Sequence[ServingAdapter | None],
                 state: dict[str, torch.Tensor] | None = None,
-                strategy: str | None = None) -> dict[str, torch.Tensor]:
+                strategy: str | None = None, same_as: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Scaled outputs (as :meth:`KGMLag.forward`) for ``x`` [B, T, F] with ``rows[i]``'s
-        adapter on row i (``None`` = bare backbone). Safe to call from several threads: calls run
-        one at a time, because a merged call swaps the shared module's weights while it runs."""
+        adapter on row i (``None`` = bare backbone). ``same_as`` [B] may name for each row a row
+        with the same inputs (see :func:`~kgml_peft.tuners.rows.forward_rows`; used by the batched
+        strategy). Safe to call from several threads: calls run one at a time, because a merged
+        call swaps the shared module's weights while it runs."""
         with self._run_lock:
-            return self._forward(x, rows, state, strategy)
+            return self._forward(x, rows, state, strategy, same_as)
 
     def _forward(self, x: torch.Tensor, rows: Sequence[ServingAdapter | None],
-                 state: dict[str, torch.Tensor] | None, strategy: str | None) -> dict[str, torch.Tensor]:
+                 state: dict[str, torch.Tensor] | None, strategy: str | None,
+                 same_as: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         rows = list(rows)
         if len(rows) != x.shape[0]:
             raise KgmlPeftError(f"{len(rows)} row adapters for a batch of {x.shape[0]} rows")
@@ -238,7 +241,8 @@ class AdapterBank:
         special = [g for g in groups.values() if strategy == "grouped" or
                    (rows[g[0]] is not None and rows[g[0]].overrides)]
         if not special:
-            return forward_rows(self.model, x, plan_rows(rows, x), state)
+            return forward_rows(self.model, x, plan_rows(rows, x), state,
+                                None if same_as is None else same_as.to(self.device))
         pieces = [(g, self._single_fn(rows[g[0]])) for g in special]
         common = sorted(i for g in groups.values() if g not in special for i in g)
         if common:
@@ -299,9 +303,13 @@ class AdapterBank:
                     rows.append(member)
                     owner.append(i)
             index = torch.tensor(owner)
-            phys = physical(self.forward(x[start:stop][index], rows, strategy=strategy), self.backbone.scalers)
             first = torch.ones(len(rows), dtype=torch.bool)
             first[1:] = index[1:] != index[:-1]
+            # a window's members read the same inputs: the GRUs before their first difference run
+            # once per window
+            same_as = first.nonzero().squeeze(1)[index]
+            phys = physical(self.forward(x[start:stop][index], rows, strategy=strategy, same_as=same_as),
+                            self.backbone.scalers)
             out = {name: phys[name][first] for name in PREDICTED}
             for name in SPREAD_OUTPUTS:
                 out[f"{name}_spread"] = torch.stack([

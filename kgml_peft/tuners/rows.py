@@ -23,7 +23,7 @@ bank runs those grouped by site with merged weights instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -179,20 +179,68 @@ def gru_rows(modules: Sequence[nn.GRU], inputs: torch.Tensor, h0s: Sequence[torc
     return results
 
 
+def shared_rows(same_as: torch.Tensor, inputs: torch.Tensor, h0s: Sequence[torch.Tensor | None],
+                loras: Sequence[RowLora]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows of one GRU call that need not be computed: row b whose candidate ``same_as[b]`` (a row
+    that is its own candidate) has the same inputs, start states and LoRA columns gets that row's
+    outputs. Returns (rows to compute, for every row the position of its result among them), or
+    None when every row must be computed.
+
+    Members of one adapter are rows of one window (:meth:`AdapterBank.predict_members`); members
+    that differ only after a GRU (head, blocks) give it identical rows, so it runs once per window.
+    """
+    rows = torch.arange(len(same_as), device=same_as.device)
+    if bool((same_as[same_as] != same_as).any()):
+        raise KgmlPeftError("same_as must point at rows that are their own candidate")
+    candidates = (same_as != rows).nonzero().squeeze(1)
+    if not len(candidates):
+        return None
+    first = same_as[candidates]
+    equal = (inputs[candidates] == inputs[first]).flatten(1).all(1)
+    for h0 in h0s:
+        if h0 is not None:  # [layers, B, H]
+            equal &= (h0[:, candidates] == h0[:, first]).all(-1).all(0)
+    for lora in loras:
+        equal &= (lora.mask[candidates] == lora.mask[first]).all(1)
+    if not bool(equal.any()):
+        return None
+    same = torch.zeros_like(rows, dtype=torch.bool)
+    same[candidates] = equal
+    keep = (~same).nonzero().squeeze(1)
+    position = torch.empty_like(rows)
+    position[keep] = torch.arange(len(keep), device=rows.device)
+    return keep, position[torch.where(same, same_as, rows)]
+
+
 def forward_rows(backbone: KGMLag, x: torch.Tensor, plan: Sequence[base.Part],
-                 state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 state: dict[str, torch.Tensor] | None = None,
+                 same_as: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The backbone's forward on ``x`` [B, T, F] with each row's own adapter (see :func:`plan_rows`);
-    scaled outputs like :meth:`KGMLag.forward`."""
+    scaled outputs like :meth:`KGMLag.forward`. ``same_as`` [B] (optional) names for each row a
+    row that may carry the same inputs (itself if none): GRUs then run once for rows that turn out
+    identical (:func:`shared_rows`); the outputs are the same either way."""
     by_gru: dict[str, dict[str, RowLora]] = {}
     for part in plan:
         for name, row_lora in part.row_updates().items():
             gru, weight = name.split(".", 1)
             by_gru.setdefault(gru, {})[weight] = row_lora
 
-    def runner(names, modules, inputs, h0s) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        rows = [i for i, name in enumerate(names) if name in by_gru]
+    def run(names, modules, inputs, h0s, loras) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows = [i for i, name in enumerate(names) if name in loras]
         fused = iter(gru_rows([modules[i] for i in rows], inputs, [h0s[i] for i in rows],
-                              [by_gru[names[i]] for i in rows]) if rows else [])
+                              [loras[names[i]] for i in rows]) if rows else [])
         return [next(fused) if i in rows else modules[i](inputs, h0s[i]) for i in range(len(names))]
+
+    def runner(names, modules, inputs, h0s) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loras = {n: by_gru[n] for n in names if n in by_gru}
+        shared = None if same_as is None else shared_rows(
+            same_as, inputs, h0s, [lora for n in loras for lora in loras[n].values()])
+        if shared is None:
+            return run(names, modules, inputs, h0s, loras)
+        keep, position = shared
+        results = run(names, modules, inputs[keep], [None if h is None else h[:, keep] for h in h0s],
+                      {n: {w: replace(lora, mask=lora.mask[keep]) for w, lora in loras[n].items()}
+                       for n in loras})
+        return [(seq[position], last[:, position]) for seq, last in results]
 
     return base.run_parts(backbone, x, state, plan, runner=runner)
