@@ -843,7 +843,8 @@ def adapters() -> None:
               help="Adapter store (folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def adapters_list(store: Path, as_json: bool) -> None:
-    """One line per adapter: site, size, parameters, backbone and validation loss before/after."""
+    """One line per adapter: site, size, parameters, backbone, validation loss before/after and
+    where its data came from (lat/lon; a region's centroid)."""
     from kgml_peft.store.library import list_adapters
 
     rows = list_adapters(store)
@@ -854,7 +855,7 @@ def adapters_list(store: Path, as_json: bool) -> None:
         click.echo(f"no adapters in {store}")
         return
     click.echo(f"{'file':<28}{'site':<12}{'KiB':>6}{'params':>8}  {'backbone':<17}"
-               f"{'val loss':>9}{'-> after':>10}")
+               f"{'val loss':>9}{'-> after':>10}  {'lat':>10}{'lon':>11}")
     for row in rows:
         if row["kind"] == "backbone":
             click.echo(f"{row['file']:<28}{'(site backbone checkpoint: use it as --backbone)'}")
@@ -865,7 +866,12 @@ def adapters_list(store: Path, as_json: bool) -> None:
         before, after = row["val_loss_before"], row["val_loss_after"]
         click.echo(f"{row['file']:<28}{row['site']:<12}{row['bytes'] / 1024:>6.1f}{row['parameters']:>8}  "
                    f"{row['backbone']:<17}{'-' if before is None else f'{before:.4f}':>9}"
-                   f"{'-' if after is None else f'{after:.4f}':>10}")
+                   f"{'-' if after is None else f'{after:.4f}':>10}  "
+                   f"{_degrees(row['lat']):>10}{_degrees(row['lon']):>11}")
+
+
+def _degrees(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5f}"
 
 
 @adapters.command("show")
@@ -940,6 +946,40 @@ def adapters_import(path: Path, store: Path, backbone: Path, force: bool) -> Non
 
     dest = import_adapter(path, store, load_backbone(backbone), force=force)
     click.echo(f"imported {path} as {dest}")
+
+
+@adapters.command("blend")
+@click.option("--lat", type=float, required=True, help="Latitude of the place (degrees north, WGS84).")
+@click.option("--lon", type=float, required=True, help="Longitude of the place (degrees east, WGS84).")
+@click.option("--name", required=True, help="Name (site id) of the blend adapter; its file is NAME.safetensors.")
+@click.option("--k", "k", type=int, default=3, show_default=True, help="How many nearest adapters to blend.")
+@click.option("--max-km", type=float, default=None, help="Use only adapters within this distance (km).")
+@click.option("--store", type=click.Path(path_type=Path), default=Path("adapters"), show_default=True,
+              help="Adapter store (folder) to take the neighbours from.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder to write the blend to (created if missing; default: the store).")
+@click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE, show_default=True,
+              help="The backbone every neighbour must have been calibrated on.")
+@click.option("--merge", type=click.Choice(["function", "weights"]), default="function", show_default=True,
+              help="function: the weighted mean of the neighbours' predictions (a multi-member file); "
+                   "weights: one merged adapter (an approximation).")
+@click.option("--force", is_flag=True, help="Replace an existing file of the same name.")
+def adapters_blend(lat: float, lon: float, name: str, k: int, max_km: float | None, store: Path,
+                   out: Path | None, backbone: Path, merge: str, force: bool) -> None:
+    """Build an adapter for a place without data from the k nearest calibrated adapters,
+    weighted by distance (see docs/neighbours.md)."""
+    from kgml_peft.store.blend import blend_adapters, find_neighbours, save_blend
+    from kgml_peft.store.checkpoint import load_backbone
+    from kgml_peft.store.library import adapter_path
+
+    adapter_path(out or store, name)  # the name is checked before anything is read
+    base = load_backbone(backbone)
+    neighbours = find_neighbours(store, base, lat, lon, k, max_km)
+    blend = blend_adapters(neighbours, name, base, lat=lat, lon=lon, merge=merge,
+                           settings={"k": k, "max_km": max_km})
+    path = save_blend(blend, out or store, neighbours, force=force)
+    sources = ", ".join(f"{n.adapter.site} ({n.distance_km:.1f} km, weight {n.weight:.3f})" for n in neighbours)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB, merge {merge}): blend of {sources}")
 
 
 def main() -> None:

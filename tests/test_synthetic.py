@@ -268,7 +268,7 @@ def test_observed_weather_equals_process_model_weather(
 def test_hidden_management_is_spatial_hidden_and_only_in_the_truth() -> None:
     """Coordinates lie in the state's box; hidden management changes the observed truth only,
     reveals itself in no input column, and nearby fields are more alike than distant ones."""
-    from kgml_peft.data.heterogeneity import distance_km
+    from kgml_peft.data.places import distance_km
     from kgml_peft.data.management import STATE_BOXES, ManagementSpread
 
     params = site_parameters(SynthConfig())

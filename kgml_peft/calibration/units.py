@@ -14,6 +14,7 @@ from kgml_peft import schema
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.folds import make_folds
 from kgml_peft.data.tables import select_sites
+from kgml_peft.data.places import table_location
 from kgml_peft.data.windows import YearWindows, make_windows, split_by_year
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.metrics import group_metrics
@@ -163,6 +164,7 @@ def finish_unit(backbone: Backbone, data: CalibrationData, config: CalibrationCo
     if isinstance(model, SiteModel) and config.storage_dtype == "float16":
         model.round_adapter(torch.float16)
     after = validation_metrics(model, backbone, val, weights, config.tolerance)
+    location = table_location(rows)  # where the data came from: adapters are found by location
 
     summary = {
         "site": name,
@@ -180,6 +182,7 @@ def finish_unit(backbone: Backbone, data: CalibrationData, config: CalibrationCo
             "first_date": str(rows[schema.DATE].min().date()),
             "last_date": str(rows[schema.DATE].max().date()),
             "dropped_site_years": len(train.dropped),
+            **({} if location is None else {"location": location}),
         },
         "metrics": {
             "before": _compact(before),

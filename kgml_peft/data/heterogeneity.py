@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import calendar
 import itertools
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 
 from kgml_peft import schema
 from kgml_peft.data.fluxnet import read_crops, read_daily
+from kgml_peft.data.places import distance_km
 from kgml_peft.data.synthetic import SITE_LAYOUT, SynthConfig, simulate, site_parameters
 from kgml_peft.data.tables import parse_yyyymmdd
 from kgml_peft.errors import KgmlPeftError
@@ -80,14 +80,6 @@ def tower_spread(daily: str | os.PathLike, crops: str | os.PathLike) -> dict[str
     annual = annual_sums(pd.concat(frames, ignore_index=True))
     annual["Crop_Type"] = read_crops(crops).reindex(annual.index).to_numpy()
     return pair_spread(annual, [TOWER_PAIR])
-
-
-def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Great-circle distance, km (haversine, Earth radius 6371 km)."""
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    a = (math.sin((p2 - p1) / 2) ** 2
-         + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2)
-    return 2 * 6371.0 * math.asin(math.sqrt(a))
 
 
 def neighbour_pairs(sites: pd.DataFrame, max_km: float) -> list[tuple[str, str]]:

@@ -63,7 +63,7 @@ from kgml_peft.experiments.config import Training, config_from_dict
 from kgml_peft.experiments.runs import RunFiles, _complete, scratch_phases
 from kgml_peft.metrics import group_metrics
 from kgml_peft.serve.bank import AdapterBank
-from kgml_peft.serve.predict import annual_table, serve_windows
+from kgml_peft.serve.predict import ServedWindows, annual_table, serve_windows
 from kgml_peft.store.adapter import Adapter
 from kgml_peft.uncertainty import check_level, coverage
 from kgml_peft.model.backbone import BackboneConfig
@@ -263,17 +263,18 @@ def score(model: torch.nn.Module, scalers: Scalers, windows: YearWindows,
     return out
 
 
-def interval_scores(bank: AdapterBank, windows: YearWindows, served: np.ndarray,
-                    gapfilled: dict[str, np.ndarray], level: float) -> dict:
-    """Coverage of the served adapters' intervals at ``level`` on test ``windows``, as ``predict
-    --interval`` serves them (members in one mixed batch, other crops' years by the global model
-    with its widths): per scored target, the share of QC-passing days inside the daily interval
-    and of site-years whose gap-filled annual sum is inside the annual interval, with mean widths.
-    A calibration with too few residuals for ``level`` is recorded as unavailable, not fatal."""
+def served_with_intervals(bank: AdapterBank, windows: YearWindows, served: np.ndarray,
+                          gapfilled: dict[str, np.ndarray], level: float) -> tuple[ServedWindows, dict]:
+    """Test ``windows`` served as ``predict --interval`` serves them (members in one mixed batch,
+    other crops' years by the global model with its widths), and the coverage of the intervals
+    at ``level``: per scored target, the share of QC-passing days inside the daily interval and of
+    site-years whose gap-filled annual sum is inside the annual interval, with mean widths. A
+    calibration with too few residuals for ``level`` is served without intervals and its coverage
+    recorded as unavailable, not fatal."""
     try:
         got = serve_windows(bank, windows, served, interval=level)
     except KgmlPeftError as exc:
-        return {"level": level, "unavailable": str(exc)}
+        return serve_windows(bank, windows, served), {"level": level, "unavailable": str(exc)}
     annual = annual_table(windows.sites, windows.years, served, got.outside, got.out,
                           windows.dates.shape[1], got.widths, level)
     scores: dict = {"level": level, "members": max(len(bank.get(n).all_members) for n in set(served))}
@@ -282,7 +283,7 @@ def interval_scores(bank: AdapterBank, windows: YearWindows, served: np.ndarray,
             "daily": coverage(windows.target(name), got.out[f"{name}_lo"], got.out[f"{name}_hi"]),
             "annual": coverage(gapfilled[name].sum(axis=1), annual[f"{name}_lo"].to_numpy(),
                                annual[f"{name}_hi"].to_numpy())}
-    return scores
+    return got, scores
 
 
 def _json_rows(values: np.ndarray) -> list[list[float | None]]:
@@ -466,21 +467,20 @@ class RealSiteBenchmark(RunFiles):
         else:
             train, test = self.site_split(run.site, run.years)
             model, scalers, info, adapter = self._calibrate(run, train)
-            gapfilled, preds, served = self.gapfilled(test), None, None
+            gapfilled, preds, intervals = self.gapfilled(test), None, None
             if adapter is not None and adapter.intervals is not None:
                 # served as predict serves a cross-validated adapter: its calibration crops only
                 bank = AdapterBank(self.backbone(run.route, run.seed))
                 bank.add(adapter)
-                served = np.full(len(test), adapter.site, dtype=object)
-                got = serve_windows(bank, test, served)
-                preds = got.out
+                got, intervals = served_with_intervals(bank, test, np.full(len(test), adapter.site, dtype=object),
+                                                       gapfilled, self.config.interval)
+                preds = {k: v for k, v in got.out.items() if not k.endswith(("_lo", "_hi"))}
                 info["other_crop_test_years"] = int(got.outside.sum())
             record.update(info, train_years=[int(y) for y in train.years],
                           test=score(model, scalers, test, gapfilled, self.config.tolerance,
                                      keep_series=run.seed == self.config.seeds[0], preds=preds))
-            if served is not None:
-                record["test"]["intervals"] = interval_scores(bank, test, served, gapfilled,
-                                                              self.config.interval)
+            if intervals is not None:
+                record["test"]["intervals"] = intervals
         record["gpp_route"] = self.config.gpp_route
         record["seconds"] = round(time.perf_counter() - start, 2)
         return self.save(run, record)

@@ -23,6 +23,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,9 @@ class AdapterBank:
         weights; no routing and no lock (:meth:`forward` is the thread-safe entry point)."""
         if adapter is None:
             return self.model(x, state)
+        if adapter.member_weights is not None:
+            raise KgmlPeftError(f"adapter {adapter.name} is a blend of {len(adapter.all_members)} members; "
+                                "serve it through forward or predict")
         return adapter.forward(self.model, self._base, x, state)
 
     def _pieces(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None, n_rows: int,
@@ -225,6 +229,14 @@ class AdapterBank:
         rows = list(rows)
         if len(rows) != x.shape[0]:
             raise KgmlPeftError(f"{len(rows)} row adapters for a batch of {x.shape[0]} rows")
+        if any(a is not None and a.member_weights is not None for a in rows):
+            # a blend's rows run each member, then take the weighted mean of their outputs
+            if state is not None:
+                raise KgmlPeftError("a blend adapter cannot continue GRU states from an earlier call")
+            expanded = member_rows(rows, every_member=False)
+            out = self._forward(x[expanded.owner.to(x.device)], expanded.rows, None, strategy,
+                                expanded.same_as)
+            return {**{k: expanded.pool(v) for k, v in out.items() if k != "state"}, "state": {}}
         strategy = _check_strategy(strategy or self.strategy)
         x = x.to(self.device)
         if state is not None:
@@ -287,30 +299,20 @@ class AdapterBank:
                         strategy: str | None = None, progress: bool = False) -> dict[str, np.ndarray]:
         """Every member of adapter ``names[i]`` on window i, all in one mixed batch per
         ``batch_size`` windows (the per-row machinery: members are rows with their own adapter).
-        Returns member 1's predictions (as :meth:`predict_windows`, the point prediction) and
-        ``<output>_spread``, the standard deviation over the window's members (0 for one member),
-        of NEE and Reco [N, 365]."""
+        Returns the point predictions (as :meth:`predict_windows`: member 1's, or a blend's
+        weighted mean of its members') and ``<output>_spread``, the standard deviation over the
+        window's members (0 for one member), of NEE and Reco [N, 365]."""
         if len(names) != len(windows):
             raise KgmlPeftError(f"{len(names)} adapter names for {len(windows)} windows")
         names = list(names)
         x = WindowDataset(windows, self.backbone.scalers).x
 
         def run(start: int, stop: int) -> dict[str, torch.Tensor]:
-            served = self.resolve(names[start:stop], require=True)
-            rows, owner = [], []
-            for i, adapter in enumerate(served):
-                for member in (adapter.all_members if adapter is not None else (None,)):
-                    rows.append(member)
-                    owner.append(i)
-            index = torch.tensor(owner)
-            first = torch.ones(len(rows), dtype=torch.bool)
-            first[1:] = index[1:] != index[:-1]
-            # a window's members read the same inputs: the GRUs before their first difference run
-            # once per window
-            same_as = first.nonzero().squeeze(1)[index]
-            phys = physical(self.forward(x[start:stop][index], rows, strategy=strategy, same_as=same_as),
-                            self.backbone.scalers)
-            out = {name: phys[name][first] for name in PREDICTED}
+            expanded = member_rows(self.resolve(names[start:stop], require=True), every_member=True)
+            index = expanded.owner
+            phys = physical(self.forward(x[start:stop][index], expanded.rows, strategy=strategy,
+                                         same_as=expanded.same_as), self.backbone.scalers)
+            out = {name: expanded.pool(phys[name]) for name in PREDICTED}
             for name in SPREAD_OUTPUTS:
                 out[f"{name}_spread"] = torch.stack([
                     phys[name][index == i].double().std(dim=0, correction=0) for i in range(stop - start)])
@@ -324,6 +326,52 @@ class AdapterBank:
     def scalers(self) -> Scalers:
         """The backbone's scalers (inputs and outputs)."""
         return self.backbone.scalers
+
+
+@dataclass(frozen=True)
+class MemberRows:
+    """Windows laid out as one row per member (see :func:`member_rows`): each row's adapter, its
+    window (``owner`` [R]), its share of the window's point prediction (``weight`` [R]) and the
+    window's first row (``same_as`` [R], the rows that read the same inputs)."""
+
+    rows: list[ServingAdapter | None]
+    owner: torch.Tensor
+    weight: torch.Tensor
+    same_as: torch.Tensor
+    windows: int
+
+    def pool(self, values: torch.Tensor) -> torch.Tensor:
+        """Each window's point prediction from its rows' ``values`` [R, ...]: the weighted sum
+        (exactly member 1's values where the weights are 1, 0, ...)."""
+        weight = self.weight.to(values.device, values.dtype).view(-1, *([1] * (values.dim() - 1)))
+        out = values.new_zeros((self.windows, *values.shape[1:]))
+        return out.index_add_(0, self.owner.to(values.device), values * weight)
+
+
+def member_rows(adapters: Sequence[ServingAdapter | None], every_member: bool) -> MemberRows:
+    """One row per member of each window's adapter: all members with ``every_member`` (intervals),
+    else only blends' members (a blend's prediction is their weighted mean); other windows keep
+    one row with weight 1. A blend's first member runs as a plain adapter (no weights)."""
+    rows: list[ServingAdapter | None] = []
+    owner: list[int] = []
+    weight: list[float] = []
+    same_as: list[int] = []
+    plain: dict[int, ServingAdapter] = {}  # one weightless first member per blend: one row adapter
+    for i, adapter in enumerate(adapters):
+        members: tuple[ServingAdapter | None, ...] = (adapter,)
+        shares: tuple[float, ...] = (1.0,)
+        if adapter is not None and (every_member or adapter.member_weights is not None):
+            first = adapter
+            if adapter.member_weights is not None:
+                first = plain.setdefault(id(adapter), replace(adapter, members=(), member_weights=None))
+            members = (first, *adapter.members)
+            shares = adapter.member_weights or (1.0,) + (0.0,) * len(adapter.members)
+        same_as += [len(rows)] * len(members)
+        rows += members
+        owner += [i] * len(members)
+        weight += shares
+    return MemberRows(rows, torch.tensor(owner, dtype=torch.long), torch.tensor(weight, dtype=torch.float64),
+                      torch.tensor(same_as, dtype=torch.long), len(adapters))
 
 
 def _check_strategy(strategy: str) -> str:

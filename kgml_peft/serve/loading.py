@@ -18,6 +18,9 @@ def apply_adapter(backbone: Backbone, adapter: Adapter) -> SiteModel:
     another backbone or whose tensors do not fit its config (checked before anything is
     allocated); the backbone object itself is not modified."""
     check_fits(adapter, backbone)
+    if adapter.member_weights is not None:
+        raise KgmlPeftError(f"adapter {adapter.site} is a blend of {adapter.member_count} adapters, not one "
+                            "site model; serve it with AdapterBank or kgml-peft predict")
     model = SiteModel(backbone.model, adapter.config)
     model.load_adapter_tensors(adapter.tensors)
     return model.eval()
@@ -37,7 +40,7 @@ def serving_adapter(adapter: Adapter, backbone: Backbone,
 
     members = tuple(layout(f"{adapter.site}#{m + 2}", t) for m, t in enumerate(adapter.members))
     return layout(adapter.site, adapter.tensors, members=members, intervals=adapter.intervals,
-                  crops=adapter_crops(adapter))
+                  crops=adapter_crops(adapter), member_weights=adapter.member_weights)
 
 
 def adapter_crops(adapter: Adapter) -> tuple[float, ...] | None:

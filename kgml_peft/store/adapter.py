@@ -17,6 +17,7 @@ layout is documented in ``docs/adapter-format.md``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from kgml_peft.tuners.base import namespaces
 from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.atomic import atomic_path
+from kgml_peft.data.places import check_location
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.store.hashing import content_hash, read_safetensors
 
@@ -48,6 +50,10 @@ METADATA_KEYS: tuple[str, ...] = (
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: tensor-name prefix of the stacked extra members
 MEMBER_PREFIX = "members."
+#: the ``scope`` of a blend of neighbours' adapters (:mod:`kgml_peft.store.blend`)
+BLEND_SCOPE = "blend"
+#: tensor name of a blend's member weights [M] (a tensor, so the content hash covers them)
+MEMBER_WEIGHTS = "member_weights"
 
 
 @dataclass
@@ -67,12 +73,15 @@ class Adapter:
     path: Path | None = None
     #: members 2..M (each a full set of tensors named as ``tensors``); empty for one member
     members: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    #: a blend's weights, one per member (sum 1): its prediction is the weighted mean of its
+    #: members'; None: member 1 is the prediction (the others give interval spreads)
+    member_weights: tuple[float, ...] | None = None
 
     @property
     def parameters(self) -> int:
         """Number of stored values (every member)."""
         return sum(t.numel() for t in self.tensors.values()) + sum(
-            t.numel() for m in self.members for t in m.values())
+            t.numel() for m in self.members for t in m.values()) + len(self.member_weights or ())
 
     @property
     def member_count(self) -> int:
@@ -83,6 +92,32 @@ class Adapter:
     def intervals(self) -> dict | None:
         """The conformal interval widths (``metrics.intervals``), or None if the file has none."""
         return (self.info.get("metrics") or {}).get("intervals")
+
+    @property
+    def blend(self) -> dict | None:
+        """A blend's record (``metrics.blend``: point, merge, kernel, sources with distances and
+        weights; see :mod:`kgml_peft.store.blend`), or None for a calibrated adapter."""
+        if self.info.get("scope") != BLEND_SCOPE:
+            return None
+        return (self.info.get("metrics") or {}).get("blend")
+
+    @property
+    def location(self) -> dict | None:
+        """Where the calibration data came from (``data.location``: lat, lon, sites, extent_km; see
+        :func:`~kgml_peft.data.places.table_location`), or None if the file records none."""
+        return (self.info.get("data") or {}).get("location")
+
+
+def check_member_weights(weights: object, members: int, what: str) -> tuple[float, ...]:
+    """A blend's member weights: one finite, non-negative number per member, summing to 1 (within
+    float16 rounding); returned normalised to sum exactly to 1 in float64."""
+    if not isinstance(weights, (list, tuple)) or len(weights) != members or any(
+            isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights):
+        raise KgmlPeftError(f"{what}: the member weights must be {members} numbers, one per member")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or abs(sum(weights) - 1) > 1e-3:
+        raise KgmlPeftError(f"{what}: the member weights must be non-negative and sum to 1")
+    total = math.fsum(weights)
+    return tuple(float(w) / total for w in weights)
 
 
 def stack_members(tensors: dict[str, torch.Tensor], members: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -139,12 +174,39 @@ def _check_info(info: dict, parameters: str, tensors: dict[str, torch.Tensor], s
     for key in ("calibration", "data", "metrics"):
         if not isinstance(info[key], dict):
             raise bad(key, "a JSON object")
+    if "location" in info["data"]:
+        check_location(info["data"]["location"], f"{source}: metadata field data.location")
     for key in ("before", "after"):
         part = info["metrics"].get(key, {})
         if not isinstance(part, dict) or not isinstance(part.get("mse", {}), dict):
             raise bad("metrics", "a JSON object with before/after objects")
     if parameters != str(sum(t.numel() for t in tensors.values())):
         raise bad("parameters", f"the number of stored values ({sum(t.numel() for t in tensors.values())})")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_blend(record: object, members: int | None, source: Path) -> None:
+    """A blend's ``metrics.blend`` record must have the fields and types the toolkit writes, and
+    (function-space blends) one source per member."""
+    def bad(what: str) -> KgmlPeftError:
+        return KgmlPeftError(f"{source}: metrics.blend {what}")
+
+    if not isinstance(record, dict):
+        raise bad("must be an object (the file's scope is blend)")
+    check_location({"lat": record.get("lat"), "lon": record.get("lon"), "sites": 1, "extent_km": 0.0},
+                   f"{source}: metrics.blend")
+    sources = record.get("sources")
+    if not isinstance(sources, list) or not sources or not all(
+            isinstance(s, dict) and isinstance(s.get("site"), str) and _number(s.get("distance_km"))
+            and _number(s.get("weight")) for s in sources):
+        raise bad("must list its sources, each with site, distance_km and weight")
+    if members is not None and len(sources) != members:
+        raise bad(f"lists {len(sources)} sources for {members} members")
+    if not isinstance(record.get("merge"), str) or not isinstance(record.get("kernel"), str):
+        raise bad("must name its merge and kernel")
 
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter, dtype: str = "float32") -> Path:
@@ -158,8 +220,11 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, dtype: str = "float3
     intervals = adapter.intervals
     if intervals is not None:
         uncertainty.check_record(intervals, f"adapter {adapter.site}")
-    tensors = {k: v.detach().cpu().to(_DTYPES[dtype]).contiguous()
-               for k, v in sorted(stack_members(adapter.tensors, adapter.members).items())}
+    stacked = stack_members(adapter.tensors, adapter.members)
+    if adapter.member_weights is not None:
+        stacked[MEMBER_WEIGHTS] = torch.tensor(check_member_weights(adapter.member_weights, adapter.member_count,
+                                                                    f"adapter {adapter.site}"))
+    tensors = {k: v.detach().cpu().to(_DTYPES[dtype]).contiguous() for k, v in sorted(stacked.items())}
     nonfinite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if nonfinite:
         raise KgmlPeftError(f"adapter tensor {nonfinite[0]} is not finite in {dtype}")
@@ -221,7 +286,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     if dtype not in _DTYPES:
         raise KgmlPeftError(f"{source} declares dtype {dtype!r}; expected float32 or float16")
     for name, tensor in tensors.items():
-        if not name.removeprefix(MEMBER_PREFIX).startswith(namespaces()):
+        if name != MEMBER_WEIGHTS and not name.removeprefix(MEMBER_PREFIX).startswith(namespaces()):
             raise KgmlPeftError(f"{source}: tensor {name} is outside the adapter namespaces")
         if tensor.dtype != _DTYPES[dtype]:
             raise KgmlPeftError(f"{source}: tensor {name} is {tensor.dtype}, the file declares {dtype}")
@@ -231,15 +296,23 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     fingerprint = metadata["backbone_fingerprint"]
     if _hash(site, config, fingerprint, info["features"], tensors) != metadata["content_hash"]:
         raise KgmlPeftError(f"{source}: content hash mismatch; the file was modified or is corrupt")
-    first, members = split_members(tensors, source)
+    weights = tensors.get(MEMBER_WEIGHTS)
+    first, members = split_members({k: v for k, v in tensors.items() if k != MEMBER_WEIGHTS}, source)
+    if weights is not None:
+        if weights.dim() != 1:
+            raise KgmlPeftError(f"{source}: {MEMBER_WEIGHTS} must be one weight per member")
+        weights = check_member_weights([float(w) for w in weights], 1 + len(members), str(source))
     if "intervals" in info["metrics"]:
         uncertainty.check_record(info["metrics"]["intervals"], str(source))
+    if metadata["scope"] == BLEND_SCOPE:
+        _check_blend(info["metrics"].get("blend"), 1 + len(members) if weights is not None else None, source)
     info.update(scope=metadata["scope"], dtype=dtype, parameters=int(metadata["parameters"]),
                 content_hash=metadata["content_hash"],
                 versions={k: metadata[k] for k in ("toolkit_version", "peft_version", "torch_version")})
     return Adapter(site=site, config=config, tensors={k: v.float() for k, v in first.items()},
                    backbone_fingerprint=fingerprint, info=info, path=source,
-                   members=[{k: v.float() for k, v in m.items()} for m in members])
+                   members=[{k: v.float() for k, v in m.items()} for m in members],
+                   member_weights=weights)
 
 
 def check_compatible(adapter: Adapter, backbone: Backbone) -> None:

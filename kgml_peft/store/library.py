@@ -58,6 +58,16 @@ def adapter_summary(adapter: Adapter) -> str:
     ]
     for target, mse in (after.get("mse") or {}).items():
         lines.append(f"  {target} MSE {_fmt((before.get('mse') or {}).get(target))} -> {_fmt(mse)}")
+    blend = adapter.blend
+    if blend is not None:
+        lines.append(f"blend ({blend.get('merge')}) for {blend.get('lat'):.5f}, {blend.get('lon'):.5f} of "
+                     + ", ".join(f"{s.get('site')} ({s.get('distance_km'):.1f} km, weight {s.get('weight'):.3f})"
+                                 for s in blend.get("sources") or []) + f"; kernel: {blend.get('kernel')}")
+    location = adapter.location
+    if location is not None:
+        lines.append(f"location {location['lat']:.5f}, {location['lon']:.5f}"
+                     + ("" if location["sites"] == 1 else
+                        f" (centroid of {location['sites']} sites, within {location['extent_km']:.1f} km)"))
     cv = metrics.get("cv")
     if isinstance(cv, dict):  # a cross-validated adapter: the figures above are in-sample
         change = cv.get("change_mean")
@@ -97,6 +107,7 @@ def list_adapters(store: str | os.PathLike) -> list[dict]:
             rows.append(row)
             continue
         metrics = adapter.info.get("metrics") or {}
+        place = adapter.location or adapter.blend  # where its data came from, or a blend's point
         row.update(
             site=adapter.site, scope=adapter.info.get("scope"), parameters=adapter.parameters,
             components=",".join(adapter.config.components),
@@ -105,6 +116,9 @@ def list_adapters(store: str | os.PathLike) -> list[dict]:
             val_loss_after=(metrics.get("after") or {}).get("loss"),
             nee_mse_before=((metrics.get("before") or {}).get("mse") or {}).get("NEE"),
             nee_mse_after=((metrics.get("after") or {}).get("mse") or {}).get("NEE"),
+            lat=(place or {}).get("lat"), lon=(place or {}).get("lon"),
+            extent_km=None if adapter.location is None else adapter.location["extent_km"],
+            blend=None if adapter.blend is None else "+".join(s["site"] for s in adapter.blend["sources"]),
         )
         rows.append(row)
     return rows

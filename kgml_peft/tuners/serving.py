@@ -38,19 +38,22 @@ class ServingAdapter:
     intervals: dict | None = None
     #: the crops (Crop_Type codes) the adapter applies to; None: any
     crops: tuple[float, ...] | None = None
+    #: a blend's member weights (this adapter first): its prediction is their weighted mean
+    member_weights: tuple[float, ...] | None = None
 
     @classmethod
     def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig,
                      content_hash: str = "", path: Path | None = None,
                      members: tuple[ServingAdapter, ...] = (), intervals: dict | None = None,
-                     crops: tuple[float, ...] | None = None) -> ServingAdapter:
+                     crops: tuple[float, ...] | None = None,
+                     member_weights: tuple[float, ...] | None = None) -> ServingAdapter:
         """Lay out already-checked adapter tensors (file names). Only views and products are
         taken, so gradients reach ``tensors``: batched calibration trains through this layout."""
         parts = {c.name: c.layout(config, base.own_tensors(c, tensors)) for c in base.active(config)}
         prefix = base.BACKBONE_PREFIX
         overrides = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         return cls(name=name, content_hash=content_hash, parts=parts, overrides=overrides, path=path,
-                   members=members, intervals=intervals, crops=crops)
+                   members=members, intervals=intervals, crops=crops, member_weights=member_weights)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this adapter keeps resident (its members' too)."""
