@@ -592,9 +592,15 @@ def _device(cpu: bool) -> str:
 @click.option("--annual", type=click.Path(path_type=Path), default=None,
               help="Also write annual NEE/Reco sums per site-year (.csv/.parquet), with bounds "
                    "when --interval is given.")
+@click.option("--neighbours", type=int, default=None,
+              help="With --site-column site: a site without an adapter gets a blend of the K "
+                   "adapters nearest to its lat/lon (docs/neighbours.md).")
+@click.option("--max-km", type=float, default=None,
+              help="With --neighbours: only adapters within this distance; farther sites keep the backbone.")
 def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site_column: str | None,
             store: Path, require_adapter: bool, batch_size: int, strategy: str, cpu: bool, quiet: bool,
-            force: bool, as_json: bool, interval: float | None, annual: Path | None) -> None:
+            force: bool, as_json: bool, interval: float | None, annual: Path | None,
+            neighbours: int | None, max_km: float | None) -> None:
     """Predict Ra, Rh, Reco, NEE (daily) and Yield (annual) for every complete site-year."""
     from kgml_peft.serve.predict import run_predict
 
@@ -606,12 +612,12 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
     result = run_predict(data=data, backbone=backbone, out=out, site=site, site_column=site_column,
                          store=store, require_adapter=require_adapter, batch_size=batch_size,
                          strategy=strategy, device=_device(cpu), force=force, progress=not quiet,
-                         interval=interval, annual=annual)
+                         interval=interval, annual=annual, neighbours=neighbours, max_km=max_km)
     seconds = time.perf_counter() - start
     summary = {"out": str(out), "rows": len(result.frame), "site_years": result.site_years,
                "annual": None if annual is None else str(annual), "interval": interval,
                "other_crop": result.other_crop,
-               "adapters": result.used, "missing_adapters": result.missing,
+               "adapters": result.used, "missing_adapters": result.missing, "blended": result.blended,
                "dropped_site_years": len(result.dropped), "seconds": round(seconds, 3)}
     if as_json:
         _echo_json(summary)
@@ -623,6 +629,10 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
         click.echo(f"wrote {annual}: annual NEE and Reco sums of {result.site_years} site-years{bounds}")
     if result.used:
         click.echo("adapters: " + ", ".join(f"{k} ({v})" for k, v in result.used.items()))
+    if result.blended:
+        click.echo(f"blends of neighbours for {len(result.blended)} site(s) without an adapter: "
+                   + ", ".join(f"{site} <- {b['adapter']}" for site, b in list(result.blended.items())[:5])
+                   + (" ..." if len(result.blended) > 5 else ""))
     backbone_years = result.site_years - sum(result.used.values())
     if backbone_years:
         why = (f"; no adapter for {', '.join(list(result.missing)[:5])}"

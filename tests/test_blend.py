@@ -223,3 +223,73 @@ def test_cli_blend_bad_input_is_one_line_exit_2_nothing_written(store, backbone_
     assert re.search(message, result.output), result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+
+
+# ---- predict --neighbours ----------------------------------------------------------------------------
+
+def _field_table(path, points):
+    frame = make_frame({site: "IA" for site in points}, years=(2003, 2004))
+    frame["lat"] = frame["site"].map(lambda s: points[s][0])
+    frame["lon"] = frame["site"].map(lambda s: points[s][1])
+    frame.to_csv(path, index=False, date_format="%Y-%m-%d")
+    return frame
+
+
+def _predict(*args):
+    return _runner().invoke(cli, ["predict", *args])
+
+
+def test_cli_predict_neighbours_blends_sites_without_an_adapter(store, backbone_path, tmp_path):
+    points = {**{s: p for s, (p, _) in FIELDS.items()}, "IA-009": POINT, "IA-050": (45.0, -100.0)}
+    frame = _field_table(tmp_path / "fields.csv", points)
+    out = tmp_path / "daily.csv"
+    result = _predict("--data", str(tmp_path / "fields.csv"), "--backbone", str(backbone_path), "--adapters",
+                      str(store), "--site-column", "site", "--neighbours", "3", "--max-km", "100",
+                      "--out", str(out), "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    label = "blend:IA-001+IA-002+IA-003"
+    assert summary["blended"]["IA-009"]["adapter"] == label
+    assert summary["missing_adapters"] == {"IA-050": 2}  # 600 km away: the backbone
+    daily = __import__("pandas").read_csv(out)
+    assert set(daily.loc[daily["site"] == "IA-009", "adapter"]) == {label}
+    assert daily.loc[daily["site"] == "IA-050", "adapter"].isna().all()
+    assert set(daily.loc[daily["site"] == "IA-002", "adapter"]) == {"IA-002"}
+    # the blend's NEE is the distance-weighted mean of the neighbours' own site models
+    backbone = load_backbone(backbone_path)
+    windows = make_windows(validate_table(frame[frame["site"] == "IA-009"], backbone.config.features),
+                           backbone.config.features)
+    neighbours = blending.find_neighbours(store, backbone, *POINT, k=3)
+    want = sum(n.weight * predict_windows(apply_adapter(backbone, n.adapter), backbone.scalers, windows)["NEE"]
+               for n in neighbours)
+    got = daily.loc[daily["site"] == "IA-009", "NEE"].to_numpy().reshape(want.shape)
+    np.testing.assert_allclose(got, want, atol=1e-4)  # the CSV keeps 6 significant digits
+    # strict: a site with nothing in range is refused
+    strict = _predict("--data", str(tmp_path / "fields.csv"), "--backbone", str(backbone_path), "--adapters",
+                      str(store), "--site-column", "site", "--neighbours", "3", "--max-km", "100",
+                      "--require-adapter", "--out", str(tmp_path / "strict.csv"))
+    assert strict.exit_code == 2 and "IA-050" in strict.output and "within --max-km" in strict.output
+    assert not (tmp_path / "strict.csv").exists()
+
+
+@pytest.mark.parametrize("extra, message, coordinates", [
+    (["--neighbours", "3"], "needs the table's lat and lon columns", False),
+    (["--neighbours", "0"], "integer >= 1", True),
+    (["--neighbours", "3", "--site-column", "region"], "needs --site-column site", True),
+    (["--max-km", "10", "--site-column", "site"], "--max-km applies to --neighbours", True),
+    (["--neighbours", "2", "--interval", "0.9"], "blends carry no interval widths", True),
+])
+def test_cli_predict_neighbours_bad_input(store, backbone_path, tmp_path, extra, message, coordinates):
+    table = tmp_path / "fields.csv"
+    if coordinates:
+        _field_table(table, {"IA-009": POINT})
+    else:
+        make_frame({"IA-009": "IA"}).to_csv(table, index=False, date_format="%Y-%m-%d")
+    args = ["--data", str(table), "--backbone", str(backbone_path), "--adapters", str(store),
+            "--out", str(tmp_path / "daily.csv"), *extra]
+    if "--site-column" not in extra:
+        args += ["--site-column", "site"]
+    result = _predict(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "daily.csv").exists()

@@ -13,6 +13,11 @@ batch and ``NEE_lo``, ``NEE_hi``, ``Reco_lo``, ``Reco_hi`` bound each day; the a
 (:mod:`kgml_peft.uncertainty`). Intervals need adapters written by a cross-validated calibration
 (they carry the conformal widths); any other row is refused.
 
+With ``neighbours`` (k) and ``site_column = "site"``, a site without an adapter of its own gets a
+blend of the k calibrated adapters nearest to it (its ``lat``/``lon`` in the table; see
+:mod:`kgml_peft.store.blend`), flagged in the ``adapter`` column as ``blend:A+B+C``; a site with no
+adapter within ``max_km`` keeps the backbone (or raises with ``require_adapter``).
+
 A cross-validated adapter records the crops (``Crop_Type``) of its calibration years; a site-year
 whose table documents another crop is served by the backbone (``adapter`` empty; with intervals,
 the global model's widths that the adapter stores). Tables without ``Crop_Type``, or with NaN
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +39,9 @@ from kgml_peft.atomic import check_not_inputs
 from kgml_peft.data.tables import load_table, table_format, validate_table, write_table
 from kgml_peft.data.windows import YearWindows, make_windows
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.data.places import nearest, site_points
 from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.store.blend import Neighbour, blend_adapters, distance_weights, located_adapters
 from kgml_peft.store.library import writable_target
 
 #: Output columns, in order.
@@ -68,18 +75,23 @@ class Prediction:
     level: float | None = None
     #: adapter name -> site-years of crops it was not calibrated on (the backbone served them)
     other_crop: dict[str, int] = field(default_factory=dict)
+    #: site -> the blend of neighbours that served it (``neighbours``), with its sources' weights
+    blended: dict[str, dict] = field(default_factory=dict)
 
 
 def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = None,
                   site_column: str | None = None, require_adapter: bool = False,
                   batch_size: int = 64, strategy: str | None = None,
-                  progress: bool = False, interval: float | None = None) -> Prediction:
+                  progress: bool = False, interval: float | None = None,
+                  neighbours: int | None = None, max_km: float | None = None) -> Prediction:
     """Predict every complete site-year of ``table`` (a DataFrame in the data contract).
 
     ``site`` applies that adapter to every row (it must exist); ``site_column`` (``site`` or
     ``region``) takes each row's adapter from that column, and rows whose adapter does not exist
     use the backbone (or raise with ``require_adapter``); neither predicts with the backbone.
-    ``interval`` (a level in (0, 1)) adds daily and annual bounds (see module docstring).
+    ``interval`` (a level in (0, 1)) adds daily and annual bounds; ``neighbours`` serves sites
+    without an adapter with a blend of their nearest ones, pinned in ``bank`` under their
+    ``blend:...`` labels (see module docstring).
     """
     if interval is not None:
         interval = uncertainty.check_level(interval)
@@ -89,8 +101,20 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
         raise KgmlPeftError(f"--site-column must be one of {', '.join(SITE_COLUMNS)}, got {site_column!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise KgmlPeftError(f"batch size must be a positive integer, got {batch_size!r}")
+    if neighbours is not None:
+        check_neighbour_settings(neighbours, max_km)
+        if site_column != schema.SITE:
+            raise KgmlPeftError("--neighbours needs --site-column site: each field is blended from "
+                                "the adapters nearest to its own coordinates")
+        if bank.store is None:
+            raise KgmlPeftError("--neighbours needs an adapter store to take the neighbours from")
+    elif max_km is not None:
+        raise KgmlPeftError("--max-km applies to --neighbours; give both")
     features = bank.backbone.config.features
     table = validate_table(table, features, targets=[])
+    points = site_points(table) if neighbours is not None else {}
+    if neighbours is not None and not points:
+        raise KgmlPeftError("--neighbours needs the table's lat and lon columns (each field's coordinates)")
     if site is not None:
         bank.get(site)  # must be a safe name, exist and fit the backbone, before any work
     windows = make_windows(table, features)
@@ -103,12 +127,16 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
     names = list(dict.fromkeys(n for n in wanted if n is not None))
     # a name that is not a safe site id (a region label "Corn Belt") cannot have an adapter file
     absent = [n for n in names if not bank.has(n)]
+    blended = neighbour_blends(bank, {n: points[n] for n in absent}, neighbours, max_km) if neighbours else {}
+    absent = [n for n in absent if n not in blended]
     if absent and require_adapter:
         raise KgmlPeftError(
             f"{len(absent)} of {len(names)} adapters named by column {site_column} are not in the "
-            f"store (first: {absent[0]}); add them or drop --require-adapter to use the backbone there")
+            f"store (first: {absent[0]}){' or a neighbour within --max-km' if neighbours else ''}; "
+            "add them or drop --require-adapter to use the backbone there")
     missing_set = set(absent)
-    served = np.array([None if n in missing_set else n for n in wanted], dtype=object)
+    served = np.array([None if n in missing_set else blended[n]["adapter"] if n in blended else n
+                       for n in wanted], dtype=object)
     served_windows = serve_windows(bank, windows, served, interval=interval, batch_size=batch_size,
                                    strategy=strategy, progress=progress)
     out, chosen, outside, widths = (served_windows.out, served_windows.chosen, served_windows.outside,
@@ -126,13 +154,58 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
         **({name: out[name].reshape(-1) for name in INTERVAL_COLUMNS} if interval is not None else {}),
     })
     used = Counter(n for n in chosen if n is not None)
+    names = list(dict.fromkeys(n for n in served if n is not None))
     missing = Counter(n for n in wanted if n in missing_set)
     columns = list(OUTPUT_COLUMNS) + (list(INTERVAL_COLUMNS) if interval is not None else [])
     annual = annual_table(windows.sites, windows.years, served, outside, out, days, widths, interval)
     return Prediction(frame=frame[columns], used={k: used[k] for k in names if k in used},
                       missing={k: missing[k] for k in absent}, dropped=list(windows.dropped),
                       site_years=n, annual=annual, level=interval,
-                      other_crop=dict(Counter(served[outside])))
+                      other_crop=dict(Counter(served[outside])), blended=blended)
+
+
+def check_neighbour_settings(k: object, max_km: object) -> None:
+    """``k`` must be an integer >= 1 and ``max_km`` None or a positive distance."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise KgmlPeftError(f"the number of neighbours must be an integer >= 1, got {k!r}")
+    if max_km is not None and (isinstance(max_km, bool) or not isinstance(max_km, (int, float))
+                               or not max_km > 0 or max_km != max_km):
+        raise KgmlPeftError(f"the largest distance must be a positive number of km, got {max_km!r}")
+
+
+def neighbour_blends(bank: AdapterBank, points: dict[str, tuple[float, float]], k: int,
+                     max_km: float | None) -> dict[str, dict]:
+    """For each site of ``points`` (site -> (lat, lon)) the function-space blend of its ``k``
+    nearest adapters in ``bank.store`` within ``max_km``, pinned in ``bank`` as
+    ``blend:A+B+C`` (``@site`` appended when another site's blend of the same sources differs):
+    site -> {adapter, sources: {site: weight}}. Sites without a neighbour in range are left out."""
+    located = located_adapters(bank.store)
+    candidates = {s: (a.location["lat"], a.location["lon"]) for s, a in located.items()}
+    out: dict[str, dict] = {}
+    made: dict[str, tuple[float, ...]] = {}
+    for site, (lat, lon) in points.items():
+        try:
+            chosen = nearest(candidates, lat, lon, k, max_km)
+        except KgmlPeftError:
+            if not candidates:
+                raise
+            continue  # nothing within max_km: the backbone serves it (reported as missing)
+        foreign = [s for s, _ in chosen if located[s].backbone_fingerprint != bank.backbone.fingerprint]
+        if foreign:
+            raise KgmlPeftError(f"neighbour(s) {', '.join(foreign)} of {site} were calibrated on another "
+                                f"backbone than {bank.backbone.fingerprint[:16]}")
+        weights = distance_weights([km for _, km in chosen])
+        label = "blend:" + "+".join(s for s, _ in chosen)
+        if label in made and made[label] != weights:
+            label = f"{label}@{site}"
+        if label not in made:
+            neighbours = [Neighbour(located[s], km, w) for (s, km), w in zip(chosen, weights)]
+            blend = blend_adapters(neighbours, site, bank.backbone, lat=lat, lon=lon,
+                                   settings={"k": k, "max_km": max_km})
+            bank.add(replace(blend, site=label))
+            made[label] = weights
+        out[site] = {"adapter": label, "sources": {s: round(w, 6) for (s, _), w in zip(chosen, weights)}}
+    return out
 
 
 @dataclass
@@ -193,6 +266,9 @@ def _row_widths(bank: AdapterBank, served: np.ndarray, outside: np.ndarray,
     widths = {}
     for name, other_crop in dict.fromkeys(zip(served, outside)):
         record = bank.get(name).intervals
+        if record is None and bank.get(name).member_weights is not None:
+            raise KgmlPeftError(f"adapter {name} is a blend of neighbours; blends carry no interval widths, "
+                                "so --interval cannot serve it")
         if record is None:
             raise KgmlPeftError(
                 f"adapter {name} has no members or interval widths; recalibrate it with --cv folds "
@@ -235,14 +311,17 @@ def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.Pa
                 store: str | os.PathLike = "adapters", require_adapter: bool = False,
                 batch_size: int = 64, strategy: str | None = None, device: str = "cpu",
                 force: bool = False, progress: bool = False, interval: float | None = None,
-                annual: str | os.PathLike | None = None) -> Prediction:
+                annual: str | os.PathLike | None = None, neighbours: int | None = None,
+                max_km: float | None = None) -> Prediction:
     """``kgml-peft predict``: read ``data`` (a table path or DataFrame), predict with the adapters
     of ``store`` on ``backbone`` and write ``out`` (.csv or .parquet) atomically, and the annual
-    table to ``annual`` if given. ``interval`` adds bounds at that level (see
-    :func:`predict_table`). Every check runs before an output is written; an existing output is
+    table to ``annual`` if given. ``interval`` adds bounds at that level and ``neighbours``/``max_km``
+    blend the nearest adapters for sites without one (see :func:`predict_table`). Every check runs before an output is written; an existing output is
     replaced only with ``force``, and no output may be the input table or the other output."""
     if interval is not None:
         interval = uncertainty.check_level(interval)
+    if neighbours is not None:
+        check_neighbour_settings(neighbours, max_km)
     target = Path(out)
     targets = [target] + ([Path(annual)] if annual is not None else [])
     check_not_inputs(targets, [data] if not isinstance(data, pd.DataFrame) else [])
@@ -256,7 +335,8 @@ def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.Pa
     table = data if isinstance(data, pd.DataFrame) else load_table(data, features, targets=[])
     prediction = predict_table(bank, table, site=site, site_column=site_column,
                                require_adapter=require_adapter, batch_size=batch_size,
-                               strategy=strategy, progress=progress, interval=interval)
+                               strategy=strategy, progress=progress, interval=interval,
+                               neighbours=neighbours, max_km=max_km)
     write_table(prediction.frame, target)
     if annual is not None:
         write_table(prediction.annual, Path(annual))
