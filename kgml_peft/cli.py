@@ -411,6 +411,10 @@ def _print_calibration(run) -> None:
     click.echo(f"{run.name} ({summary['scope']}, {len(summary['sites'])} site"
                f"{'s' if len(summary['sites']) != 1 else ''}): {years}, {run.trained_parameters} {kind}")
     before, after = metrics["before"], metrics["after"]
+    prior = summary["calibration"].get("prior_sources")
+    if prior is not None:
+        click.echo("  started from its neighbours' blend: " + ", ".join(
+            f"{s['site']} ({s['distance_km']:.1f} km, weight {s['weight']:.3f})" for s in prior["sources"]))
     cv = metrics.get("cv")
     if cv is not None:
         _print_cross_validation(cv)
@@ -506,6 +510,11 @@ def _print_cross_validation(cv: dict) -> None:
                    "--unfreeze or --batch-sites > 1. See docs/calibration.md.")
 @click.option("--members", type=int, default=None,
               help="Most members a cross-validated adapter keeps for intervals (default 5).")
+@click.option("--prior", type=click.Choice(["none", "neighbours"]), default=None,
+              help="neighbours: start each adapter from the blend of the calibrated adapters nearest "
+                   "to it in --out (needs lat/lon) and pull it towards that blend (rho ||phi - phi_nb||^2); "
+                   "see docs/neighbours.md.")
+@click.option("--prior-k", type=int, default=None, help="Neighbours in the prior (default 3).")
 @click.option("--batch-sites", type=int, default=None,
               help="Calibrate up to this many units side by side in one pass over the backbone "
                    "(default 1: one after another); see docs/scaling.md.")

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from kgml_peft.calibration.single import calibrate_alone
 from kgml_peft.calibration.units import CalibrationData, CalibrationResult, finish_unit, validation_metrics
 from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.prior import prior_tensors
 from kgml_peft.tuners.site_model import SiteModel
 from kgml_peft.data.windows import WindowDataset, YearWindows
 from kgml_peft.errors import KgmlPeftError
@@ -48,7 +49,8 @@ from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.tuners.serving import ServingAdapter
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import Member, check_finite, deterministic_algorithms, fit, make_accelerator, weighted_mse
-from kgml_peft.train.objectives import output_loss, response_loss, responses, squared_norm, target_errors
+from kgml_peft.train.objectives import (anchor_distance, output_loss, response_loss, responses, squared_norm,
+                                        target_errors)
 from kgml_peft.train.state import PhaseResult
 
 
@@ -68,6 +70,8 @@ class _Unit:
     total_steps: int
     member: Member
     adapter: AdapterConfig
+    #: a neighbour prior's tensors, which rho pulls towards (None: towards zero)
+    anchor: dict[str, torch.Tensor] | None = None
     #: its parameter group in the optimizer (its learning rate is set there before each step)
     group: dict = field(default_factory=dict)
 
@@ -174,14 +178,16 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
     for d, adapter in zip(data, adapters):
         if adapter not in starts:
             starts[adapter] = SiteModel(backbone.model, adapter, seed=config.seed).adapter_tensors()
-        tensors = {k: torch.nn.Parameter(v.clone().to(device)) for k, v in starts[adapter].items()}
+        start = starts[adapter] if d.prior is None else prior_tensors(d.prior, adapter, backbone.model)
+        tensors = {k: torch.nn.Parameter(v.clone().to(device)) for k, v in start.items()}
         loader = DataLoader(WindowDataset(d.train, backbone.scalers), batch_size=config.batch_size,
                             shuffle=True, generator=torch.Generator().manual_seed(config.seed))
         member = Member(PhaseResult(name=f"calibrate {d.name}"), lambda l=loader: iter(l),
                         lambda t=tensors: {k: v.detach().cpu().clone() for k, v in t.items()},
                         patience=0 if followers[len(units)] else None)
         units.append(_Unit(d, tensors, loader, WindowDataset(d.val, backbone.scalers),
-                           max(config.epochs * len(loader), 1), member, adapter))
+                           max(config.epochs * len(loader), 1), member, adapter,
+                           None if d.prior is None else {k: v.to(device) for k, v in start.items()}))
     optimizer = torch.optim.Adam([{"params": list(u.tensors.values())} for u in units], lr=config.lr)
     optimizer = accelerator.prepare_optimizer(optimizer)  # mixed precision: loss scaling
     for unit, group in zip(units, optimizer.param_groups):  # its own copies of the group dicts
@@ -242,7 +248,11 @@ def _train_step(net, reference, step, config: CalibrationConfig, backbone: Backb
                                   unit.data.weights, config.physics_weight, config.tolerance)
             if mine is not None:
                 loss = loss + config.response_weight * response_loss(_slice(mine, rows_u), _slice(ref, rows_u))
-            losses.append(loss + config.rho * squared_norm(unit.tensors.values()))
+            if unit.anchor is None:  # Eq. 3: rho ||phi||^2
+                losses.append(loss + config.rho * squared_norm(unit.tensors.values()))
+            else:  # a neighbour prior: rho ||phi - phi_nb||^2
+                losses.append(loss + config.rho * anchor_distance(
+                    (v, unit.anchor[k]) for k, v in unit.tensors.items()))
         stacked = torch.stack([loss.float() for loss in losses])
     values = stacked.detach().cpu().tolist()  # one device sync per step, not one per unit
     for (unit, _), value in zip(step, values):

@@ -20,6 +20,8 @@ from kgml_peft.tuners.config import AdapterConfig, positive_int
 
 METHODS: tuple[str, ...] = ("adapter", "full", "scratch")
 CV_MODES: tuple[str, ...] = ("auto", "none", "folds")
+#: where an adapter starts and what rho pulls it towards: zero (Eq. 3) or its neighbours' blend
+PRIORS: tuple[str, ...] = ("none", "neighbours")
 
 #: Per-method defaults for the options left unset (``None``) in :class:`CalibrationConfig`.
 METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
@@ -78,6 +80,11 @@ class CalibrationConfig:
     #: most members an adapter file keeps with ``cv = "folds"`` (the all-data adapter and fold
     #: adapters; their spread shapes prediction intervals)
     members: int = 5
+    #: ``neighbours``: the adapter starts from the weight-space blend of the ``prior_k`` calibrated
+    #: adapters nearest to the unit (in the output store) and rho pulls it towards that blend,
+    #: rho ||phi - phi_nb||^2 instead of rho ||phi||^2 (:mod:`kgml_peft.calibration.prior`)
+    prior: str = "none"
+    prior_k: int = 3
 
     def __post_init__(self) -> None:
         expect_type(self.method, str, "method")
@@ -135,6 +142,13 @@ class CalibrationConfig:
             raise KgmlPeftError(f"batch_sites > 1 needs the adapter method; method {self.method} "
                                 "trains backbone weights, one unit at a time")
         positive_int(self.members, "members")
+        positive_int(self.prior_k, "prior_k")
+        expect_type(self.prior, str, "prior")
+        if self.prior not in PRIORS:
+            raise KgmlPeftError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        if self.prior != "none" and (self.method != "adapter" or self.unfreeze):
+            raise KgmlPeftError("a neighbour prior is a starting adapter: it needs the adapter method "
+                                "without unfreeze")
         expect_type(self.cv, str, "cv")
         if self.cv not in CV_MODES:
             raise KgmlPeftError(f"cv must be one of {', '.join(CV_MODES)}, got {self.cv!r}")
@@ -156,6 +170,8 @@ class CalibrationConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["adapter"] = self.adapter.to_dict()
         data["unfreeze"] = list(self.unfreeze)
+        if self.prior == "none":  # written only when used: files without a prior stay as they were
+            del data["prior"], data["prior_k"]
         return data
 
     @classmethod

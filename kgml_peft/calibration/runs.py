@@ -21,6 +21,7 @@ from kgml_peft.calibration.calibrate import (
     prepare_unit,
 )
 from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.prior import with_neighbour_prior
 from kgml_peft.calibration.units import PROVENANCE
 from kgml_peft.data.tables import load_table, validate_table
 from kgml_peft.errors import KgmlPeftError
@@ -112,6 +113,8 @@ def run_calibration(
             writable_target(path, force)
     # every unit's data problems surface before the first unit trains and writes its file
     prepared = [prepare_unit(backbone, rows, name, scope, config) for name, scope, rows in units]
+    if config.prior == "neighbours":  # each unit starts from its neighbours in the output store
+        prepared = [with_neighbour_prior(unit, out, backbone, config) for unit in prepared]
     backbone_bytes = Path(backbone_path).stat().st_size
     size = config.batch_sites
     groups = [list(range(i, min(i + size, len(prepared)))) for i in range(0, len(prepared), size)]

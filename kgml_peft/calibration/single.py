@@ -19,6 +19,7 @@ import torch
 from accelerate.utils import set_seed
 
 from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.prior import prior_tensors
 from kgml_peft.calibration.units import CalibrationData, CalibrationResult, finish_unit, validation_metrics
 from kgml_peft.data.windows import WindowDataset
 from kgml_peft.model.backbone import build_backbone
@@ -30,17 +31,30 @@ from kgml_peft.train.state import PhaseState, StateError, StateFile, TrainingSta
 from kgml_peft.tuners.site_model import SiteModel
 
 
-def _model(backbone: Backbone, config: CalibrationConfig) -> tuple[torch.nn.Module, list[str], object]:
-    """The model to train, its trainable parameter patterns and its penalty (closure)."""
+def _model(backbone: Backbone, config: CalibrationConfig,
+           prior: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, list[str], object]:
+    """The model to train, its trainable parameter patterns and its penalty (closure); with a
+    ``prior`` (adapter method) the adapter starts from it and rho pulls towards it."""
     if config.method == "adapter":
         model = SiteModel(backbone.model, config.adapter, seed=config.seed)
         unfrozen = model.unfreeze(config.unfreeze) if config.unfreeze else []
-        adapter_params = list(model.adapter_parameters().values())
+        named = model.adapter_parameters()
+        adapter_params = list(named.values())
+        anchors = None
+        if prior is not None:
+            start = prior_tensors(prior, config.adapter, backbone.model)
+            model.load_adapter_tensors(start)
+            anchors = [start[name] for name in named]
         # SiteModel freezes the backbone: what requires grad is phi_s plus the unfrozen weights
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
 
         def penalty() -> torch.Tensor:
-            loss = config.rho * squared_norm(adapter_params)
+            if anchors is None:
+                loss = config.rho * squared_norm(adapter_params)
+            else:  # rho ||phi - phi_nb||^2 (anchors follow the parameters' device once)
+                if anchors[0].device != adapter_params[0].device:
+                    anchors[:] = [a.to(p.device) for a, p in zip(anchors, adapter_params)]
+                loss = config.rho * anchor_distance(zip(adapter_params, anchors))
             if unfrozen:
                 loss = loss + config.mu * anchor_distance(model.anchored_pairs())
             return loss
@@ -97,7 +111,7 @@ def _calibrate(backbone: Backbone, data: CalibrationData, config: CalibrationCon
     before = validation_metrics(backbone.model, backbone, val, weights, config.tolerance)
 
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
-    model, trainable, penalty = _model(backbone, config)
+    model, trainable, penalty = _model(backbone, config, data.prior)
     reference = None
     if config.response_weight:
         reference = copy.deepcopy(backbone.model).eval().requires_grad_(False)

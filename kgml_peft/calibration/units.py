@@ -28,7 +28,7 @@ from kgml_peft.tuners.site_model import SiteModel
 
 #: what a unit's summary may record next to its config: the units it was calibrated with
 #: (``--batch-sites``), and the adapter asked for when cross-validation chose another shape
-PROVENANCE: tuple[str, ...] = ("batched_with", "requested_adapter")
+PROVENANCE: tuple[str, ...] = ("batched_with", "requested_adapter", "prior_sources")
 
 
 @dataclass
@@ -125,6 +125,10 @@ class CalibrationData:
     train: YearWindows
     val: YearWindows
     weights: dict[str, float]
+    #: where the adapter starts and what rho pulls it towards (None: zero, Eq. 3); file names of
+    #: tensors, see :mod:`kgml_peft.calibration.prior`; ``prior_record`` says where it came from
+    prior: dict[str, torch.Tensor] | None = None
+    prior_record: dict | None = None
 
 
 def prepare_unit(backbone: Backbone, rows: pd.DataFrame, name: str, scope: str,
@@ -172,7 +176,8 @@ def finish_unit(backbone: Backbone, data: CalibrationData, config: CalibrationCo
         "sites": sorted(set(train.sites) | set(val.sites)),
         "regions": sorted(set(train.regions) | set(val.regions)),
         "targets": weights,
-        "calibration": {**config.to_dict(), **(provenance or {})},
+        "calibration": {**config.to_dict(), **(provenance or {}),
+                        **({} if data.prior_record is None else {"prior_sources": data.prior_record})},
         "data": {
             "hash": frame_hash(rows),
             "train_site_years": len(train),
