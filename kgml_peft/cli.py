@@ -717,9 +717,10 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
 
 
 @cli.command(short_help="The paper's evaluation, or the real-site benchmark; report and figures.")
-@click.option("--suite", type=click.Choice(["paper", "fluxnet"]), default="paper", show_default=True,
+@click.option("--suite", type=click.Choice(["paper", "fluxnet", "neighbours"]), default="paper", show_default=True,
               help="paper: every regime of the paper on one data set; fluxnet: the real-site "
-                   "benchmark on a table from 'kgml-peft import fluxnet'.")
+                   "benchmark on a table from 'kgml-peft import fluxnet'; neighbours: blends and the "
+                   "neighbour prior on the demo backbone's new fields (docs/neighbours.md).")
 @click.option("--data", "data", type=click.Path(path_type=Path), default=None,
               help="Site-day table with observed daily fluxes (paper suite default: the experiment's "
                    "demo data; the fluxnet suite needs one).")
@@ -748,6 +749,9 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
     if quick and config_path is not None:
         raise KgmlPeftError("give --quick or --config, not both")
     start = time.perf_counter()
+    if suite == "neighbours":
+        _experiment_neighbours(data, out, config_path, quick, new_fields, cpu, quiet, start)
+        return
     if suite == "fluxnet":
         if new_fields is not None:
             raise KgmlPeftError("--new-fields is an option of the paper suite; the fluxnet suite's held-out "
@@ -778,6 +782,28 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
                 click.echo(f"  {method:<14}{k:<4}" + "  ".join(f"{r} {by_region[r][k]['mse_mean']:.4f}"
                                                            for r in regions if r in by_region))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and figures")
+
+
+def _experiment_neighbours(data: Path | None, out: Path, config_path: Path | None, quick: bool,
+                           new_fields: int | None, cpu: bool, quiet: bool, start: float) -> None:
+    from kgml_peft.calibration.runs import demo_table
+    from kgml_peft.data.tables import read_table
+    from kgml_peft.experiments.neighbours import NeighbourConfig, run_neighbour_experiment
+
+    if config_path is not None or new_fields is not None:
+        raise KgmlPeftError("the neighbours suite takes no --config or --new-fields: it runs the demo "
+                            "backbone's new fields with the toolkit's defaults (--quick: one seed)")
+    config = NeighbourConfig.quick() if quick else NeighbourConfig()
+    frame = demo_table() if data is None else read_table(data)
+    results = run_neighbour_experiment(DEFAULT_BACKBONE, frame, out, config, cpu=cpu, progress=not quiet)
+    click.echo(f"neighbours suite in {time.perf_counter() - start:.0f} s; test MSE, mean over fields and seeds "
+               "(mean ratio to global):")
+    for target, entry in results["means"].items():
+        click.echo(f"  {target}: " + ", ".join(
+            f"{name} {value:.4f}" + (f" ({entry['mean_ratio_vs_global'][name]:.3f})"
+                                     if name in entry["mean_ratio_vs_global"] else "")
+            for name, value in entry.items() if name != "mean_ratio_vs_global"))
+    click.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 
 def _experiment_fluxnet(data: Path | None, out: Path, config_path: Path | None, quick: bool, jobs: int,

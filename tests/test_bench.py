@@ -17,7 +17,8 @@ REQUIRED = ["swap_ms.cached_median", "swap_ms.disk_median", "ratios.merged_vs_ba
             "adapter_bytes", "backbone_bytes", "ratios.interval_vs_point", "predict_ms.point",
             "predict_ms.interval_5_members", "ratios.cv_vs_plain_calibrate", "calibrate_cv_s_per_site",
             "calibrate_plain_s_per_site", "ratios.interval_vs_point_head_only", "predict_ms.head_only_point",
-            "predict_ms.head_only_interval_5_members"] + [
+            "predict_ms.head_only_interval_5_members", "ratios.blend3_vs_single", "predict_ms.own_adapters",
+            "predict_ms.blends_of_3_neighbours"] + [
     f"throughput_site_days_per_s.{k}" for k in
     ("bare", "peft", "merged", "mixed", "grouped", "naive", "single_same_size")]
 
@@ -49,6 +50,7 @@ def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     assert r["interval_vs_point"] == pytest.approx(p["point"] / p["interval_5_members"], rel=0.02)
     assert r["interval_vs_point_head_only"] == pytest.approx(
         p["head_only_point"] / p["head_only_interval_5_members"], rel=0.02)
+    assert r["blend3_vs_single"] == pytest.approx(p["blends_of_3_neighbours"] / p["own_adapters"], rel=0.02)
     assert r["cv_vs_plain_calibrate"] == pytest.approx(
         data["calibrate_cv_s_per_site"] / data["calibrate_plain_s_per_site"], rel=0.02)
     assert data["memory"]["adapters_loaded"] == 12

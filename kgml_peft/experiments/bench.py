@@ -18,6 +18,8 @@ What it does, in order (all on one device; steps 1-4 in this process, step 5 als
    predictions; then times ``predict`` on the same site-years with one-member adapters and with
    0.9 intervals from five-member adapters (:func:`interval_serving`, ``ratios.interval_vs_point``;
    ``ratios.interval_vs_point_head_only`` for head-only adapters, whose members share the GRUs);
+   then as fields without adapters served by blends of their 3 nearest sites
+   (:func:`blend_serving`, ``ratios.blend3_vs_single``: seconds over serving own adapters);
 3. sweeps the number of distinct adapters in a batch (batched vs grouped);
 4. times adapter swaps (cached and from disk) and the memory of ``memory_adapters`` resident
    adapters (process RSS growth, and tensor bytes);
@@ -67,6 +69,8 @@ from kgml_peft.tuners.site_model import SiteModel
 CV_SITES = 2
 #: members per adapter in the interval-serving stage (the default of a cross-validated calibration)
 INTERVAL_MEMBERS = 5
+#: neighbours per blend in the blend-serving stage
+BLEND_NEIGHBOURS = 3
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,23 @@ def interval_serving(backbone: Backbone, adapters: dict[str, Adapter], sites: li
     return _interleaved(timed, config.repeats, device)
 
 
+def blend_serving(backbone: Backbone, store: Path, sites: list[str], config: BenchConfig,
+                  device: torch.device) -> dict[str, float]:
+    """Stage 2c: ``predict`` of stage 2's site-years from a fresh bank on the store, each site with
+    its own adapter (``single``), and the same site-years as fields without an adapter, each served
+    by the blend of its :data:`BLEND_NEIGHBOURS` nearest calibrated sites (``blend``: ``predict
+    --neighbours``, finding, reading and blending included); median seconds, timed interleaved."""
+    table = serving_table(backbone, config, sites)
+    fields = table.assign(**{schema.SITE: "field-" + table[schema.SITE].astype(str)})
+
+    def run(frame, neighbours):
+        bank = AdapterBank(backbone, store, device=device, max_bytes=None)
+        return predict_table(bank, frame, site_column=schema.SITE, neighbours=neighbours)
+
+    return _interleaved({"single": lambda: run(table, None), "blend": lambda: run(fields, BLEND_NEIGHBOURS)},
+                        config.repeats, device)
+
+
 def _site_model(backbone: Backbone, adapter: Adapter, device: torch.device) -> SiteModel:
     model = SiteModel(backbone.model, adapter.config).to(device).eval()
     model.load_adapter_tensors(adapter.tensors)
@@ -351,6 +372,7 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         throughput = {k: site_days / v for k, v in seconds.items()}
         diffs = mixed_differences(bank, adapters, x, names)
         interval_seconds = interval_serving(backbone, adapters, sites, config, device)
+        blend_seconds = blend_serving(backbone, store, sites, config, device)
         steps.update()
         sweep = strategy_sweep(bank, sites, x, config)
         steps.update()
@@ -393,6 +415,9 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
             # the same with head-only adapters (one calibration year's shape)
             "interval_vs_point_head_only": round(interval_seconds["head_point"]
                                                  / interval_seconds["head_interval"], 3),
+            # seconds of serving every site-year through a blend of 3 neighbours (blending
+            # included) over serving it with its own adapter: a cost ratio, lower is better
+            "blend3_vs_single": round(blend_seconds["blend"] / blend_seconds["single"], 3),
             # seconds of the default (cross-validated) calibration over the plain one, same sites
             "cv_vs_plain_calibrate": round(cv_seconds["cv"] / cv_seconds["plain"], 3),
         },
@@ -401,7 +426,9 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         "predict_ms": {"point": round(interval_seconds["point"] * 1000, 2),
                        "interval_5_members": round(interval_seconds["interval"] * 1000, 2),
                        "head_only_point": round(interval_seconds["head_point"] * 1000, 2),
-                       "head_only_interval_5_members": round(interval_seconds["head_interval"] * 1000, 2)},
+                       "head_only_interval_5_members": round(interval_seconds["head_interval"] * 1000, 2),
+                       "own_adapters": round(blend_seconds["single"] * 1000, 2),
+                       "blends_of_3_neighbours": round(blend_seconds["blend"] * 1000, 2)},
         "checks": {"max_abs_diff_vs_per_site": diffs,
                    "mixed_equals_per_site_within_1e-5": diffs["batched"] <= 1e-5},
         "strategy_sweep_site_days_per_s": {k: {n: round(v, 1) for n, v in d.items()} for k, d in sweep.items()},
