@@ -43,6 +43,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.new_fields import SCORED, new_field_sites
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
+from kgml_peft.store.blend import neighbour_blend
 from kgml_peft.store.checkpoint import load_backbone
 
 METHODS: tuple[str, ...] = ("global", "blend", "adapter", "prior")
@@ -101,6 +102,28 @@ def spatial_correlation(backbone_path: str | os.PathLike, observed: pd.DataFrame
             "far_mean_r": statistics.fmean(far) if far else None}
 
 
+def merge_error(backbone_path: str | os.PathLike, store: str | os.PathLike, test: pd.DataFrame,
+                fields: tuple[str, ...], k: int) -> list[dict]:
+    """Per field: how far the weight-space merge of its ``k`` nearest adapters in ``store`` is from
+    the function-space blend on the test rows: RMS difference of daily NEE (gC m-2 d-1) and each
+    one's NEE test MSE."""
+    backbone = load_backbone(backbone_path)
+    bank = AdapterBank(backbone)
+    out = []
+    for field in fields:
+        rows = test[test[schema.SITE] == field]
+        (lat, lon), = site_points(rows).values()
+        preds = {}
+        for merge in ("function", "weights"):
+            bank.add(neighbour_blend(store, backbone, lat, lon, f"{merge}-{field}", k=k, merge=merge))
+            preds[merge] = predict_table(bank, rows, site=f"{merge}-{field}").frame
+        diff = preds["weights"]["NEE"].to_numpy() - preds["function"]["NEE"].to_numpy()
+        out.append({"site": field, "nee_rms_difference": float(np.sqrt(np.mean(diff ** 2))),
+                    "mse_function": _mse(preds["function"], test, field, "NEE"),
+                    "mse_weights": _mse(preds["weights"], test, field, "NEE")})
+    return out
+
+
 def run_neighbour_experiment(backbone_path: str | os.PathLike, observed: pd.DataFrame,
                              out: str | os.PathLike, config: NeighbourConfig = NeighbourConfig(), *,
                              cpu: bool = True, progress: bool = True) -> dict:
@@ -120,7 +143,7 @@ def run_neighbour_experiment(backbone_path: str | os.PathLike, observed: pd.Data
     last = year.groupby(observed[schema.SITE]).transform("max")
     test = observed[observed[schema.SITE].isin(fields) & (year == last)].reset_index(drop=True)
     base = {} if config.epochs is None else {"epochs": config.epochs}
-    rows = []
+    rows, merges = [], []
     for seed in config.seeds:
         root = out / f"seed{seed}"
         if root.exists():
@@ -131,6 +154,7 @@ def run_neighbour_experiment(backbone_path: str | os.PathLike, observed: pd.Data
                         config=CalibrationConfig(seed=seed, cv="none", batch_sites=6, **base),
                         cpu=cpu, progress=progress)
         bank = AdapterBank(backbone, store)
+        merges += [{"seed": seed, **m} for m in merge_error(backbone_path, store, test, fields, config.k)]
         served = {"global": predict_table(bank, test).frame,
                   "blend": predict_table(bank, test, site_column=schema.SITE, neighbours=config.k).frame}
         per_years = {}
@@ -157,6 +181,10 @@ def run_neighbour_experiment(backbone_path: str | os.PathLike, observed: pd.Data
     table = pd.DataFrame(rows)
     results = summarise(table, config)
     results["spatial_correlation"] = spatial_correlation(backbone_path, observed, training)
+    results["weight_space_merge"] = {
+        "rows": merges, "nee_rms_difference_mean": statistics.fmean(m["nee_rms_difference"] for m in merges),
+        "mse_function_mean": statistics.fmean(m["mse_function"] for m in merges),
+        "mse_weights_mean": statistics.fmean(m["mse_weights"] for m in merges)}
     results["fields"] = list(fields)
     results["config"] = dataclasses.asdict(config)
     with atomic_path(out / "results.json") as tmp:
@@ -212,6 +240,10 @@ def report(results: dict) -> str:
         for region, e in regions.items():
             lines.append(f"| {target} | {region} | {e['global']:.4f} | {e['blend_0y']:.4f} | "
                          f"{100 * (e['blend_0y'] / e['global'] - 1):+.1f}% |")
+    m = results["weight_space_merge"]
+    lines += ["", f"Weight-space merge against the function-space blend (0 years): RMS difference of daily "
+                  f"NEE {m['nee_rms_difference_mean']:.4f} gC m-2 d-1; NEE test MSE {m['mse_weights_mean']:.4f} "
+                  f"(weights) vs {m['mse_function_mean']:.4f} (function)."]
     c = results["spatial_correlation"]
     lines += ["", f"Spatial correlation of the global model's monthly NEE errors between training sites: "
                   f"{c['near_mean_r']} (pairs within {c['near_km']:g} km, n = {c['near_pairs']}), "

@@ -1,0 +1,93 @@
+"""US-Ne3 from its neighbours: the real-tower cells of docs/neighbours.md (reported only).
+
+US-Ne3 (rainfed maize/soybean) lies 2.6-3.0 km from US-Ne1 and US-Ne2 (irrigated maize and
+maize/soybean): near, but managed differently, a hard and honest case for a blend. With the
+real-site benchmark's held-out backbones (tower GPP; they trained on the development towers,
+US-Ne1 and US-Ne2 among them), per seed:
+
+* the neighbour adapters: US-Ne1 and US-Ne2 calibrated on all their years (plain calibration);
+* 0 years of US-Ne3: the function-space blend of the two at US-Ne3's coordinates, against the
+  global model, on US-Ne3's years 2002-2012;
+* 1 year (2001): the default (cross-validated) calibration, plain and with ``--prior neighbours``,
+  on the same test years (served as predict serves them: calibration crops only).
+
+    kgml-peft import fluxnet ../shared/data/fluxnet2015/daily --site-meta ../shared/data/fluxnet2015/sites.csv \\
+        --crops ../shared/data/fluxnet2015/crops.csv --out data/fluxnet-meta.parquet
+    python tools/neighbour_towers.py --data data/fluxnet-meta.parquet \\
+        --backbones results/fluxnet/models --out /tmp/ne3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kgml_peft import schema
+from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.runs import run_calibration
+from kgml_peft.data.tables import read_table, validate_table
+from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.serve.predict import predict_table
+from kgml_peft.store.checkpoint import load_backbone
+
+TOWER, NEIGHBOURS, FIRST = "US-Ne3", ("US-Ne1", "US-Ne2"), 2001
+
+
+def _mse(pred, obs) -> float:
+    p = pred.set_index(schema.DATE)["NEE"]
+    o = obs.set_index(schema.DATE)["NEE"].reindex(p.index)
+    ok = o.notna().to_numpy()
+    return float(np.mean((p.to_numpy()[ok] - o.to_numpy()[ok]) ** 2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--backbones", required=True, help="folder of observed__s<seed>.safetensors")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args()
+    out = Path(args.out)
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        path = Path(args.backbones) / f"observed__s{seed}.safetensors"
+        backbone = load_backbone(path)
+        table = validate_table(read_table(args.data), backbone.config.features)
+        tower = table[table[schema.SITE] == TOWER]
+        test = tower[tower[schema.DATE].dt.year > FIRST]
+        root = out / f"seed{seed}"
+        if root.exists():
+            shutil.rmtree(root)
+        store = root / "neighbours"
+        store.mkdir(parents=True)
+        run_calibration(",".join(NEIGHBOURS), backbone_path=path, data=table, out_dir=store,
+                        config=CalibrationConfig(seed=seed, cv="none"), progress=False)
+        bank = AdapterBank(backbone, store)
+        row = {"seed": seed, "global": _mse(predict_table(bank, test).frame, test)}
+        blended = predict_table(bank, test, site_column=schema.SITE, neighbours=len(NEIGHBOURS))
+        row["blend_0y"] = _mse(blended.frame, test)
+        row["blend_sources"] = blended.blended[TOWER]["sources"]
+        for method in ("adapter", "prior"):
+            folder = root / f"{method}_1y"
+            shutil.copytree(store, folder)
+            run_calibration(TOWER, backbone_path=path, data=tower[tower[schema.DATE].dt.year == FIRST],
+                            out_dir=folder, progress=False,
+                            config=CalibrationConfig(seed=seed, prior="none" if method == "adapter" else "neighbours",
+                                                     prior_k=len(NEIGHBOURS)))
+            served = predict_table(AdapterBank(backbone, folder), test, site_column=schema.SITE)
+            row[f"{method}_1y"] = _mse(served.frame, test)
+        rows.append(row)
+        print(json.dumps(row))
+    means = {k: float(np.mean([r[k] for r in rows])) for k in ("global", "blend_0y", "adapter_1y", "prior_1y")}
+    ratios = {k: float(np.mean([r[k] / r["global"] for r in rows])) for k in ("blend_0y", "adapter_1y", "prior_1y")}
+    result = {"rows": rows, "mean_mse": means, "mean_ratio_vs_global": ratios}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({"mean_mse": means, "mean_ratio_vs_global": ratios}))
+
+
+if __name__ == "__main__":
+    main()
