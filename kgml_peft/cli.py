@@ -946,15 +946,16 @@ def adapters_verify(path: Path, backbone: Path) -> None:
     """Check an adapter against a backbone: integrity, fingerprint, tensor shapes, a forward pass."""
     import torch
 
-    from kgml_peft.serve.loading import apply_adapter
+    from kgml_peft.serve.bank import AdapterBank
     from kgml_peft.store.adapter import read_adapter
     from kgml_peft.store.checkpoint import load_backbone
 
     base = load_backbone(backbone)
     adapter = read_adapter(path)
-    model = apply_adapter(base, adapter)  # checks the fingerprint, names and shapes
-    with torch.no_grad():
-        out = model(torch.zeros(1, 365, len(base.config.features)))
+    bank = AdapterBank(base)
+    served = bank.add(adapter)  # checks the fingerprint, names and shapes
+    rows = list(served.all_members)  # every member (a blend's first row: the pooled blend)
+    out = bank.forward(torch.zeros(len(rows), 365, len(base.config.features)), rows)
     if not all(torch.isfinite(out[k]).all() for k in ("Ra", "Rh", "NEE", "Yield")):
         raise KgmlPeftError(f"{path} gives non-finite predictions on backbone {backbone}")
     click.echo(f"ok: {path} ({adapter.site}, {adapter.parameters} parameters) fits backbone "

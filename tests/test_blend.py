@@ -182,8 +182,12 @@ def test_cli_blend_writes_a_blend_and_list_and_show_describe_it(store, backbone_
     assert "blend of IA-001 (" in result.output and "IA-002 (" in result.output
     blend = read_adapter(out / "IA-009.safetensors")
     assert blend.member_count == 2 and blend.blend["k"] == 2 and blend.blend["merge"] == "function"
+    verified = _runner().invoke(cli, ["adapters", "verify", str(out / "IA-009.safetensors"),
+                                      "--backbone", str(backbone_path)])
+    assert verified.exit_code == 0 and verified.output.startswith("ok: "), verified.output
     shown = _runner().invoke(cli, ["adapters", "show", str(out / "IA-009.safetensors")])
     assert shown.exit_code == 0 and "blend (function) for 42.02000, -93.45000 of IA-001" in shown.output
+    assert "trained with" not in shown.output  # a blend was not trained
     rows = json.loads(_runner().invoke(cli, ["adapters", "list", "--store", str(out), "--json"]).stdout)
     assert rows[0]["blend"] == "IA-001+IA-002" and (rows[0]["lat"], rows[0]["lon"]) == POINT
     # a weight-space merge: one ordinary adapter of the union shape

@@ -50,12 +50,15 @@ def adapter_summary(adapter: Adapter) -> str:
         f"backbone fingerprint {adapter.backbone_fingerprint}",
         f"components {', '.join(cfg.components)}; {adapter.parameters} parameters "
         f"({info.get('dtype', 'float32')}); LoRA rank {cfg.lora_rank} on {', '.join(cfg.lora_parameters)}",
-        f"trained with rho {calib.get('rho')}, mu {calib.get('mu')}, lambda {calib.get('physics_weight')}, "
-        f"lr {calib.get('lr')}, seed {calib.get('seed')} on {data.get('train_site_years')} site-years "
-        f"({data.get('first_date')} to {data.get('last_date')}, data hash {str(data.get('hash'))[:16]})",
-        f"validation ({data.get('val_site_years')} site-years): loss {_fmt(before.get('loss'))} -> "
-        f"{_fmt(after.get('loss'))}",
     ]
+    if adapter.blend is None:  # a blend was not trained: its sources are printed below
+        lines += [
+            f"trained with rho {calib.get('rho')}, mu {calib.get('mu')}, lambda {calib.get('physics_weight')}, "
+            f"lr {calib.get('lr')}, seed {calib.get('seed')} on {data.get('train_site_years')} site-years "
+            f"({data.get('first_date')} to {data.get('last_date')}, data hash {str(data.get('hash'))[:16]})",
+            f"validation ({data.get('val_site_years')} site-years): loss {_fmt(before.get('loss'))} -> "
+            f"{_fmt(after.get('loss'))}",
+        ]
     for target, mse in (after.get("mse") or {}).items():
         lines.append(f"  {target} MSE {_fmt((before.get('mse') or {}).get(target))} -> {_fmt(mse)}")
     blend = adapter.blend
