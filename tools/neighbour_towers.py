@@ -1,6 +1,6 @@
 """US-Ne3 from its neighbours: the real-tower cells of docs/neighbours.md (reported only).
 
-US-Ne3 (rainfed maize/soybean) lies 2.6-3.0 km from US-Ne1 and US-Ne2 (irrigated maize and
+US-Ne3 (rainfed maize/soybean) lies 3.0-3.5 km from US-Ne1 and US-Ne2 (irrigated maize and
 maize/soybean): near, but managed differently, a hard and honest case for a blend. With the
 real-site benchmark's held-out backbones (tower GPP; they trained on the development towers,
 US-Ne1 and US-Ne2 among them), per seed:
