@@ -40,7 +40,7 @@ from kgml_peft.calibration.runs import run_calibration
 from kgml_peft.data.places import distance_km, site_points
 from kgml_peft.data.tables import validate_table
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.experiments.new_fields import SCORED, new_field_sites
+from kgml_peft.experiments.new_fields import SCORED, new_field_sites, site_mse
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
 from kgml_peft.store.blend import neighbour_blend
@@ -63,13 +63,6 @@ class NeighbourConfig:
     def quick(cls) -> NeighbourConfig:
         """One seed, one year, two epochs: the suite's shape in about a minute."""
         return cls(seeds=(0,), years=(1,), epochs=2)
-
-
-def _mse(pred: pd.DataFrame, obs: pd.DataFrame, site: str, target: str) -> float:
-    p = pred[pred[schema.SITE] == site].set_index(schema.DATE)[target]
-    o = obs[obs[schema.SITE] == site].set_index(schema.DATE)[target].reindex(p.index)
-    ok = o.notna().to_numpy()
-    return float(np.mean((p.to_numpy()[ok] - o.to_numpy()[ok]) ** 2))
 
 
 def _years_before_test(rows: pd.DataFrame, fields: tuple[str, ...], years: int) -> pd.DataFrame:
@@ -119,8 +112,8 @@ def merge_error(backbone_path: str | os.PathLike, store: str | os.PathLike, test
             preds[merge] = predict_table(bank, rows, site=f"{merge}-{field}").frame
         diff = preds["weights"]["NEE"].to_numpy() - preds["function"]["NEE"].to_numpy()
         out.append({"site": field, "nee_rms_difference": float(np.sqrt(np.mean(diff ** 2))),
-                    "mse_function": _mse(preds["function"], test, field, "NEE"),
-                    "mse_weights": _mse(preds["weights"], test, field, "NEE")})
+                    "mse_function": site_mse(preds["function"], test, field, "NEE"),
+                    "mse_weights": site_mse(preds["weights"], test, field, "NEE")})
     return out
 
 
@@ -162,22 +155,20 @@ def run_neighbour_experiment(backbone_path: str | os.PathLike, observed: pd.Data
             folder = root / f"{method}_{years}y"
             shutil.copytree(store, folder)  # the prior's neighbours live in the output store
             calibration = _years_before_test(observed, fields, years)
+            prior = "none" if method == "adapter" else "neighbours"
             run_calibration(",".join(fields), backbone_path=backbone_path, data=calibration, out_dir=folder,
-                            config=CalibrationConfig(seed=seed, prior="none" if method == "adapter" else "neighbours",
-                                                     prior_k=config.k, **base),
+                            config=CalibrationConfig(seed=seed, prior=prior, prior_k=config.k, **base),
                             cpu=cpu, progress=progress)
             per_years[(method, years)] = predict_table(AdapterBank(backbone, folder), test,
                                                        site_column=schema.SITE, require_adapter=True).frame
         for field in fields:
             region = str(test.loc[test[schema.SITE] == field, schema.REGION].iloc[0])
             for target in SCORED:
-                rows.append({"seed": seed, "site": field, "region": region, "target": target,
-                             "method": "global", "years": 0, "mse": _mse(served["global"], test, field, target)})
-                rows.append({"seed": seed, "site": field, "region": region, "target": target,
-                             "method": "blend", "years": 0, "mse": _mse(served["blend"], test, field, target)})
-                for (method, years), frame in per_years.items():
+                scored = [("global", 0, served["global"]), ("blend", 0, served["blend"]),
+                          *((method, years, frame) for (method, years), frame in per_years.items())]
+                for method, years, frame in scored:
                     rows.append({"seed": seed, "site": field, "region": region, "target": target,
-                                 "method": method, "years": years, "mse": _mse(frame, test, field, target)})
+                                 "method": method, "years": years, "mse": site_mse(frame, test, field, target)})
     table = pd.DataFrame(rows)
     results = summarise(table, config)
     results["spatial_correlation"] = spatial_correlation(backbone_path, observed, training)

@@ -50,7 +50,9 @@ def split_last_year(frame: pd.DataFrame, sites: tuple[str, ...]) -> tuple[pd.Dat
     return rows[year < last].reset_index(drop=True), rows[year == last].reset_index(drop=True)
 
 
-def _mse(pred: pd.DataFrame, obs: pd.DataFrame, site: str, target: str) -> float:
+def site_mse(pred: pd.DataFrame, obs: pd.DataFrame, site: str, target: str) -> float:
+    """MSE of ``target`` of ``site`` between a prediction table and observations, on the
+    observed days."""
     p = pred[pred[schema.SITE] == site].set_index(schema.DATE)[target]
     o = obs[obs[schema.SITE] == site].set_index(schema.DATE)[target].reindex(p.index)
     ok = o.notna().to_numpy()
@@ -80,8 +82,8 @@ def calibrate_new_fields(backbone_path: str | os.PathLike, frame: pd.DataFrame, 
                "calibration_years": f"{years[0]}-{years[-1]}",
                "test_year": int(test.loc[test[schema.SITE] == site, schema.DATE].dt.year.iloc[0])}
         for target in SCORED:
-            row[f"{target}_global"] = _mse(global_only, test, site, target)
-            row[f"{target}_adapter"] = _mse(calibrated, test, site, target)
+            row[f"{target}_global"] = site_mse(global_only, test, site, target)
+            row[f"{target}_adapter"] = site_mse(calibrated, test, site, target)
         before = sum(row[f"{t}_global"] for t in SCORED)
         row["change_%"] = 100 * (sum(row[f"{t}_adapter"] for t in SCORED) / before - 1)
         rows.append(row)
@@ -124,8 +126,8 @@ def cross_validated_new_fields(backbone_path: str | os.PathLike, observed: pd.Da
                "annual_true": true_sum, "annual_lo": float(year["NEE_lo"]), "annual_hi": float(year["NEE_hi"]),
                "annual_inside": bool(year["NEE_lo"] <= true_sum <= year["NEE_hi"])}
         for target in SCORED:
-            row[f"{target}_global"] = _mse(global_only, test, site, target)
-            row[f"{target}_adapter"] = _mse(served.frame, test, site, target)
+            row[f"{target}_global"] = site_mse(global_only, test, site, target)
+            row[f"{target}_adapter"] = site_mse(served.frame, test, site, target)
         row["NEE_change_%"] = 100 * (row["NEE_adapter"] / row["NEE_global"] - 1)
         rows.append(row)
     return pd.DataFrame(rows)

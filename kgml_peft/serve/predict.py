@@ -316,8 +316,9 @@ def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.Pa
     """``kgml-peft predict``: read ``data`` (a table path or DataFrame), predict with the adapters
     of ``store`` on ``backbone`` and write ``out`` (.csv or .parquet) atomically, and the annual
     table to ``annual`` if given. ``interval`` adds bounds at that level and ``neighbours``/``max_km``
-    blend the nearest adapters for sites without one (see :func:`predict_table`). Every check runs before an output is written; an existing output is
-    replaced only with ``force``, and no output may be the input table or the other output."""
+    blend the nearest adapters for sites without one (see :func:`predict_table`). Every check runs
+    before an output is written; an existing output is replaced only with ``force``, and no output
+    may be the input table or the other output."""
     if interval is not None:
         interval = uncertainty.check_level(interval)
     if neighbours is not None:
