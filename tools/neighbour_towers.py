@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from kgml_peft import schema
 from kgml_peft.calibration.config import CalibrationConfig
-from kgml_peft.calibration.runs import run_calibration
 from kgml_peft.data.tables import read_table, validate_table
+from kgml_peft.experiments.neighbours import calibrate_beside, neighbour_store
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
 from kgml_peft.store.checkpoint import load_backbone
@@ -60,24 +59,17 @@ def main() -> None:
         tower = table[table[schema.SITE] == TOWER]
         test = tower[tower[schema.DATE].dt.year > FIRST]
         root = out / f"seed{seed}"
-        if root.exists():
-            shutil.rmtree(root)
-        store = root / "neighbours"
-        store.mkdir(parents=True)
-        run_calibration(",".join(NEIGHBOURS), backbone_path=path, data=table, out_dir=store,
-                        config=CalibrationConfig(seed=seed, cv="none"), progress=False)
+        store = neighbour_store(root, NEIGHBOURS, table, path, CalibrationConfig(seed=seed, cv="none"))
         bank = AdapterBank(backbone, store)
         row = {"seed": seed, "global": _mse(predict_table(bank, test).frame, test)}
         blended = predict_table(bank, test, site_column=schema.SITE, neighbours=len(NEIGHBOURS))
         row["blend_0y"] = _mse(blended.frame, test)
         row["blend_sources"] = blended.blended[TOWER]["sources"]
         for method in ("adapter", "prior"):
-            folder = root / f"{method}_1y"
-            shutil.copytree(store, folder)
-            run_calibration(TOWER, backbone_path=path, data=tower[tower[schema.DATE].dt.year == FIRST],
-                            out_dir=folder, progress=False,
-                            config=CalibrationConfig(seed=seed, prior="none" if method == "adapter" else "neighbours",
-                                                     prior_k=len(NEIGHBOURS)))
+            prior = "none" if method == "adapter" else "neighbours"
+            folder = calibrate_beside(store, root / f"{method}_1y", [TOWER],
+                                      tower[tower[schema.DATE].dt.year == FIRST], path,
+                                      CalibrationConfig(seed=seed, prior=prior, prior_k=len(NEIGHBOURS)))
             served = predict_table(AdapterBank(backbone, folder), test, site_column=schema.SITE)
             row[f"{method}_1y"] = _mse(served.frame, test)
         rows.append(row)

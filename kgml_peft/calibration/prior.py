@@ -24,9 +24,8 @@ from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.units import CalibrationData
 from kgml_peft.data.places import table_location
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.store.blend import find_neighbours, merge_in_weight_space, padded_tensors, union_config
+from kgml_peft.store.blend import find_neighbours, laid_out, merge_in_weight_space, padded_tensors, union_config
 from kgml_peft.store.checkpoint import Backbone
-from kgml_peft.tuners import base
 from kgml_peft.tuners.config import AdapterConfig
 
 
@@ -60,10 +59,4 @@ def prior_tensors(prior: dict[str, torch.Tensor], adapter: AdapterConfig,
                   backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The prior laid out for ``adapter`` (one shape of the menu, or the unit's config): its
     tensors where the prior has them, zeros (the identity) elsewhere."""
-    out = {}
-    for name, shape in base.adapter_shapes(adapter, backbone).items():
-        tensor = prior.get(name)
-        if tensor is not None and tuple(tensor.shape) != tuple(shape):
-            raise KgmlPeftError(f"the prior's {name} has shape {list(tensor.shape)}, the adapter {list(shape)}")
-        out[name] = torch.zeros(shape) if tensor is None else tensor.detach().float().clone()
-    return out
+    return laid_out(prior, adapter, backbone, "the neighbour prior")

@@ -87,23 +87,32 @@ def check_location(record: object, what: str) -> dict:
     return record
 
 
+class NoneInRange(KgmlPeftError):
+    """No candidate lies within the largest distance asked for (:func:`nearest`)."""
+
+
+def check_neighbour_settings(k: object, max_km: object) -> None:
+    """``k`` must be an integer >= 1 and ``max_km`` None or a positive distance (km)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise KgmlPeftError(f"the number of neighbours must be an integer >= 1, got {k!r}")
+    if max_km is not None and (isinstance(max_km, bool) or not isinstance(max_km, (int, float))
+                               or not max_km > 0):
+        raise KgmlPeftError(f"the largest distance must be a positive number of km, got {max_km!r}")
+
+
 def nearest(candidates: Mapping[str, tuple[float, float]], lat: float, lon: float, k: int,
             max_km: float | None = None) -> list[tuple[str, float]]:
     """The ``k`` candidates (name -> (lat, lon)) nearest to ``(lat, lon)`` within ``max_km``, as
     (name, km), nearest first (ties by name). Fewer than k are returned when fewer lie within
     ``max_km``; none at all is an error naming the nearest and its distance."""
     lat, lon = check_point(lat, lon)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise KgmlPeftError(f"the number of neighbours must be an integer >= 1, got {k!r}")
-    if max_km is not None and (isinstance(max_km, bool) or not isinstance(max_km, (int, float))
-                               or not max_km > 0):
-        raise KgmlPeftError(f"the largest distance must be a positive number of km, got {max_km!r}")
+    check_neighbour_settings(k, max_km)
     if not candidates:
         raise KgmlPeftError("no adapter with a recorded location to choose neighbours from")
     ranked = sorted(((distance_km(lat, lon, a, b), name) for name, (a, b) in candidates.items()))
     within = [(name, round(km, 3)) for km, name in ranked if max_km is None or km <= max_km]
     if not within:
         km, name = ranked[0]
-        raise KgmlPeftError(f"no adapter within {max_km:g} km of ({lat:g}, {lon:g}); the nearest is "
-                            f"{name} at {km:.1f} km")
+        raise NoneInRange(f"no adapter within {max_km:g} km of ({lat:g}, {lon:g}); the nearest is "
+                          f"{name} at {km:.1f} km")
     return within[:k]

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.new_fields import SCORED, new_field_sites, site_mse
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
-from kgml_peft.store.blend import neighbour_blend
+from kgml_peft.store.blend import blend_adapters, find_neighbours
 from kgml_peft.store.checkpoint import load_backbone
 
 METHODS: tuple[str, ...] = ("global", "blend", "adapter", "prior")
@@ -106,15 +107,40 @@ def merge_error(backbone_path: str | os.PathLike, store: str | os.PathLike, test
     for field in fields:
         rows = test[test[schema.SITE] == field]
         (lat, lon), = site_points(rows).values()
+        neighbours = find_neighbours(store, backbone, lat, lon, k)  # read once, blended both ways
         preds = {}
         for merge in ("function", "weights"):
-            bank.add(neighbour_blend(store, backbone, lat, lon, f"{merge}-{field}", k=k, merge=merge))
+            bank.add(blend_adapters(neighbours, f"{merge}-{field}", backbone, lat=lat, lon=lon, merge=merge))
             preds[merge] = predict_table(bank, rows, site=f"{merge}-{field}").frame
         diff = preds["weights"]["NEE"].to_numpy() - preds["function"]["NEE"].to_numpy()
         out.append({"site": field, "nee_rms_difference": float(np.sqrt(np.mean(diff ** 2))),
                     "mse_function": site_mse(preds["function"], test, field, "NEE"),
                     "mse_weights": site_mse(preds["weights"], test, field, "NEE")})
     return out
+
+
+def neighbour_store(root: Path, sites: Sequence[str], data: pd.DataFrame, backbone_path: str | os.PathLike,
+                    config: CalibrationConfig, *, cpu: bool = True, progress: bool = False) -> Path:
+    """``root`` rebuilt, with ``sites`` calibrated on ``data`` with ``config`` into
+    ``root/neighbours``: the calibrated fields around the ones under test. Returns that store."""
+    if root.exists():
+        shutil.rmtree(root)
+    store = root / "neighbours"
+    store.mkdir(parents=True)
+    run_calibration(",".join(sites), backbone_path=backbone_path, data=data, out_dir=store, config=config,
+                    cpu=cpu, progress=progress)
+    return store
+
+
+def calibrate_beside(store: Path, folder: Path, sites: Sequence[str], data: pd.DataFrame,
+                     backbone_path: str | os.PathLike, config: CalibrationConfig, *, cpu: bool = True,
+                     progress: bool = False) -> Path:
+    """Calibrate ``sites`` on ``data`` with ``config`` into ``folder``, a copy of the neighbour
+    ``store`` (a neighbour prior takes its neighbours from the output store). Returns ``folder``."""
+    shutil.copytree(store, folder)
+    run_calibration(",".join(sites), backbone_path=backbone_path, data=data, out_dir=folder, config=config,
+                    cpu=cpu, progress=progress)
+    return folder
 
 
 def run_neighbour_experiment(backbone_path: str | os.PathLike, observed: pd.DataFrame,
@@ -139,26 +165,20 @@ def run_neighbour_experiment(backbone_path: str | os.PathLike, observed: pd.Data
     rows, merges = [], []
     for seed in config.seeds:
         root = out / f"seed{seed}"
-        if root.exists():
-            shutil.rmtree(root)
-        store = root / "neighbours"
-        store.mkdir(parents=True)
-        run_calibration(",".join(training), backbone_path=backbone_path, data=observed, out_dir=store,
-                        config=CalibrationConfig(seed=seed, cv="none", batch_sites=6, **base),
-                        cpu=cpu, progress=progress)
+        store = neighbour_store(root, training, observed, backbone_path,
+                                CalibrationConfig(seed=seed, cv="none", batch_sites=6, **base),
+                                cpu=cpu, progress=progress)
         bank = AdapterBank(backbone, store)
         merges += [{"seed": seed, **m} for m in merge_error(backbone_path, store, test, fields, config.k)]
         served = {"global": predict_table(bank, test).frame,
                   "blend": predict_table(bank, test, site_column=schema.SITE, neighbours=config.k).frame}
         per_years = {}
         for years, method in itertools.product(config.years, ("adapter", "prior")):
-            folder = root / f"{method}_{years}y"
-            shutil.copytree(store, folder)  # the prior's neighbours live in the output store
-            calibration = _years_before_test(observed, fields, years)
-            prior = "none" if method == "adapter" else "neighbours"
-            run_calibration(",".join(fields), backbone_path=backbone_path, data=calibration, out_dir=folder,
-                            config=CalibrationConfig(seed=seed, prior=prior, prior_k=config.k, **base),
-                            cpu=cpu, progress=progress)
+            folder = calibrate_beside(store, root / f"{method}_{years}y", fields,
+                                      _years_before_test(observed, fields, years), backbone_path,
+                                      CalibrationConfig(seed=seed, prior="none" if method == "adapter" else
+                                                        "neighbours", prior_k=config.k, **base),
+                                      cpu=cpu, progress=progress)
             per_years[(method, years)] = predict_table(AdapterBank(backbone, folder), test,
                                                        site_column=schema.SITE, require_adapter=True).frame
         for field in fields:

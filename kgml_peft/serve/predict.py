@@ -39,9 +39,9 @@ from kgml_peft.atomic import check_not_inputs
 from kgml_peft.data.tables import load_table, table_format, validate_table, write_table
 from kgml_peft.data.windows import YearWindows, make_windows
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.data.places import nearest, site_points
+from kgml_peft.data.places import NoneInRange, check_neighbour_settings, site_points
 from kgml_peft.serve.bank import AdapterBank
-from kgml_peft.store.blend import Neighbour, blend_adapters, distance_weights, located_adapters
+from kgml_peft.store.blend import blend_adapters, choose_neighbours, located_adapters
 from kgml_peft.store.library import writable_target
 
 #: Output columns, in order.
@@ -164,47 +164,30 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
                       other_crop=dict(Counter(served[outside])), blended=blended)
 
 
-def check_neighbour_settings(k: object, max_km: object) -> None:
-    """``k`` must be an integer >= 1 and ``max_km`` None or a positive distance."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise KgmlPeftError(f"the number of neighbours must be an integer >= 1, got {k!r}")
-    if max_km is not None and (isinstance(max_km, bool) or not isinstance(max_km, (int, float))
-                               or not max_km > 0 or max_km != max_km):
-        raise KgmlPeftError(f"the largest distance must be a positive number of km, got {max_km!r}")
-
-
 def neighbour_blends(bank: AdapterBank, points: dict[str, tuple[float, float]], k: int,
                      max_km: float | None) -> dict[str, dict]:
     """For each site of ``points`` (site -> (lat, lon)) the function-space blend of its ``k``
     nearest adapters in ``bank.store`` within ``max_km``, pinned in ``bank`` as
     ``blend:A+B+C`` (``@site`` appended when another site's blend of the same sources differs):
     site -> {adapter, sources: {site: weight}}. Sites without a neighbour in range are left out."""
-    located = located_adapters(bank.store)
-    candidates = {s: (a.location["lat"], a.location["lon"]) for s, a in located.items()}
+    located = located_adapters(bank.store)  # read once for every site (none: an error below)
     out: dict[str, dict] = {}
     made: dict[str, tuple[float, ...]] = {}
     for site, (lat, lon) in points.items():
         try:
-            chosen = nearest(candidates, lat, lon, k, max_km)
-        except KgmlPeftError:
-            if not candidates:
-                raise
+            neighbours = choose_neighbours(located, bank.backbone, lat, lon, k, max_km)
+        except NoneInRange:
             continue  # nothing within max_km: the backbone serves it (reported as missing)
-        foreign = [s for s, _ in chosen if located[s].backbone_fingerprint != bank.backbone.fingerprint]
-        if foreign:
-            raise KgmlPeftError(f"neighbour(s) {', '.join(foreign)} of {site} were calibrated on another "
-                                f"backbone than {bank.backbone.fingerprint[:16]}")
-        weights = distance_weights([km for _, km in chosen])
-        label = "blend:" + "+".join(s for s, _ in chosen)
+        weights = tuple(n.weight for n in neighbours)
+        label = "blend:" + "+".join(n.adapter.site for n in neighbours)
         if label in made and made[label] != weights:
             label = f"{label}@{site}"
         if label not in made:
-            neighbours = [Neighbour(located[s], km, w) for (s, km), w in zip(chosen, weights)]
             blend = blend_adapters(neighbours, site, bank.backbone, lat=lat, lon=lon,
                                    settings={"k": k, "max_km": max_km})
             bank.add(replace(blend, site=label))
             made[label] = weights
-        out[site] = {"adapter": label, "sources": {s: round(w, 6) for (s, _), w in zip(chosen, weights)}}
+        out[site] = {"adapter": label, "sources": {n.adapter.site: round(n.weight, 6) for n in neighbours}}
     return out
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -89,17 +89,26 @@ def located_adapters(store: str | os.PathLike) -> dict[str, Adapter]:
 def find_neighbours(store: str | os.PathLike, backbone: Backbone, lat: float, lon: float, k: int = 3,
                     max_km: float | None = None, exclude: Sequence[str] = ()) -> list[Neighbour]:
     """The ``k`` adapters of ``store`` nearest to ``(lat, lon)`` within ``max_km`` (see
-    :func:`located_adapters`; sites in ``exclude`` left out), weighted by :data:`KERNEL`. Refuses
-    neighbours made for another backbone than ``backbone``, naming them."""
-    candidates = {site: a for site, a in located_adapters(store).items() if site not in set(exclude)}
-    points = {site: (a.location["lat"], a.location["lon"]) for site, a in candidates.items()}
+    :func:`located_adapters`; sites in ``exclude`` left out), weighted by :data:`KERNEL`."""
+    located = located_adapters(store)
+    return choose_neighbours({s: a for s, a in located.items() if s not in set(exclude)}, backbone,
+                             lat, lon, k, max_km)
+
+
+def choose_neighbours(located: Mapping[str, Adapter], backbone: Backbone, lat: float, lon: float, k: int,
+                      max_km: float | None = None) -> list[Neighbour]:
+    """The ``k`` of ``located`` (site -> adapter with a location) nearest to ``(lat, lon)`` within
+    ``max_km``, weighted by :data:`KERNEL`; none in range raises
+    :class:`~kgml_peft.data.places.NoneInRange`. Refuses neighbours made for another backbone
+    than ``backbone``, naming them."""
+    points = {site: (a.location["lat"], a.location["lon"]) for site, a in located.items()}
     chosen = nearest(points, lat, lon, k, max_km)
-    foreign = [site for site, _ in chosen if candidates[site].backbone_fingerprint != backbone.fingerprint]
+    foreign = [site for site, _ in chosen if located[site].backbone_fingerprint != backbone.fingerprint]
     if foreign:
         raise KgmlPeftError(f"neighbour(s) {', '.join(foreign)} were calibrated on another backbone than "
                             f"{backbone.fingerprint[:16]}; blend adapters of one backbone")
     weights = distance_weights([km for _, km in chosen])
-    return [Neighbour(candidates[site], km, w) for (site, km), w in zip(chosen, weights)]
+    return [Neighbour(located[site], km, w) for (site, km), w in zip(chosen, weights)]
 
 
 def union_config(adapters: Sequence[Adapter]) -> AdapterConfig:
@@ -117,16 +126,21 @@ def union_config(adapters: Sequence[Adapter]) -> AdapterConfig:
 
 
 def padded_tensors(adapter: Adapter, config: AdapterConfig, backbone: Backbone) -> dict[str, torch.Tensor]:
-    """``adapter``'s tensors laid out for the larger ``config``: components it lacks as zeros
-    (every component is an exact identity at zero)."""
-    shapes = base.adapter_shapes(config, backbone.model)
+    """``adapter``'s tensors laid out for the larger ``config`` (see :func:`laid_out`)."""
+    return laid_out(adapter.tensors, config, backbone.model, f"adapter {adapter.site}")
+
+
+def laid_out(tensors: Mapping[str, torch.Tensor], config: AdapterConfig, backbone: torch.nn.Module,
+             what: str) -> dict[str, torch.Tensor]:
+    """The tensors ``config`` has on ``backbone``: copies of ``tensors`` where it has them (the
+    shapes must match), zeros elsewhere (every component is an exact identity at zero)."""
     out = {}
-    for name, shape in shapes.items():
-        tensor = adapter.tensors.get(name)
+    for name, shape in base.adapter_shapes(config, backbone).items():
+        tensor = tensors.get(name)
         if tensor is not None and tuple(tensor.shape) != tuple(shape):
-            raise KgmlPeftError(f"adapter {adapter.site}: tensor {name} has shape {list(tensor.shape)}, "
-                                f"the blend expects {list(shape)}")
-        out[name] = torch.zeros(shape) if tensor is None else tensor.float().clone()
+            raise KgmlPeftError(f"{what}: tensor {name} has shape {list(tensor.shape)}, "
+                                f"{list(shape)} is expected")
+        out[name] = torch.zeros(shape) if tensor is None else tensor.detach().float().clone()
     return out
 
 
