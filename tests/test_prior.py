@@ -4,8 +4,15 @@ its nearest calibrated adapters and pulls it towards that blend (rho ||phi - phi
 from __future__ import annotations
 
 import pytest
+import torch
 
+from kgml_peft import schema
+from kgml_peft.calibration.batched import train_side_by_side
 from kgml_peft.calibration.config import CalibrationConfig
+from kgml_peft.calibration.prior import prior_tensors, with_neighbour_prior
+from kgml_peft.calibration.selection import cross_validate
+from kgml_peft.calibration.units import prepare_unit
+from kgml_peft.data.tables import validate_table
 from kgml_peft.calibration.runs import run_calibration
 from kgml_peft.cli import cli
 from kgml_peft.store import blend as blending
@@ -109,3 +116,34 @@ def test_cli_calibrate_prior_prints_its_sources_and_refuses_bad_input(world, bac
     assert result.exit_code == 2 and "no adapter with a recorded location" in result.output
     assert list(empty.iterdir()) == []
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+
+
+def test_one_year_with_a_prior_trains_the_head_on_top_of_the_whole_prior(world):
+    """With one calibration year only the head trains, but the neighbours' LoRA and blocks stay in
+    every fold's adapter (before, the head-only shape dropped them): epoch 0 is the whole prior."""
+    backbone, store, frame, _ = world
+    one_year = validate_table(frame[frame[schema.DATE].dt.year == 2004], backbone.config.features)
+    config = CalibrationConfig(prior="neighbours", prior_k=2, cv="folds", epochs=2, batch_size=2)
+    unit = prepare_unit(backbone, one_year, "IA-001", "site", config)
+    unit = with_neighbour_prior(unit, store, backbone, config)
+    whole = prior_tensors(unit.prior, AdapterConfig(), backbone.model)
+    assert any(float(v.abs().max()) > 0 for k, v in whole.items() if not k.startswith("head."))
+    [trained] = train_side_by_side(backbone, [unit], config, adapters=[AdapterConfig()], history=True,
+                                   trains=[AdapterConfig(components=("head",))], progress=False)
+    assert set(trained.history[0]) == set(whole)
+    for name, value in whole.items():
+        assert torch.equal(trained.history[0][name], value)  # epoch 0 is the prior itself
+        after = trained.history[-1][name]
+        if name.startswith("head."):
+            continue
+        assert torch.equal(after, value), name  # only the head took steps
+    assert any(not torch.equal(trained.history[-1][k], whole[k]) for k in whole if k.startswith("head."))
+
+    selection = cross_validate(backbone, unit, config, progress=False)
+    assert list(selection.table) == ["head"]
+    assert selection.table["head"]["holds"] == "lora+blocks+head"
+    if selection.strength > 0:  # the kept adapter carries the neighbours' LoRA and blocks
+        assert selection.adapter.components == AdapterConfig().components
+        assert set(selection.tensors) == set(whole)
+    else:
+        assert selection.adapter.components == ("head",)

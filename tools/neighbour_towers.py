@@ -15,6 +15,13 @@ US-Ne1 and US-Ne2 among them), per seed:
         --crops ../shared/data/fluxnet2015/crops.csv --out data/fluxnet-meta.parquet
     python tools/neighbour_towers.py --data data/fluxnet-meta.parquet \\
         --backbones results/fluxnet/models --out /tmp/ne3
+
+The development split's version (how the prior's one-year rule was checked before US-Ne3 was
+run with it): US-Ne2 from US-Ne1 with the development backbones, which never trained on US-Ne2
+(``configs/fluxnet-dev.toml``):
+
+    python tools/neighbour_towers.py --data data/fluxnet-meta.parquet \\
+        --backbones results/fluxnet-dev/models --tower US-Ne2 --neighbours US-Ne1 --out /tmp/ne2
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ from kgml_peft.data.tables import read_table, validate_table
 from kgml_peft.experiments.neighbours import calibrate_beside, neighbour_store
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
+from kgml_peft.store.adapter import read_adapter
 from kgml_peft.store.checkpoint import load_backbone
 
-TOWER, NEIGHBOURS, FIRST = "US-Ne3", ("US-Ne1", "US-Ne2"), 2001
 
 
 def _mse(pred, obs) -> float:
@@ -49,29 +56,37 @@ def main() -> None:
     parser.add_argument("--backbones", required=True, help="folder of observed__s<seed>.safetensors")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--tower", default="US-Ne3", help="the tower calibrated and tested")
+    parser.add_argument("--neighbours", default="US-Ne1,US-Ne2", help="its neighbours (comma-separated)")
+    parser.add_argument("--first", type=int, default=2001, help="the one calibration year; later years test")
     args = parser.parse_args()
+    tower_id, neighbours, first = args.tower, tuple(args.neighbours.split(",")), args.first
     out = Path(args.out)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         path = Path(args.backbones) / f"observed__s{seed}.safetensors"
         backbone = load_backbone(path)
         table = validate_table(read_table(args.data), backbone.config.features)
-        tower = table[table[schema.SITE] == TOWER]
-        test = tower[tower[schema.DATE].dt.year > FIRST]
+        tower = table[table[schema.SITE] == tower_id]
+        test = tower[tower[schema.DATE].dt.year > first]
         root = out / f"seed{seed}"
-        store = neighbour_store(root, NEIGHBOURS, table, path, CalibrationConfig(seed=seed, cv="none"))
+        store = neighbour_store(root, neighbours, table, path, CalibrationConfig(seed=seed, cv="none"))
         bank = AdapterBank(backbone, store)
         row = {"seed": seed, "global": _mse(predict_table(bank, test).frame, test)}
-        blended = predict_table(bank, test, site_column=schema.SITE, neighbours=len(NEIGHBOURS))
+        blended = predict_table(bank, test, site_column=schema.SITE, neighbours=len(neighbours))
         row["blend_0y"] = _mse(blended.frame, test)
-        row["blend_sources"] = blended.blended[TOWER]["sources"]
+        row["blend_sources"] = blended.blended[tower_id]["sources"]
         for method in ("adapter", "prior"):
             prior = "none" if method == "adapter" else "neighbours"
-            folder = calibrate_beside(store, root / f"{method}_1y", [TOWER],
-                                      tower[tower[schema.DATE].dt.year == FIRST], path,
-                                      CalibrationConfig(seed=seed, prior=prior, prior_k=len(NEIGHBOURS)))
-            served = predict_table(AdapterBank(backbone, folder), test, site_column=schema.SITE)
+            folder = calibrate_beside(store, root / f"{method}_1y", [tower_id],
+                                      tower[tower[schema.DATE].dt.year == first], path,
+                                      CalibrationConfig(seed=seed, prior=prior, prior_k=len(neighbours)))
+            bank = AdapterBank(backbone, folder)
+            served = predict_table(bank, test, site_column=schema.SITE)
             row[f"{method}_1y"] = _mse(served.frame, test)
+            cv = read_adapter(bank.path(tower_id)).info["metrics"]["cv"]
+            row[f"{method}_1y_chosen"] = {"shape": cv["shape"], "epochs": cv["epochs"],
+                                          "strength": cv["strength"], "change_mean": cv["change_mean"]}
         rows.append(row)
         print(json.dumps(row))
     means = {k: float(np.mean([r[k] for r in rows])) for k in ("global", "blend_0y", "adapter_1y", "prior_1y")}

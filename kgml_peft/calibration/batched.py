@@ -44,6 +44,7 @@ from kgml_peft.tuners.site_model import SiteModel
 from kgml_peft.data.windows import WindowDataset, YearWindows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.outputs import physical, scaled_targets
+from kgml_peft.tuners.base import adapter_shapes
 from kgml_peft.tuners.rows import forward_rows, plan_rows
 from kgml_peft.tuners.config import AdapterConfig
 from kgml_peft.tuners.serving import ServingAdapter
@@ -154,7 +155,8 @@ class TrainedUnit:
 
 def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], config: CalibrationConfig, *,
                        adapters: Sequence[AdapterConfig] | None = None, history: bool = False,
-                       followers: Sequence[bool] | None = None, cpu: bool = False,
+                       followers: Sequence[bool] | None = None,
+                       trains: Sequence[AdapterConfig | None] | None = None, cpu: bool = False,
                        progress: bool = True) -> list[TrainedUnit]:
     """Train one adapter per unit of ``data`` in one batched pass (see module docstring), unit
     ``i`` with architecture ``adapters[i]`` (default: ``config.adapter`` for all), each early
@@ -162,9 +164,12 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
     starts from the initial adapter a run of its own with ``config.seed`` would have. With
     ``history`` every unit keeps its tensors after each epoch; a unit marked in ``followers``
     never stops on its own but with the last of the others (cross-validation refits on all data
-    alongside its folds, and takes the epoch the folds choose)."""
+    alongside its folds, and takes the epoch the folds choose). ``trains[i]``, when given, names
+    the components of ``adapters[i]`` that train (a config with a subset of its components); the
+    others keep their start (a neighbour prior's values) and take no step."""
     adapters = list(adapters) if adapters is not None else [config.adapter] * len(data)
     followers = list(followers) if followers is not None else [False] * len(data)
+    trains = list(trains) if trains is not None else [None] * len(data)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     device = accelerator.device
     net = copy.deepcopy(backbone.model).requires_grad_(False).to(device)
@@ -175,11 +180,16 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
     starts: dict[AdapterConfig, dict[str, torch.Tensor]] = {}
 
     units: list[_Unit] = []
-    for d, adapter in zip(data, adapters):
+    for d, adapter, train in zip(data, adapters, trains):
         if adapter not in starts:
             starts[adapter] = SiteModel(backbone.model, adapter, seed=config.seed).adapter_tensors()
         start = starts[adapter] if d.prior is None else prior_tensors(d.prior, adapter, backbone.model)
-        tensors = {k: torch.nn.Parameter(v.clone().to(device)) for k, v in start.items()}
+        moving = set(start) if train is None else set(adapter_shapes(train, backbone.model))
+        if not moving <= set(start):
+            raise KgmlPeftError(f"{d.name}: the trained components {list(train.components)} are not all "
+                                f"in the adapter {list(adapter.components)}")
+        tensors = {k: torch.nn.Parameter(v.clone().to(device)) if k in moving else v.clone().to(device)
+                   for k, v in start.items()}
         loader = DataLoader(WindowDataset(d.train, backbone.scalers), batch_size=config.batch_size,
                             shuffle=True, generator=torch.Generator().manual_seed(config.seed))
         member = Member(PhaseResult(name=f"calibrate {d.name}"), lambda l=loader: iter(l),
@@ -188,7 +198,8 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
         units.append(_Unit(d, tensors, loader, WindowDataset(d.val, backbone.scalers),
                            max(config.epochs * len(loader), 1), member, adapter,
                            None if d.prior is None else {k: v.to(device) for k, v in start.items()}))
-    optimizer = torch.optim.Adam([{"params": list(u.tensors.values())} for u in units], lr=config.lr)
+    optimizer = torch.optim.Adam([{"params": [v for v in u.tensors.values() if isinstance(v, torch.nn.Parameter)]}
+                                  for u in units], lr=config.lr)
     optimizer = accelerator.prepare_optimizer(optimizer)  # mixed precision: loss scaling
     for unit, group in zip(units, optimizer.param_groups):  # its own copies of the group dicts
         unit.group = group

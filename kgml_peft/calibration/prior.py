@@ -9,8 +9,10 @@ the penalty lives in parameter space (the function-space blend has several membe
 
 The prior covers the unit's own adapter config: components the neighbours lack start at zero (the
 identity) as without a prior, and components the unit does not have are dropped. Cross-validation
-(the default) trains every fold and shape from the prior restricted to that shape, and its
-strength t scales the result towards the global model as before.
+(the default) keeps the whole prior in every fold and shape and trains only the shape's
+components (with one calibration year, the head on top of the neighbours' LoRA and blocks); epoch
+0 is the prior itself, and the strength t scales the result towards the global model as before
+(:mod:`kgml_peft.calibration.selection`).
 """
 
 from __future__ import annotations

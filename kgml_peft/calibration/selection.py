@@ -17,6 +17,13 @@ wins (scale-free, so a fold with large fluxes does not outvote the others), ties
 smaller strength and the smaller shape; t = 0 is the global backbone, so an adapter is kept only when it beats the global
 model out of sample. The winner is the all-data adapter of that shape after ``E`` epochs, scaled
 by t; with t = 0 the result is an identity adapter (head only, all zeros) that records why.
+
+With a neighbour prior (:mod:`kgml_peft.calibration.prior`) every shape holds the whole prior
+(the configured adapter laid out from the neighbours' blend) and the shape names only the
+components that train; the others keep the neighbours' values. Epoch 0 of a shape is then the
+prior itself, scored on every fold like any candidate (it never saw the unit's data), and the
+one-year rule (the head alone trains) limits what one season may fit, not what the neighbours
+already know.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.folds import Fold, make_folds
 from kgml_peft.calibration.members import calibration_crops, interval_record, site_model
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.store.blend import laid_out
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.train.loop import deterministic_algorithms
 from kgml_peft.train.state import PhaseResult
@@ -128,27 +136,33 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     (see module docstring). ``data.train`` holds every calibration site-year."""
     folds: list[Fold] = make_folds(data.train, list(data.weights), data.name)
     menu = shape_menu(config.adapter, years=len(set(np.asarray(data.train.years).tolist())))
-    units, shapes, followers = [], [], []
+    # what each shape's adapter holds: the shape itself, or with a neighbour prior the whole
+    # configured adapter, the shape naming only what trains (what the neighbours know is kept)
+    layout = {shape: adapter if data.prior is None else config.adapter for shape, adapter in menu.items()}
+    units, shapes, trains, followers = [], [], [], []
     for shape, adapter in menu.items():
-        for fold in folds:
-            units.append(dataclasses.replace(data, name=f"{data.name} [{shape}, {fold.name}]",
-                                             train=fold.train, val=fold.val))
-            shapes.append(adapter)
-            followers.append(False)
-        units.append(dataclasses.replace(data, name=f"{data.name} [{shape}, all data]", val=data.train))
-        shapes.append(adapter)
-        followers.append(True)
+        for fold in [*folds, None]:
+            part = "all data" if fold is None else fold.name
+            units.append(dataclasses.replace(data, name=f"{data.name} [{shape}, {part}]",
+                                             train=data.train if fold is None else fold.train,
+                                             val=data.train if fold is None else fold.val))
+            shapes.append(layout[shape])
+            trains.append(None if data.prior is None else adapter)
+            followers.append(fold is None)
     trained = train_side_by_side(backbone, units, config, adapters=shapes, history=True,
-                                 followers=followers, cpu=cpu, progress=progress)
+                                 followers=followers, trains=trains, cpu=cpu, progress=progress)
 
     per_shape = len(folds) + 1
     candidates, table = [], {}
     items = []  # (shape, strength, fold index) for every scored adapter
     layouts = []
-    for s, (shape, adapter) in enumerate(menu.items()):
+    for s, shape in enumerate(menu):
+        adapter = layout[shape]
         fold_units = trained[s * per_shape:s * per_shape + len(folds)]
         epochs, mean_curve = _epochs(fold_units)
         table[shape] = {"epochs": epochs, "mean_fold_curve": mean_curve}
+        if data.prior is not None:  # the prior's other components ride along, untrained
+            table[shape]["holds"] = "+".join(adapter.components)
         for t in STRENGTHS:
             if t == 0.0 and s > 0:  # the global backbone: scored once, with the first shape
                 continue
@@ -181,15 +195,18 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     _, best_t, _, best_shape = min(c for c in candidates if c[1] > 0)
     if strength == 0.0:  # the global backbone wins: an identity adapter of the smallest shape
         shape = next(iter(menu))
-    adapter = menu[shape]
+    adapter = layout[shape] if strength > 0.0 else menu[shape]
     epochs = table[shape]["epochs"]
     all_data = trained[list(menu).index(shape) * per_shape + len(folds)]
     if epochs >= len(all_data.history):
         raise KgmlPeftError(f"{data.name}: the all-data adapter stopped before epoch {epochs}")
-    tensors = scale_adapter(all_data.history[epochs], adapter, backbone.model, strength)
+
+    def scaled(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return scale_adapter(laid_out(tensors, adapter, backbone.model, data.name), adapter, backbone.model, strength)
+
+    tensors = scaled(all_data.history[epochs])
     s = list(menu).index(shape)
-    fold_tensors = [scale_adapter(unit.history[epochs], adapter, backbone.model, strength)
-                    for unit in trained[s * per_shape:s * per_shape + len(folds)]]
+    fold_tensors = [scaled(unit.history[epochs]) for unit in trained[s * per_shape:s * per_shape + len(folds)]]
     return Selection(fold_data=folds, shape=shape, adapter=adapter, epochs=epochs,
                      strength=strength, global_loss=global_loss, chosen_loss=scores[(shape, strength)],
                      table=table, tensors=tensors, best_adapter_loss=scores[(best_shape, best_t)],
