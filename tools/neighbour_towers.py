@@ -40,7 +40,9 @@ from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
 from kgml_peft.store.adapter import read_adapter
 from kgml_peft.store.checkpoint import load_backbone
+from kgml_peft.data.places import distance_km, site_points
 
+METHODS = {"blend_0y": "blend, 0 years", "adapter_1y": "adapter, 1 year", "prior_1y": "prior, 1 year"}
 
 
 def _mse(pred, obs) -> float:
@@ -59,9 +61,14 @@ def main() -> None:
     parser.add_argument("--tower", default="US-Ne3", help="the tower calibrated and tested")
     parser.add_argument("--neighbours", default="US-Ne1,US-Ne2", help="its neighbours (comma-separated)")
     parser.add_argument("--first", type=int, default=2001, help="the one calibration year; later years test")
+    parser.add_argument("--map", help="also draw the map (sites, blend weights, MSE changes) to this PNG")
+    parser.add_argument("--redraw", action="store_true", help="only draw --map from OUT/results.json")
     args = parser.parse_args()
     tower_id, neighbours, first = args.tower, tuple(args.neighbours.split(",")), args.first
     out = Path(args.out)
+    if args.redraw:
+        draw_map(json.loads((out / "results.json").read_text()), read_table(args.data), tower_id, args.map)
+        return
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         path = Path(args.backbones) / f"observed__s{seed}.safetensors"
@@ -94,6 +101,51 @@ def main() -> None:
     result = {"rows": rows, "mean_mse": means, "mean_ratio_vs_global": ratios}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({"mean_mse": means, "mean_ratio_vs_global": ratios}))
+    if args.map:
+        draw_map(result, table, tower_id, args.map)
+
+
+def draw_map(result: dict, table, tower_id: str, path: str) -> None:
+    """The tower, its neighbours (line width = blend weight, with distances) and the NEE test-MSE
+    change of each method against the global model (mean of the per-seed ratios), in km east and
+    north of the tower."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = site_points(table)
+    lat0, lon0 = points[tower_id]
+
+    def km(site):  # east and north of the tower, along the great circles through it
+        lat, lon = points[site]
+        east = distance_km(lat0, lon0, lat0, lon) * (1 if lon >= lon0 else -1)
+        north = distance_km(lat0, lon0, lat, lon0) * (1 if lat >= lat0 else -1)
+        return east, north
+
+    weights = result["rows"][0]["blend_sources"]
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for i, (site, weight) in enumerate(weights.items()):
+        x, y = km(site)
+        ax.plot([0, x], [0, y], color="0.55", lw=1 + 8 * weight, zorder=1)
+        ax.scatter([x], [y], marker="^", s=90, color="0.3", zorder=2)
+        ax.annotate(f"{site}\nweight {weight:.2f}, {distance_km(lat0, lon0, *points[site]):.1f} km", (x, y),
+                    fontsize=8, xytext=(0, -30 if i % 2 else 10), textcoords="offset points", ha="center")
+    ax.scatter([0], [0], s=200, color="tab:blue", edgecolor="k", zorder=3)
+    ax.annotate(tower_id, (0, 0), fontsize=9, xytext=(0, 12), textcoords="offset points", ha="center",
+                weight="bold")
+    change = "\n".join(f"{label}: {100 * (result['mean_ratio_vs_global'][key] - 1):+.0f} %"
+                       for key, label in METHODS.items())
+    ax.text(0.02, 0.98, f"{tower_id}, NEE test MSE vs the global model\n{change}", transform=ax.transAxes,
+            fontsize=8, va="top", bbox={"facecolor": "white", "edgecolor": "0.7"})
+    ax.set_xlabel("km east of the tower")
+    ax.set_ylabel("km north of the tower")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.margins(0.6)
+    ax.set_title(f"{tower_id} from its calibrated neighbours (mean of {len(result['rows'])} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
