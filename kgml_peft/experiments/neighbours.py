@@ -9,8 +9,10 @@ seed this suite
    * ``global``: the backbone alone;
    * ``blend``, 0 years of the field's data: the function-space blend of its ``k`` nearest
      neighbour adapters (``predict --neighbours k``);
-   * for ``years`` = 1, 2 years before the test year: ``adapter`` (the default, cross-validated
-     calibration of those years) and ``prior`` (the same with ``--prior neighbours``).
+   * for ``years`` = 1, 2 years before the test year (the most recent ones, one of them of the
+     test year's crop, see :func:`_years_before_test`): ``adapter`` (the default,
+     cross-validated calibration of those years) and ``prior`` (the same with
+     ``--prior neighbours``).
 
 Nothing is chosen on the new fields: the kernel, k and every calibration setting are the
 toolkit's defaults. The report gives NEE and Reco test MSE per field, the mean over fields and
@@ -66,11 +68,31 @@ class NeighbourConfig:
         return cls(seeds=(0,), years=(1,), epochs=2)
 
 
+#: the column of the crop grown in a site-year (1 = corn, 0 = soybean)
+CROP = "Crop_Type"
+
+
 def _years_before_test(rows: pd.DataFrame, fields: tuple[str, ...], years: int) -> pd.DataFrame:
-    """Each field's ``years`` years just before its last (test) year."""
+    """Each field's ``years`` calibration years before its last (test) year: the most recent
+    ``years - 1`` years and the most recent year of the test year's crop (or simply the ``years``
+    most recent, without documented crops). A cross-validated adapter serves only the crops it
+    was calibrated on, so on a maize/soybean rotation the year just before the test year alone
+    would leave the test year to the global model and measure nothing."""
     year = rows[schema.DATE].dt.year
-    last = year.groupby(rows[schema.SITE]).transform("max")
-    keep = rows[schema.SITE].isin(fields) & (year < last) & (year >= last - years)
+    keep = pd.Series(False, index=rows.index)
+    for field in fields:
+        mine = rows[schema.SITE] == field
+        if not mine.any():
+            continue
+        crops = (rows.loc[mine, CROP].groupby(year[mine]).first() if CROP in rows
+                 else pd.Series(dtype=float))
+        before = sorted(set(year[mine].tolist()))[:-1][::-1]  # most recent first, the test year left out
+        chosen = before[:max(years - 1, 0)]
+        test_crop = crops.get(max(year[mine].tolist()), float("nan"))
+        same = [y for y in before if y not in chosen and crops.get(y) == test_crop] if test_crop == test_crop else []
+        rest = [y for y in before if y not in chosen]
+        chosen += (same or rest)[:years - len(chosen)]
+        keep |= mine & year.isin(chosen)
     return rows[keep].reset_index(drop=True)
 
 
