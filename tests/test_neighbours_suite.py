@@ -48,3 +48,25 @@ def test_quick_neighbours_suite(tmp_path, monkeypatch):
     assert function == pytest.approx(blend, rel=1e-6)  # the same blend as predict --neighbours served
     c = results["spatial_correlation"]
     assert c["near_pairs"] + c["far_pairs"] == 12 * 11 // 2 and -1 <= c["near_mean_r"] <= 1
+
+
+def test_calibration_years_include_the_test_years_crop():
+    """A cross-validated adapter serves only its calibration crops: on a maize/soybean rotation the
+    one-year cell must calibrate on a year of the test year's crop, or it measures the global model."""
+    from kgml_peft.calibration.runs import demo_table
+    from kgml_peft.experiments.neighbours import _years_before_test
+
+    table = demo_table()
+    year = table["date"].dt.year
+    fields = ("IA-007", "IL-003", "IN-005")
+    for years in (1, 2):
+        chosen = _years_before_test(table, fields, years)
+        for field in fields:
+            mine = table[table["site"] == field]
+            crops = mine.groupby(mine["date"].dt.year)["Crop_Type"].first()
+            test = int(year[table["site"] == field].max())
+            picked = sorted(set(chosen.loc[chosen["site"] == field, "date"].dt.year.tolist()))
+            assert len(picked) == years and max(picked) < test
+            assert crops[test] in {crops[y] for y in picked}, (field, years, picked)
+            if years == 2:
+                assert test - 1 in picked  # the most recent year stays
