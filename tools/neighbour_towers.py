@@ -36,6 +36,7 @@ from kgml_peft import schema
 from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.data.tables import read_table, validate_table
 from kgml_peft.experiments.neighbours import calibrate_beside, neighbour_store
+from kgml_peft.experiments.new_fields import site_mse
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
 from kgml_peft.store.adapter import read_adapter
@@ -43,13 +44,6 @@ from kgml_peft.store.checkpoint import load_backbone
 from kgml_peft.data.places import distance_km, site_points
 
 METHODS = {"blend_0y": "blend, 0 years", "adapter_1y": "adapter, 1 year", "prior_1y": "prior, 1 year"}
-
-
-def _mse(pred, obs) -> float:
-    p = pred.set_index(schema.DATE)["NEE"]
-    o = obs.set_index(schema.DATE)["NEE"].reindex(p.index)
-    ok = o.notna().to_numpy()
-    return float(np.mean((p.to_numpy()[ok] - o.to_numpy()[ok]) ** 2))
 
 
 def main() -> None:
@@ -79,9 +73,9 @@ def main() -> None:
         root = out / f"seed{seed}"
         store = neighbour_store(root, neighbours, table, path, CalibrationConfig(seed=seed, cv="none"))
         bank = AdapterBank(backbone, store)
-        row = {"seed": seed, "global": _mse(predict_table(bank, test).frame, test)}
+        row = {"seed": seed, "global": site_mse(predict_table(bank, test).frame, test, tower_id, "NEE")}
         blended = predict_table(bank, test, site_column=schema.SITE, neighbours=len(neighbours))
-        row["blend_0y"] = _mse(blended.frame, test)
+        row["blend_0y"] = site_mse(blended.frame, test, tower_id, "NEE")
         row["blend_sources"] = blended.blended[tower_id]["sources"]
         for method in ("adapter", "prior"):
             prior = "none" if method == "adapter" else "neighbours"
@@ -90,7 +84,7 @@ def main() -> None:
                                       CalibrationConfig(seed=seed, prior=prior, prior_k=len(neighbours)))
             bank = AdapterBank(backbone, folder)
             served = predict_table(bank, test, site_column=schema.SITE)
-            row[f"{method}_1y"] = _mse(served.frame, test)
+            row[f"{method}_1y"] = site_mse(served.frame, test, tower_id, "NEE")
             cv = read_adapter(bank.path(tower_id)).info["metrics"]["cv"]
             row[f"{method}_1y_chosen"] = {"shape": cv["shape"], "epochs": cv["epochs"],
                                           "strength": cv["strength"], "change_mean": cv["change_mean"]}

@@ -42,6 +42,7 @@ from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.calibration.runs import run_calibration
 from kgml_peft.data.places import distance_km, site_points
 from kgml_peft.data.tables import validate_table
+from kgml_peft.data.windows import CROP
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.new_fields import SCORED, new_field_sites, site_mse
 from kgml_peft.serve.bank import AdapterBank
@@ -68,10 +69,6 @@ class NeighbourConfig:
         return cls(seeds=(0,), years=(1,), epochs=2)
 
 
-#: the column of the crop grown in a site-year (1 = corn, 0 = soybean)
-CROP = "Crop_Type"
-
-
 def _years_before_test(rows: pd.DataFrame, fields: tuple[str, ...], years: int) -> pd.DataFrame:
     """Each field's ``years`` calibration years before its last (test) year: the most recent
     ``years - 1`` years and the most recent year of the test year's crop (or simply the ``years``
@@ -89,7 +86,7 @@ def _years_before_test(rows: pd.DataFrame, fields: tuple[str, ...], years: int) 
         before = sorted(set(year[mine].tolist()))[:-1][::-1]  # most recent first, the test year left out
         chosen = before[:max(years - 1, 0)]
         test_crop = crops.get(max(year[mine].tolist()), float("nan"))
-        same = [y for y in before if y not in chosen and crops.get(y) == test_crop] if test_crop == test_crop else []
+        same = [y for y in before if y not in chosen and crops.get(y) == test_crop] if pd.notna(test_crop) else []
         rest = [y for y in before if y not in chosen]
         chosen += (same or rest)[:years - len(chosen)]
         keep |= mine & year.isin(chosen)
