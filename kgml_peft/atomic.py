@@ -18,36 +18,85 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kgml_peft.errors import KgmlPeftError
 
 
 def check_writable_target(path: str | os.PathLike) -> Path:
-    """Check that ``path`` can be written as a file: its folder exists and it is not a folder."""
+    """Check that ``path`` can be written as a file: it is not a folder or a special file (a FIFO
+    would block), and its nearest existing folder is a writable folder. Missing folders are fine:
+    :func:`atomic_path` creates them when it writes."""
     target = Path(path)
     if target.is_dir():
         raise KgmlPeftError(f"{target} is a directory, expected a file path")
+    if os.path.lexists(target) and target.exists() and not target.is_file():
+        raise KgmlPeftError(f"{target} exists and is not a regular file; choose another output")
     folder = target.parent if str(target.parent) else Path(".")
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
     if not folder.is_dir():
-        raise KgmlPeftError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
+        raise KgmlPeftError(f"output folder {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise KgmlPeftError(f"output folder {folder} is not writable")
     return target
 
 
-def check_not_inputs(targets: list[str | os.PathLike], inputs: list[str | os.PathLike]) -> None:
-    """Refuse outputs that are an input file or repeat another output (compared after resolving
-    links and relative paths)."""
-    seen: dict[Path, str] = {}
-    for source in inputs:
-        seen[Path(source).resolve()] = f"the input {source}"
-    for target in targets:
-        resolved = Path(target).resolve()
+def check_outputs(outputs: Sequence[str | os.PathLike], inputs: Sequence[str | os.PathLike] = (),
+                  force: bool = False) -> list[Path]:
+    """The one check every output path goes through, before any work is done.
+
+    Refused, with a one-line :class:`KgmlPeftError`: an output that is one of the command's
+    ``inputs`` or another output (compared after resolving links and relative paths), even with
+    ``force``; an existing output without ``force``; an output that is a folder or a special file,
+    or whose nearest existing folder is not a writable folder. Missing folders are allowed (the
+    write creates them). Returns the outputs as paths.
+    """
+    seen: dict[Path, str] = {Path(source).resolve(): f"the input {source}" for source in inputs}
+    checked = []
+    for output in outputs:
+        target = Path(output)
+        resolved = target.resolve()
         if resolved in seen:
             raise KgmlPeftError(f"output {target} is {seen[resolved]}; write to another file")
         seen[resolved] = f"also the output {target}"
+        check_writable_target(target)
+        if os.path.lexists(target) and not force:
+            raise KgmlPeftError(f"{target} exists; pass --force to replace it")
+        checked.append(target)
+    return checked
+
+
+def check_not_inputs(targets: list[str | os.PathLike], inputs: list[str | os.PathLike]) -> None:
+    """Refuse outputs that are an input file or repeat another output (compared after resolving
+    links and relative paths); existing outputs are left to the caller's ``force`` rule."""
+    check_outputs(targets, inputs, force=True)
+
+
+def make_folders(folder: str | os.PathLike) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the folders created, outermost first."""
+    folder = Path(folder)
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:  # another process (a launched run's peer) made it first
+            continue
+        created.append(path)
+    return created
+
+
+def remove_empty(folders: Sequence[Path]) -> None:
+    """Remove folders made by :func:`make_folders` for a write that failed, innermost first, as
+    long as they are still empty."""
+    for path in reversed(folders):
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _umask() -> int:
@@ -96,12 +145,18 @@ def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
 
-    If the body raises, the temporary file is removed and ``path`` is left as it was.
+    Missing folders on the way are created. If the body raises, the temporary file and the folders
+    it created are removed and ``path`` is left as it was.
     """
     target = check_writable_target(path)
+    created = make_folders(target.parent)
     sweep_stale_temporaries(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.",
-                                    suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.",
+                                        suffix=".tmp", dir=target.parent)
+    except BaseException:
+        remove_empty(created)
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates the file 0600; give the result the mode a plain open() would (or keep the
@@ -118,4 +173,5 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        remove_empty(created)
         raise

@@ -16,6 +16,7 @@ import click
 
 from kgml_peft import __version__
 from kgml_peft.errors import KgmlPeftError, expect_type
+from kgml_peft.text import json_ready, printable
 
 DEFAULT_BACKBONE = Path("checkpoints") / "demo.safetensors"
 
@@ -54,11 +55,18 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except KgmlPeftError as exc:
-            raise UserError(str(exc).replace("\n", " ")) from None
+            raise UserError(printable(str(exc))) from None
         except click.UsageError as exc:  # bad option values of a subcommand: one line too
             raise _one_line(exc) from None
-        except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
-            raise UserError(f"{exc.strerror or exc}: {exc.filename}") from None
+        except OSError as exc:  # a full disk, a name too long, a missing or unreadable path ...
+            raise UserError(_os_error_line(exc)) from None
+
+
+def _os_error_line(exc: OSError) -> str:
+    """An OS error at a command's boundary as one line that names the path and the cause."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return printable(f"{' -> '.join(paths)}: {cause}" if paths else cause)
 
 
 Group.group_class = Group  # nested groups (``backbone``) handle errors the same way
@@ -85,7 +93,8 @@ def _phase_line(phase: dict) -> str:
 
 
 def _echo_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    """Print ``data`` as strict JSON: non-finite numbers become null (bare NaN is not JSON)."""
+    click.echo(json.dumps(json_ready(data), indent=2, sort_keys=True, allow_nan=False))
 
 
 @cli.command()
@@ -151,15 +160,12 @@ def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, c
     """Import FLUXNET2015 daily (DD) CSV files, or folders of them, into one table."""
     from kgml_peft import schema
     from kgml_peft.data.fluxnet import ImportOptions, expand_paths, import_fluxnet as run_import
+    from kgml_peft.atomic import check_outputs
     from kgml_peft.data.tables import table_format, write_table
-    from kgml_peft.store.library import writable_target
 
     table_format(out)
-    writable_target(out, force)  # fail before reading, not after
     files = expand_paths(paths)
-    tables = [p for p in (site_meta, crops) if p is not None]
-    if any(out.resolve() == p.resolve() for p in [*files, *tables]):
-        raise KgmlPeftError(f"--out {out} is one of the input files; write the table elsewhere")
+    check_outputs([out], [*files, *(p for p in (site_meta, crops) if p is not None)], force)
     options = ImportOptions(min_qc=min_qc, gpp=gpp.upper(), max_gap=max_gap)
     table, reports = run_import(files, site_meta, options, crops=crops)
     write_table(table, out)
@@ -206,14 +212,15 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
 
     from kgml_peft import schema
     from kgml_peft.data.tables import load_table
-    from kgml_peft.atomic import check_writable_target
+    from kgml_peft.atomic import check_outputs
     from kgml_peft.store.checkpoint import save_backbone
     from kgml_peft.train.pretrain import PretrainConfig, pretrain_state
     from kgml_peft.train.pretrain import pretrain as run_pretrain
     from kgml_peft.train.processes import is_main_process
 
     schema.check_site_id(name, "checkpoint name")
-    target = check_writable_target(out_dir / f"{name}.safetensors")
+    inputs = [p for p in (data, observed, config_path) if p is not None]
+    [target] = check_outputs([out_dir / f"{name}.safetensors"], inputs, force=True)
     if target.exists() and not force:
         raise KgmlPeftError(f"{target} exists; pass --force to replace it, or choose another --name")
     config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
@@ -464,7 +471,7 @@ def _print_cross_validation(cv: dict) -> None:
 @click.option("--backbone", type=click.Path(path_type=Path), default=DEFAULT_BACKBONE,
               show_default=True, help="Global backbone checkpoint; never modified.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("adapters"), show_default=True, help="Adapter store (folder).")
+              default=Path("adapters"), show_default=True, help="Adapter store (folder; created if missing).")
 @click.option("--method", type=click.Choice(["adapter", "full", "scratch"]), default=None,
               help="adapter (Eq. 3, default), full (Eq. 2: <site>-full.safetensors) or scratch "
                    "(site-only baseline: <site>-scratch.safetensors).")
@@ -533,14 +540,13 @@ def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, confi
     """Calibrate the global backbone to a site or region (Eq. 3 adapter, or Eq. 2 / site-only
     backbones with --method) and print validation MSE before and after."""
     from kgml_peft.calibration.runs import run_calibration
-    from kgml_peft.atomic import check_writable_target
     from kgml_peft.train.processes import is_main_process
 
     config = _calibration_config(config_path, options)
-    if plot is not None:
-        check_writable_target(plot)
     runs = run_calibration(site, backbone_path=backbone, data=data, out_dir=out_dir, config=config,
-                           cpu=cpu, progress=not quiet, force=force, resume=resume)
+                           cpu=cpu, progress=not quiet, force=force, resume=resume,
+                           inputs=[config_path] if config_path else [],
+                           also_writes=[plot] if plot else [])
     if not is_main_process():
         return  # the main process reports every unit, its own and the others'
     trained = [r for r in runs if not r.skipped]
@@ -674,17 +680,18 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
 @click.option("--cpu", is_flag=True, help="Measure on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON to this file.")
 def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, out: Path | None,
-          **options) -> None:
+          force: bool, **options) -> None:
     """Measure adapter swaps, single-site and mixed-site throughput, memory per resident adapter,
     calibration time per site and adapter size, side by side in one run; print JSON."""
     from kgml_peft.experiments.bench import BenchConfig, run_bench
-    from kgml_peft.atomic import atomic_path, check_writable_target
+    from kgml_peft.atomic import atomic_path, check_outputs
 
     if out is not None:
-        check_writable_target(out)
+        check_outputs([out], [backbone], force)
     if not backbone.is_file():
         raise KgmlPeftError(f"backbone {backbone} does not exist")
     given = {k: v for k, v in options.items()
@@ -837,10 +844,14 @@ def backbone() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the staged validation-loss curves to this PNG.")
-def backbone_show(path: Path, as_json: bool, plot: Path | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
+def backbone_show(path: Path, as_json: bool, plot: Path | None, force: bool) -> None:
     """Verify a checkpoint and print its config, fingerprint and training summary."""
+    from kgml_peft.atomic import check_outputs
     from kgml_peft.store.checkpoint import load_backbone
 
+    if plot is not None:
+        check_outputs([plot], [path], force)
     b = load_backbone(path)
     if plot is not None:
         from kgml_peft.experiments.figures import plot_training_curves
@@ -855,12 +866,12 @@ def backbone_show(path: Path, as_json: bool, plot: Path | None) -> None:
     if as_json:
         _echo_json(info)
         return
-    click.echo(f"{path}: {info['bytes'] / 1024:.0f} KiB, {n_params} parameters, "
-               f"fingerprint {b.fingerprint}")
+    click.echo(printable(f"{path}: {info['bytes'] / 1024:.0f} KiB, {n_params} parameters, "
+                         f"fingerprint {b.fingerprint}"))
     click.echo(f"features: {', '.join(b.config.features)}")
     click.echo(f"hidden size {b.config.hidden_size}, dropout {b.config.dropout}")
     for phase in info["phases"]:
-        click.echo(_phase_line(phase))
+        click.echo(printable(_phase_line(phase)))  # the summary is the checkpoint writer's text
 
 
 @backbone.command("compare")
@@ -897,22 +908,22 @@ def adapters_list(store: Path, as_json: bool) -> None:
         _echo_json(rows)
         return
     if not rows:
-        click.echo(f"no adapters in {store}")
+        click.echo(printable(f"no adapters in {store}"))
         return
     click.echo(f"{'file':<28}{'site':<12}{'KiB':>6}{'params':>8}  {'backbone':<17}"
                f"{'val loss':>9}{'-> after':>10}  {'lat':>10}{'lon':>11}")
     for row in rows:
         if row["kind"] == "backbone":
-            click.echo(f"{row['file']:<28}{'(site backbone checkpoint: use it as --backbone)'}")
+            click.echo(printable(f"{row['file']:<28}(site backbone checkpoint: use it as --backbone)"))
             continue
         if row["kind"] == "unreadable":
-            click.echo(f"{row['file']:<28}unreadable: {row['error']}")
+            click.echo(printable(f"{row['file']:<28}unreadable: {row['error']}"))
             continue
         before, after = row["val_loss_before"], row["val_loss_after"]
-        click.echo(f"{row['file']:<28}{row['site']:<12}{row['bytes'] / 1024:>6.1f}{row['parameters']:>8}  "
+        click.echo(printable(f"{row['file']:<28}{row['site']:<12}{row['bytes'] / 1024:>6.1f}{row['parameters']:>8}  "
                    f"{row['backbone']:<17}{'-' if before is None else f'{before:.4f}':>9}"
                    f"{'-' if after is None else f'{after:.4f}':>10}  "
-                   f"{_degrees(row['lat']):>10}{_degrees(row['lon']):>11}")
+                   f"{_degrees(row['lat']):>10}{_degrees(row['lon']):>11}"))
 
 
 def _degrees(value: float | None) -> str:
@@ -934,8 +945,8 @@ def adapters_show(path: Path, as_json: bool) -> None:
                     "adapter_config": adapter.config.to_dict(), **adapter.info,
                     "tensors": {k: list(v.shape) for k, v in adapter.tensors.items()}})
         return
-    click.echo(f"{path}: {path.stat().st_size / 1024:.1f} KiB")
-    click.echo(adapter_summary(adapter))
+    click.echo(printable(f"{path}: {path.stat().st_size / 1024:.1f} KiB"))
+    click.echo(adapter_summary(adapter))  # each line made printable by adapter_summary
 
 
 @adapters.command("verify")
@@ -964,11 +975,11 @@ def adapters_verify(path: Path, backbone: Path) -> None:
 
 @adapters.command("export")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.argument("destination", type=click.Path(path_type=Path))
+@click.argument("destination", type=click.Path())  # a str: a trailing / names a folder
 @click.option("--backbone", type=click.Path(path_type=Path), default=None,
               help="Also check the adapter against this backbone before exporting.")
 @click.option("--force", is_flag=True, help="Replace existing files at the destination.")
-def adapters_export(path: Path, destination: Path, backbone: Path | None, force: bool) -> None:
+def adapters_export(path: Path, destination: str, backbone: Path | None, force: bool) -> None:
     """Copy a verified adapter out for sharing (a file, or a folder), with a .txt summary."""
     from kgml_peft.store.checkpoint import load_backbone
     from kgml_peft.store.library import export_adapter

@@ -105,6 +105,12 @@ class MEnv(AEnv):
         return ["import", "fluxnet", str(path or self.fluxnet()), "--out", out, *extra]
 
 
+def _in_the_way(env: MEnv, args: list[str]) -> list[str]:
+    """``args`` with a regular file ``nowhere`` where the output's folder would be created."""
+    (env.tmp / "nowhere").write_text("a file, not a folder\n")
+    return args
+
+
 # --- inputs that are not what they claim ---------------------------------------------------
 
 
@@ -253,8 +259,8 @@ def _flux_table(option: str, text: str) -> Callable[[MEnv], list[str]]:
 
 CASES = [
     # --- synth: the output path -----------------------------------------------------------
-    case("synth-out-folder-missing", lambda env: ["synth", "--out", "nowhere/demo.csv"],
-         "output folder nowhere does not exist"),
+    case("synth-out-folder-is-a-file", lambda env: _in_the_way(env, ["synth", "--out", "nowhere/demo.csv"]),
+         "output folder nowhere is not a folder"),
     case("synth-out-is-directory", lambda env: ["synth", "--out", str(_dir(env, "demo.csv"))],
          "'--out'", "demo.csv' is a directory"),
     case("synth-out-folder-unwritable",
@@ -268,9 +274,9 @@ CASES = [
     case("pretrain-data-is-directory", lambda env: env.pretrain(data=_dir(env, "tables.csv")),
          "tables.csv is a directory"),
     case("pretrain-existing-checkpoint", existing_checkpoint, "exists; pass --force"),
-    case("pretrain-out-dir-missing",
-         lambda env: ["pretrain", "--data", str(env.data()), "--out-dir", "nowhere", "--quiet"],
-         "output folder nowhere does not exist"),
+    case("pretrain-out-dir-is-a-file",
+         lambda env: _in_the_way(env, ["pretrain", "--data", str(env.data()), "--out-dir", "nowhere/x", "--quiet"]),
+         "output folder nowhere is not a folder"),
     case("pretrain-name-with-nul", lambda env: env.pretrain("--name", "de\x00mo"),
          "unsafe checkpoint name 'de\\x00mo'"),
     # --- evaluate ------------------------------------------------------------------------
@@ -326,8 +332,8 @@ CASES = [
          "'--out'", "pred.csv' is a directory"),
     case("predict-out-exists", lambda env: env.predict(out=str(_text(env.tmp / "pred.csv", "earlier\n"))),
          "pred.csv exists; pass --force"),
-    case("predict-out-folder-missing", lambda env: env.predict(out="nowhere/pred.csv"),
-         "output folder nowhere does not exist"),
+    case("predict-out-folder-is-a-file", lambda env: _in_the_way(env, env.predict(out="nowhere/pred.csv")),
+         "output folder nowhere is not a folder"),
     case("predict-out-folder-unwritable", lambda env: env.predict(out=str(_read_only(env) / "p.csv")),
          "is not writable"),
     # --- calibrate: everything fails before training ---------------------------------------
@@ -359,8 +365,9 @@ CASES = [
     case("calibrate-backbone-pickle-payload",
          lambda env: env.calibrate("--site", "IA", "--backbone", str(_evil_pt(env))),
          "evil.pt is not a readable safetensors file"),
-    case("calibrate-out-missing", lambda env: env.calibrate("--site", "IA", out=env.tmp / "nowhere"),
-         "nowhere does not exist"),
+    case("calibrate-out-parent-is-a-file",
+         lambda env: _in_the_way(env, env.calibrate("--site", "IA", out=env.tmp / "nowhere" / "store")),
+         "nowhere is not a folder"),
     case("calibrate-out-is-a-file",
          lambda env: env.calibrate("--site", "IA", out=_text(env.tmp / "adapters", "a file\n")),
          "'--out'", "adapters' is a file"),
@@ -427,8 +434,8 @@ CASES = [
     case("export-existing",
          lambda env: ["adapters", "export", str(env.adapter), str(env.store(env.other_adapter))],
          "exists; pass --force"),
-    case("export-folder-missing", lambda env: ["adapters", "export", str(env.adapter), "nowhere/"],
-         "export folder nowhere does not exist"),
+    case("export-folder-is-a-file", lambda env: _in_the_way(env, ["adapters", "export", str(env.adapter), "nowhere/"]),
+         "output folder nowhere is not a folder"),
     case("export-backbone-missing",
          lambda env: ["adapters", "export", str(env.adapter), str(env.folder("share")), "--backbone",
                       "none.safetensors"], "none.safetensors does not exist"),
@@ -462,9 +469,9 @@ CASES = [
          lambda env: ["backbone", "show",
                       str(_backbone_metadata("training", lambda old: '{"phases": [{}]}')(env))],
          "training phases must be objects with name, steps"),
-    case("backbone-show-plot-folder-missing",
-         lambda env: ["backbone", "show", str(env.shipped()), "--plot", "nowhere/curves.png"],
-         "output folder nowhere does not exist"),
+    case("backbone-show-plot-folder-is-a-file",
+         lambda env: _in_the_way(env, ["backbone", "show", str(env.shipped()), "--plot", "nowhere/curves.png"]),
+         "output folder nowhere is not a folder"),
     case("backbone-show-plot-is-directory",
          lambda env: ["backbone", "show", str(env.shipped()), "--plot", str(_dir(env, "curves.png"))],
          "'--plot'", "curves.png' is a directory"),
@@ -502,8 +509,8 @@ CASES = [
          "nowhere does not exist"),
     case("fluxnet-out-is-directory", lambda env: env.import_fluxnet(out=str(_dir(env, "flux.parquet"))),
          "'--out'", "flux.parquet' is a directory"),
-    case("fluxnet-out-folder-missing", lambda env: env.import_fluxnet(out="nowhere/flux.parquet"),
-         "output folder nowhere does not exist"),
+    case("fluxnet-out-folder-is-a-file", lambda env: _in_the_way(env, env.import_fluxnet(out="nowhere/flux.parquet")),
+         "output folder nowhere is not a folder"),
 ]
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tests.conftest import make_frame
 from tests.test_cli_validation import (
     MARKER,
+    _touch,
     Case,
     Env,
     Evil,
@@ -159,8 +160,9 @@ CASES = [
          "nope.csv"),
     case("region-label-unsafe", lambda env: env.calibrate(
         "--site", "all", data=env.data(_bad_region)), "region label", "'I/L'"),
-    case("out-missing", lambda env: env.calibrate("--site", "IA", out=env.tmp / "nowhere"),
-         "does not exist"),
+    case("out-parent-is-a-file", lambda env: (_touch(env.tmp / "nowhere"),
+                                               env.calibrate("--site", "IA", out=env.tmp / "nowhere" / "store"))[1],
+         "nowhere is not a folder"),
     case("adapter-exists", _existing_adapter, "exists; pass --force"),
     case("backbone-is-adapter", lambda env: env.calibrate(  # the last --backbone wins
         "--site", "IA", "--backbone", str(env.copy_adapter())), "not a kgml-peft backbone"),
@@ -223,10 +225,10 @@ CASES = [
     case("export-existing", _export_existing, "exists; pass --force"),
     case("export-wrong-suffix", lambda env: ["adapters", "export", str(env.copy_adapter()),
                                              str(env.tmp / "IA.bin")], "must end in .safetensors"),
-    case("export-missing-folder", lambda env: ["adapters", "export", str(env.copy_adapter()),
-                                               str(env.tmp / "share") + "/"], "export folder", "does not exist"),
+    case("export-folder-is-a-file", lambda env: (_touch(env.tmp / "share"), ["adapters", "export", str(env.copy_adapter()),
+                                                 str(env.tmp / "share") + "/"])[1], "share is not a folder"),
     case("export-onto-itself", lambda env: ["adapters", "export", str(env.copy_adapter()),
-                                            str(env.tmp / "IA-001.safetensors")], "the adapter itself"),
+                                            str(env.tmp / "IA-001.safetensors")], "is the input"),
     case("export-truncated", lambda env: ["adapters", "export", str(_truncated_adapter(env)),
                                           str(env.tmp / "out.safetensors")], "not a readable"),
 ]

@@ -512,7 +512,8 @@ CASES = [
          "does not match its config", "missing gru_rh.weight_hh_l1"),
     # --- synth options
     case("synth-unknown-extension", synth_case("--out", "demo.txt"), "unknown table format '.txt'"),
-    case("synth-missing-folder", synth_case("--out", "nowhere/demo.csv"), "output folder nowhere does not exist"),
+    case("synth-folder-is-a-file", lambda env: (_touch(env.tmp / "nowhere"), ["synth", "--out", "nowhere/demo.csv"])[1],
+         "output folder nowhere is not a folder"),
     # --- click's own option errors, also one line
     case("evaluate-bad-choice", lambda env: env.evaluate(env.data(), None, "--by", "foo"),
          "kgml-peft evaluate:", "'foo' is not one of"),
@@ -526,8 +527,8 @@ CASES = [
     # --- pretrain options and config: all fail before training
     case("pretrain-unsafe-name", lambda env: env.pretrain("--name", "../evil"), "unsafe checkpoint name '../evil'",
          absent=("evil.safetensors",)),
-    case("pretrain-missing-out-dir", lambda env: env.pretrain("--out-dir", str(env.tmp / "no" / "dir")),
-         "output folder", "does not exist"),
+    case("pretrain-out-dir-is-a-file", lambda env: (_touch(env.tmp / "no"), env.pretrain("--out-dir", str(env.tmp / "no" / "dir")))[1],
+         "output folder", "is not a folder"),
     case("pretrain-config-missing", lambda env: env.pretrain("--config", "missing.toml"),
          "config file missing.toml does not exist"),
     case("pretrain-config-unknown-key", write_config("seed = 1\nlearning_rate = 0.1\n"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,12 +27,12 @@ from kgml_peft.calibration.units import PROVENANCE
 from kgml_peft.data.tables import load_table, validate_table
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import read_adapter, save_adapter
-from kgml_peft.atomic import check_writable_target
+from kgml_peft.atomic import check_outputs, make_folders, remove_empty
 from kgml_peft.store.checkpoint import Backbone, load_backbone, read_checkpoint, save_backbone
 from kgml_peft.store.library import adapter_path, writable_target
 from kgml_peft.train.pretrain import frame_hash
 from kgml_peft.train.processes import launched, map_sharded, rank
-from kgml_peft.train.state import StateFile
+from kgml_peft.train.state import RESUME_DIR, StateFile
 
 
 @dataclass
@@ -83,6 +84,8 @@ def run_calibration(
     progress: bool = True,
     force: bool = False,
     resume: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    also_writes: Sequence[str | os.PathLike] = (),
 ) -> list[CalibrationRun]:
     """Calibrate ``site`` (site id, region label or ``all``) and write the outputs.
 
@@ -93,11 +96,16 @@ def run_calibration(
     seed, backbone) already wrote is skipped. With ``config.batch_sites`` K > 1 the units are
     calibrated in groups of K (:mod:`kgml_peft.calibration.batched`); groups save no per-epoch
     state: a resumed run reruns unfinished groups whole.
+
+    ``out_dir`` is created if missing (and removed again if the run fails before writing). No
+    output may be the backbone, the data table, one of ``inputs`` (e.g. the config file) or one
+    of ``also_writes`` (files the caller writes afterwards, e.g. a plot; checked with ``force``
+    like the adapters).
     """
     config = config or CalibrationConfig()
     out = Path(out_dir)
-    if not out.is_dir():
-        raise KgmlPeftError(f"output folder {out} does not exist")
+    if out.exists() and not out.is_dir():
+        raise KgmlPeftError(f"output folder {out} is not a folder")
     backbone = load_backbone(backbone_path)
     features = backbone.config.features
     if data is None:
@@ -107,10 +115,23 @@ def run_calibration(
     else:
         table = load_table(data, features)
     units = calibration_units(table, site)
-    paths = [check_writable_target(output_path(out, name, config.method)) for name, _, _ in units]
-    if not resume:
-        for path in paths:
-            writable_target(path, force)
+    read = [backbone_path, *inputs, *([] if data is None or isinstance(data, pd.DataFrame) else [data])]
+    paths = check_outputs([output_path(out, name, config.method) for name, _, _ in units], read,
+                          force=force or resume)[:len(units)]
+    check_outputs(also_writes, [*read, *paths], force=force)
+    created = make_folders(out)
+    try:
+        return _calibrate_units(backbone, backbone_path, units, paths, out, config, cpu, progress,
+                                force, resume)
+    except BaseException:
+        remove_empty([*created, out / RESUME_DIR] if created else [out / RESUME_DIR])
+        raise
+
+
+def _calibrate_units(backbone: Backbone, backbone_path, units, paths: list[Path], out: Path,
+                     config: CalibrationConfig, cpu: bool, progress: bool, force: bool,
+                     resume: bool) -> list[CalibrationRun]:
+    """The body of :func:`run_calibration`, once every output path has passed its check."""
     # every unit's data problems surface before the first unit trains and writes its file
     prepared = [prepare_unit(backbone, rows, name, scope, config) for name, scope, rows in units]
     if config.prior == "neighbours":  # each unit starts from its neighbours in the output store

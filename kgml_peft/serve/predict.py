@@ -35,14 +35,13 @@ import numpy as np
 import pandas as pd
 
 from kgml_peft import schema, uncertainty
-from kgml_peft.atomic import check_not_inputs
+from kgml_peft.atomic import check_outputs
 from kgml_peft.data.tables import load_table, table_format, validate_table, write_table
 from kgml_peft.data.windows import YearWindows, make_windows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.data.places import NoneInRange, check_neighbour_settings, site_points
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.store.blend import blend_adapters, choose_neighbours, located_adapters
-from kgml_peft.store.library import writable_target
 
 #: Output columns, in order.
 OUTPUT_COLUMNS: tuple[str, ...] = ("site", "date", "Ra", "Rh", "Reco", "NEE", "Yield", "adapter")
@@ -308,10 +307,9 @@ def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.Pa
         check_neighbour_settings(neighbours, max_km)
     target = Path(out)
     targets = [target] + ([Path(annual)] if annual is not None else [])
-    check_not_inputs(targets, [data] if not isinstance(data, pd.DataFrame) else [])
     for path in targets:
         table_format(path)
-        writable_target(path, force)
+    check_outputs(targets, [backbone, *([data] if not isinstance(data, pd.DataFrame) else [])], force)
     store_path = Path(store)
     needs_store = site is not None or site_column is not None or store_path.is_dir()
     bank = AdapterBank(backbone, store_path if needs_store else None, device=device)  # checks the folder

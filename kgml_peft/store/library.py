@@ -15,8 +15,9 @@ from pathlib import Path
 from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
-from kgml_peft.atomic import atomic_path, check_writable_target
+from kgml_peft.atomic import atomic_path, check_outputs
 from kgml_peft.store.checkpoint import Backbone, load_backbone
+from kgml_peft.text import printable
 from kgml_peft.tuners.base import check_tensors
 
 SUFFIX = ".safetensors"
@@ -28,11 +29,9 @@ def adapter_path(store: str | os.PathLike, site: str) -> Path:
 
 
 def writable_target(path: Path, force: bool) -> Path:
-    """Check that ``path`` can be written now, and that an existing file may be replaced."""
-    check_writable_target(path)
-    if path.exists() and not force:
-        raise KgmlPeftError(f"{path} exists; pass --force to replace it")
-    return path
+    """Check that ``path`` can be written now, and that an existing file may be replaced
+    (:func:`~kgml_peft.atomic.check_outputs` of one output)."""
+    return check_outputs([path], force=force)[0]
 
 
 def _fmt(value: float | None) -> str:
@@ -87,7 +86,7 @@ def adapter_summary(adapter: Adapter) -> str:
     if versions:
         lines.append("made with " + ", ".join(f"{k.replace('_version', '')} {v}" for k, v in versions.items()))
     lines.append("use: kgml-peft adapters verify FILE --backbone <the backbone with this fingerprint>")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # metadata cannot start a line of its own
 
 
 def list_adapters(store: str | os.PathLike) -> list[dict]:
@@ -146,24 +145,22 @@ def check_fits(adapter: Adapter, backbone: Backbone) -> None:
 
 def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
                    backbone: Backbone | None = None, force: bool = False) -> tuple[Path, Path]:
-    """Copy a verified adapter to ``destination`` (a file, or a folder for ``<site>.safetensors``)
-    and write its summary to the same name with ``.txt``; return both paths."""
+    """Copy a verified adapter to ``destination`` (a file, or a folder for ``<site>.safetensors``:
+    an existing folder, or a path ending in ``/``, created if missing) and write its summary to the
+    same name with ``.txt``; return both paths."""
     adapter = read_adapter(source)
     if backbone is not None:
         check_fits(adapter, backbone)
     dest = Path(destination)
-    if dest.is_dir():
+    if dest.is_dir() or str(destination).endswith(("/", os.sep)):
         dest = adapter_path(dest, adapter.site)
-    elif not dest.suffix or str(destination).endswith(("/", os.sep)):
-        raise KgmlPeftError(f"export folder {dest} does not exist (create it, or give a "
-                            f"{SUFFIX} file name)")
+    elif not dest.suffix:
+        raise KgmlPeftError(f"export target {dest} is neither a folder nor a {SUFFIX} file name "
+                            f"(end a new folder's name with /)")
     if dest.suffix != SUFFIX:
         raise KgmlPeftError(f"export target {dest} must end in {SUFFIX}")
-    if dest.resolve() == Path(source).resolve():
-        raise KgmlPeftError(f"{dest} is the adapter itself; export to another file or folder")
     summary = dest.with_suffix(".txt")
-    for path in (dest, summary):
-        writable_target(path, force)
+    check_outputs([dest, summary], [source], force)
     text = adapter_summary(adapter) + "\n"  # before anything is written
     # the summary is renamed into place only once the adapter's copy is complete, and a failed
     # summary write removes the copy: no summary without its adapter, nor the other way round
@@ -186,7 +183,7 @@ def import_adapter(source: str | os.PathLike, store: str | os.PathLike, backbone
     dest = adapter_path(folder, adapter.site)
     if dest.exists() and dest.resolve() == Path(source).resolve():
         raise KgmlPeftError(f"{source} is already in the store {folder}")
-    writable_target(dest, force)
+    check_outputs([dest], [source], force)
     with atomic_path(dest) as tmp:
         shutil.copyfile(source, tmp)
     return dest
