@@ -141,6 +141,18 @@ def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def write_failure(exc: BaseException) -> str | None:
+    """The operating system's reason a write failed (a full disk, a quota, a name too long ...),
+    or None when ``exc`` is not such a failure. safetensors reports these in its own exception
+    type, with the OS message inside."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
+        return text.split("I/O error:", 1)[1].strip()
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -154,9 +166,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.",
                                         suffix=".tmp", dir=target.parent)
-    except BaseException:
+    except OSError as exc:  # a full disk, a name too long for the file system ...
         remove_empty(created)
-        raise
+        raise KgmlPeftError(f"cannot write {target}: {write_failure(exc)}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates the file 0600; give the result the mode a plain open() would (or keep the
@@ -170,8 +182,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         remove_empty(created)
-        raise
+        cause = write_failure(exc)
+        if cause is None:
+            raise
+        raise KgmlPeftError(f"cannot write {target}: {cause}; nothing was written") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -921,9 +922,13 @@ def adapters_list(store: Path, as_json: bool) -> None:
             continue
         before, after = row["val_loss_before"], row["val_loss_after"]
         click.echo(printable(f"{row['file']:<28}{row['site']:<12}{row['bytes'] / 1024:>6.1f}{row['parameters']:>8}  "
-                   f"{row['backbone']:<17}{'-' if before is None else f'{before:.4f}':>9}"
-                   f"{'-' if after is None else f'{after:.4f}':>10}  "
+                   f"{row['backbone']:<17}{_number(before):>9}{_number(after):>10}  "
                    f"{_degrees(row['lat']):>10}{_degrees(row['lon']):>11}"))
+
+
+def _number(value: float | None) -> str:
+    """A stored metric for a table: ``-`` when missing or not finite (e.g. no validation data)."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
 def _degrees(value: float | None) -> str:

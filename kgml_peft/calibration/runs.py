@@ -116,9 +116,10 @@ def run_calibration(
         table = load_table(data, features)
     units = calibration_units(table, site)
     read = [backbone_path, *inputs, *([] if data is None or isinstance(data, pd.DataFrame) else [data])]
-    paths = check_outputs([output_path(out, name, config.method) for name, _, _ in units], read,
-                          force=force or resume)[:len(units)]
-    check_outputs(also_writes, [*read, *paths], force=force)
+    paths = [output_path(out, name, config.method) for name, _, _ in units]
+    check_outputs([*paths, *also_writes], read, force=True)  # no output is an input or repeats
+    check_outputs(paths, force=force or resume)
+    check_outputs(also_writes, force=force)
     created = make_folders(out)
     try:
         return _calibrate_units(backbone, backbone_path, units, paths, out, config, cpu, progress,

@@ -284,9 +284,15 @@ def select_sites(frame: pd.DataFrame, selector: str | None) -> pd.DataFrame:
     if selector is None or selector == "all":
         return frame
     by_site = frame[frame[schema.SITE] == selector]
+    by_region = frame[frame[schema.REGION] == selector]
+    if len(by_site) and len(by_region) and len(by_region) != len(by_site):
+        # both readings are possible and select different rows (and both would write the adapter
+        # file <selector>.safetensors): guessing would calibrate or score the wrong thing
+        others = by_region[schema.SITE].nunique() - (1 if (by_region[schema.SITE] == selector).any() else 0)
+        raise KgmlPeftError(f"{selector!r} is both a site and a region (of {others} other sites); "
+                            "rename the site or the region in the data")
     if len(by_site):
         return by_site.reset_index(drop=True)
-    by_region = frame[frame[schema.REGION] == selector]
     if len(by_region):
         return by_region.reset_index(drop=True)
     sites = sorted(frame[schema.SITE].unique())

@@ -1,0 +1,304 @@
+"""Issue 20, classes 1, 5 and 9: output paths, OS errors and output hygiene, through the real CLI.
+
+* Class 1: every output path goes through one check (:func:`kgml_peft.atomic.check_outputs`):
+  an existing file needs ``--force``; an output that is, or resolves to, one of the command's
+  inputs (or another of its outputs) is refused even with ``--force``; special files are refused;
+  missing folders are created by the write (and removed again when the command fails).
+* Class 5: OS errors (a full disk, a name too long) end in one line naming the path and cause.
+* Class 9: untrusted text prints on one line; ``--json`` is strict JSON; an id that is both a
+  site and a region is refused as ambiguous.
+
+Rows use the bad-input matrix's harness and checks: exit 2, exactly one ``error:`` line, no
+traceback, nothing on stdout, no file created, every earlier file byte-identical with the same
+modification time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kgml_peft.cli import cli
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kgml_peft.store.adapter import read_adapter
+from tests.conftest import make_frame
+from tests.test_bad_input_matrix import MEnv, _mtimes
+from tests.test_bad_input_matrix import adapters as adapters  # noqa: F401 - a fixture these rows use
+from tests.test_cli_validation import Case, _runner, _snapshot, case, check_user_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _file(path: Path, text: str = "keep me\n") -> Path:
+    path.write_text(text)
+    return path
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target.resolve())
+    return link
+
+
+# --- class 1: outputs -----------------------------------------------------------------------
+
+
+def _plot_onto_backbone(env: MEnv) -> list[str]:
+    shipped = env.shipped()
+    return ["backbone", "show", str(shipped), "--plot", str(shipped), "--force"]
+
+
+def _calibrate_onto_its_backbone(env: MEnv) -> list[str]:
+    """A copy of the backbone named like the adapter the run would write into the same folder."""
+    store = env.folder("store")
+    backbone = store / "IA.safetensors"
+    shutil.copyfile(env.backbone, backbone)
+    return ["calibrate", "--data", str(env.data()), "--backbone", str(backbone), "--out", str(store),
+            "--site", "IA", "--epochs", "1", "--cv", "none", "--quiet", "--force"]
+
+
+def _calibrate_plot_onto_adapter(env: MEnv) -> list[str]:
+    store = env.folder("store")
+    return env.calibrate("--site", "IA", "--cv", "none", "--force",
+                         "--plot", str(store / "IA.safetensors"), out=store)
+
+
+CASES: list[Case] = [
+    case("backbone-show-plot-onto-the-backbone", _plot_onto_backbone, "is the input"),
+    case("backbone-show-plot-exists", lambda env: ["backbone", "show", str(env.shipped()), "--plot",
+                                                   str(_file(env.tmp / "curves.png"))], "exists; pass --force"),
+    case("backbone-show-plot-onto-a-link-to-the-backbone",
+         lambda env: ["backbone", "show", str(env.shipped()), "--force", "--plot",
+                      str(_link(env.tmp / "curves.png", env.tmp / "inputs" / "demo.safetensors"))], "is the input"),
+    case("predict-out-is-data-with-force", lambda env: env.predict("--force", data=env.data(name="b.csv"), out="b.csv"),
+         "is the input"),
+    case("predict-out-links-to-data", lambda env: env.predict(
+        "--force", data=env.data(name="b.csv"), out=str(_link(env.tmp / "out.csv", env.tmp / "b.csv"))), "is the input"),
+    case("predict-annual-is-data", lambda env: env.predict("--force", "--annual", "b.csv", data=env.data(name="b.csv")),
+         "is the input"),
+    case("predict-annual-is-out", lambda env: env.predict("--annual", "pred.csv"), "also the output"),
+    case("predict-out-is-a-folder", lambda env: env.predict(out=str(env.folder("pred.csv"))), "is a directory"),
+    case("calibrate-adapter-onto-its-backbone", _calibrate_onto_its_backbone, "is the input"),
+    case("calibrate-plot-onto-its-adapter", _calibrate_plot_onto_adapter, "also the output"),
+    case("calibrate-plot-onto-data", lambda env: env.calibrate("--site", "IA", "--force", "--plot",
+                                                              str(env.data(name="d.csv")), data=env.tmp / "d.csv"),
+         "is the input"),
+    case("calibrate-plot-exists", lambda env: env.calibrate("--site", "IA", "--plot",
+                                                           str(_file(env.tmp / "curves.png"))), "exists; pass --force"),
+    case("bench-out-exists", lambda env: ["bench", "--quick", "--backbone", str(env.backbone),
+                                          "--out", str(_file(env.tmp / "bench.json"))], "exists; pass --force"),
+    case("bench-out-is-the-backbone", lambda env: ["bench", "--quick", "--force", "--backbone", str(env.backbone),
+                                                   "--out", str(env.backbone)], "is the input"),
+    case("synth-out-exists", lambda env: ["synth", "--out", str(env.data(name="demo.csv"))], "exists; pass --force"),
+    case("fluxnet-out-is-its-input", lambda env: (lambda f: env.import_fluxnet("--force", path=f, out=str(f)))(
+        env.fluxnet()), "is the input"),
+    case("export-onto-a-link-to-itself", lambda env: ["adapters", "export", str(env.adapter), "--force",
+                                                      str(_link(env.tmp / "shared.safetensors", env.adapter))],
+         "is the input"),
+    case("import-into-its-own-store", lambda env: ["adapters", "import", str(env.adapter), "--store",
+                                                   str(env.adapter.parent), "--backbone", str(env.backbone),
+                                                   "--force"], "already in the store"),
+    # --- class 9: an id that names a site and a region
+    case("calibrate-site-and-region", lambda env: env.calibrate(
+        "--site", "IA", data=env.data(frame=make_frame({"IA": "IA", "IA-002": "IA"}))),
+         "'IA' is both a site and a region", "rename"),
+    case("evaluate-site-and-region", lambda env: env.evaluate(
+        env.data(frame=make_frame({"IA": "IA", "IA-002": "IA"})), None, "--site", "IA"),
+         "'IA' is both a site and a region"),
+    # --- class 5: a name too long for the file system
+    case("predict-out-name-too-long", lambda env: env.predict(out="p" * 300 + ".csv"), "File name too long"),
+    case("evaluate-data-name-too-long", lambda env: env.evaluate(Path("d" * 300 + ".csv")), "File name too long"),
+]
+
+
+@pytest.mark.parametrize("spec", CASES)
+@pytest.mark.usefixtures("isolated_globals")
+def test_hostile_output_is_one_line_and_changes_nothing(spec: Case, tmp_path: Path, backbone_path: Path,
+                                                         other_backbone_path: Path, adapters, monkeypatch) -> None:
+    work = tmp_path / "work"
+    inputs = work / "inputs"
+    inputs.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    copies = [inputs / name for name in ("backbone.safetensors", "IA-001.safetensors", "other.safetensors",
+                                         "IA-001-other.safetensors")]
+    for source, target in zip((backbone_path, adapters[0], other_backbone_path, adapters[1]), copies):
+        shutil.copyfile(source, target)
+    args = spec.setup(MEnv(work, *copies))
+    before, mtimes = _snapshot(tmp_path), _mtimes(tmp_path)
+
+    result = _runner().invoke(cli, args, catch_exceptions=True)
+    check_user_error(result, args, spec.expect, tmp_path, before)
+    assert _mtimes(tmp_path) == mtimes, "a file was rewritten (same bytes, new modification time)"
+
+
+def test_a_fifo_as_output_is_refused_without_opening_it(tmp_path: Path, backbone_path: Path) -> None:
+    """Opening a FIFO for writing blocks until a reader comes: a subprocess with a timeout."""
+    data = MEnv(tmp_path, backbone_path).data()
+    fifo = tmp_path / "pred.csv"
+    os.mkfifo(fifo)
+    run = subprocess.run([sys.executable, "-m", "kgml_peft", "predict", "--data", str(data), "--backbone",
+                          str(backbone_path), "--out", str(fifo), "--force", "--quiet", "--adapters",
+                          str(tmp_path / "none")], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [f"error: {fifo} exists and is not a regular file; "
+                                               "choose another output"], run.stderr
+
+
+# --- missing folders are created, and removed again when the command fails ------------------
+
+
+@pytest.mark.usefixtures("isolated_globals")
+def test_missing_output_folders_are_created(tmp_path: Path, backbone_path: Path, adapter_path: Path,
+                                            monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = MEnv(tmp_path, backbone_path, adapter_path)
+    data = env.data()
+    runner = _runner()
+    calibrated = runner.invoke(cli, ["calibrate", "--data", str(data), "--backbone", str(backbone_path),
+                                     "--out", "new/store", "--site", "IA-001", "--epochs", "1", "--cv", "none",
+                                     "--quiet", "--plot", "figs/cal.png"])
+    assert calibrated.exit_code == 0, calibrated.output
+    assert read_adapter(tmp_path / "new" / "store" / "IA-001.safetensors").site == "IA-001"
+    assert (tmp_path / "figs" / "cal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "new" / "store" / ".kgml-resume").exists()
+    predicted = runner.invoke(cli, ["predict", "--data", str(data), "--backbone", str(backbone_path),
+                                    "--out", "out/a/b/pred.csv", "--quiet", "--adapters", "new/store",
+                                    "--site-column", "site"])
+    assert predicted.exit_code == 0, predicted.output
+    served = pd.read_csv(tmp_path / "out" / "a" / "b" / "pred.csv")
+    assert set(served["site"]) == set(pd.read_csv(data)["site"]) and served["NEE"].notna().all()
+    exported = runner.invoke(cli, ["adapters", "export", "new/store/IA-001.safetensors", "share/"])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "share" / "IA-001.safetensors").read_bytes() == \
+        (tmp_path / "new" / "store" / "IA-001.safetensors").read_bytes()
+    assert (tmp_path / "share" / "IA-001.txt").is_file()
+
+
+@pytest.mark.usefixtures("isolated_globals")
+def test_a_failed_command_leaves_no_new_folder(tmp_path: Path, backbone_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = MEnv(tmp_path, backbone_path)
+    bad = env.data(lambda f: f.drop(columns=["GPP"]), name="bad.csv")
+    before = _snapshot(tmp_path)
+    for args in (["calibrate", "--data", str(bad), "--backbone", str(backbone_path), "--out", "new/store",
+                  "--site", "IA-001", "--epochs", "1", "--quiet"],
+                 ["predict", "--data", str(bad), "--backbone", str(backbone_path), "--out", "new/pred.csv",
+                  "--quiet"]):
+        result = _runner().invoke(cli, args, catch_exceptions=True)
+        check_user_error(result, args, ("GPP",), tmp_path, before)
+    assert not (tmp_path / "new").exists()
+
+
+# --- class 5: a full disk --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory):
+    """A 1 MiB tmpfs filled to the last byte (root only; skipped with the reason otherwise)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("disk-full cases need root to mount a small tmpfs")
+    mount = tmp_path_factory.mktemp("full")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        with open(mount / "filler", "wb", buffering=0) as handle, contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 4096)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def _full_cases(env: MEnv, full: Path) -> dict[str, list[str]]:
+    data = env.data()
+    return {
+        "predict": env.predict("--force", data=data, out=str(full / "pred.csv")),
+        "calibrate": env.calibrate("--site", "IA-001", "--cv", "none", data=data, out=full / "store"),
+        "calibrate-into-the-disk": env.calibrate("--site", "IA-001", "--cv", "none", data=data, out=full),
+        "synth": ["synth", "--out", str(full / "demo.csv"), "--max-sites-per-region", "1",
+                  "--max-years-per-site", "1"],
+        "export": ["adapters", "export", str(env.adapter), str(full) + "/"],
+        "import": ["adapters", "import", str(env.adapter), "--store", str(full), "--backbone", str(env.backbone)],
+        "fluxnet": env.import_fluxnet(out=str(full / "flux.parquet")),
+    }
+
+
+@pytest.mark.parametrize("command", ["predict", "calibrate", "calibrate-into-the-disk", "synth", "export",
+                                     "import", "fluxnet"])
+@pytest.mark.usefixtures("isolated_globals")
+def test_a_full_disk_is_one_line_and_leaves_nothing(command: str, full_disk: Path, tmp_path: Path,
+                                                    backbone_path: Path, adapter_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = MEnv(tmp_path, backbone_path, shutil.copyfile(adapter_path, tmp_path / "IA-001.safetensors"))
+    args = _full_cases(env, full_disk)[command]
+    before = _snapshot(tmp_path)
+    result = _runner().invoke(cli, args, catch_exceptions=True)
+    check_user_error(result, args, ("No space left on device",), tmp_path, before)
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"], "a file or folder was left behind"
+
+
+# --- class 9: output hygiene -----------------------------------------------------------------
+
+
+def _hostile_adapter(adapter: Path, folder: Path) -> Path:
+    """A copy of a valid adapter whose unhashed metadata (written by someone else's tool) tries
+    to print a line of its own, and whose metrics hold a NaN (a loss that could not be computed)."""
+    with safe_open(str(adapter), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    metadata["torch_version"] = "2.13\nerror: this adapter is fine, ignore the checks\x1b[2K"
+    metadata["metrics"] = '{"before": {"loss": NaN}, "after": {"loss": 0.5}}'
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, str(folder / "IA-001.safetensors"), metadata=metadata)
+    return folder / "IA-001.safetensors"
+
+
+@pytest.mark.usefixtures("isolated_globals")
+def test_metadata_cannot_print_a_line_of_its_own_and_json_is_strict(tmp_path: Path, adapter_path: Path) -> None:
+    path = _hostile_adapter(adapter_path, tmp_path / "store")
+    shown = _runner().invoke(cli, ["adapters", "show", str(path)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert not [line for line in lines if line.startswith("error")], lines
+    assert any("torch 2.13\\nerror: this adapter" in line and "\\x1b[2K" in line for line in lines), lines
+    assert "\x1b" not in shown.stdout
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in --json output"))
+
+    for args in (["adapters", "show", str(path), "--json"], ["adapters", "list", "--store", str(path.parent), "--json"]):
+        result = _runner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        data = strict(result.stdout)
+        row = data if isinstance(data, dict) else data[0]
+        loss = row["metrics"]["before"]["loss"] if "metrics" in row else row["val_loss_before"]
+        assert loss is None, row
+    listed = _runner().invoke(cli, ["adapters", "list", "--store", str(path.parent)])
+    assert listed.exit_code == 0 and "IA-001" in listed.stdout and "nan" not in listed.stdout.lower()
+
+
+def test_json_ready_keeps_finite_values_and_nulls_the_rest() -> None:
+    from kgml_peft.text import json_ready, printable
+
+    import numpy as np
+
+    data = {"a": [1, 2.5, float("inf"), -float("inf"), float("nan")], "b": np.float32(0.5),
+            "c": np.array([1.0, np.nan]), "d": (Path("x"), None, True), 3: "k"}
+    assert json_ready(data) == {"a": [1, 2.5, None, None, None], "b": 0.5, "c": [1.0, None],
+                                "d": ["x", None, True], "3": "k"}
+    assert math.isclose(json.loads(json.dumps(json_ready(data), allow_nan=False))["b"], 0.5)
+    assert printable("a\nb\tc\x00\x1b") == "a\\nb\\tc\\x00\\x1b"
+    assert printable("Ne3 ✓ café") == "Ne3 ✓ café"
