@@ -33,11 +33,12 @@ from safetensors.torch import save_file
 
 from kgml_peft.store.adapter import read_adapter
 from tests.conftest import make_frame
+from tests import test_bad_input_matrix as matrix
 from tests.test_bad_input_matrix import MEnv, _mtimes
-from tests.test_bad_input_matrix import adapters as adapters  # noqa: F401 - a fixture these rows use
 from tests.test_cli_validation import Case, _runner, _snapshot, case, check_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
+adapters = matrix.adapters  # the matrix's fixture: a valid adapter and one of another backbone
 
 
 def _file(path: Path, text: str = "keep me\n") -> Path:
