@@ -30,6 +30,7 @@ from kgml_peft import schema
 from kgml_peft.cli import cli
 from kgml_peft.data.synthetic import SynthConfig, simulate
 from kgml_peft.data.tables import read_table, validate_table, write_table
+from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import read_adapter
 from tests.conftest import make_frame
 from tests.test_bad_input_matrix import _mtimes
@@ -105,6 +106,24 @@ def test_missing_spellings_still_mean_nan_in_number_columns(tmp_path: Path) -> N
     table = validate_table(read_table(write_table(frame, tmp_path / "t.csv")), FEATURES)
     assert table["NEE"].dtype == "float64" and table["NEE"].isna().sum() == 3
     assert set(table[schema.SITE]) == {"NA"} and set(table[schema.REGION]) == {"null"}
+
+
+def test_parquet_ids_as_dictionary_strings_are_text(tmp_path: Path) -> None:
+    """A categorical (dictionary-encoded) id column of strings is text, as written."""
+    frame = make_frame({"001": "NA", "1": "NA"}, years=(2003,))
+    frame["site"] = frame["site"].astype("category")
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    table = validate_table(read_table(tmp_path / "t.parquet"), FEATURES)
+    assert sorted(table[schema.SITE].unique()) == ["001", "1"] and set(table[schema.REGION]) == {"NA"}
+
+
+def test_numeric_ids_in_a_frame_are_refused_not_guessed() -> None:
+    """The library path (a DataFrame, not a file) follows the same rule as a Parquet file."""
+    frame = make_frame({"IA-001": "IA"}, years=(2003,))
+    with pytest.raises(KgmlPeftError, match="column site holds float64 values such as 1.0, not text"):
+        validate_table(frame.assign(site=1.0), FEATURES)
+    with pytest.raises(KgmlPeftError, match="column region holds int64 values such as 7"):
+        validate_table(frame.assign(region=7), FEATURES)
 
 
 # --- calibrate, adapters import, predict ----------------------------------------------------

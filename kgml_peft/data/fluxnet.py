@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 
 from kgml_peft import schema
-from kgml_peft.data.tables import check_text_columns, parse_yyyymmdd, read_table, validate_table
+from kgml_peft.data.tables import (check_text_columns, empty_cells, parse_yyyymmdd, read_table,
+                                   validate_table)
 from kgml_peft.errors import KgmlPeftError
 
 #: W m-2 averaged over a day -> MJ m-2 d-1 (86400 s / 1e6).
@@ -153,11 +154,6 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _empty(column: pd.Series) -> pd.Series:
-    """Missing cells of a column: NaN, or an empty string (a text column read as written)."""
-    return column.isna() | (column.astype(object) == "")
-
-
 def read_site_meta(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     """Per-site metadata (a table file or a DataFrame), checked: ``site`` and ``region`` columns,
     optionally static soil inputs (``TSAND``, ...) and coordinates (``lat``, ``lon``, in range),
@@ -170,7 +166,7 @@ def read_site_meta(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
         if name not in meta.columns:
             raise KgmlPeftError(f"{path}: missing column {name} (site metadata needs site and region)")
     check_text_columns(meta, path)
-    if any(_empty(meta[name]).any() for name in (schema.SITE, schema.REGION)):
+    if any(empty_cells(meta[name]).any() for name in (schema.SITE, schema.REGION)):
         raise KgmlPeftError(f"{path}: empty site or region values")
     meta = meta.assign(site=meta[schema.SITE].astype(str), region=meta[schema.REGION].astype(str))
     dup = meta[schema.SITE].duplicated()
@@ -219,7 +215,7 @@ def read_crops(path: str | os.PathLike | pd.DataFrame) -> pd.Series:
             raise KgmlPeftError(f"{source}: missing column {name} (a crops table needs site, year, crop)")
     check_text_columns(table, source)
     for name in (schema.SITE, "year", "crop"):
-        empty = _empty(table[name])
+        empty = empty_cells(table[name])
         if empty.any():
             where = "" if name == schema.SITE else f", first at site {table.loc[empty, schema.SITE].iloc[0]}"
             raise KgmlPeftError(f"{source}: column {name} has {empty.sum()} empty values{where}")

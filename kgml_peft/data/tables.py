@@ -82,8 +82,14 @@ def _is_text(column: pd.Series) -> bool:
     return values.empty or pd.api.types.infer_dtype(values, skipna=True) == "string"
 
 
+def empty_cells(column: pd.Series) -> pd.Series:
+    """Missing cells of an id column: NaN, or the empty string (the one spelling of missing in a
+    text column)."""
+    return column.isna() | (column.astype(object) == "")
+
+
 def check_text_columns(frame: pd.DataFrame, source: object = None) -> None:
-    """Refuse an id column (site, region, crop) stored as numbers, booleans or dates.
+    """Refuse an id column (site, region, crop, adapter) stored as numbers, booleans or dates.
 
     Such a column cannot be turned back into the ids it came from: a site ``001`` written as an
     integer is 1, as a float 1.0, and ``1e3`` became 1000.0; converting back (even ``str(1)``,
@@ -93,8 +99,9 @@ def check_text_columns(frame: pd.DataFrame, source: object = None) -> None:
     prefix = f"{source}: " if source is not None else ""
     for name in schema.TEXT_COLUMNS:
         if name in frame.columns and not _is_text(frame[name]):
-            column = frame[name].dropna()
-            example = next(v for v in column if not isinstance(v, str))
+            column = frame[name]
+            values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+            example = next(v for v in values if not isinstance(v, str) and not pd.isna(v))
             raise KgmlPeftError(
                 f"{prefix}column {name} holds {column.dtype} values such as {example!r}, not text; "
                 f"store {name} ids as strings (001 and 1 are different ids) and write the table again"
@@ -104,7 +111,7 @@ def check_text_columns(frame: pd.DataFrame, source: object = None) -> None:
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a long site-day table from CSV or Parquet (by extension), without validating it.
 
-    Id columns (site, region, crop) come back as text exactly as written (see :func:`_read_csv`);
+    Id columns (site, region, crop, adapter) come back as text exactly as written (see :func:`_read_csv`);
     a Parquet file that stores them as numbers is refused (see :func:`check_text_columns`)."""
     source = Path(path)
     if source.is_dir():
@@ -281,7 +288,7 @@ def validate_table(
 
     check_text_columns(frame)
     for name in (schema.SITE, schema.REGION):
-        empty = frame[name].isna() | (frame[name].astype(object) == "")
+        empty = empty_cells(frame[name])
         if empty.any():
             raise KgmlPeftError(f"column {name} has {empty.sum()} empty values")
         frame[name] = frame[name].astype(str)
