@@ -62,7 +62,8 @@ def _cells(path: Path, column: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def synth_frame() -> pd.DataFrame:
-    """What ``synth`` writes (two years per site: one to fit, one to stop early), its first seven sites renamed to :data:`IDS`."""
+    """What ``synth`` writes (two years per site: one to fit, one to stop early), its first seven
+    sites renamed to :data:`IDS`."""
     frame = simulate(SynthConfig(max_sites_per_region=3, max_years_per_site=2))
     keep = sorted(frame[schema.SITE].unique())[: len(IDS)]
     frame = frame[frame[schema.SITE].isin(keep)].copy()
@@ -166,7 +167,8 @@ def test_import_and_predict_keep_the_ids(calibrated, backbone_path) -> None:
     sites, adapters = _cells(pred, "site"), _cells(pred, "adapter")
     assert sorted(set(sites)) == sorted(IDS) and len(sites) == len(IDS) * 2 * schema.DAYS_PER_YEAR
     assert sites == adapters  # each row served by its own site's adapter, 001 by 001, not 1
-    assert sorted(_cells(annual, "site")) == sorted(IDS * 2) and _cells(annual, "site") == _cells(annual, "adapter")
+    assert sorted(_cells(annual, "site")) == sorted(IDS * 2)
+    assert _cells(annual, "site") == _cells(annual, "adapter")
     back = read_table(pred)  # the toolkit reads its own output back unchanged
     assert list(back["site"]) == sites and list(back["adapter"]) == adapters
 
@@ -324,7 +326,8 @@ def _meta_parquet(env: IEnv) -> Path:
 
 @pytest.mark.parametrize("spec", CASES)
 @pytest.mark.usefixtures("isolated_globals")
-def test_bad_id_is_one_line_and_writes_nothing(spec, tmp_path: Path, backbone_path: Path, monkeypatch) -> None:
+def test_bad_id_is_one_line_and_writes_nothing(spec, tmp_path: Path, backbone_path: Path,
+                                               monkeypatch) -> None:
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
