@@ -17,6 +17,10 @@ SITE = "site"
 REGION = "region"
 DATE = "date"
 ID_COLUMNS: tuple[str, ...] = (SITE, REGION, DATE)
+#: Columns that hold names, never numbers: site and region ids, the crop name of a crops table
+#: and the adapter name of a prediction table. They are read as written (``001`` stays ``001``,
+#: ``NA`` and ``TRUE`` are names); only an empty cell means missing.
+TEXT_COLUMNS: tuple[str, ...] = (SITE, REGION, "crop", "adapter")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 
 from kgml_peft import schema
-from kgml_peft.data.tables import parse_yyyymmdd, read_table, validate_table
+from kgml_peft.data.tables import (check_text_columns, empty_cells, parse_yyyymmdd, read_table,
+                                   validate_table)
 from kgml_peft.errors import KgmlPeftError
 
 #: W m-2 averaged over a day -> MJ m-2 d-1 (86400 s / 1e6).
@@ -164,7 +165,8 @@ def read_site_meta(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     for name in (schema.SITE, schema.REGION):
         if name not in meta.columns:
             raise KgmlPeftError(f"{path}: missing column {name} (site metadata needs site and region)")
-    if meta[schema.SITE].isna().any() or meta[schema.REGION].isna().any():
+    check_text_columns(meta, path)
+    if any(empty_cells(meta[name]).any() for name in (schema.SITE, schema.REGION)):
         raise KgmlPeftError(f"{path}: empty site or region values")
     meta = meta.assign(site=meta[schema.SITE].astype(str), region=meta[schema.REGION].astype(str))
     dup = meta[schema.SITE].duplicated()
@@ -211,8 +213,9 @@ def read_crops(path: str | os.PathLike | pd.DataFrame) -> pd.Series:
     for name in (schema.SITE, "year", "crop"):
         if name not in table.columns:
             raise KgmlPeftError(f"{source}: missing column {name} (a crops table needs site, year, crop)")
+    check_text_columns(table, source)
     for name in (schema.SITE, "year", "crop"):
-        empty = table[name].isna()
+        empty = empty_cells(table[name])
         if empty.any():
             where = "" if name == schema.SITE else f", first at site {table.loc[empty, schema.SITE].iloc[0]}"
             raise KgmlPeftError(f"{source}: column {name} has {empty.sum()} empty values{where}")

@@ -54,8 +54,65 @@ def table_format(path: str | os.PathLike) -> str:
     return _FORMATS[suffix]
 
 
+# pandas' default spellings of a missing value (read_csv's ``na_values`` documentation): kept for
+# numeric columns, so that ``NA`` or ``nan`` in a number column still reads as NaN as it always did.
+_NA_SPELLINGS: tuple[str, ...] = (
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+)
+
+
+def _read_csv(source: Path) -> pd.DataFrame:
+    """A CSV with its text columns (:data:`kgml_peft.schema.TEXT_COLUMNS`) read as written: pandas
+    would guess ``001`` to be the number 1, ``1e3`` 1000.0, ``TRUE`` a boolean and ``NA`` or
+    ``null`` missing, merging or losing sites. Only an empty cell is missing there; every other
+    column keeps pandas' type guessing and missing-value spellings."""
+    header = pd.read_csv(source, nrows=0).columns
+    text = [c for c in header if c in schema.TEXT_COLUMNS]
+    missing = {c: [""] if c in text else list(_NA_SPELLINGS) for c in header}
+    return pd.read_csv(source, dtype={c: str for c in text}, keep_default_na=False, na_values=missing)
+
+
+def _is_text(column: pd.Series) -> bool:
+    """Whether every value present in ``column`` is a string (missing values are checked later)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        values = pd.Series(column.cat.categories)
+    else:
+        values = column.dropna()
+    return values.empty or pd.api.types.infer_dtype(values, skipna=True) == "string"
+
+
+def empty_cells(column: pd.Series) -> pd.Series:
+    """Missing cells of an id column: NaN, or the empty string (the one spelling of missing in a
+    text column)."""
+    return column.isna() | (column.astype(object) == "")
+
+
+def check_text_columns(frame: pd.DataFrame, source: object = None) -> None:
+    """Refuse an id column (site, region, crop, adapter) stored as numbers, booleans or dates.
+
+    Such a column cannot be turned back into the ids it came from: a site ``001`` written as an
+    integer is 1, as a float 1.0, and ``1e3`` became 1000.0; converting back (even ``str(1)``,
+    exact for integers) would silently give the adapter of another site or merge ``01`` with
+    ``1``. So ids must be stored as text; CSV files are always read that way.
+    """
+    prefix = f"{source}: " if source is not None else ""
+    for name in schema.TEXT_COLUMNS:
+        if name in frame.columns and not _is_text(frame[name]):
+            column = frame[name]
+            values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+            example = next(v for v in values if not isinstance(v, str) and not pd.isna(v))
+            raise KgmlPeftError(
+                f"{prefix}column {name} holds {column.dtype} values such as {example!r}, not text; "
+                f"store {name} ids as strings (001 and 1 are different ids) and write the table again"
+            )
+
+
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a long site-day table from CSV or Parquet (by extension), without validating it."""
+    """Read a long site-day table from CSV or Parquet (by extension), without validating it.
+
+    Id columns (site, region, crop, adapter) come back as text exactly as written (see :func:`_read_csv`);
+    a Parquet file that stores them as numbers is refused (see :func:`check_text_columns`)."""
     source = Path(path)
     if source.is_dir():
         raise KgmlPeftError(f"{source} is a directory, expected a .csv or .parquet file")
@@ -64,7 +121,7 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     kind = table_format(source)
     try:
         if kind == "csv":
-            frame = pd.read_csv(source)
+            frame = _read_csv(source)
         else:
             frame = pd.read_parquet(source)
     except pd.errors.EmptyDataError:
@@ -74,6 +131,7 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise KgmlPeftError(f"cannot read {source} as {kind}: {first}") from None
     if frame.empty:
         raise KgmlPeftError(f"{source} has no rows")
+    check_text_columns(frame, source)
     return frame
 
 
@@ -228,9 +286,11 @@ def validate_table(
     keep = list(schema.ID_COLUMNS) + list(dict.fromkeys([*features, *coordinates, *targets, *crop]))
     frame = frame[keep].copy()
 
+    check_text_columns(frame)
     for name in (schema.SITE, schema.REGION):
-        if frame[name].isna().any():
-            raise KgmlPeftError(f"column {name} has {frame[name].isna().sum()} empty values")
+        empty = empty_cells(frame[name])
+        if empty.any():
+            raise KgmlPeftError(f"column {name} has {empty.sum()} empty values")
         frame[name] = frame[name].astype(str)
     for site in frame[schema.SITE].unique():
         schema.check_site_id(site)
