@@ -16,6 +16,7 @@ import pandas as pd
 
 from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.readable import check_regular_file
 from kgml_peft.atomic import atomic_path
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -57,10 +58,7 @@ def table_format(path: str | os.PathLike) -> str:
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a long site-day table from CSV or Parquet (by extension), without validating it."""
     source = Path(path)
-    if source.is_dir():
-        raise KgmlPeftError(f"{source} is a directory, expected a .csv or .parquet file")
-    if not source.exists():
-        raise KgmlPeftError(f"data file {source} does not exist")
+    check_regular_file(source, "data file")  # a FIFO would block the reader for ever
     kind = table_format(source)
     try:
         if kind == "csv":
