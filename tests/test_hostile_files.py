@@ -236,6 +236,12 @@ def _check_listing_json(result: dict, folder: Path) -> None:
     assert len(rows) == 2 + len(BAD_ENTRIES)
 
 
+def _show_link(env: HEnv) -> list[str]:
+    """Links are followed: one to a real adapter is fine."""
+    (env.dir / "ln.safetensors").symlink_to(env.good("IA-001"))
+    return ["adapters", "show", "ln.safetensors"]
+
+
 def _check_shown(result: dict, folder: Path) -> None:
     assert "kgml-peft adapter for site IA-001" in result["stdout"], result
 
@@ -254,10 +260,7 @@ EXTRA = [
          check=_check_listing),
     Case("list-json-goes-on-past-bad-entries",
          lambda e: ["adapters", "list", "--json", "--store", e.store(BAD_ENTRIES)], check=_check_listing_json),
-    Case("show-link-to-a-regular-file",  # links are followed: one to a real adapter is fine
-         lambda e: (e.dir.joinpath("ln.safetensors").symlink_to(e.good("IA-001")), ["adapters", "show",
-                                                                                  "ln.safetensors"])[1],
-         check=_check_shown),
+    Case("show-link-to-a-regular-file", _show_link, check=_check_shown),
     Case("predict-site-column-skips-unneeded-bad-entries",
          lambda e: e.predict("--site-column", "site", "--adapters", e.store(BAD_ENTRIES)), check=_check_predicted),
     Case("blend-neighbour-search-skips-bad-entries",
