@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.readable import check_regular_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,8 +18,7 @@ else:  # pragma: no cover - Python 3.10
 def read_toml(path: str | os.PathLike) -> dict:
     """The contents of a TOML file; a missing or unparsable file is a :class:`KgmlPeftError`."""
     source = Path(path)
-    if not source.is_file():
-        raise KgmlPeftError(f"config file {source} does not exist")
+    check_regular_file(source, "config file")
     try:
         return tomllib.loads(source.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

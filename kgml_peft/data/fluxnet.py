@@ -47,6 +47,7 @@ from kgml_peft import schema
 from kgml_peft.data.tables import (check_text_columns, empty_cells, parse_yyyymmdd, read_table,
                                    validate_table)
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.readable import check_regular_file
 
 #: W m-2 averaged over a day -> MJ m-2 d-1 (86400 s / 1e6).
 W_M2_TO_MJ_DAY = 0.0864
@@ -145,10 +146,10 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
             if not found:
                 raise KgmlPeftError(f"{path} has no FLUXNET2015 daily files (FLX_*_DD_*.csv)")
             files.extend(found)
-        elif not path.exists():
-            raise KgmlPeftError(f"{path} does not exist")
         else:
             files.append(path)
+    for path in files:  # before reading any: a FIFO among them would block the import for ever
+        check_regular_file(path, "FLUXNET file")
     if not files:
         raise KgmlPeftError("no FLUXNET2015 files given")
     return files

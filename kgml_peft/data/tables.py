@@ -16,6 +16,7 @@ import pandas as pd
 
 from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.readable import check_regular_file
 from kgml_peft.atomic import atomic_path
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -114,10 +115,7 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     Id columns (site, region, crop, adapter) come back as text exactly as written (see :func:`_read_csv`);
     a Parquet file that stores them as numbers is refused (see :func:`check_text_columns`)."""
     source = Path(path)
-    if source.is_dir():
-        raise KgmlPeftError(f"{source} is a directory, expected a .csv or .parquet file")
-    if not source.exists():
-        raise KgmlPeftError(f"data file {source} does not exist")
+    check_regular_file(source, "data file")  # a FIFO would block the reader for ever
     kind = table_format(source)
     try:
         if kind == "csv":

@@ -111,7 +111,9 @@ class AdapterBank:
                 return True
         if self.store is None or not schema.SITE_ID_PATTERN.fullmatch(str(name)):
             return False
-        return self.path(name).is_file()
+        # any entry counts, a broken one too (a FIFO, a dangling link): get() then says what is
+        # wrong with it, rather than the backbone silently standing in for that adapter
+        return os.path.lexists(self.path(name))
 
     def get(self, name: str) -> ServingAdapter:
         """Adapter ``name``, from the cache or loaded (and checked) from the store."""
@@ -124,7 +126,7 @@ class AdapterBank:
                 self.stats["hits"] += 1
                 return served
         path = self.path(name)
-        if path is None or not path.is_file():
+        if path is None or not os.path.lexists(path):
             where = f"store {self.store}" if self.store is not None else "bank (no store)"
             raise KgmlPeftError(f"no adapter {name!r} in the {where}")
         served = serving_adapter(load_adapter(path), self.backbone, self.device)

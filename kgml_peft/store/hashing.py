@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.readable import check_regular_file
 
 
 def canonical_json(data: object) -> bytes:
@@ -41,10 +42,7 @@ def read_safetensors(
     """Tensors and raw string metadata of a safetensors file; ``what`` (``backbone``,
     ``adapter``) names the file in errors. Never unpickles anything."""
     path = Path(source)
-    if not path.exists():
-        raise KgmlPeftError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise KgmlPeftError(f"{what} {path} is a directory, expected a .safetensors file")
+    check_regular_file(path, what)  # a FIFO would block safe_open for ever
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.readable import check_regular_file
 from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
 from kgml_peft.atomic import atomic_path, check_outputs
 from kgml_peft.store.checkpoint import Backbone, load_backbone
@@ -92,17 +93,20 @@ def adapter_summary(adapter: Adapter) -> str:
 def list_adapters(store: str | os.PathLike) -> list[dict]:
     """One row per ``*.safetensors`` file of ``store`` (sorted by name). Site backbone checkpoints
     (``--method full|scratch``) are listed with ``kind`` ``backbone``; a file that cannot be read is
-    listed with its ``error`` instead of failing the whole listing."""
+    listed with its ``error`` instead of failing the whole listing: so is an entry that is not a
+    regular file (a FIFO, a folder, a broken link or a link loop; ``bytes`` ``None``), which is
+    never opened."""
     folder = Path(store)
     if not folder.is_dir():
         raise KgmlPeftError(f"adapter store {folder} does not exist or is not a folder")
     rows = []
     for path in sorted(folder.glob(f"*{SUFFIX}")):
-        row: dict = {"file": path.name, "bytes": path.stat().st_size, "kind": "adapter"}
+        row: dict = {"file": path.name, "bytes": None, "kind": "adapter"}
         try:
+            row["bytes"] = check_regular_file(path, "adapter").st_size
             adapter = read_adapter(path)
         except KgmlPeftError as exc:
-            if _is_backbone(path):
+            if row["bytes"] is not None and _is_backbone(path):
                 row.update(kind="backbone", site=path.stem)
             else:
                 row.update(kind="unreadable", error=str(exc))
