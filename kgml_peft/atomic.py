@@ -53,11 +53,11 @@ def check_outputs(outputs: Sequence[str | os.PathLike], inputs: Sequence[str | o
     or whose nearest existing folder is not a writable folder. Missing folders are allowed (the
     write creates them). Returns the outputs as paths.
     """
-    seen: dict[Path, str] = {Path(source).resolve(): f"the input {source}" for source in inputs}
+    seen: dict[Path, str] = {_real(source): f"the input {source}" for source in inputs}
     checked = []
     for output in outputs:
         target = Path(output)
-        resolved = target.resolve()
+        resolved = _real(target)
         if resolved in seen:
             raise KgmlPeftError(f"output {target} is {seen[resolved]}; write to another file")
         seen[resolved] = f"also the output {target}"
@@ -66,6 +66,12 @@ def check_outputs(outputs: Sequence[str | os.PathLike], inputs: Sequence[str | o
             raise KgmlPeftError(f"{target} exists; pass --force to replace it")
         checked.append(target)
     return checked
+
+
+def _real(path: str | os.PathLike) -> Path:
+    """``path`` with links and relative parts resolved; a link loop stays as it is (where
+    ``Path.resolve`` would raise)."""
+    return Path(os.path.realpath(path))
 
 
 def check_not_inputs(targets: list[str | os.PathLike], inputs: list[str | os.PathLike]) -> None:

@@ -690,11 +690,11 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
     calibration time per site and adapter size, side by side in one run; print JSON."""
     from kgml_peft.experiments.bench import BenchConfig, run_bench
     from kgml_peft.atomic import atomic_path, check_outputs
+    from kgml_peft.readable import check_regular_file
 
     if out is not None:
         check_outputs([out], [backbone], force)
-    if not backbone.is_file():
-        raise KgmlPeftError(f"backbone {backbone} does not exist")
+    check_regular_file(backbone, "backbone")  # before the long calibration stage, not after
     given = {k: v for k, v in options.items()
              if click.get_current_context().get_parameter_source(k).name != "DEFAULT"}
     values = {"backbone": str(backbone), "device": _device(cpu), **given}
