@@ -66,7 +66,7 @@ Group.group_class = Group  # nested groups (``backbone``) handle errors the same
 
 @click.group("kgml-peft", cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kgml-peft")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
               envvar="KGML_PEFT_THREADS",
               help="CPU threads for torch. The GRUs are small and step day by day, so one thread "
                    "is as fast as several and never slowed down by other busy processes.")

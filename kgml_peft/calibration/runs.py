@@ -28,6 +28,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import read_adapter, save_adapter
 from kgml_peft.atomic import check_writable_target
 from kgml_peft.store.checkpoint import Backbone, load_backbone, read_checkpoint, save_backbone
+from kgml_peft.tuners.base import adapter_shapes
 from kgml_peft.store.library import adapter_path, writable_target
 from kgml_peft.train.pretrain import frame_hash
 from kgml_peft.train.processes import launched, map_sharded, rank
@@ -99,6 +100,8 @@ def run_calibration(
     if not out.is_dir():
         raise KgmlPeftError(f"output folder {out} does not exist")
     backbone = load_backbone(backbone_path)
+    if config.method == "adapter":  # its sizes fit this backbone: refused before any allocation
+        adapter_shapes(config.adapter, backbone.model)
     features = backbone.config.features
     if data is None:
         table = validate_table(demo_table(), features)

@@ -78,6 +78,9 @@ class Prediction:
     #: site -> the blend of neighbours that served it (``neighbours``), with its sources' weights
     blended: dict[str, dict] = field(default_factory=dict)
 
+#: Most site-years in one forward pass (a bound, so that a typo is refused, not allocated)
+MAX_BATCH = 100_000
+
 
 def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = None,
                   site_column: str | None = None, require_adapter: bool = False,
@@ -99,8 +102,8 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
         raise KgmlPeftError("give --site or --site-column, not both")
     if site_column is not None and site_column not in SITE_COLUMNS:
         raise KgmlPeftError(f"--site-column must be one of {', '.join(SITE_COLUMNS)}, got {site_column!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise KgmlPeftError(f"batch size must be a positive integer, got {batch_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        raise KgmlPeftError(f"batch size must be an integer in [1, {MAX_BATCH}], got {batch_size!r}")
     if neighbours is not None:
         check_neighbour_settings(neighbours, max_km)
         if site_column != schema.SITE:
