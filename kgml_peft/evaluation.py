@@ -25,11 +25,15 @@ def evaluate(
     violation metrics (mass balance, negative fluxes, response of Ra to GPP).
     ``site`` restricts the table to one site id or region label.
     """
+    from kgml_peft.serve.probe import backbone_name, check_backbone_outputs, check_values
+
     features = backbone.config.features
+    check_backbone_outputs(backbone)
     frame = validate_table(frame, features)
     frame = select_sites(frame, site)
     windows = make_windows(frame, features)
     preds = predict_windows(backbone.model, backbone.scalers, windows)
+    check_values(preds, backbone_name(backbone))  # no inf in the report
     response = gpp_response(backbone.model, backbone.scalers, windows, base=preds)
 
     def metrics(index: np.ndarray) -> dict:

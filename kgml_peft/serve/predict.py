@@ -41,6 +41,7 @@ from kgml_peft.data.windows import YearWindows, make_windows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.data.places import NoneInRange, check_neighbour_settings, site_points
 from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.serve.probe import backbone_name, check_backbone_outputs, check_windows
 from kgml_peft.store.blend import blend_adapters, choose_neighbours, located_adapters
 from kgml_peft.store.library import writable_target
 
@@ -144,6 +145,7 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
                                    strategy=strategy, progress=progress)
     out, chosen, outside, widths = (served_windows.out, served_windows.chosen, served_windows.outside,
                                     served_windows.widths)
+    check_windows(out, list(chosen), lambda name: _culprit(bank, name))  # nothing inf/NaN is written
 
     n, days = windows.dates.shape
     yield_daily = np.full((n, days), np.nan)
@@ -165,6 +167,14 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
                       missing={k: missing[k] for k in absent}, dropped=list(windows.dropped),
                       site_years=n, annual=annual, level=interval,
                       other_crop=dict(Counter(served[outside])), blended=blended)
+
+
+def _culprit(bank: AdapterBank, name: str | None) -> str:
+    """How an error names what computed a window: its adapter (file) or the backbone."""
+    if name is None:
+        return backbone_name(bank.backbone)
+    path = bank.get(name).path
+    return f"adapter {path if path is not None else name}"
 
 
 def neighbour_blends(bank: AdapterBank, points: dict[str, tuple[float, float]], k: int,
@@ -318,6 +328,7 @@ def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.Pa
     store_path = Path(store)
     needs_store = site is not None or site_column is not None or store_path.is_dir()
     bank = AdapterBank(backbone, store_path if needs_store else None, device=device)  # checks the folder
+    check_backbone_outputs(bank.backbone)
     features = bank.backbone.config.features
     table = data if isinstance(data, pd.DataFrame) else load_table(data, features, targets=[])
     prediction = predict_table(bank, table, site=site, site_column=site_column,

@@ -144,6 +144,14 @@ def check_fits(adapter: Adapter, backbone: Backbone) -> None:
     check_tensors(adapter.tensors, adapter.config, backbone.model)
 
 
+def check_outputs(adapter: Adapter, backbone: Backbone) -> None:
+    """Refuse an adapter whose predictions on ``backbone`` overflow on typical inputs (see
+    :mod:`kgml_peft.serve.probe`; imported here because serving builds on this module)."""
+    from kgml_peft.serve.probe import check_adapter_outputs
+
+    check_adapter_outputs(adapter, backbone)
+
+
 def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
                    backbone: Backbone | None = None, force: bool = False) -> tuple[Path, Path]:
     """Copy a verified adapter to ``destination`` (a file, or a folder for ``<site>.safetensors``)
@@ -151,6 +159,7 @@ def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
     adapter = read_adapter(source)
     if backbone is not None:
         check_fits(adapter, backbone)
+        check_outputs(adapter, backbone)
     dest = Path(destination)
     if dest.is_dir():
         dest = adapter_path(dest, adapter.site)
@@ -180,6 +189,7 @@ def import_adapter(source: str | os.PathLike, store: str | os.PathLike, backbone
     it into ``store`` as ``<site>.safetensors``; return the new path."""
     adapter = read_adapter(source)
     check_fits(adapter, backbone)
+    check_outputs(adapter, backbone)
     folder = Path(store)
     if not folder.is_dir():
         raise KgmlPeftError(f"adapter store {folder} does not exist or is not a folder")
