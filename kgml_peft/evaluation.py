@@ -10,6 +10,7 @@ from kgml_peft.data.windows import make_windows
 from kgml_peft.metrics import group_metrics
 from kgml_peft.model.inference import gpp_response, predict_windows
 from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.store.probe import backbone_name, check_backbone_outputs, check_values
 
 
 def evaluate(
@@ -25,8 +26,6 @@ def evaluate(
     violation metrics (mass balance, negative fluxes, response of Ra to GPP).
     ``site`` restricts the table to one site id or region label.
     """
-    from kgml_peft.serve.probe import backbone_name, check_backbone_outputs, check_values
-
     features = backbone.config.features
     check_backbone_outputs(backbone)
     frame = validate_table(frame, features)

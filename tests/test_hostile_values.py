@@ -153,7 +153,7 @@ SIZE_ROWS = [
     row("predict-batch-size", lambda env: env.predict("--batch-size", "100000000000"),
         "batch size must be an integer in [1, 100000]"),
     row("predict-neighbours", lambda env: env.predict("--site-column", "site", "--neighbours", "100000000000"),
-        "number of neighbours must be an integer in [1, 1000]"),
+        "number of neighbours must be an integer >= 1 and <= 1000"),
     row("bench-sites", _bench("--sites", "100000000000"), "bench sites must be an integer in [1, 1000]"),
     row("bench-memory-adapters", _bench("--memory-adapters", "100000000000"), "bench memory_adapters"),
     row("bench-repeats", _bench("--repeats", "100000000000"), "bench repeats"),

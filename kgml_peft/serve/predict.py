@@ -41,7 +41,7 @@ from kgml_peft.data.windows import YearWindows, make_windows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.data.places import NoneInRange, check_neighbour_settings, site_points
 from kgml_peft.serve.bank import AdapterBank
-from kgml_peft.serve.probe import backbone_name, check_backbone_outputs, check_windows
+from kgml_peft.store.probe import backbone_name, check_backbone_outputs, check_windows
 from kgml_peft.store.blend import blend_adapters, choose_neighbours, located_adapters
 from kgml_peft.store.library import writable_target
 

@@ -17,6 +17,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
 from kgml_peft.atomic import atomic_path, check_writable_target
 from kgml_peft.store.checkpoint import Backbone, load_backbone
+from kgml_peft.store.probe import check_adapter_outputs
 from kgml_peft.tuners.base import check_tensors
 
 SUFFIX = ".safetensors"
@@ -145,10 +146,10 @@ def check_fits(adapter: Adapter, backbone: Backbone) -> None:
 
 
 def check_outputs(adapter: Adapter, backbone: Backbone) -> None:
-    """Refuse an adapter whose predictions on ``backbone`` overflow on typical inputs (see
-    :mod:`kgml_peft.serve.probe`; imported here because serving builds on this module)."""
-    from kgml_peft.serve.probe import check_adapter_outputs
-
+    """Refuse an adapter that does not fit ``backbone`` (:func:`check_fits`) or whose predictions
+    on it overflow on typical inputs (:mod:`kgml_peft.store.probe`): what ``adapters verify`` and
+    ``import`` check."""
+    check_fits(adapter, backbone)
     check_adapter_outputs(adapter, backbone)
 
 
@@ -158,7 +159,6 @@ def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
     and write its summary to the same name with ``.txt``; return both paths."""
     adapter = read_adapter(source)
     if backbone is not None:
-        check_fits(adapter, backbone)
         check_outputs(adapter, backbone)
     dest = Path(destination)
     if dest.is_dir():
@@ -188,7 +188,6 @@ def import_adapter(source: str | os.PathLike, store: str | os.PathLike, backbone
     """Check a received adapter (integrity, made for ``backbone``, tensors that fit it) and copy
     it into ``store`` as ``<site>.safetensors``; return the new path."""
     adapter = read_adapter(source)
-    check_fits(adapter, backbone)
     check_outputs(adapter, backbone)
     folder = Path(store)
     if not folder.is_dir():

@@ -24,6 +24,7 @@ from kgml_peft.model.inference import PREDICTED
 from kgml_peft.model.outputs import physical
 from kgml_peft.store.adapter import Adapter
 from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.tuners.serving import ServingAdapter
 
 #: Largest magnitude a prediction may have in physical units (gC m-2 d-1, t ha-1): real fluxes are
 #: tens, so a larger value is an overflowing model whose squared errors would print as inf.
@@ -78,6 +79,8 @@ def check_windows(values: Mapping[str, np.ndarray], owners: Sequence[str | None]
     """:func:`check_values` for predictions of several windows (arrays with a leading window
     axis), blaming the owner of the first bad window: ``name(owners[i])`` (an adapter, or None for
     the backbone) says who computed window i."""
+    if not len(owners):
+        return
     bad = np.zeros(len(owners), dtype=bool)
     for key, value in values.items():
         array = np.asarray(value, dtype=np.float64).reshape(len(owners), -1)
@@ -103,16 +106,20 @@ def check_backbone_outputs(backbone: Backbone) -> None:
 
 @torch.no_grad()
 def check_adapter_outputs(adapter: Adapter, backbone: Backbone) -> None:
-    """Refuse an adapter whose predictions on ``backbone`` overflow on :func:`probe_inputs`, every
-    member of it (a blend: its pooled prediction); the backbone alone is probed first, so that the
-    message blames the right file. The adapter must fit the backbone (checked here too)."""
-    from kgml_peft.serve.bank import AdapterBank  # the bank loads adapters through the store
-
+    """Refuse an adapter whose predictions on ``backbone`` overflow on :func:`probe_inputs`, for
+    every member (a blend's weighted mean of members is then within bounds too); the backbone
+    alone is probed first, so that the message blames the right file. The adapter must already
+    fit the backbone (:func:`~kgml_peft.store.library.check_fits`)."""
     check_backbone_outputs(backbone)
-    bank = AdapterBank(backbone)
-    served = bank.add(adapter)  # checks the fingerprint, names and shapes
-    x = probe_inputs(backbone)
-    rows = [member for member in served.all_members for _ in range(x.shape[0])]
-    out = physical(bank.forward(x.repeat(len(served.all_members), 1, 1), rows), backbone.scalers)
+    model = backbone.model.eval()
+    weights = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    x = probe_inputs(backbone).to(device)
     where = adapter.path if adapter.path is not None else adapter.site
-    check_values(out, f"adapter {where} on {backbone_name(backbone)} (on typical inputs)")
+    members = [adapter.tensors, *adapter.members]
+    for number, tensors in enumerate(members, start=1):
+        served = ServingAdapter.from_tensors(adapter.site, {k: v.to(device=device, dtype=torch.float32)
+                                                            for k, v in tensors.items()}, adapter.config)
+        member = f" (member {number} of {len(members)})" if len(members) > 1 else ""
+        check_values(physical(served.forward(model, weights, x), backbone.scalers),
+                     f"adapter {where}{member} on {backbone_name(backbone)} (on typical inputs)")
