@@ -75,7 +75,7 @@ Group.group_class = Group  # nested groups (``backbone``) handle errors the same
 
 @click.group("kgml-peft", cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kgml-peft")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
               envvar="KGML_PEFT_THREADS",
               help="CPU threads for torch. The GRUs are small and step day by day, so one thread "
                    "is as fast as several and never slowed down by other busy processes.")
@@ -960,20 +960,13 @@ def adapters_show(path: Path, as_json: bool) -> None:
               show_default=True, help="The backbone the adapter must fit.")
 def adapters_verify(path: Path, backbone: Path) -> None:
     """Check an adapter against a backbone: integrity, fingerprint, tensor shapes, a forward pass."""
-    import torch
-
-    from kgml_peft.serve.bank import AdapterBank
     from kgml_peft.store.adapter import read_adapter
     from kgml_peft.store.checkpoint import load_backbone
+    from kgml_peft.store.library import check_usable
 
     base = load_backbone(backbone)
     adapter = read_adapter(path)
-    bank = AdapterBank(base)
-    served = bank.add(adapter)  # checks the fingerprint, names and shapes
-    rows = list(served.all_members)  # every member (a blend's first row: the pooled blend)
-    out = bank.forward(torch.zeros(len(rows), 365, len(base.config.features)), rows)
-    if not all(torch.isfinite(out[k]).all() for k in ("Ra", "Rh", "NEE", "Yield")):
-        raise KgmlPeftError(f"{path} gives non-finite predictions on backbone {backbone}")
+    check_usable(adapter, base)  # fits the backbone; every member's forward pass on typical inputs
     click.echo(f"ok: {path} ({adapter.site}, {adapter.parameters} parameters) fits backbone "
                f"{backbone} ({base.fingerprint[:16]})")
 

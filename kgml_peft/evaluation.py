@@ -10,6 +10,7 @@ from kgml_peft.data.windows import make_windows
 from kgml_peft.metrics import group_metrics
 from kgml_peft.model.inference import gpp_response, predict_windows
 from kgml_peft.store.checkpoint import Backbone
+from kgml_peft.store.probe import backbone_name, check_backbone_outputs, check_values
 
 
 def evaluate(
@@ -26,10 +27,12 @@ def evaluate(
     ``site`` restricts the table to one site id or region label.
     """
     features = backbone.config.features
+    check_backbone_outputs(backbone)
     frame = validate_table(frame, features)
     frame = select_sites(frame, site)
     windows = make_windows(frame, features)
     preds = predict_windows(backbone.model, backbone.scalers, windows)
+    check_values(preds, backbone_name(backbone))  # no inf in the report
     response = gpp_response(backbone.model, backbone.scalers, windows, base=preds)
 
     def metrics(index: np.ndarray) -> dict:

@@ -19,6 +19,10 @@ from kgml_peft.store.adapter import STORAGE_DTYPES
 from kgml_peft.tuners.config import AdapterConfig, positive_int
 
 METHODS: tuple[str, ...] = ("adapter", "full", "scratch")
+#: Upper bounds of the integer settings that size a run (loops, batches, member files): far above
+#: any real run, low enough that a typo (1e11) is refused instead of allocated or looped over.
+LIMITS: dict[str, int] = {"epochs": 100_000, "batch_size": 100_000, "patience": 100_000,
+                          "batch_sites": 10_000, "members": 1000, "prior_k": 1000}
 CV_MODES: tuple[str, ...] = ("auto", "none", "folds")
 #: where an adapter starts and what rho pulls it towards: zero (Eq. 3) or its neighbours' blend
 PRIORS: tuple[str, ...] = ("none", "neighbours")
@@ -111,6 +115,11 @@ class CalibrationConfig:
             expect_type(getattr(self, key), (int, float), key)
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
                 raise KgmlPeftError(f"{key} must be a finite number >= 0, got {getattr(self, key)}")
+        for key, most in LIMITS.items():
+            value = getattr(self, key)
+            expect_type(value, int, key)
+            if value > most:
+                raise KgmlPeftError(f"{key} must be <= {most}, got {value}")
         if not 0 <= self.seed < 2**32:
             raise KgmlPeftError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or not self.lr > 0:

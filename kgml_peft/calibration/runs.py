@@ -29,6 +29,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.adapter import read_adapter, save_adapter
 from kgml_peft.atomic import check_outputs, make_folders, remove_empty
 from kgml_peft.store.checkpoint import Backbone, load_backbone, read_checkpoint, save_backbone
+from kgml_peft.tuners.base import adapter_shapes
 from kgml_peft.store.library import adapter_path, writable_target
 from kgml_peft.train.pretrain import frame_hash
 from kgml_peft.train.processes import launched, map_sharded, rank
@@ -107,6 +108,8 @@ def run_calibration(
     if out.exists() and not out.is_dir():
         raise KgmlPeftError(f"output folder {out} is not a folder")
     backbone = load_backbone(backbone_path)
+    if config.method == "adapter":  # its sizes fit this backbone: refused before any allocation
+        adapter_shapes(config.adapter, backbone.model)
     features = backbone.config.features
     if data is None:
         table = validate_table(demo_table(), features)

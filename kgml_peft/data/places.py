@@ -93,8 +93,8 @@ class NoneInRange(KgmlPeftError):
 
 def check_neighbour_settings(k: object, max_km: object) -> None:
     """``k`` must be an integer >= 1 and ``max_km`` None or a positive distance (km)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise KgmlPeftError(f"the number of neighbours must be an integer >= 1, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+        raise KgmlPeftError(f"the number of neighbours must be an integer >= 1 and <= 1000, got {k!r}")
     if max_km is not None and (isinstance(max_km, bool) or not isinstance(max_km, (int, float))
                                or not max_km > 0):
         raise KgmlPeftError(f"the largest distance must be a positive number of km, got {max_km!r}")

@@ -72,6 +72,11 @@ INTERVAL_MEMBERS = 5
 #: neighbours per blend in the blend-serving stage
 BLEND_NEIGHBOURS = 3
 
+#: Upper bounds of the bench's counts: each sizes loops or resident adapters, so a typo (1e11)
+#: is refused at once instead of running out of memory hours later.
+BENCH_LIMITS: dict[str, int] = {"sites": 1000, "years_per_site": 1000, "repeats": 10_000, "swaps": 100_000,
+                                "memory_adapters": 100_000, "epochs": 100_000}
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -90,14 +95,14 @@ class BenchConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 2:
-            raise KgmlPeftError(f"bench processes must be an integer >= 2, got {self.processes!r}")
-        for key in ("sites", "years_per_site", "repeats", "swaps", "memory_adapters"):
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or not 2 <= self.processes <= 1024:
+            raise KgmlPeftError(f"bench processes must be an integer in [2, 1024], got {self.processes!r}")
+        for key, most in BENCH_LIMITS.items():
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise KgmlPeftError(f"bench {key} must be a positive integer, got {value!r}")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
-            raise KgmlPeftError(f"bench epochs must be a positive integer, got {self.epochs!r}")
+            if key == "epochs" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise KgmlPeftError(f"bench {key} must be an integer in [1, {most}], got {value!r}")
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:

@@ -42,6 +42,13 @@ def _execute(run) -> str:
     return run.key
 
 
+def check_jobs(jobs: object) -> int:
+    """``jobs``: an integer in [1, 1024] (each is a process; checked before any folder is made)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= 1024:
+        raise KgmlPeftError(f"jobs must be an integer in [1, 1024], got {jobs!r}")
+    return jobs
+
+
 def execute_runs(experiment, factory: Callable[[], object], first: list, rest: list, *,
                  jobs: int = 1, progress: bool = True) -> None:
     """Execute the runs ``first`` and then ``rest`` (objects with a ``key``) of ``experiment``.
@@ -52,8 +59,7 @@ def execute_runs(experiment, factory: Callable[[], object], first: list, rest: l
     """
     from tqdm.auto import tqdm
 
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise KgmlPeftError(f"jobs must be a positive integer, got {jobs!r}")
+    check_jobs(jobs)
     bar = tqdm(total=len(first) + len(rest), desc="experiment runs", unit="run", disable=not progress)
     if jobs == 1:
         for run in [*first, *rest]:
@@ -83,6 +89,7 @@ def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.
     models first, then every other run; each run seeds itself, so the results do not depend on
     ``jobs``. Returns the results (also written to ``<out>/results.json``).
     """
+    check_jobs(jobs)
     out = _check_out(out)
     experiment = Experiment(frame, config, out, cpu=cpu)  # every data check before any training
     out.mkdir(exist_ok=True)
@@ -135,6 +142,7 @@ def run_realsites(frame: pd.DataFrame, config, out: str | os.PathLike, *, cpu: b
     from kgml_peft.experiments.realsites import RealSiteBenchmark
     from kgml_peft.experiments.realsites_report import aggregate_realsites, write_realsites_report
 
+    check_jobs(jobs)
     out = _check_out(out)
     bench = RealSiteBenchmark(frame, config, out, cpu=cpu)
     out.mkdir(exist_ok=True)

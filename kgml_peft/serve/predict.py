@@ -41,6 +41,7 @@ from kgml_peft.data.windows import YearWindows, make_windows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.data.places import NoneInRange, check_neighbour_settings, site_points
 from kgml_peft.serve.bank import AdapterBank
+from kgml_peft.store.probe import backbone_name, check_backbone_outputs, check_windows
 from kgml_peft.store.blend import blend_adapters, choose_neighbours, located_adapters
 
 #: Output columns, in order.
@@ -77,6 +78,9 @@ class Prediction:
     #: site -> the blend of neighbours that served it (``neighbours``), with its sources' weights
     blended: dict[str, dict] = field(default_factory=dict)
 
+#: Most site-years in one forward pass (a bound, so that a typo is refused, not allocated)
+MAX_BATCH = 100_000
+
 
 def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = None,
                   site_column: str | None = None, require_adapter: bool = False,
@@ -98,8 +102,8 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
         raise KgmlPeftError("give --site or --site-column, not both")
     if site_column is not None and site_column not in SITE_COLUMNS:
         raise KgmlPeftError(f"--site-column must be one of {', '.join(SITE_COLUMNS)}, got {site_column!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise KgmlPeftError(f"batch size must be a positive integer, got {batch_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        raise KgmlPeftError(f"batch size must be an integer in [1, {MAX_BATCH}], got {batch_size!r}")
     if neighbours is not None:
         check_neighbour_settings(neighbours, max_km)
         if site_column != schema.SITE:
@@ -140,6 +144,7 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
                                    strategy=strategy, progress=progress)
     out, chosen, outside, widths = (served_windows.out, served_windows.chosen, served_windows.outside,
                                     served_windows.widths)
+    check_windows(out, list(chosen), lambda name: _culprit(bank, name))  # nothing inf/NaN is written
 
     n, days = windows.dates.shape
     yield_daily = np.full((n, days), np.nan)
@@ -161,6 +166,14 @@ def predict_table(bank: AdapterBank, table: pd.DataFrame, *, site: str | None = 
                       missing={k: missing[k] for k in absent}, dropped=list(windows.dropped),
                       site_years=n, annual=annual, level=interval,
                       other_crop=dict(Counter(served[outside])), blended=blended)
+
+
+def _culprit(bank: AdapterBank, name: str | None) -> str:
+    """How an error names what computed a window: its adapter (file) or the backbone."""
+    if name is None:
+        return backbone_name(bank.backbone)
+    path = bank.get(name).path
+    return f"adapter {path if path is not None else name}"
 
 
 def neighbour_blends(bank: AdapterBank, points: dict[str, tuple[float, float]], k: int,
@@ -313,6 +326,7 @@ def run_predict(*, data: str | os.PathLike | pd.DataFrame, backbone: str | os.Pa
     store_path = Path(store)
     needs_store = site is not None or site_column is not None or store_path.is_dir()
     bank = AdapterBank(backbone, store_path if needs_store else None, device=device)  # checks the folder
+    check_backbone_outputs(bank.backbone)
     features = bank.backbone.config.features
     table = data if isinstance(data, pd.DataFrame) else load_table(data, features, targets=[])
     prediction = predict_table(bank, table, site=site, site_column=site_column,

@@ -176,16 +176,55 @@ def _check_info(info: dict, parameters: str, tensors: dict[str, torch.Tensor], s
             raise bad(key, "a JSON object")
     if "location" in info["data"]:
         check_location(info["data"]["location"], f"{source}: metadata field data.location")
-    for key in ("before", "after"):
-        part = info["metrics"].get(key, {})
-        if not isinstance(part, dict) or not isinstance(part.get("mse", {}), dict):
-            raise bad("metrics", "a JSON object with before/after objects")
+    _check_metrics(info["metrics"], source)
     if parameters != str(sum(t.numel() for t in tensors.values())):
         raise bad("parameters", f"the number of stored values ({sum(t.numel() for t in tensors.values())})")
 
 
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional_number(value: object) -> bool:
+    return value is None or _number(value)
+
+
+#: ``metrics.cv`` fields that readers format as numbers (``adapters show``, ``calibrate`` reports)
+CV_NUMBERS: tuple[str, ...] = ("strength", "epochs", "change_mean", "change_sd", "best_adapter_change_mean")
+
+
+def _check_metrics(metrics: dict, source: Path) -> None:
+    """The unhashed ``metrics`` must have the types the toolkit writes wherever a reader formats
+    them (``adapters list``/``show``, ``predict``): ``before``/``after`` objects with a numeric
+    ``loss`` and an object of numeric ``mse`` per target, and a ``cv`` object with numeric fields,
+    a list of fold names and a list of crop codes. Checked once, when the file is read."""
+    def bad(what: str) -> KgmlPeftError:
+        return KgmlPeftError(f"{source}: metadata field 'metrics' {what}")
+
+    for key in ("before", "after"):
+        part = metrics.get(key, {})
+        if not isinstance(part, dict) or not isinstance(part.get("mse", {}), dict):
+            raise bad("must be a JSON object with before/after objects")
+        if not _optional_number(part.get("loss")):
+            raise bad(f"{key}.loss must be a finite number")
+        if not all(isinstance(t, str) and _optional_number(v) for t, v in part.get("mse", {}).items()):
+            raise bad(f"{key}.mse must map target names to finite numbers")
+    cv = metrics.get("cv")
+    if cv is None:
+        return
+    if not isinstance(cv, dict):
+        raise bad("cv must be a JSON object")
+    for key in CV_NUMBERS:
+        if not _optional_number(cv.get(key)):
+            raise bad(f"cv.{key} must be a finite number")
+    folds = cv.get("folds", [])
+    if not isinstance(folds, list) or not all(isinstance(f, str) for f in folds):
+        raise bad("cv.folds must be a JSON list of fold names")
+    if cv.get("shape") is not None and not isinstance(cv["shape"], str):
+        raise bad("cv.shape must be a string")
+    crops = cv.get("crops")
+    if crops is not None and (not isinstance(crops, list) or not all(_number(c) for c in crops)):
+        raise bad("cv.crops must be a JSON list of Crop_Type codes")
 
 
 def _check_blend(record: object, members: int | None, source: Path) -> None:

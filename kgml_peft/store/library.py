@@ -18,6 +18,7 @@ from kgml_peft.readable import check_regular_file
 from kgml_peft.store.adapter import Adapter, check_compatible, read_adapter
 from kgml_peft.atomic import atomic_path, check_outputs
 from kgml_peft.store.checkpoint import Backbone, load_backbone
+from kgml_peft.store.probe import check_adapter_outputs
 from kgml_peft.text import printable
 from kgml_peft.tuners.base import check_tensors
 
@@ -147,6 +148,14 @@ def check_fits(adapter: Adapter, backbone: Backbone) -> None:
     check_tensors(adapter.tensors, adapter.config, backbone.model)
 
 
+def check_usable(adapter: Adapter, backbone: Backbone) -> None:
+    """Refuse an adapter that does not fit ``backbone`` (:func:`check_fits`) or whose predictions
+    on it overflow on typical inputs (:mod:`kgml_peft.store.probe`): what ``adapters verify`` and
+    ``import`` check."""
+    check_fits(adapter, backbone)
+    check_adapter_outputs(adapter, backbone)
+
+
 def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
                    backbone: Backbone | None = None, force: bool = False) -> tuple[Path, Path]:
     """Copy a verified adapter to ``destination`` (a file, or a folder for ``<site>.safetensors``:
@@ -154,7 +163,7 @@ def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
     same name with ``.txt``; return both paths."""
     adapter = read_adapter(source)
     if backbone is not None:
-        check_fits(adapter, backbone)
+        check_usable(adapter, backbone)
     dest = Path(destination)
     if dest.is_dir() or str(destination).endswith(("/", os.sep)):
         dest = adapter_path(dest, adapter.site)
@@ -180,7 +189,7 @@ def import_adapter(source: str | os.PathLike, store: str | os.PathLike, backbone
     """Check a received adapter (integrity, made for ``backbone``, tensors that fit it) and copy
     it into ``store`` as ``<site>.safetensors``; return the new path."""
     adapter = read_adapter(source)
-    check_fits(adapter, backbone)
+    check_usable(adapter, backbone)
     folder = Path(store)
     if not folder.is_dir():
         raise KgmlPeftError(f"adapter store {folder} does not exist or is not a folder")

@@ -81,6 +81,9 @@ class PhaseConfig:
             raise KgmlPeftError(
                 f"phase {self.name}: epochs >= 0, batch_size >= 1, lr > 0, val_every >= 0 needed"
             )
+        for key in ("epochs", "batch_size", "patience", "val_every"):  # a typo is refused, not looped over
+            if getattr(self, key) > 100_000:
+                raise KgmlPeftError(f"phase {self.name}: {key} must be <= 100000, got {getattr(self, key)}")
         object.__setattr__(self, "trainable", tuple(self.trainable))
         object.__setattr__(self, "targets", {k: float(v) for k, v in self.targets.items()})
 

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from kgml_peft.model.backbone import GRU_NAMES, KGMLag
 from kgml_peft.tuners.base import Component, Part, Tap
-from kgml_peft.tuners.config import AdapterConfig, names, positive_int
+from kgml_peft.tuners.config import MAX_SIZE, AdapterConfig, names, positive_int
 from kgml_peft.tuners.rows import stack_padded
 
 #: a block's tensors, after ``blocks.<gru>.``
@@ -87,7 +87,7 @@ class Blocks(Component):
     name = "blocks"
 
     def check(self, config: AdapterConfig) -> dict[str, object]:  # noqa: D102
-        positive_int(config.bottleneck, "bottleneck")
+        positive_int(config.bottleneck, "bottleneck", MAX_SIZE)
         return {"block_targets": names(config.block_targets, GRU_NAMES, "block target")}
 
     def shapes(self, config: AdapterConfig, backbone: KGMLag) -> dict[str, tuple[int, ...]]:  # noqa: D102

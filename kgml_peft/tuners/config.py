@@ -17,6 +17,10 @@ from kgml_peft.tuners import base
 COMPONENTS: tuple[str, ...] = ("lora", "blocks", "head")
 LORA_WEIGHTS: tuple[str, ...] = ("ih", "hh")
 HEAD_KINDS: tuple[str, ...] = ("affine", "mlp")
+#: Largest inner size of a bottleneck block or of the head's MLP: a site adapter is kilobytes,
+#: and a size beyond this is a typo that would allocate gigabytes (the LoRA rank is bounded by
+#: the backbone's weights instead, see :class:`~kgml_peft.tuners.lora.Lora`).
+MAX_SIZE = 4096
 
 
 def names(value: object, allowed: tuple[str, ...], what: str, empty_ok: bool = False) -> tuple[str, ...]:
@@ -35,11 +39,14 @@ def names(value: object, allowed: tuple[str, ...], what: str, empty_ok: bool = F
     return found
 
 
-def positive_int(value: object, key: str) -> int:
-    """``value`` if it is an integer >= 1 (a size setting such as a rank)."""
+def positive_int(value: object, key: str, most: int | None = None) -> int:
+    """``value`` if it is an integer >= 1 (a size setting such as a rank) and, given ``most``, at
+    most that: sizes are checked before anything of that size is allocated."""
     expect_type(value, int, key)
     if value < 1:
         raise KgmlPeftError(f"{key} must be >= 1, got {value}")
+    if most is not None and value > most:
+        raise KgmlPeftError(f"{key} must be <= {most}, got {value}")
     return value
 
 

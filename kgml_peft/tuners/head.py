@@ -22,7 +22,7 @@ from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import KGMLag
 from kgml_peft.tuners.base import Component, Part
-from kgml_peft.tuners.config import HEAD_KINDS, AdapterConfig, positive_int
+from kgml_peft.tuners.config import HEAD_KINDS, MAX_SIZE, AdapterConfig, positive_int
 from kgml_peft.tuners.rows import stack_padded
 
 #: The outputs the head calibrates, in the order of its ``scale``/``shift`` entries.
@@ -93,7 +93,7 @@ class Head(Component):
     name = "head"
 
     def check(self, config: AdapterConfig) -> dict[str, object]:  # noqa: D102
-        positive_int(config.head_hidden, "head_hidden")
+        positive_int(config.head_hidden, "head_hidden", MAX_SIZE)
         expect_type(config.head, str, "head")
         if config.head not in HEAD_KINDS:
             raise KgmlPeftError(f"head must be one of {', '.join(HEAD_KINDS)}, got {config.head!r}")

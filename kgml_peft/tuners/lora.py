@@ -84,6 +84,9 @@ class Lora(Component):
         shapes = {}
         for name in config.lora_parameters:
             out, inp = weights[name].shape
+            if config.lora_rank > min(out, inp):  # B A of a higher rank is no more than a full update
+                raise KgmlPeftError(f"lora_rank {config.lora_rank} exceeds what {name} [{out}, {inp}] of "
+                                    f"this backbone can use; choose a rank <= {min(out, inp)}")
             shapes[f"lora.{name}.A"] = (config.lora_rank, inp)
             shapes[f"lora.{name}.B"] = (out, config.lora_rank)
         return shapes
