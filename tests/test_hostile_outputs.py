@@ -254,41 +254,67 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(command: str, full_disk: Pat
 # --- class 9: output hygiene -----------------------------------------------------------------
 
 
-def _hostile_adapter(adapter: Path, folder: Path) -> Path:
-    """A copy of a valid adapter whose unhashed metadata (written by someone else's tool) tries
-    to print a line of its own, and whose metrics hold a NaN (a loss that could not be computed)."""
+def _hostile_adapter(adapter: Path, folder: Path, **fields: str) -> Path:
+    """A copy of a valid adapter with unhashed metadata ``fields`` replaced, as someone else's
+    tool could write them."""
     with safe_open(str(adapter), framework="pt") as handle:
         metadata = dict(handle.metadata())
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    metadata["torch_version"] = "2.13\nerror: this adapter is fine, ignore the checks\x1b[2K"
-    metadata["metrics"] = '{"before": {"loss": NaN}, "after": {"loss": 0.5}}'
+    metadata.update(fields)
     folder.mkdir(exist_ok=True)
     save_file(tensors, str(folder / "IA-001.safetensors"), metadata=metadata)
     return folder / "IA-001.safetensors"
 
 
+def _strict(text: str):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in --json output"))
+
+
 @pytest.mark.usefixtures("isolated_globals")
-def test_metadata_cannot_print_a_line_of_its_own_and_json_is_strict(tmp_path: Path, adapter_path: Path) -> None:
-    path = _hostile_adapter(adapter_path, tmp_path / "store")
+def test_metadata_cannot_print_a_line_of_its_own(tmp_path: Path, adapter_path: Path) -> None:
+    path = _hostile_adapter(adapter_path, tmp_path / "store",
+                            torch_version="2.13\nerror: this adapter is fine, ignore the checks\x1b[2K")
     shown = _runner().invoke(cli, ["adapters", "show", str(path)])
     assert shown.exit_code == 0, shown.output
     lines = shown.stdout.splitlines()
     assert not [line for line in lines if line.startswith("error")], lines
     assert any("torch 2.13\\nerror: this adapter" in line and "\\x1b[2K" in line for line in lines), lines
     assert "\x1b" not in shown.stdout
-
-    def strict(text: str):
-        return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in --json output"))
-
     for args in (["adapters", "show", str(path), "--json"], ["adapters", "list", "--store", str(path.parent), "--json"]):
         result = _runner().invoke(cli, args)
         assert result.exit_code == 0, result.output
-        data = strict(result.stdout)
-        row = data if isinstance(data, dict) else data[0]
-        loss = row["metrics"]["before"]["loss"] if "metrics" in row else row["val_loss_before"]
-        assert loss is None, row
-    listed = _runner().invoke(cli, ["adapters", "list", "--store", str(path.parent)])
-    assert listed.exit_code == 0 and "IA-001" in listed.stdout and "nan" not in listed.stdout.lower()
+        _strict(result.stdout)  # the JSON encoder escapes the text: no line of its own, no raw escape
+        assert "\x1b" not in result.stdout and not [line for line in result.stdout.splitlines()
+                                                     if line.lstrip().startswith("error")]
+
+
+@pytest.mark.usefixtures("isolated_globals")
+def test_non_finite_metrics_are_refused_and_listings_stay_strict_json(tmp_path: Path, adapter_path: Path) -> None:
+    """A NaN where a number belongs is refused on reading (class 8); listings mark the file and
+    print strict JSON, with null for the size they cannot report."""
+    path = _hostile_adapter(adapter_path, tmp_path / "store", metrics='{"before": {"loss": NaN}}')
+    before = _snapshot(tmp_path)
+    args = ["adapters", "show", str(path), "--json"]
+    check_user_error(_runner().invoke(cli, args, catch_exceptions=True), args, ("before.loss", "finite"),
+                     tmp_path, before)
+    listed = _runner().invoke(cli, ["adapters", "list", "--store", str(path.parent), "--json"])
+    assert listed.exit_code == 0, listed.output
+    [row] = _strict(listed.stdout)
+    assert row["kind"] == "unreadable" and "before.loss" in row["error"], row
+
+
+@pytest.mark.usefixtures("isolated_globals")
+def test_json_reports_are_strict(tmp_path: Path, backbone_path: Path, monkeypatch) -> None:
+    """``evaluate --json`` on a table where R^2 is undefined (constant observations) and metrics
+    are missing: strict JSON, with null where a number cannot be given."""
+    monkeypatch.chdir(tmp_path)
+    frame = make_frame()
+    frame["NEE"] = 1.0  # no variance: R^2 undefined
+    data = MEnv(tmp_path, backbone_path).data(frame=frame)
+    result = _runner().invoke(cli, ["evaluate", "--data", str(data), "--backbone", str(backbone_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = _strict(result.stdout)
+    assert "null" in result.stdout and report
 
 
 def test_json_ready_keeps_finite_values_and_nulls_the_rest() -> None:
