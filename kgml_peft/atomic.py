@@ -74,14 +74,9 @@ def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path))
 
 
-def check_not_inputs(targets: list[str | os.PathLike], inputs: list[str | os.PathLike]) -> None:
-    """Refuse outputs that are an input file or repeat another output (compared after resolving
-    links and relative paths); existing outputs are left to the caller's ``force`` rule."""
-    check_outputs(targets, inputs, force=True)
-
-
 def make_folders(folder: str | os.PathLike) -> list[Path]:
-    """Create ``folder`` and its missing parents; return the folders created, outermost first."""
+    """Create ``folder`` and its missing parents; return the folders created, outermost first.
+    If one cannot be made (a name too long, a full disk), those made so far are removed again."""
     folder = Path(folder)
     missing = []
     while not os.path.lexists(folder) and folder != folder.parent:
@@ -93,6 +88,9 @@ def make_folders(folder: str | os.PathLike) -> list[Path]:
             path.mkdir()
         except FileExistsError:  # another process (a launched run's peer) made it first
             continue
+        except OSError as exc:
+            remove_empty(created)
+            raise KgmlPeftError(f"cannot create the folder {path}: {write_failure(exc)}") from None
         created.append(path)
     return created
 
@@ -193,6 +191,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
         remove_empty(created)
         cause = write_failure(exc)
-        if cause is None:
-            raise
+        if cause is None or getattr(exc, "filename", None) not in (None, str(tmp), str(target)):
+            raise  # not this write's failure (e.g. a source read while writing): the caller names it
         raise KgmlPeftError(f"cannot write {target}: {cause}; nothing was written") from None

@@ -221,9 +221,7 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
 
     schema.check_site_id(name, "checkpoint name")
     inputs = [p for p in (data, observed, config_path) if p is not None]
-    [target] = check_outputs([out_dir / f"{name}.safetensors"], inputs, force=True)
-    if target.exists() and not force:
-        raise KgmlPeftError(f"{target} exists; pass --force to replace it, or choose another --name")
+    [target] = check_outputs([out_dir / f"{name}.safetensors"], inputs, force)
     config = PretrainConfig.from_toml(config_path) if config_path else PretrainConfig()
     if seed is not None:
         config = dataclasses.replace(config, seed=seed)
@@ -318,7 +316,6 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     for flavour, observed in (("synthetic", False), ("observed", True)):
         frames[flavour] = simulate(SynthConfig(seed=seed, observed=observed))
         reports[flavour] = run_evaluate(model, frames[flavour])
-    out_dir.mkdir(parents=True, exist_ok=True)
     # the paper's per-state calibration (4-6 years per site leave validation years to stop on);
     # `kgml-peft calibrate` cross-validates by default, which would take about 3 times as long
     runs = run_calibration("all", backbone_path=backbone, data=frames["observed"], out_dir=out_dir,
@@ -983,7 +980,8 @@ def adapters_export(path: Path, destination: str, backbone: Path | None, force: 
     from kgml_peft.store.library import export_adapter
 
     base = load_backbone(backbone) if backbone is not None else None
-    dest, summary = export_adapter(path, destination, base, force=force)
+    dest, summary = export_adapter(path, destination, base, force=force,
+                                   inputs=[backbone] if backbone is not None else [])
     click.echo(f"wrote {dest} ({dest.stat().st_size / 1024:.1f} KiB) and {summary}")
 
 
@@ -999,7 +997,7 @@ def adapters_import(path: Path, store: Path, backbone: Path, force: bool) -> Non
     from kgml_peft.store.checkpoint import load_backbone
     from kgml_peft.store.library import import_adapter
 
-    dest = import_adapter(path, store, load_backbone(backbone), force=force)
+    dest = import_adapter(path, store, load_backbone(backbone), force=force, inputs=[backbone])
     click.echo(f"imported {path} as {dest}")
 
 
@@ -1032,7 +1030,7 @@ def adapters_blend(lat: float, lon: float, name: str, k: int, max_km: float | No
     neighbours = find_neighbours(store, base, lat, lon, k, max_km)
     blend = blend_adapters(neighbours, name, base, lat=lat, lon=lon, merge=merge,
                            settings={"k": k, "max_km": max_km})
-    path = save_blend(blend, out or store, neighbours, force=force)
+    path = save_blend(blend, out or store, neighbours, force=force, inputs=[backbone])
     sources = ", ".join(f"{n.adapter.site} ({n.distance_km:.1f} km, weight {n.weight:.3f})" for n in neighbours)
     click.echo(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB, merge {merge}): blend of {sources}")
 

@@ -5,6 +5,7 @@ weighted mean of each neighbour's own site model, the weight-space merge, the fi
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -227,6 +228,20 @@ def test_cli_blend_bad_input_is_one_line_exit_2_nothing_written(store, backbone_
     assert re.search(message, result.output), result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+
+
+def test_cli_blend_never_replaces_its_backbone(store, backbone_path, tmp_path):
+    """``--out`` holds the backbone under the blend's name: even with --force it stays intact."""
+    folder = tmp_path / "share"
+    folder.mkdir()
+    backbone = folder / "IA-009.safetensors"
+    shutil.copyfile(backbone_path, backbone)
+    before = backbone.read_bytes()
+    result = _blend("--lat", str(POINT[0]), "--lon", str(POINT[1]), "--name", "IA-009", "--store", str(store),
+                    "--backbone", str(backbone), "--out", str(folder), "--force")
+    assert result.exit_code == 2 and "is the input" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and backbone.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["IA-009.safetensors"]
 
 
 # ---- predict --neighbours ----------------------------------------------------------------------------

@@ -31,7 +31,10 @@ from kgml_peft.cli import cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kgml_peft.data.windows import Scalers
 from kgml_peft.store.adapter import read_adapter
+from kgml_peft.model.backbone import BackboneConfig
+from kgml_peft.store.checkpoint import fingerprint
 from tests.conftest import make_frame
 from tests import test_bad_input_matrix as matrix
 from tests.test_bad_input_matrix import MEnv
@@ -74,6 +77,30 @@ def _calibrate_plot_onto_adapter(env: MEnv) -> list[str]:
                          "--plot", str(store / "IA.safetensors"), out=store)
 
 
+def _import_over_its_backbone(env: MEnv) -> list[str]:
+    """The backbone sits in the store under the adapter's site name: --force must not replace it."""
+    store = env.folder("store")
+    backbone = store / "IA-001.safetensors"
+    shutil.copyfile(env.backbone, backbone)
+    return ["adapters", "import", str(env.adapter), "--store", str(store), "--backbone", str(backbone), "--force"]
+
+
+def _extreme_scalers(env: MEnv, std: float) -> Path:
+    """A copy of the backbone whose NEE scaler std is finite but extreme, with its fingerprint
+    recomputed (as a hostile writer would): squares of scaled errors overflow or divide by zero."""
+    with safe_open(str(env.backbone), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    scalers = json.loads(metadata["scalers"])
+    scalers["std"]["NEE"] = std
+    metadata["scalers"] = json.dumps(scalers, sort_keys=True)
+    config = BackboneConfig.from_dict(json.loads(metadata["config"]))
+    metadata["fingerprint"] = fingerprint(tensors, config, Scalers.from_dict(scalers))
+    path = env.tmp / "inputs" / "extreme.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
 CASES: list[Case] = [
     case("backbone-show-plot-onto-the-backbone", _plot_onto_backbone, "is the input"),
     case("backbone-show-plot-exists", lambda env: ["backbone", "show", str(env.shipped()), "--plot",
@@ -109,10 +136,29 @@ CASES: list[Case] = [
     case("import-into-its-own-store", lambda env: ["adapters", "import", str(env.adapter), "--store",
                                                    str(env.adapter.parent), "--backbone", str(env.backbone),
                                                    "--force"], "already in the store"),
+    case("export-onto-its-backbone", lambda env: ["adapters", "export", str(env.adapter), str(env.backbone),
+                                                  "--backbone", str(env.backbone), "--force"], "is the input"),
+    case("import-over-its-backbone", _import_over_its_backbone, "is the input"),
+    case("calibrate-backbone-with-extreme-scalers", lambda env: env.calibrate(
+        "--site", "IA", "--cv", "none", "--backbone", str(_extreme_scalers(env, std=1e300))), "bad scaler for NEE"),
+    case("evaluate-backbone-with-tiny-scalers", lambda env: env.evaluate(
+        env.data(), _extreme_scalers(env, std=1e-300), "--json"), "bad scaler for NEE"),
+    case("predict-folder-name-too-long", lambda env: env.predict(out="nl/ok/" + "x" * 300 + "/pred.csv"),
+         "File name too long"),
+    case("experiment-config-huge-backbone", lambda env: ["experiment", "--out", "ex", "--config", str(
+        _file(env.tmp / "exp.toml", "[backbone]\nhidden_size = 100000000000\n"))], "hidden_size must be <= 4096"),
+    case("experiment-config-rank-beyond-the-backbone", lambda env: ["experiment", "--out", "ex", "--config", str(
+        _file(env.tmp / "exp.toml", "ranks = [100000]\n"))], "ranks must be <="),
+    case("experiment-config-huge-epochs", lambda env: ["experiment", "--out", "ex", "--config", str(
+        _file(env.tmp / "exp.toml", "[scratch]\nepochs = 100000000000\nlr = 0.01\nbatch_size = 16\npatience = 10\n"))],
+         "must be <= 100000"),
     # --- class 9: an id that names a site and a region
     case("calibrate-site-and-region", lambda env: env.calibrate(
         "--site", "IA", data=env.data(frame=make_frame({"IA": "IA", "IA-002": "IA"}))),
          "'IA' is both a site and a region", "rename"),
+    case("calibrate-site-and-region-of-equal-size", lambda env: env.calibrate(  # same row counts
+        "--site", "IA", data=env.data(frame=make_frame({"IA": "IL", "IA-001": "IA"}))),
+         "'IA' is both a site and a region"),
     case("evaluate-site-and-region", lambda env: env.evaluate(
         env.data(frame=make_frame({"IA": "IA", "IA-002": "IA"})), None, "--site", "IA"),
          "'IA' is both a site and a region"),

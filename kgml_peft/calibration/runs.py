@@ -31,6 +31,7 @@ from kgml_peft.atomic import check_outputs, make_folders, remove_empty
 from kgml_peft.store.checkpoint import Backbone, load_backbone, read_checkpoint, save_backbone
 from kgml_peft.tuners.base import adapter_shapes
 from kgml_peft.store.library import adapter_path, writable_target
+from kgml_peft.store.probe import check_backbone_outputs
 from kgml_peft.train.pretrain import frame_hash
 from kgml_peft.train.processes import launched, map_sharded, rank
 from kgml_peft.train.state import RESUME_DIR, StateFile
@@ -98,7 +99,8 @@ def run_calibration(
     calibrated in groups of K (:mod:`kgml_peft.calibration.batched`); groups save no per-epoch
     state: a resumed run reruns unfinished groups whole.
 
-    ``out_dir`` is created if missing (and removed again if the run fails before writing). No
+    ``out_dir`` is created if missing; if the run fails, the folders it created (``out_dir``,
+    ``.kgml-resume``) are removed again when empty. No
     output may be the backbone, the data table, one of ``inputs`` (e.g. the config file) or one
     of ``also_writes`` (files the caller writes afterwards, e.g. a plot; checked with ``force``
     like the adapters).
@@ -123,12 +125,14 @@ def run_calibration(
     check_outputs([*paths, *also_writes], read, force=True)  # no output is an input or repeats
     check_outputs(paths, force=force or resume)
     check_outputs(also_writes, force=force)
+    check_backbone_outputs(backbone)  # a backbone with a valid hash can still overflow
     created = make_folders(out)
+    ours = [] if os.path.lexists(out / RESUME_DIR) else [out / RESUME_DIR]  # another run's is kept
     try:
         return _calibrate_units(backbone, backbone_path, units, paths, out, config, cpu, progress,
                                 force, resume)
     except BaseException:
-        remove_empty([*created, out / RESUME_DIR] if created else [out / RESUME_DIR])
+        remove_empty([*created, *ours])
         raise
 
 

@@ -343,7 +343,7 @@ def select_sites(frame: pd.DataFrame, selector: str | None) -> pd.DataFrame:
         return frame
     by_site = frame[frame[schema.SITE] == selector]
     by_region = frame[frame[schema.REGION] == selector]
-    if len(by_site) and len(by_region) and len(by_region) != len(by_site):
+    if len(by_site) and len(by_region) and set(by_region[schema.SITE]) != {selector}:
         # both readings are possible and select different rows (and both would write the adapter
         # file <selector>.safetensors): guessing would calibrate or score the wrong thing
         others = by_region[schema.SITE].nunique() - (1 if (by_region[schema.SITE] == selector).any() else 0)

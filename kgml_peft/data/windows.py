@@ -124,6 +124,11 @@ def make_windows(frame: pd.DataFrame, features: Sequence[str]) -> YearWindows:
     )
 
 
+#: Bound on a scaler's |mean| and std (and 1 / std): a backbone file whose scalers lie outside it
+#: (a std of 1e300 or 1e-300 passes a finiteness check) would overflow or divide by zero in the
+#: metrics; real data lie many orders of magnitude inside.
+SCALER_LIMIT = 1e12
+
 @dataclass
 class Scalers:
     """Per-column mean and standard deviation of inputs and targets (z-scores)."""
@@ -149,13 +154,15 @@ class Scalers:
         return cls(mean=mean, std=std)
 
     def require(self, names: Sequence[str], source: str = "the training data") -> None:
-        """Raise unless every one of ``names`` has a finite mean and a finite std > 0;
+        """Raise unless every one of ``names`` has a finite mean and a std > 0, within
+        :data:`SCALER_LIMIT` (so that squares and ratios of scaled errors stay finite and nonzero);
         ``source`` names where the scalers came from in the message."""
         for name in names:
             mean, std = self.mean.get(name), self.std.get(name)
             if mean is None or std is None:
                 raise KgmlPeftError(f"{source} has no scaler for {name}")
-            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            if not (math.isfinite(mean) and math.isfinite(std) and abs(mean) <= SCALER_LIMIT
+                    and 1 / SCALER_LIMIT <= std <= SCALER_LIMIT):
                 raise KgmlPeftError(
                     f"{source} has a bad scaler for {name} (mean {mean:g}, std {std:g})"
                 )

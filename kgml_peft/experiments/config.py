@@ -21,6 +21,10 @@ from kgml_peft.model.backbone import BackboneConfig
 MAIN_REGIMES: tuple[str, ...] = ("site_only", "global_only", "full_finetune", "adapters")
 
 
+#: Upper bound of the counts a config may ask for (epochs, batch sizes, patience, years).
+MAX_COUNT = 100_000
+
+
 @dataclass(frozen=True)
 class Training:
     """One way of training: epochs, learning rate, batch size, early-stopping patience."""
@@ -37,6 +41,8 @@ class Training:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or not (
                 math.isfinite(self.lr) and self.lr > 0):
             raise KgmlPeftError("training needs epochs >= 1, batch_size >= 1, patience >= 0, lr > 0")
+        if max(self.epochs, self.batch_size, self.patience) > MAX_COUNT:
+            raise KgmlPeftError(f"training epochs, batch_size and patience must be <= {MAX_COUNT}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,14 @@ class ExperimentConfig:
             expect_type(value, int, "rank / scarcity years")
             if value < 1:
                 raise KgmlPeftError("ranks and scarcity years must be >= 1")
+        # before any global model trains: a rank the backbone's GRUs cannot hold (LoRA targets
+        # hidden-to-hidden weights, so at most hidden_size) or a huge batch would fail hours later
+        if max(self.ranks, default=1) > self.backbone.hidden_size:
+            raise KgmlPeftError(f"ranks must be <= the backbone's hidden_size {self.backbone.hidden_size}")
+        if any(not 1 <= bs <= MAX_COUNT for _, bs in self.sensitivity):
+            raise KgmlPeftError(f"sensitivity batch sizes must be between 1 and {MAX_COUNT}")
+        if max(self.scarcity, default=1) > MAX_COUNT:
+            raise KgmlPeftError(f"scarcity years must be <= {MAX_COUNT}")
         expect_type(self.new_sites_per_region, int, "new_sites_per_region")
         expect_type(self.new_site_years, (list, tuple), "new_site_years")
         set_(self, "new_site_years", tuple(sorted(self.new_site_years)))

@@ -24,6 +24,10 @@ from kgml_peft import schema
 from kgml_peft.config_files import check_keys
 from kgml_peft.errors import KgmlPeftError, expect_type
 
+#: Upper bound of a backbone's sizes: checked before any weight is allocated (a TOML asking for
+#: 10^11 would otherwise try to allocate terabytes).
+MAX_BACKBONE_SIZE = 4096
+
 #: The recurrent modules, in the order they run, and their numbers of layers.
 GRU_LAYERS: dict[str, int] = {"gru_basis": 2, "gru_ra": 1, "gru_rh": 2, "gru_nee": 1}
 GRU_NAMES: tuple[str, ...] = tuple(GRU_LAYERS)
@@ -60,6 +64,9 @@ class BackboneConfig:
         expect_type(self.dropout, (int, float), "dropout")
         if self.hidden_size < 1 or self.attention_size < 1 or self.yield_hidden < 1:
             raise KgmlPeftError("hidden_size, attention_size and yield_hidden must be positive")
+        for key in ("hidden_size", "attention_size", "yield_hidden"):  # before a model is allocated
+            if getattr(self, key) > MAX_BACKBONE_SIZE:
+                raise KgmlPeftError(f"backbone {key} must be <= {MAX_BACKBONE_SIZE}, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise KgmlPeftError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -33,9 +33,9 @@ import torch
 from kgml_peft import schema
 from kgml_peft.data.places import check_point, nearest
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.atomic import check_not_inputs
+from kgml_peft.atomic import check_outputs
 from kgml_peft.store.adapter import BLEND_SCOPE, Adapter, read_adapter, save_adapter
-from kgml_peft.store.library import SUFFIX, adapter_path, writable_target
+from kgml_peft.store.library import SUFFIX, adapter_path
 from kgml_peft.store.checkpoint import Backbone
 from kgml_peft.tuners import base
 from kgml_peft.tuners.config import AdapterConfig
@@ -212,15 +212,13 @@ def neighbour_blend(store: str | os.PathLike, backbone: Backbone, lat: float, lo
 
 
 def save_blend(adapter: Adapter, out: str | os.PathLike, neighbours: Sequence[Neighbour],
-               force: bool = False) -> Path:
-    """Write a blend as ``<out>/<name>.safetensors`` (folders created): never over one of its
-    neighbours' files, an existing file only with ``force``."""
-    target = adapter_path(out, adapter.site)
-    check_not_inputs([target], [n.adapter.path for n in neighbours if n.adapter.path is not None])
-    if target.exists() and not force:
-        raise KgmlPeftError(f"{target} exists; pass --force to replace it, or choose another --name")
+               force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write a blend as ``<out>/<name>.safetensors`` (missing folders created by the write):
+    never over one of its neighbours' files or ``inputs`` (e.g. the backbone's file), an
+    existing file only with ``force``."""
     if Path(out).exists() and not Path(out).is_dir():
         raise KgmlPeftError(f"{out} is not a folder")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    writable_target(target, force)
+    target = adapter_path(out, adapter.site)
+    sources = [n.adapter.path for n in neighbours if n.adapter.path is not None]
+    check_outputs([target], [*sources, *inputs], force)
     return save_adapter(target, adapter)

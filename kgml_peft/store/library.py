@@ -9,6 +9,7 @@ existing file is only replaced when asked to (``force``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 import shutil
 from pathlib import Path
 
@@ -157,10 +158,12 @@ def check_usable(adapter: Adapter, backbone: Backbone) -> None:
 
 
 def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
-                   backbone: Backbone | None = None, force: bool = False) -> tuple[Path, Path]:
+                   backbone: Backbone | None = None, force: bool = False,
+                   inputs: Sequence[str | os.PathLike] = ()) -> tuple[Path, Path]:
     """Copy a verified adapter to ``destination`` (a file, or a folder for ``<site>.safetensors``:
     an existing folder, or a path ending in ``/``, created if missing) and write its summary to the
-    same name with ``.txt``; return both paths."""
+    same name with ``.txt``; return both paths. Neither may be ``source`` or one of ``inputs``
+    (e.g. the backbone's file)."""
     adapter = read_adapter(source)
     if backbone is not None:
         check_usable(adapter, backbone)
@@ -173,7 +176,7 @@ def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
     if dest.suffix != SUFFIX:
         raise KgmlPeftError(f"export target {dest} must end in {SUFFIX}")
     summary = dest.with_suffix(".txt")
-    check_outputs([dest, summary], [source], force)
+    check_outputs([dest, summary], [source, *inputs], force)
     text = adapter_summary(adapter) + "\n"  # before anything is written
     # the summary is renamed into place only once the adapter's copy is complete, and a failed
     # summary write removes the copy: no summary without its adapter, nor the other way round
@@ -185,9 +188,10 @@ def export_adapter(source: str | os.PathLike, destination: str | os.PathLike,
 
 
 def import_adapter(source: str | os.PathLike, store: str | os.PathLike, backbone: Backbone,
-                   force: bool = False) -> Path:
+                   force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Check a received adapter (integrity, made for ``backbone``, tensors that fit it) and copy
-    it into ``store`` as ``<site>.safetensors``; return the new path."""
+    it into ``store`` as ``<site>.safetensors``; return the new path. The copy may not replace
+    one of ``inputs`` (e.g. the backbone's file)."""
     adapter = read_adapter(source)
     check_usable(adapter, backbone)
     folder = Path(store)
@@ -196,7 +200,7 @@ def import_adapter(source: str | os.PathLike, store: str | os.PathLike, backbone
     dest = adapter_path(folder, adapter.site)
     if dest.exists() and dest.resolve() == Path(source).resolve():
         raise KgmlPeftError(f"{source} is already in the store {folder}")
-    check_outputs([dest], [source], force)
+    check_outputs([dest], [source, *inputs], force)
     with atomic_path(dest) as tmp:
         shutil.copyfile(source, tmp)
     return dest

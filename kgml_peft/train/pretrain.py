@@ -33,7 +33,6 @@ from kgml_peft.train.loop import PhaseConfig, PhaseResult, deterministic_algorit
 from kgml_peft.train.state import PhaseState, StateError, StateFile, TrainingState, discard_on_failure
 
 #: Largest layer size a new backbone may have (a typo such as 1e11 is refused before allocation)
-MAX_BACKBONE_SIZE = 4096
 _FLUX_BRANCHES = ("gru_ra", "ra_out", "gru_rh", "rh_out", "gru_nee", "nee_out")
 
 
@@ -85,9 +84,6 @@ class PretrainConfig:
             raise KgmlPeftError(f"tolerance must be >= 0, got {self.tolerance}")
         if not self.phases:
             raise KgmlPeftError("pretraining needs at least one phase")
-        for key in ("hidden_size", "attention_size", "yield_hidden"):  # before a model is allocated
-            if getattr(self.backbone, key) > MAX_BACKBONE_SIZE:
-                raise KgmlPeftError(f"backbone {key} must be <= {MAX_BACKBONE_SIZE}, got {getattr(self.backbone, key)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise KgmlPeftError("mixed_precision must be no, fp16 or bf16")
 
