@@ -461,7 +461,7 @@ CASES = [
          "bad.safetensors has unreadable metadata", "recursion"),
     case("backbone-show-huge-hidden-size",
          lambda env: ["backbone", "show", str(_backbone_metadata("config", _hidden_size)(env))],
-         "the config needs", "1000000]"),
+         "hidden_size must be <= 4096", "1000000"),
     case("backbone-show-training-not-an-object",
          lambda env: ["backbone", "show", str(_backbone_metadata("training", lambda old: "[1, 2]")(env))],
          "training must be a JSON object"),
