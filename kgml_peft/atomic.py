@@ -43,6 +43,16 @@ def check_writable_target(path: str | os.PathLike) -> Path:
     return target
 
 
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """Check that ``path`` can be an output folder: an existing folder, or a new one whose nearest
+    existing parent is a writable folder (the caller creates it, parents included)."""
+    folder = Path(path)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise KgmlPeftError(f"{folder} is not a folder")
+    check_writable_target(folder / "-")  # the nearest existing folder on the way is writable
+    return folder
+
+
 def check_outputs(outputs: Sequence[str | os.PathLike], inputs: Sequence[str | os.PathLike] = (),
                   force: bool = False) -> list[Path]:
     """The one check every output path goes through, before any work is done.

@@ -79,11 +79,23 @@ Group.group_class = Group  # nested groups (``backbone``) handle errors the same
               envvar="KGML_PEFT_THREADS",
               help="CPU threads for torch. The GRUs are small and step day by day, so one thread "
                    "is as fast as several and never slowed down by other busy processes.")
-def cli(threads: int) -> None:
+@click.option("--progress", is_flag=True,
+              help="Progress bars even when stderr is not a terminal (a log file, CI); by default "
+                   "they show only on a terminal. A command's --quiet still turns them off.")
+def cli(threads: int, progress: bool) -> None:
     """Site calibration of knowledge-guided carbon-flux models (KGML-ag) with small adapters."""
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _bars(quiet: bool) -> bool:
+    """Whether a command shows progress bars: not with --quiet; otherwise on a terminal, or
+    anywhere with the group's --progress (bars in a redirected log are lines of noise)."""
+    if quiet:
+        return False
+    forced = click.get_current_context().find_root().params.get("progress", False)
+    return bool(forced) or sys.stderr.isatty()
 
 
 def _phase_line(phase: dict) -> str:
@@ -213,7 +225,7 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
 
     from kgml_peft import schema
     from kgml_peft.data.tables import load_table
-    from kgml_peft.atomic import check_outputs
+    from kgml_peft.atomic import check_outputs, make_folders, remove_empty
     from kgml_peft.store.checkpoint import save_backbone
     from kgml_peft.train.pretrain import PretrainConfig, pretrain_state
     from kgml_peft.train.pretrain import pretrain as run_pretrain
@@ -233,7 +245,12 @@ def pretrain(data: Path, observed: Path | None, config_path: Path | None, name: 
     start = time.perf_counter()
     state = pretrain_state(target, synthetic, obs, config, resume)
     _resuming(state)
-    result = run_pretrain(synthetic, obs, config, cpu=cpu, progress=not quiet, state=state)
+    created = make_folders(out_dir)  # --out-dir may be new; removed again if training fails
+    try:
+        result = run_pretrain(synthetic, obs, config, cpu=cpu, progress=_bars(quiet), state=state)
+    except BaseException:
+        remove_empty(created)
+        raise
     if not is_main_process():  # data-parallel: every process holds the same weights
         return
     fp = save_backbone(target, result.model, result.scalers, result.summary)
@@ -319,12 +336,12 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     # the paper's per-state calibration (4-6 years per site leave validation years to stop on);
     # `kgml-peft calibrate` cross-validates by default, which would take about 3 times as long
     runs = run_calibration("all", backbone_path=backbone, data=frames["observed"], out_dir=out_dir,
-                           config=CalibrationConfig(cv="none"), progress=not quiet, force=True)
+                           config=CalibrationConfig(cv="none"), progress=_bars(quiet), force=True)
     fresh = new_field_sites(model)
     new_table = None
     if fresh:
         new_table, _ = calibrate_new_fields(backbone, frames["observed"], fresh, out_dir,
-                                            progress=not quiet, force=True)
+                                            progress=_bars(quiet), force=True)
     # serve every observed site-year through one bank: each row picks its state's adapter
     from kgml_peft.serve.predict import run_predict
 
@@ -542,7 +559,7 @@ def calibrate(site: str, data: Path | None, backbone: Path, out_dir: Path, confi
 
     config = _calibration_config(config_path, options)
     runs = run_calibration(site, backbone_path=backbone, data=data, out_dir=out_dir, config=config,
-                           cpu=cpu, progress=not quiet, force=force, resume=resume,
+                           cpu=cpu, progress=_bars(quiet), force=force, resume=resume,
                            inputs=[config_path] if config_path else [],
                            also_writes=[plot] if plot else [])
     if not is_main_process():
@@ -624,7 +641,7 @@ def predict(data: Path | None, backbone: Path, out: Path, site: str | None, site
     start = time.perf_counter()
     result = run_predict(data=data, backbone=backbone, out=out, site=site, site_column=site_column,
                          store=store, require_adapter=require_adapter, batch_size=batch_size,
-                         strategy=strategy, device=_device(cpu), force=force, progress=not quiet,
+                         strategy=strategy, device=_device(cpu), force=force, progress=_bars(quiet),
                          interval=interval, annual=annual, neighbours=neighbours, max_km=max_km)
     seconds = time.perf_counter() - start
     summary = {"out": str(out), "rows": len(result.frame), "site_years": result.site_years,
@@ -696,7 +713,7 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
              if click.get_current_context().get_parameter_source(k).name != "DEFAULT"}
     values = {"backbone": str(backbone), "device": _device(cpu), **given}
     config = BenchConfig.quick(**values) if quick else BenchConfig(**{**options, **values})
-    result = run_bench(config, progress=not quiet)
+    result = run_bench(config, progress=_bars(quiet))
     text = json.dumps(result, indent=2, sort_keys=True)
     if out is not None:
         with atomic_path(out) as tmp:
@@ -771,7 +788,7 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
     if new_fields is not None:
         config = dataclasses.replace(config, new_sites_per_region=new_fields)
     frame = demo_table() if data is None else read_table(data)
-    results = run_experiment(frame, config, out, cpu=cpu, progress=not quiet, jobs=jobs)
+    results = run_experiment(frame, config, out, cpu=cpu, progress=_bars(quiet), jobs=jobs)
     regions = results["regions"]
     click.echo(f"{results['runs']} runs ({results['resumed_runs']} resumed) in "
                f"{time.perf_counter() - start:.0f} s; test MSE (scaled), mean over seeds:")
@@ -800,7 +817,7 @@ def _experiment_neighbours(data: Path | None, out: Path, config_path: Path | Non
                             "backbone's new fields with the toolkit's defaults (--quick: one seed)")
     config = NeighbourConfig.quick() if quick else NeighbourConfig()
     frame = demo_table() if data is None else read_table(data)
-    results = run_neighbour_experiment(DEFAULT_BACKBONE, frame, out, config, cpu=cpu, progress=not quiet)
+    results = run_neighbour_experiment(DEFAULT_BACKBONE, frame, out, config, cpu=cpu, progress=_bars(quiet))
     click.echo(f"neighbours suite in {time.perf_counter() - start:.0f} s; test MSE, mean over fields and seeds "
                "(mean ratio to global):")
     for target, entry in results["means"].items():
@@ -821,7 +838,7 @@ def _experiment_fluxnet(data: Path | None, out: Path, config_path: Path | None, 
         raise KgmlPeftError("the fluxnet suite needs --data: a table written by 'kgml-peft import fluxnet'")
     config = (RealSiteConfig.quick() if quick else
               RealSiteConfig.from_toml(config_path) if config_path is not None else RealSiteConfig())
-    results = run_realsites(read_table(data), config, out, cpu=cpu, progress=not quiet, jobs=jobs)
+    results = run_realsites(read_table(data), config, out, cpu=cpu, progress=_bars(quiet), jobs=jobs)
     click.echo(f"{results['runs']} runs ({results['resumed_runs']} resumed) in "
                f"{time.perf_counter() - start:.0f} s; test NEE MSE (gC m-2 d-1)^2, mean over seeds:")
     for site, by_k in results["cells"].items():

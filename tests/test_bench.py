@@ -33,7 +33,7 @@ def _get(data: dict, dotted: str):
 @pytest.mark.usefixtures("isolated_globals")
 def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "bench.json"
+    out = tmp_path / "new" / "dir" / "bench.json"  # missing folders are created
     result = _runner().invoke(cli, ["bench", "--backbone", str(SHIPPED), "--quick", "--json", "--quiet",
                                     "--cpu", "--memory-adapters", "12", "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -114,8 +114,9 @@ def test_config_checks_and_toml(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One real ``experiment --quick`` run on the built-in demo data."""
-    out = tmp_path_factory.mktemp("experiment") / "results"
+    """One real ``experiment --quick`` run on the built-in demo data, into a folder that does not
+    exist yet (created with its parents)."""
+    out = tmp_path_factory.mktemp("experiment") / "new" / "results"
     result = _runner().invoke(cli, ["experiment", "--quick", "--out", str(out), "--quiet", "--cpu"])
     assert result.exit_code == 0, result.output
     return out, result
@@ -202,7 +203,7 @@ def test_two_worker_processes_give_the_same_results(quick_run, tmp_path: Path) -
     assert numbers(tmp_path / "two") == numbers(out)
 
 
-@pytest.mark.parametrize("case", ["quick-and-config", "one-region", "few-years", "no-parent",
+@pytest.mark.parametrize("case", ["quick-and-config", "one-region", "few-years", "parent-is-a-file",
                                   "unknown-region", "zero-jobs", "one-site-per-region",
                                   "new-fields-fluxnet", "foreign-folder"])
 def test_bad_input_is_one_line(case: str, tmp_path: Path, monkeypatch) -> None:
@@ -235,9 +236,10 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, monkeypatch) -> None:
     elif case == "zero-jobs":
         args += ["--quick", "--jobs", "0"]
         expect = ("--jobs",)
-    elif case == "no-parent":
+    elif case == "parent-is-a-file":  # a missing folder is created; a file in the way is not
+        (tmp_path / "missing").write_text("a file\n")
         args = ["experiment", "--out", "missing/res", "--quick", "--quiet"]
-        expect = ("does not exist",)
+        expect = ("missing is not a folder",)
     else:
         (tmp_path / "e.toml").write_text('regions = ["IA", "XX"]\nseeds = [0]\n')
         args += ["--config", "e.toml"]

@@ -364,3 +364,25 @@ def test_json_ready_keeps_finite_values_and_nulls_the_rest() -> None:
     assert math.isclose(json.loads(json.dumps(json_ready(data), allow_nan=False))["b"], 0.5)
     assert printable("a\nb\tc\x00\x1b") == "a\\nb\\tc\\x00\\x1b"
     assert printable("Ne3 ✓ café") == "Ne3 ✓ café"
+
+
+# --- issue 21: progress bars only on a terminal ------------------------------------------------
+
+
+@pytest.mark.usefixtures("isolated_globals")
+def test_progress_bars_only_on_a_terminal_or_when_asked(tmp_path: Path, backbone_path: Path, monkeypatch) -> None:
+    """The test runner's stderr is not a terminal (like a log file): no bars unless --progress."""
+    monkeypatch.chdir(tmp_path)
+    data = MEnv(tmp_path, backbone_path).data()
+    args = ["calibrate", "--site", "IA-001", "--data", str(data), "--backbone", str(backbone_path),
+            "--epochs", "2", "--cv", "none", "--force"]
+    plain = _runner().invoke(cli, [*args, "--out", "a"])
+    assert plain.exit_code == 0, plain.output
+    assert "%|" not in plain.stderr and "\r" not in plain.stderr, plain.stderr
+    asked = _runner().invoke(cli, ["--progress", *args, "--out", "b"])
+    assert asked.exit_code == 0, asked.output
+    assert "%|" in asked.stderr, asked.stderr
+    quiet = _runner().invoke(cli, ["--progress", *args, "--out", "c", "--quiet"])
+    assert quiet.exit_code == 0 and "%|" not in quiet.stderr, quiet.stderr
+    a, b = (read_adapter(tmp_path / d / "IA-001.safetensors").tensors for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)  # bars change nothing

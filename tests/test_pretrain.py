@@ -226,18 +226,19 @@ def test_cli_pretrain_refuses_to_overwrite_without_force(tables, tmp_path):
     synthetic, _ = tables
     write_table(synthetic, tmp_path / "syn.parquet")
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    out = tmp_path / "new" / "dir"  # missing folders are created
     args = ["pretrain", "--data", str(tmp_path / "syn.parquet"), "--config", str(tmp_path / "tiny.toml"),
-            "--cpu", "--quiet", "--out-dir", str(tmp_path)]
+            "--cpu", "--quiet", "--out-dir", str(out)]
     runner = CliRunner()
     assert runner.invoke(cli, args).exit_code == 0
-    first = (tmp_path / "demo.safetensors").read_bytes()
+    first = (out / "demo.safetensors").read_bytes()
     refused = runner.invoke(cli, [*args, "--seed", "3"])
     assert refused.exit_code == 2 and "--force" in refused.output
-    assert (tmp_path / "demo.safetensors").read_bytes() == first
+    assert (out / "demo.safetensors").read_bytes() == first
     forced = runner.invoke(cli, [*args, "--seed", "3", "--force"])
     assert forced.exit_code == 0
-    assert (tmp_path / "demo.safetensors").read_bytes() != first
-    assert load_backbone(tmp_path / "demo.safetensors").training["config"]["seed"] == 3
+    assert (out / "demo.safetensors").read_bytes() != first
+    assert load_backbone(out / "demo.safetensors").training["config"]["seed"] == 3
 
 
 def test_val_every_logs_validation_loss_per_step_without_changing_training(tables):

@@ -14,7 +14,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.config import ExperimentConfig
 from kgml_peft.experiments.report import aggregate, write_report
 from kgml_peft.experiments.runs import Experiment
-from kgml_peft.atomic import atomic_path
+from kgml_peft.atomic import atomic_path, check_output_folder
 
 
 def demo_table() -> pd.DataFrame:
@@ -92,7 +92,7 @@ def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.
     check_jobs(jobs)
     out = _check_out(out)
     experiment = Experiment(frame, config, out, cpu=cpu)  # every data check before any training
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     claim_folder(out, experiment.identity())
     todo = [run for run in experiment.plan.runs if not experiment.done(run)]
     first = [r for r in todo if r.method == "scratch" and r.regions == experiment.regions]
@@ -127,12 +127,8 @@ def claim_folder(out: Path, identity: dict) -> None:
 
 
 def _check_out(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KgmlPeftError(f"{out} is not a folder")
-    if not out.parent.is_dir():
-        raise KgmlPeftError(f"output folder {out.parent} does not exist")
-    return out
+    """The results folder: an existing folder or a new one (created with its parents)."""
+    return check_output_folder(out)
 
 
 def run_realsites(frame: pd.DataFrame, config, out: str | os.PathLike, *, cpu: bool = True,
@@ -145,7 +141,7 @@ def run_realsites(frame: pd.DataFrame, config, out: str | os.PathLike, *, cpu: b
     check_jobs(jobs)
     out = _check_out(out)
     bench = RealSiteBenchmark(frame, config, out, cpu=cpu)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     todo = [run for run in bench.plan if not bench.done(run)]
     first = [r for r in todo if r.method == "pretrain"]
     execute_runs(bench, partial(RealSiteBenchmark, frame, config, str(out), cpu=cpu), first,

@@ -160,7 +160,7 @@ def save_state(path: str | os.PathLike, key: str, state: TrainingState) -> None:
     try:
         for attempt in range(3):
             # another run of the same output may remove the (empty) folder between mkdir and write
-            target.parent.mkdir(exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with atomic_path(target) as tmp:
                     save_file(tensors, str(tmp), metadata=metadata)
