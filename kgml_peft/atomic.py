@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kgml_peft.errors import KgmlPeftError
+from kgml_peft.errors import KgmlPeftError, os_cause
 
 
 def check_writable_target(path: str | os.PathLike) -> Path:
@@ -31,11 +31,9 @@ def check_writable_target(path: str | os.PathLike) -> Path:
     target = Path(path)
     if target.is_dir():
         raise KgmlPeftError(f"{target} is a directory, expected a file path")
-    if os.path.lexists(target) and target.exists() and not target.is_file():
+    if target.exists() and not target.is_file():  # links followed: a link to a FIFO too
         raise KgmlPeftError(f"{target} exists and is not a regular file; choose another output")
-    folder = target.parent if str(target.parent) else Path(".")
-    while not os.path.lexists(folder) and folder != folder.parent:
-        folder = folder.parent
+    _, folder = _missing_folders(target.parent if str(target.parent) else Path("."))
     if not folder.is_dir():
         raise KgmlPeftError(f"output folder {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -84,16 +82,22 @@ def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path))
 
 
-def make_folders(folder: str | os.PathLike) -> list[Path]:
-    """Create ``folder`` and its missing parents; return the folders created, outermost first.
-    If one cannot be made (a name too long, a full disk), those made so far are removed again."""
-    folder = Path(folder)
+def _missing_folders(folder: Path) -> tuple[list[Path], Path]:
+    """The folders on the way to ``folder`` that do not exist yet (outermost first), and the
+    nearest one that does (or the root)."""
     missing = []
     while not os.path.lexists(folder) and folder != folder.parent:
         missing.append(folder)
         folder = folder.parent
+    return missing[::-1], folder
+
+
+def make_folders(folder: str | os.PathLike) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the folders created, outermost first.
+    If one cannot be made (a name too long, a full disk), those made so far are removed again."""
+    missing, _ = _missing_folders(Path(folder))
     created = []
-    for path in reversed(missing):
+    for path in missing:
         try:
             path.mkdir()
         except FileExistsError:  # another process (a launched run's peer) made it first
@@ -160,7 +164,7 @@ def write_failure(exc: BaseException) -> str | None:
     or None when ``exc`` is not such a failure. safetensors reports these in its own exception
     type, with the OS message inside."""
     if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
+        return os_cause(exc)
     text = str(exc)
     if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
         return text.split("I/O error:", 1)[1].strip()

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from kgml_peft import __version__
-from kgml_peft.errors import KgmlPeftError, expect_type
+from kgml_peft.errors import KgmlPeftError, expect_type, os_cause
 from kgml_peft.text import json_ready, printable
 
 DEFAULT_BACKBONE = Path("checkpoints") / "demo.safetensors"
@@ -65,7 +65,7 @@ class Group(click.Group):
 
 def _os_error_line(exc: OSError) -> str:
     """An OS error at a command's boundary as one line that names the path and the cause."""
-    cause = exc.strerror or str(exc) or type(exc).__name__
+    cause = os_cause(exc)
     paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
     return printable(f"{' -> '.join(paths)}: {cause}" if paths else cause)
 

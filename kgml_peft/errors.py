@@ -15,3 +15,8 @@ def expect_type(value: object, types: type | tuple[type, ...], what: str) -> Non
     if not ok:
         names = " or ".join(t.__name__ for t in types)
         raise KgmlPeftError(f"{what} must be {names}, got {value!r}")
+
+
+def os_cause(exc: OSError) -> str:
+    """Why an OS call failed, for a one-line error (``No space left on device`` ...)."""
+    return exc.strerror or str(exc) or type(exc).__name__

@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 
-from kgml_peft.errors import KgmlPeftError
+from kgml_peft.errors import KgmlPeftError, os_cause
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -46,7 +46,7 @@ def check_regular_file(path: str | os.PathLike, what: str) -> os.stat_result:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise KgmlPeftError(f"{name} is a symbolic link loop, not a regular file") from None
-        raise KgmlPeftError(f"{name} cannot be read ({exc.strerror or exc})") from None
+        raise KgmlPeftError(f"{name} cannot be read ({os_cause(exc)})") from None
     except ValueError as exc:  # a NUL byte in the path
         raise KgmlPeftError(f"{name} is not a usable path ({exc})") from None
     if not stat.S_ISREG(info.st_mode):

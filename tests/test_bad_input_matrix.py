@@ -533,12 +533,14 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 
 def run_case(spec: Case, tmp_path: Path, backbone_path: Path, other_backbone_path: Path,
-             adapters: tuple[Path, Path]) -> None:
-    """Run one row in ``tmp_path/work`` (the working directory; the caller chdirs there) with
-    copies of the backbones and adapters, and check it: exit 2, one line, nothing created or
-    changed (bytes and modification times), no pickle payload ran."""
+             adapters: tuple[Path, Path], monkeypatch) -> None:
+    """Run one row in ``tmp_path/work`` (made the working directory) with copies of the
+    backbones and adapters, and check it: exit 2, one line, nothing created or changed (bytes and
+    modification times), no pickle payload ran."""
     work = tmp_path / "work"
     inputs = work / "inputs"
+    inputs.mkdir(parents=True)
+    monkeypatch.chdir(work)
     copies = [inputs / name for name in ("backbone.safetensors", "IA-001.safetensors", "other.safetensors",
                                          "IA-001-other.safetensors")]
     for source, target in zip((backbone_path, adapters[0], other_backbone_path, adapters[1]), copies):
@@ -556,9 +558,7 @@ def run_case(spec: Case, tmp_path: Path, backbone_path: Path, other_backbone_pat
 @pytest.mark.usefixtures("isolated_globals")
 def test_bad_input_is_one_line_and_writes_nothing(spec: Case, tmp_path: Path, backbone_path: Path,
                                                   other_backbone_path: Path, adapters, monkeypatch) -> None:
-    (tmp_path / "work" / "inputs").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "work")
-    run_case(spec, tmp_path, backbone_path, other_backbone_path, adapters)
+    run_case(spec, tmp_path, backbone_path, other_backbone_path, adapters, monkeypatch)
 
 
 def test_matrix_spans_every_command() -> None:

@@ -172,9 +172,7 @@ CASES: list[Case] = [
 @pytest.mark.usefixtures("isolated_globals")
 def test_hostile_output_is_one_line_and_changes_nothing(spec: Case, tmp_path: Path, backbone_path: Path,
                                                          other_backbone_path: Path, adapters, monkeypatch) -> None:
-    (tmp_path / "work" / "inputs").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "work")
-    matrix.run_case(spec, tmp_path, backbone_path, other_backbone_path, adapters)
+    matrix.run_case(spec, tmp_path, backbone_path, other_backbone_path, adapters, monkeypatch)
 
 
 def test_a_fifo_as_output_is_refused_without_opening_it(tmp_path: Path, backbone_path: Path) -> None:
