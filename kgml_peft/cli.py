@@ -166,21 +166,31 @@ def import_group() -> None:
 @click.option("--max-gap", type=click.IntRange(min=0), default=7, show_default=True,
               help="Longest run of missing input days to interpolate; a year with a longer gap "
                    "is left out.")
+@click.option("--qc-counts", type=click.Choice(["measured", "good"]), default="measured",
+              show_default=True,
+              help="Half-hourly/hourly files: the daily NEE QC is the share of measured records "
+                   "(flag 0), or of measured and good gap-filled ones (flags 0-1, as official daily "
+                   "files count).")
 @click.option("--force", is_flag=True, help="Replace an existing output table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, crops: Path | None,
-                   min_qc: float, gpp: str, max_gap: int, force: bool, as_json: bool) -> None:
-    """Import FLUXNET2015 daily (DD) CSV files, or folders of them, into one table."""
+                   min_qc: float, gpp: str, max_gap: int, qc_counts: str, force: bool, as_json: bool,
+                   quiet: bool) -> None:
+    """Import FLUXNET files (FLUXNET2015, AmeriFlux FLUXNET, ICOS L2; daily, half-hourly or
+    hourly), or folders of them, into one table."""
     from kgml_peft import schema
-    from kgml_peft.data.fluxnet import ImportOptions, expand_paths, import_fluxnet as run_import
+    from kgml_peft.data.flux_files import expand_paths
+    from kgml_peft.data.fluxnet import ImportOptions, import_fluxnet as run_import
     from kgml_peft.atomic import check_outputs
     from kgml_peft.data.tables import table_format, write_table
 
     table_format(out)
     files = expand_paths(paths)
-    check_outputs([out], [*files, *(p for p in (site_meta, crops) if p is not None)], force)
-    options = ImportOptions(min_qc=min_qc, gpp=gpp.upper(), max_gap=max_gap)
-    table, reports = run_import(files, site_meta, options, crops=crops)
+    check_outputs([out], [*(f.path for f in files), *(p for p in (site_meta, crops) if p is not None)],
+                  force)
+    options = ImportOptions(min_qc=min_qc, gpp=gpp.upper(), max_gap=max_gap, qc_counts=qc_counts)
+    table, reports = run_import(files, site_meta, options, crops=crops, progress=_bars(quiet))
     write_table(table, out)
     if as_json:
         _echo_json({"out": str(out), "rows": len(table), "options": options.__dict__,

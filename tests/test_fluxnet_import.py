@@ -153,7 +153,7 @@ def test_cli_imports_every_daily_file(tmp_path: Path, monkeypatch) -> None:
     assert_ok(result, args)
     report = json.loads(result.stdout)
     assert report["out"] == "x.parquet"
-    assert report["options"] == {"min_qc": 0.5, "gpp": "NT", "max_gap": 7}
+    assert report["options"] == {"min_qc": 0.5, "gpp": "NT", "max_gap": 7, "qc_counts": "measured"}
     assert sorted(s["site"] for s in report["sites"]) == sorted(SITE_YEARS)
 
     table = load_table(tmp_path / "x.parquet", schema.FLUXNET_FEATURES)
@@ -739,13 +739,16 @@ CASES = [
                  ("x.parquet exists", "--force"), id="existing-output-without-force"),
     pytest.param(lambda w: _cmd(next(MONTHLY.glob("FLX_US-CRT_*_MM_*.csv")), out=_good_output(w)),
                  ("monthly", "DD"), id="monthly-file"),
-    pytest.param(lambda w: _cmd(MONTHLY), ("no FLUXNET2015 daily files",), id="monthly-folder"),
+    pytest.param(lambda w: _cmd(MONTHLY), ("no FLUXNET daily, half-hourly or hourly files", "10 other",
+                                           "monthly FLUXNET2015 file", "(DD)", "(HH)"), id="monthly-folder"),
     pytest.param(lambda w: _cmd(AMERIFLUX_HH, out=_good_output(w)),
-                 ("AMF_US-CRT_BASE_HH_2-5.csv", "not a FLUXNET2015 file name"), id="ameriflux-hh"),
+                 ("AMF_US-CRT_BASE_HH_2-5.csv", "AmeriFlux BASE file", "AMF_US-CRT_FLUXNET_FULLSET"),
+                 id="ameriflux-base-hh"),
     pytest.param(_sub_daily, ("TIMESTAMP_START", "sub-daily"), id="sub-daily-named-daily"),
     pytest.param(lambda w: _cmd(w / "FLX_US-CRT_FLUXNET2015_DD-FROM-HH_2011-2013.csv"),
                  ("does not exist",), id="missing-path"),
-    pytest.param(_empty_folder, ("nothing", "no FLUXNET2015 daily files"), id="folder-without-daily"),
+    pytest.param(_empty_folder, ("nothing", "no FLUXNET daily, half-hourly or hourly files", "AMF_<site>"),
+                 id="folder-without-daily"),
     pytest.param(_file_case(lambda c: c.drop_column("NEE_VUT_REF"), good_output=True),
                  ("missing column NEE_VUT_REF",), id="no-NEE"),
     pytest.param(_file_case(lambda c: c.drop_column("GPP_NT_VUT_REF")),

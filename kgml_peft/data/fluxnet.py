@@ -1,7 +1,9 @@
-"""FLUXNET2015 daily files -> a long site-day table in the data contract.
+"""FLUXNET files -> a long site-day table in the data contract.
 
-Reads official FLUXNET2015 daily CSVs (``FLX_<site>_FLUXNET2015_FULLSET_DD_...csv``, ``SUBSET``
-and the ``DD-FROM-HH`` aggregates in ../shared) and converts them:
+Reads the ONEFlux products a flux scientist downloads (see :mod:`kgml_peft.data.flux_files` for
+the names: FLUXNET2015, AmeriFlux FLUXNET and ICOS ETC L2 FLUXNET files, FULLSET or SUBSET), daily
+(``DD``) files as they are and half-hourly or hourly ones aggregated to days first
+(:mod:`kgml_peft.data.subdaily`), and converts the daily values:
 
 =====================  ==============================  =========================================
 FLUXNET column         contract column                 conversion
@@ -35,35 +37,34 @@ ignores them. Columns the importer does not know are ignored.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from kgml_peft import schema
+from kgml_peft.data.flux_files import FluxFile, expand_paths
+from kgml_peft.data.subdaily import QC_COLUMN, SubDailyInfo, flux_values, read_sub_daily
 from kgml_peft.data.tables import (check_text_columns, empty_cells, parse_yyyymmdd, read_table,
                                    validate_table)
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.readable import check_regular_file
 
 #: W m-2 averaged over a day -> MJ m-2 d-1 (86400 s / 1e6).
 W_M2_TO_MJ_DAY = 0.0864
-MISSING = -9999.0
-
-_NAME = re.compile(r"^FLX_(?P<site>[A-Za-z0-9]{2}-[A-Za-z0-9]{3})_FLUXNET2015_(?P<rest>.+)\.csv$",
-                   re.IGNORECASE)
-_RESOLUTIONS = {"HH": "half-hourly", "HR": "hourly", "WW": "weekly", "MM": "monthly", "YY": "yearly"}
 
 #: Inputs copied (after a unit conversion) from one FLUXNET column.
 _DIRECT = {"RADN": ("SW_IN_F", W_M2_TO_MJ_DAY), "TAVG_AIR": ("TA_F", 1.0),
            "TMAX_AIR": ("TA_F_MAX", 1.0), "VPD_AIR": ("VPD_F", 1.0),
            "VPDMAX_AIR": ("VPD_F_MAX", 1.0), "PRECN": ("P_F", 1.0), "WIND": ("WS_F", 1.0)}
 _REQUIRED = ("TIMESTAMP", "NEE_VUT_REF")
-QC_COLUMN = "NEE_VUT_REF_QC"
 GAPFILLED = ("NEE_gapfilled", "Reco_gapfilled")
+
+
+#: ``ImportOptions.qc_counts`` -> the highest sub-daily QC flag counted as measured
+_QC_COUNTS = {"measured": 0, "good": 1}
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class ImportOptions:
     gpp: str = "NT"
     #: longest run of missing input days filled by linear interpolation; longer gaps drop the year.
     max_gap: int = 7
+    #: sub-daily files: which records the daily NEE QC counts as measured: ``measured`` (flag 0,
+    #: as the ../shared files) or ``good`` (flags 0 and 1, as official daily files count).
+    qc_counts: str = "measured"
 
     def __post_init__(self) -> None:
         if isinstance(self.min_qc, bool) or not isinstance(self.min_qc, (int, float)) \
@@ -85,6 +89,8 @@ class ImportOptions:
             raise KgmlPeftError(f"gpp must be NT or DT, got {self.gpp!r}")
         if isinstance(self.max_gap, bool) or not isinstance(self.max_gap, int) or self.max_gap < 0:
             raise KgmlPeftError(f"max_gap must be a non-negative integer, got {self.max_gap!r}")
+        if self.qc_counts not in _QC_COUNTS:
+            raise KgmlPeftError(f"qc_counts must be measured or good, got {self.qc_counts!r}")
 
 
 @dataclass
@@ -100,7 +106,7 @@ class SiteReport:
     inputs: list[str]
     #: FLUXNET columns the file lacks (among those the importer reads)
     absent_columns: list[str]
-    #: -9999 (or empty) cells per FLUXNET column read, in the whole file
+    #: -9999 (or empty) cells per FLUXNET column read, in the whole file (records of a sub-daily one)
     missing_values: dict[str, int]
     #: days absent from the file between its first and last day
     missing_days: int
@@ -114,45 +120,16 @@ class SiteReport:
     dropped_years: list[int] = field(default_factory=list)
     #: years written whose crop the crops table does not give (Crop_Type NaN); empty without one
     unknown_crop_years: list[int] = field(default_factory=list)
+    #: what the file is, e.g. ``AmeriFlux FLUXNET FULLSET, half-hourly``
+    product: str = ""
+    #: sub-daily files: records read (0 for a daily file)
+    records: int = 0
+    #: sub-daily files: days whose values are missing because a record was absent or -9999
+    incomplete_days: int = 0
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return asdict(self)
-
-
-def site_from_file_name(path: str | os.PathLike) -> str:
-    """The site id of a FLUXNET2015 daily file, from its name; other files are refused."""
-    name = Path(path).name
-    match = _NAME.match(name)
-    if not match:
-        raise KgmlPeftError(f"{name}: not a FLUXNET2015 file name (expected "
-                            "FLX_<site>_FLUXNET2015_<set>_DD_<years>_<version>.csv)")
-    parts = re.split(r"[_-]", match["rest"].upper())
-    if "DD" not in parts:
-        found = next((_RESOLUTIONS[p] for p in parts if p in _RESOLUTIONS), None)
-        what = f"a {found} file" if found else "not a daily (DD) file"
-        raise KgmlPeftError(f"{name} is {what}; import needs the daily (DD) files")
-    return schema.check_site_id(match["site"])
-
-
-def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files to import: each path itself, or a folder's FLUXNET2015 daily CSVs (sorted)."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.glob("FLX_*FLUXNET2015*.csv")
-                           if re.search(r"[_-]DD[_-]", p.name.upper()))
-            if not found:
-                raise KgmlPeftError(f"{path} has no FLUXNET2015 daily files (FLX_*_DD_*.csv)")
-            files.extend(found)
-        else:
-            files.append(path)
-    for path in files:  # before reading any: a FIFO among them would block the import for ever
-        check_regular_file(path, "FLUXNET file")
-    if not files:
-        raise KgmlPeftError("no FLUXNET2015 files given")
-    return files
 
 
 def read_site_meta(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
@@ -260,31 +237,26 @@ def _whole_years(table: pd.DataFrame, sites: pd.Series, source: object) -> pd.Se
 
 
 def read_daily(path: str | os.PathLike) -> pd.DataFrame:
-    """One FLUXNET2015 daily CSV as read (``-9999`` still in place); unreadable files are refused."""
+    """One daily FLUXNET CSV as read (``-9999`` still in place); unreadable files are refused."""
     source = Path(path)
     if source.suffix.lower() != ".csv":
-        raise KgmlPeftError(f"{source.name}: FLUXNET2015 files are .csv")
+        raise KgmlPeftError(f"{source.name}: FLUXNET files are .csv")
     frame = read_table(source)  # refuses missing, empty, header-only and unreadable files
     if "TIMESTAMP_START" in frame.columns and "TIMESTAMP" not in frame.columns:
-        raise KgmlPeftError(f"{source.name} has TIMESTAMP_START (a sub-daily file); import needs the "
-                            "daily (DD) files")
+        raise KgmlPeftError(f"{source.name} is named daily (DD) but has TIMESTAMP_START (sub-daily "
+                            "records); keep the name it was downloaded with (_HH_ or _HR_)")
     for name in _REQUIRED:
         if name not in frame.columns:
             raise KgmlPeftError(f"{source.name}: missing column {name}")
     return frame
 
 
-def _numeric(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
-    """A FLUXNET column as floats with -9999 (and empty cells) as NaN."""
-    values = pd.to_numeric(frame[name], errors="coerce")
-    bad = values.isna() & frame[name].notna()
-    if bad.any():
-        raise KgmlPeftError(f"{file}: column {name} is not numeric: {bad.sum()} values such as "
-                            f"{frame.loc[bad, name].iloc[0]!r}")
-    values = values.astype("float64")
-    if np.isinf(values).any():
-        raise KgmlPeftError(f"{file}: column {name} has infinite values")
-    return values.mask(values == MISSING)
+def read_flux_file(flux: FluxFile, options: ImportOptions = ImportOptions()) -> tuple[pd.DataFrame, SubDailyInfo | None]:
+    """A file's daily values under the daily files' column names: a daily file as read, a
+    half-hourly or hourly one aggregated (with what the aggregation found; None for a daily file)."""
+    if flux.sub_daily:
+        return read_sub_daily(flux.path, flux.resolution, _QC_COUNTS[options.qc_counts])
+    return read_daily(flux.path), None
 
 
 def _dates(frame: pd.DataFrame, file: str) -> pd.Series:
@@ -333,7 +305,7 @@ def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = 
                             "(--min-qc 0) to keep every NEE value unmasked")
     wanted = ["NEE_VUT_REF", QC_COLUMN, gpp_col, reco_col, "TA_F_MIN",
               *(col for col, _ in _DIRECT.values())]
-    read = {name: _numeric(raw, name, file) for name in dict.fromkeys(wanted) if name in raw.columns}
+    read = {name: flux_values(raw, name, file) for name in dict.fromkeys(wanted) if name in raw.columns}
     absent = [name for name in dict.fromkeys(wanted) if name not in raw.columns]
 
     if QC_COLUMN in read:
@@ -396,19 +368,22 @@ def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = 
 
 
 def import_fluxnet(
-    paths: Sequence[str | os.PathLike],
+    paths: Sequence[str | os.PathLike | FluxFile],
     site_meta: str | os.PathLike | pd.DataFrame | None = None,
     options: ImportOptions = ImportOptions(),
     crops: str | os.PathLike | pd.DataFrame | None = None,
+    progress: bool = False,
 ) -> tuple[pd.DataFrame, list[SiteReport]]:
-    """Import FLUXNET2015 daily files (or folders of them) into one validated contract table.
+    """Import FLUXNET files (or folders of them) into one validated contract table.
 
-    The site id comes from each file name; the region from ``site_meta`` (a table with ``site``
+    Files are FLUXNET2015, AmeriFlux FLUXNET or ICOS L2 FLUXNET files, daily or sub-daily (see
+    :func:`~kgml_peft.data.flux_files.expand_paths`; a folder gives one file per site). The site id
+    comes from each file name; the region from ``site_meta`` (a table with ``site``
     and ``region``, optionally static soil columns and ``lat``/``lon``) or, for a site it does not
     list, the site id. ``crops`` (see :func:`read_crops`) adds ``Crop_Type``: the documented crop of
     each site-year, NaN where it is unknown. Only inputs every file provides are kept (coordinates
     too: a site without a metadata row leaves them out of the table). Returns the table (sorted by
-    site, date) and one :class:`SiteReport` per file.
+    site, date) and one :class:`SiteReport` per file. ``progress``: a bar over the files.
     """
     files = expand_paths(paths)
     meta = None if site_meta is None else read_site_meta(site_meta)
@@ -416,19 +391,20 @@ def import_fluxnet(
     # soil must be known at every site; coordinates may be missing (then they are left out)
     soil = [] if meta is None else [c for c in meta.columns.drop(schema.REGION)
                                     if c not in schema.SITE_INPUTS]
-    seen: dict[str, str] = {}
     frames, reports = [], []
-    for path in files:
-        site = site_from_file_name(path)
-        if site in seen:
-            raise KgmlPeftError(f"site {site} is in two files: {seen[site]} and {Path(path).name}")
-        seen[site] = Path(path).name
+    for flux in (tqdm(files, desc="import", unit="file", leave=False) if progress else files):
+        site = flux.site
         listed = meta is not None and site in meta.index
         if soil and not listed:
             raise KgmlPeftError(f"the site metadata gives {', '.join(soil)} "
                                 f"but has no row for site {site}; add one")
         region = str(meta.loc[site, schema.REGION]) if listed else site
-        frame, report = convert(read_daily(path), site, region, options, Path(path).name)
+        raw, info = read_flux_file(flux, options)
+        frame, report = convert(raw, site, region, options, flux.path.name)
+        report.product = flux.label
+        if info is not None:
+            report.records, report.incomplete_days = info.records, info.incomplete_days
+            report.missing_values = info.missing_records
         if listed:
             for name in meta.columns.drop(schema.REGION):
                 frame[name] = float(meta.loc[site, name])

@@ -1,0 +1,245 @@
+"""Which flux-tower file is which: product, site and resolution from the file name.
+
+Three wrappers of the same ONEFlux columns are read (see docs/fluxnet.md for the table):
+
+==========================  ==========================================================  ==============
+product                     file name                                                   resolutions
+==========================  ==========================================================  ==============
+FLUXNET2015                 ``FLX_<site>_FLUXNET2015_<FULLSET|SUBSET>_<res>_<years>_<v>.csv``  DD, HH, HR
+AmeriFlux FLUXNET           ``AMF_<site>_FLUXNET_<FULLSET|SUBSET>_<res>_<years>_<v>.csv``      DD, HH, HR
+ICOS ETC L2 FLUXNET         ``ICOSETC_<site>_FLUXNET_<res>[_INTERIM]_L2.csv``                  DD, HH
+==========================  ==========================================================  ==============
+
+(and the daily aggregates in ../shared, ``FLX_<site>_FLUXNET2015_DD-FROM-HH_<years>.csv``). The
+name decides; files that sit next to these in a download (weekly, monthly and yearly files,
+ERA reanalysis, auxiliary, AmeriFlux BASE and ICOS non-FLUXNET files, zip archives) are refused
+with a line saying what the file is and what to import instead. A folder yields one file per
+site: the half-hourly or hourly one where the download also has the daily one, because only
+sub-daily records give the daily minimum and maximum that the tower backbones use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kgml_peft import schema
+from kgml_peft.errors import KgmlPeftError
+from kgml_peft.readable import check_regular_file
+
+#: Resolutions a file name can carry, and how the messages name them.
+RESOLUTIONS = {"HH": "half-hourly", "HR": "hourly", "DD": "daily", "WW": "weekly", "MM": "monthly",
+               "YY": "yearly"}
+#: The resolutions import reads.
+READ = ("DD", "HH", "HR")
+SUB_DAILY = ("HH", "HR")
+
+_SITE = r"(?P<site>[A-Za-z0-9]{2}-[A-Za-z0-9]{3})"
+_FLX = re.compile(rf"^FLX_{_SITE}_(?P<product>FLUXNET2015|FLUXNET-CH4|[A-Za-z0-9-]+)_(?P<rest>.+)$", re.I)
+_AMF = re.compile(rf"^AMF_{_SITE}_(?P<rest>.+)$", re.I)
+_ICOS = re.compile(rf"^ICOSETC_{_SITE}_(?P<rest>.+)$", re.I)
+
+_NAMES = ("FLX_<site>_FLUXNET2015_<FULLSET|SUBSET>_<DD|HH|HR>_<years>_<version>.csv, "
+          "AMF_<site>_FLUXNET_<FULLSET|SUBSET>_<DD|HH|HR>_<years>_<version>.csv or "
+          "ICOSETC_<site>_FLUXNET_<DD|HH>_L2.csv")
+_READS = "import reads the FULLSET or SUBSET daily (DD), half-hourly (HH) or hourly (HR) file"
+
+
+@dataclass(frozen=True)
+class FluxFile:
+    """One flux-tower file import can read: where it is, its site, product and resolution."""
+
+    path: Path
+    site: str
+    #: ``FLUXNET2015``, ``AmeriFlux FLUXNET`` or ``ICOS ETC L2``
+    product: str
+    #: ``FULLSET``, ``SUBSET`` or ``""`` (ICOS and the ../shared daily aggregates have none)
+    grouping: str
+    #: ``DD``, ``HH`` or ``HR``
+    resolution: str
+
+    @property
+    def sub_daily(self) -> bool:
+        """Whether the records are half-hourly or hourly (aggregated to days on import)."""
+        return self.resolution in SUB_DAILY
+
+    @property
+    def label(self) -> str:
+        """How messages and reports name the file's kind, e.g. ``AmeriFlux FLUXNET FULLSET, hourly``."""
+        product = f"{self.product} {self.grouping}" if self.grouping else self.product
+        return f"{product}, {RESOLUTIONS[self.resolution]}"
+
+
+def _refuse(name: str, what: str, instead: str) -> KgmlPeftError:
+    return KgmlPeftError(f"{name} is {what}; {instead}")
+
+
+def _resolution(name: str, token: str, what: str, site: str, pattern: str) -> str:
+    """The resolution token of a data file name; weekly, monthly and yearly files are refused."""
+    res = token.upper()
+    if res not in RESOLUTIONS:
+        raise KgmlPeftError(f"{name}: {res!r} is not a resolution (HH, HR, DD, WW, MM, YY); "
+                            f"expected {pattern}")
+    if res not in READ:
+        raise _refuse(name, f"a {RESOLUTIONS[res]} {what} file",
+                      f"{_READS} of site {site} from the same download")
+    return res
+
+
+def _fluxnet2015(name: str, site: str, product: str, rest: str) -> tuple[str, str, str]:
+    if product.upper() == "FLUXNET-CH4":
+        raise _refuse(name, "a FLUXNET-CH4 file (methane synthesis, no VUT NEE and partitioned GPP "
+                            "columns)", f"download the FLUXNET2015 or AmeriFlux FLUXNET FULLSET files of {site}")
+    if product.upper() != "FLUXNET2015":
+        raise KgmlPeftError(f"{name}: unknown FLUXNET product {product!r}; expected {_NAMES}")
+    tokens = rest.split("_")
+    first = tokens[0].upper()
+    if first.startswith("DD-FROM-"):  # the daily aggregates in ../shared
+        return "FLUXNET2015", "", "DD"
+    if first in ("FULLSET", "SUBSET"):
+        if len(tokens) < 2:
+            raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
+        return "FLUXNET2015", first, _resolution(name, tokens[1], "FLUXNET2015", site, _NAMES)
+    if first in ("ERAI", "AUXMETEO", "AUXNEE"):
+        what = {"ERAI": "an ERA-Interim meteorology file (reanalysis weather, no fluxes)",
+                "AUXMETEO": "an auxiliary meteorology file (downscaling statistics)",
+                "AUXNEE": "an auxiliary NEE file (USTAR and partitioning statistics)"}[first]
+        raise _refuse(name, f"{what} of FLUXNET2015", f"{_READS} (FLX_{site}_FLUXNET2015_FULLSET_...)")
+    raise KgmlPeftError(f"{name}: unknown FLUXNET2015 file kind {tokens[0]!r}; expected {_NAMES}")
+
+
+def _ameriflux(name: str, site: str, rest: str) -> tuple[str, str, str]:
+    tokens = rest.split("_")
+    first = tokens[0].upper()
+    fluxnet = f"download the AmeriFlux FLUXNET product of {site} (AMF_{site}_FLUXNET_FULLSET_...zip)"
+    if first == "BASE":
+        raise _refuse(name, "an AmeriFlux BASE file (measured half-hours, not gap-filled and not "
+                            "partitioned: no NEE_VUT_REF, GPP or RECO)", f"{fluxnet} instead")
+    if first in ("BASE-BADM", "BIF", "BADM"):
+        raise _refuse(name, "AmeriFlux site metadata (BADM), not flux data",
+                      f"{fluxnet}; give coordinates with --site-meta")
+    if first != "FLUXNET" or len(tokens) < 2:
+        raise KgmlPeftError(f"{name}: unknown AmeriFlux file kind; expected {_NAMES}")
+    grouping = tokens[1].upper()
+    if grouping in ("FULLSET", "SUBSET"):
+        if len(tokens) < 3:
+            raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
+        return "AmeriFlux FLUXNET", grouping, _resolution(name, tokens[2], "AmeriFlux FLUXNET", site, _NAMES)
+    if grouping in ("ERA5", "AUXMETEO", "AUXNEE"):
+        what = {"ERA5": "an ERA5 meteorology file (reanalysis weather for the site, no fluxes)",
+                "AUXMETEO": "an auxiliary meteorology file (downscaling statistics)",
+                "AUXNEE": "an auxiliary NEE file (USTAR and partitioning statistics)"}[grouping]
+        raise _refuse(name, f"{what} of the AmeriFlux FLUXNET product",
+                      f"{_READS} (AMF_{site}_FLUXNET_FULLSET_...)")
+    raise KgmlPeftError(f"{name}: unknown AmeriFlux FLUXNET grouping {tokens[1]!r}; expected {_NAMES}")
+
+
+def _icos(name: str, site: str, rest: str) -> tuple[str, str, str]:
+    tokens = rest.split("_")
+    first = tokens[0].upper()
+    instead = f"import ICOSETC_{site}_FLUXNET_DD_L2.csv or ICOSETC_{site}_FLUXNET_HH_L2.csv from the same archive"
+    if first == "FLUXNET" and len(tokens) >= 3 and tokens[-1].upper() == "L2":
+        return "ICOS ETC L2", "", _resolution(name, tokens[1], "ICOS ETC L2 FLUXNET", site, _NAMES)
+    if first in ("VARINFO", "SITEINFO", "ANCILLARY", "INST"):
+        raise _refuse(name, f"ICOS ETC metadata ({first}), not flux data", instead)
+    if first in ("FLUXES", "METEO", "METEOSENS", "ARCHIVE"):
+        raise _refuse(name, f"an ICOS ETC L2 {first} file (not the ONEFlux FLUXNET product: no "
+                            "gap-filled, partitioned GPP and RECO)", instead)
+    raise KgmlPeftError(f"{name}: unknown ICOS ETC file kind {tokens[0]!r}; expected {_NAMES}")
+
+
+def identify(path: str | os.PathLike) -> FluxFile:
+    """What a flux file is, from its name: product, site id and resolution. Names of other files
+    (or of kinds import cannot use) are refused with one line that says what to import instead."""
+    path = Path(path)
+    name = path.name
+    if name.lower().endswith(".zip"):
+        raise _refuse(name, "a zip archive", "unzip it and import the folder (or its daily, "
+                                             "half-hourly or hourly .csv file)")
+    if not name.lower().endswith(".csv"):
+        raise KgmlPeftError(f"{name}: flux-tower files are .csv ({_NAMES})")
+    stem = name[:-4]
+    for pattern, read in ((_FLX, None), (_AMF, _ameriflux), (_ICOS, _icos)):
+        match = pattern.match(stem)
+        if match:
+            site = schema.check_site_id(match["site"])
+            if read is None:
+                product, grouping, res = _fluxnet2015(name, site, match["product"], match["rest"])
+            else:
+                product, grouping, res = read(name, site, match["rest"])
+            return FluxFile(path, site, product, grouping, res)
+    raise KgmlPeftError(f"{name}: not a FLUXNET file name; expected {_NAMES} (the name gives the "
+                        "site, product and resolution: keep the name the file was downloaded with)")
+
+
+def _from_folder(folder: Path) -> list[FluxFile]:
+    """The data files of a folder, one per site (sub-daily over daily of the same product)."""
+    found: dict[str, list[FluxFile]] = {}
+    skipped: list[str] = []
+    for path in sorted(folder.iterdir()):
+        if not path.name.lower().endswith((".csv", ".zip")):
+            continue
+        try:
+            flux = identify(path)
+        except KgmlPeftError as exc:  # weekly, monthly, ERA, BASE... sit next to the data in a download
+            skipped.append(str(exc))
+            continue
+        found.setdefault(flux.site, []).append(flux)
+    if not found:
+        why = f" ({len(skipped)} other files, such as: {skipped[0]})" if skipped else f" ({_NAMES})"
+        raise KgmlPeftError(f"{folder} has no FLUXNET daily, half-hourly or hourly files{why}")
+    chosen = []
+    for site, files in found.items():
+        other = [f for f in files if (f.product, f.grouping) != (files[0].product, files[0].grouping)]
+        if other:
+            raise _mixed(site, files[0], other[0])
+        sub = [f for f in files if f.sub_daily]
+        if len(sub) > 1 or (not sub and len(files) > 1):
+            raise KgmlPeftError(f"{folder} has {len(sub) or len(files)} files of site {site} at the same "
+                                f"level ({', '.join(f.path.name for f in (sub or files))}); keep one")
+        chosen.append(sub[0] if sub else files[0])
+    return chosen
+
+
+def _mixed(site: str, a: FluxFile, b: FluxFile) -> KgmlPeftError:
+    """Two files of one site: which they are, and which one to keep."""
+    if (a.product, a.grouping) != (b.product, b.grouping):
+        advice = ("import one product per site (AmeriFlux FLUXNET and ICOS L2 run the same ONEFlux "
+                  "processing as FLUXNET2015 on newer site data and cover later years)")
+    elif a.sub_daily != b.sub_daily:
+        advice = ("give one of them (the half-hourly or hourly file also gives the daily minimum "
+                  "and maximum temperature and VPD)")
+    else:
+        advice = "give one of them"
+    return KgmlPeftError(f"site {site} is in two files: {a.path.name} ({a.label}) and {b.path.name} "
+                         f"({b.label}); {advice}")
+
+
+def expand_paths(paths: Iterable[str | os.PathLike | FluxFile]) -> list[FluxFile]:
+    """The files to import, identified: each path itself, or a folder's data files (one per site,
+    see :func:`_from_folder`); a :class:`FluxFile` is taken as it is. A site in two files is
+    refused, saying which they are."""
+    files: list[FluxFile] = []
+    for raw in paths:
+        if isinstance(raw, FluxFile):
+            files.append(raw)
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(_from_folder(path))
+        else:
+            check_regular_file(path, "FLUXNET file")  # a missing file is missing, whatever its name
+            files.append(identify(path))
+    if not files:
+        raise KgmlPeftError("no FLUXNET files given")
+    seen: dict[str, FluxFile] = {}
+    for flux in files:
+        if flux.site in seen:
+            raise _mixed(flux.site, seen[flux.site], flux)
+        seen[flux.site] = flux
+    for flux in files:  # before reading any: a FIFO among them would block the import for ever
+        check_regular_file(flux.path, "FLUXNET file")
+    return files

@@ -1,0 +1,190 @@
+"""Half-hourly and hourly FLUXNET records -> daily values, the way the ../shared daily files were made.
+
+A sub-daily file (FLUXNET2015, AmeriFlux FLUXNET or ICOS L2, ``HH`` or ``HR``) is aggregated to a
+daily frame with the daily files' column names, which :func:`kgml_peft.data.fluxnet.convert` then
+reads like any daily file:
+
+=====================  ====================  ===============================================
+daily column           from records of       aggregate
+=====================  ====================  ===============================================
+``TA_F``               ``TA_F``              mean, degC
+``TA_F_MIN/_MAX``      ``TA_F``              minimum / maximum, degC
+``SW_IN_F``            ``SW_IN_F``           mean, W m-2
+``VPD_F``              ``VPD_F``             mean, hPa
+``VPD_F_MAX``          ``VPD_F``             maximum, hPa
+``P_F``                ``P_F``               sum, mm per record -> mm d-1
+``WS_F``               ``WS_F``              mean, m s-1
+``NEE_VUT_REF``,       same names            mean x 1.03772448: umol CO2 m-2 s-1 -> gC m-2 d-1
+``GPP_*``, ``RECO_*``
+``NEE_VUT_REF_QC``     ``NEE_VUT_REF_QC``    share of the day's records flagged 0 (measured)
+=====================  ====================  ===============================================
+
+A record belongs to the day of its ``TIMESTAMP_START`` (local standard time, as in every ONEFlux
+file). A day's value needs all of that day's records (48 half-hours or 24 hours): a missing record
+or a ``-9999`` leaves the value missing, and the daily gap rules of the import (interpolate a short
+run of days, drop the year of a long one) decide what happens to it; a day without any record is
+a missing day. Official daily files count good-quality gap-filling (flag 1) as measured in their
+QC fraction; the ../shared files, and this module by default, count measured records only
+(``counted=1`` counts both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kgml_peft.data.tables import read_table
+from kgml_peft.errors import KgmlPeftError
+
+#: umol CO2 m-2 s-1 averaged over a day -> gC m-2 d-1: 12.0107e-6 g C per umol x 86,400 s, the
+#: factor ONEFlux uses for its daily files.
+UMOL_S_TO_GC_DAY = 1.03772448
+#: minutes per record of each sub-daily resolution
+STEP_MINUTES = {"HH": 30, "HR": 60}
+MISSING = -9999.0
+QC_COLUMN = "NEE_VUT_REF_QC"
+_CARBON = ("NEE_VUT_REF", "GPP_NT_VUT_REF", "GPP_DT_VUT_REF", "RECO_NT_VUT_REF", "RECO_DT_VUT_REF")
+
+#: daily column -> (column of the records, how a day's records make it)
+DAILY_FROM_RECORDS: dict[str, tuple[str, str]] = {
+    "TA_F": ("TA_F", "mean"), "TA_F_MIN": ("TA_F", "min"), "TA_F_MAX": ("TA_F", "max"),
+    "SW_IN_F": ("SW_IN_F", "mean"), "VPD_F": ("VPD_F", "mean"), "VPD_F_MAX": ("VPD_F", "max"),
+    "P_F": ("P_F", "sum"), "WS_F": ("WS_F", "mean"),
+    **{name: (name, "carbon") for name in _CARBON},
+    QC_COLUMN: (QC_COLUMN, "measured"),
+}
+#: the columns of a sub-daily file that are read
+RECORD_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(src for src, _ in DAILY_FROM_RECORDS.values()))
+
+
+@dataclass
+class SubDailyInfo:
+    """What aggregating one sub-daily file found: records read, -9999 records per column, and days
+    whose values are missing because a record was absent or missing."""
+
+    records: int
+    missing_records: dict[str, int] = field(default_factory=dict)
+    incomplete_days: int = 0
+
+
+def flux_values(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
+    """A FLUXNET column as floats with ``-9999`` (and empty cells) as NaN; text and infinite
+    values are refused."""
+    values = pd.to_numeric(frame[name], errors="coerce")
+    bad = values.isna() & frame[name].notna()
+    if bad.any():
+        raise KgmlPeftError(f"{file}: column {name} is not numeric: {bad.sum()} values such as "
+                            f"{frame.loc[bad, name].iloc[0]!r}")
+    values = values.astype("float64")
+    if np.isinf(values).any():
+        raise KgmlPeftError(f"{file}: column {name} has infinite values")
+    return values.mask(values == MISSING)
+
+
+def _record_starts(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
+    """``name`` (YYYYMMDDHHMM, as written) as timestamps; anything else is refused."""
+    text = frame[name].astype("string").str.strip()
+    times = pd.to_datetime(text.where(text.str.fullmatch(r"\d{12}", na=False)), format="%Y%m%d%H%M",
+                           errors="coerce")
+    bad = times.isna()
+    if bad.any():
+        raise KgmlPeftError(f"{file}: column {name} has {bad.sum()} values that are not times "
+                            f"(YYYYMMDDHHMM), e.g. {frame.loc[bad, name].iloc[0]!r}")
+    return times
+
+
+def _check_times(start: pd.Series, end: pd.Series | None, resolution: str, file: str) -> None:
+    """Records on the file's grid, each one step long, none twice."""
+    step = STEP_MINUTES[resolution]
+    kind = {"HH": "half-hourly (HH)", "HR": "hourly (HR)"}[resolution]
+    minutes = start.dt.hour * 60 + start.dt.minute
+    off = minutes % step != 0
+    if off.any():
+        raise KgmlPeftError(f"{file}: TIMESTAMP_START {start[off].iloc[0]:%Y%m%d%H%M} is not on the "
+                            f"{step}-minute grid of a {kind} file")
+    if end is not None:
+        length = (end - start) / pd.Timedelta(minutes=1)
+        wrong = length != step
+        if wrong.any():
+            raise KgmlPeftError(f"{file}: records are {length[wrong].iloc[0]:g} minutes long "
+                                f"(TIMESTAMP_START {start[wrong].iloc[0]:%Y%m%d%H%M}), but the file "
+                                f"name says {kind}, {step} minutes; keep the name it was downloaded with")
+    twice = start.duplicated()
+    if twice.any():
+        raise KgmlPeftError(f"{file}: record {start[twice].iloc[0]:%Y%m%d%H%M} appears twice")
+
+
+def _check_flags(flags: pd.Series, file: str) -> None:
+    odd = flags.notna() & ~flags.isin([0.0, 1.0, 2.0, 3.0])
+    if odd.any():
+        raise KgmlPeftError(f"{file}: column {QC_COLUMN} of a sub-daily file holds the flags 0-3 "
+                            f"(measured, gap-filled good / medium / poor), not {flags[odd].iloc[0]:g}")
+
+
+def aggregate_days(start: pd.Series, records: dict[str, pd.Series], resolution: str,
+                   counted: int = 0) -> tuple[pd.DataFrame, int]:
+    """Daily values (see the module table) from records starting at ``start`` (``records``: the
+    columns of :data:`RECORD_COLUMNS` present, -9999 already NaN). Returns the daily frame (a
+    ``TIMESTAMP`` YYYYMMDD column; days without any record left out) and the number of days with
+    some record absent or missing. ``counted``: the highest QC flag counted as measured."""
+    per_day = 1440 // STEP_MINUTES[resolution]
+    day = start.dt.floor("D")
+    first = day.min()
+    row = ((day - first) / pd.Timedelta(days=1)).to_numpy(dtype="int64")
+    slot = ((start - day) / pd.Timedelta(minutes=STEP_MINUTES[resolution])).to_numpy(dtype="int64")
+    days = int(row.max()) + 1
+    present = np.zeros((days, per_day), dtype=bool)
+    present[row, slot] = True
+    written = present.any(axis=1)
+    grids = {}
+    for name, values in records.items():
+        grid = np.full((days, per_day), np.nan)
+        grid[row, slot] = values.to_numpy(dtype="float64")
+        grids[name] = grid
+    out = {"TIMESTAMP": pd.date_range(first, periods=days, freq="D").strftime("%Y%m%d").astype(int)}
+    with np.errstate(invalid="ignore"):
+        for daily, (source, how) in DAILY_FROM_RECORDS.items():
+            if source not in grids:
+                continue
+            grid = grids[source]
+            if how == "measured":
+                value = (grid <= counted).sum(axis=1) / per_day
+                value = np.where(np.isnan(grid).any(axis=1), np.nan, value)
+            elif how == "carbon":
+                value = grid.mean(axis=1) * UMOL_S_TO_GC_DAY
+            else:  # numpy's mean, min, max and sum leave a day with a NaN record NaN
+                value = getattr(grid, how)(axis=1)
+            out[daily] = value
+    frame = pd.DataFrame(out)[written].reset_index(drop=True)
+    gaps = ~present.all(axis=1)
+    for grid in grids.values():
+        gaps |= np.isnan(grid).any(axis=1)
+    return frame, int((written & gaps).sum())
+
+
+def read_sub_daily(path: str | Path, resolution: str, counted: int = 0) -> tuple[pd.DataFrame, SubDailyInfo]:
+    """One half-hourly (``HH``) or hourly (``HR``) FLUXNET file as daily values (see the module
+    docstring) and what the aggregation found. Only the columns used are read."""
+    source = Path(path)
+    file = source.name
+    frame = read_table(source, columns=("TIMESTAMP", "TIMESTAMP_START", "TIMESTAMP_END", *RECORD_COLUMNS))
+    if "TIMESTAMP_START" not in frame.columns:
+        if "TIMESTAMP" in frame.columns:
+            raise KgmlPeftError(f"{file} is named {resolution} but has TIMESTAMP, not TIMESTAMP_START "
+                                "(daily records); keep the name it was downloaded with")
+        raise KgmlPeftError(f"{file}: missing column TIMESTAMP_START")
+    if "NEE_VUT_REF" not in frame.columns:
+        raise KgmlPeftError(f"{file}: missing column NEE_VUT_REF")
+    start = _record_starts(frame, "TIMESTAMP_START", file)
+    end = _record_starts(frame, "TIMESTAMP_END", file) if "TIMESTAMP_END" in frame.columns else None
+    _check_times(start, end, resolution, file)
+    records = {name: flux_values(frame, name, file) for name in RECORD_COLUMNS if name in frame.columns}
+    if QC_COLUMN in records:
+        _check_flags(records[QC_COLUMN], file)
+    daily, incomplete = aggregate_days(start, records, resolution, counted)
+    info = SubDailyInfo(records=len(frame), incomplete_days=incomplete,
+                        missing_records={name: int(v.isna().sum()) for name, v in records.items()})
+    return daily, info
