@@ -197,11 +197,12 @@ def import_fluxnet(paths: tuple[Path, ...], out: Path, site_meta: Path | None, c
                     "sites": [r.to_dict() for r in reports]})
         return
     click.echo(f"{'site':<10}{'region':<10}{'first':<12}{'last':<12}{'days':>6}{'NEE obs':>9}"
-               f"{'QC-masked':>11}{'filled':>8}  dropped years")
+               f"{'QC-masked':>11}{'filled':>8}  {'dropped years':<15}file")
     for r in reports:
+        dropped = ", ".join(map(str, r.dropped_years)) or "-"
         click.echo(f"{r.site:<10}{r.region[:9]:<10}{r.first_date:<12}{r.last_date:<12}{r.rows:>6}"
                    f"{r.observed_nee_days:>9}{r.qc_masked_days:>11}{sum(r.filled_days.values()):>8}  "
-                   f"{', '.join(map(str, r.dropped_years)) or '-'}")
+                   f"{dropped:<15}{r.product}")
     inputs = [c for c in table.columns if c in schema.ALL_INPUTS]
     unknown = sum(len(r.unknown_crop_years) for r in reports)
     crop_note = f"; Crop_Type unknown in {unknown} site-years" if crops is not None else ""

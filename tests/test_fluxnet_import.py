@@ -888,7 +888,7 @@ def test_cli_human_readable_summary(tmp_path: Path, monkeypatch) -> None:
         total += days
         fields = line.split()
         assert fields[:5] == [site, site, f"{y0}-01-01", f"{y1}-12-31", str(days)], line
-        assert fields[-1] == "-"  # no dropped years
+        assert fields[8] == "-" and line.endswith("FLUXNET2015, daily")  # no dropped years; the file kind
     assert lines[-1].startswith(f"wrote x.csv: {total} site-days, {len(SITE_YEARS)} sites; inputs ")
     assert set(lines[-1].split("inputs ")[1].split(", ")) == set(FLUX_INPUTS)
     assert (tmp_path / "x.csv").is_file()

@@ -99,19 +99,19 @@ def _record_starts(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
 def _check_times(start: pd.Series, end: pd.Series | None, resolution: str, file: str) -> None:
     """Records on the file's grid, each one step long, none twice."""
     step = STEP_MINUTES[resolution]
-    kind = {"HH": "half-hourly (HH)", "HR": "hourly (HR)"}[resolution]
-    minutes = start.dt.hour * 60 + start.dt.minute
-    off = minutes % step != 0
-    if off.any():
-        raise KgmlPeftError(f"{file}: TIMESTAMP_START {start[off].iloc[0]:%Y%m%d%H%M} is not on the "
-                            f"{step}-minute grid of a {kind} file")
+    kind = {"HH": "a half-hourly (HH)", "HR": "an hourly (HR)"}[resolution]
     if end is not None:
         length = (end - start) / pd.Timedelta(minutes=1)
         wrong = length != step
         if wrong.any():
             raise KgmlPeftError(f"{file}: records are {length[wrong].iloc[0]:g} minutes long "
                                 f"(TIMESTAMP_START {start[wrong].iloc[0]:%Y%m%d%H%M}), but the file "
-                                f"name says {kind}, {step} minutes; keep the name it was downloaded with")
+                                f"name says {kind[kind.index(' ') + 1:]}, {step} minutes; keep the name it was downloaded with")
+    minutes = start.dt.hour * 60 + start.dt.minute
+    off = minutes % step != 0
+    if off.any():
+        raise KgmlPeftError(f"{file}: TIMESTAMP_START {start[off].iloc[0]:%Y%m%d%H%M} is not on the "
+                            f"{step}-minute grid of {kind} file")
     twice = start.duplicated()
     if twice.any():
         raise KgmlPeftError(f"{file}: record {start[twice].iloc[0]:%Y%m%d%H%M} appears twice")
