@@ -93,8 +93,7 @@ def test_sharded_calibration_writes_each_adapter_once(backbone_path, tmp_path, l
             "--epochs", "4", "--batch-size", "2", "--batch-sites", str(batch_sites), "--quiet", "--json"]
     reports = {}
     for how in ("single", launcher):
-        out = tmp_path / how
-        out.mkdir()
+        out = tmp_path / how / "new" / "store"  # missing folders: created by whichever process is first
         # with --cpu, and without: on a machine with no GPU the launched processes find the CPU
         done = _launch(how, *args, "--out", str(out), *(["--cpu"] if how == "accelerate" else []))
         assert done.returncode == 0, done.stderr
@@ -112,8 +111,8 @@ def test_sharded_calibration_writes_each_adapter_once(backbone_path, tmp_path, l
     for site in SITES:
         one, two = reports["single"][site], reports[launcher][site]
         assert two["metrics"]["after"]["loss"] <= one["metrics"]["after"]["loss"] * (1 + 1e-6)
-        a = load_adapter(tmp_path / "single" / f"{site}.safetensors", backbone)
-        b = load_adapter(tmp_path / launcher / f"{site}.safetensors", backbone)
+        a = load_adapter(tmp_path / "single" / "new" / "store" / f"{site}.safetensors", backbone)
+        b = load_adapter(tmp_path / launcher / "new" / "store" / f"{site}.safetensors", backbone)
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
