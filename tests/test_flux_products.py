@@ -313,6 +313,9 @@ REFUSED = [
                  ("NEE_VUT_REF_QC", "flags 0-3", "0.5"), id="qc-fraction-in-records"),
     pytest.param(_sub_daily_edit(lambda r: r.drop(columns=["NEE_VUT_REF"])),
                  ("missing column NEE_VUT_REF",), id="no-nee"),
+    pytest.param(_sub_daily_edit(lambda r: _set("TIMESTAMP_END", 100, "209912310100")(
+        _set("TIMESTAMP_START", 100, "209912310030")(r))),  # memory grows with records, not the span
+                 ("every year has an input gap",), id="a-record-a-century-later"),
     pytest.param(_sub_daily_edit(_set("TA_F", 3, "warm")),
                  ("TA_F", "not numeric", "warm"), id="text-in-records"),
 ]

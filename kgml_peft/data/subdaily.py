@@ -126,43 +126,31 @@ def _check_flags(flags: pd.Series, file: str) -> None:
 
 def aggregate_days(start: pd.Series, records: dict[str, pd.Series], resolution: str,
                    counted: int = 0) -> tuple[pd.DataFrame, int]:
-    """Daily values (see the module table) from records starting at ``start`` (``records``: the
-    columns of :data:`RECORD_COLUMNS` present, -9999 already NaN). Returns the daily frame (a
-    ``TIMESTAMP`` YYYYMMDD column; days without any record left out) and the number of days with
-    some record absent or missing. ``counted``: the highest QC flag counted as measured."""
+    """Daily values (see the module table) from records starting at ``start`` (on the file's grid,
+    none twice; ``records``: the columns of :data:`RECORD_COLUMNS` present, -9999 already NaN).
+    Returns the daily frame (a ``TIMESTAMP`` YYYYMMDD column, one row per day with a record) and
+    the number of those days with some record absent or missing. ``counted``: the highest QC flag
+    counted as measured. Memory grows with the records, not with the span of days they cover."""
     per_day = 1440 // STEP_MINUTES[resolution]
-    day = start.dt.floor("D")
-    first = day.min()
-    row = ((day - first) / pd.Timedelta(days=1)).to_numpy(dtype="int64")
-    slot = ((start - day) / pd.Timedelta(minutes=STEP_MINUTES[resolution])).to_numpy(dtype="int64")
-    days = int(row.max()) + 1
-    present = np.zeros((days, per_day), dtype=bool)
-    present[row, slot] = True
-    written = present.any(axis=1)
-    grids = {}
-    for name, values in records.items():
-        grid = np.full((days, per_day), np.nan)
-        grid[row, slot] = values.to_numpy(dtype="float64")
-        grids[name] = grid
-    out = {"TIMESTAMP": pd.date_range(first, periods=days, freq="D").strftime("%Y%m%d").astype(int)}
-    with np.errstate(invalid="ignore"):
-        for daily, (source, how) in DAILY_FROM_RECORDS.items():
-            if source not in grids:
-                continue
-            grid = grids[source]
-            if how == "measured":
-                value = (grid <= counted).sum(axis=1) / per_day
-                value = np.where(np.isnan(grid).any(axis=1), np.nan, value)
-            elif how == "carbon":
-                value = grid.mean(axis=1) * UMOL_S_TO_GC_DAY
-            else:  # numpy's mean, min, max and sum leave a day with a NaN record NaN
-                value = getattr(grid, how)(axis=1)
-            out[daily] = value
-    frame = pd.DataFrame(out)[written].reset_index(drop=True)
-    gaps = ~present.all(axis=1)
-    for grid in grids.values():
-        gaps |= np.isnan(grid).any(axis=1)
-    return frame, int((written & gaps).sum())
+    codes, days = pd.factorize(start.dt.floor("D"), sort=True)
+    complete = pd.Series(codes).value_counts().sort_index().to_numpy() == per_day
+    out = {"TIMESTAMP": pd.DatetimeIndex(days).strftime("%Y%m%d").astype(int)}
+    gaps = ~complete
+    for daily, (source, how) in DAILY_FROM_RECORDS.items():
+        if source not in records:
+            continue
+        values = pd.Series(records[source].to_numpy(dtype="float64"))
+        groups = values.groupby(codes)
+        full = complete & (groups.count().to_numpy() == per_day)  # count leaves NaN out
+        if how == "measured":
+            value = (values <= counted).groupby(codes).sum().to_numpy() / per_day
+        elif how == "carbon":
+            value = groups.mean().to_numpy() * UMOL_S_TO_GC_DAY
+        else:
+            value = getattr(groups, how)().to_numpy()
+        out[daily] = np.where(full, value, np.nan)
+        gaps |= ~full
+    return pd.DataFrame(out), int(gaps.sum())
 
 
 def read_sub_daily(path: str | Path, resolution: str, counted: int = 0) -> tuple[pd.DataFrame, SubDailyInfo]:
