@@ -333,3 +333,49 @@ def test_api_refusals_are_library_errors(tmp_path: Path) -> None:
         identify(tmp_path / "AMF_US-CRT_BASE_HH_2-5.csv")
     with pytest.raises(KgmlPeftError, match="qc_counts"):
         ImportOptions(qc_counts="all")
+
+
+def _run_on(tmp_path: Path, terminal: bool) -> str:
+    """``kgml-peft import fluxnet`` of the ten shared daily files with stderr on a pseudo-terminal
+    or redirected to a file (as a log or CI run is); returns what stderr received."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    args = [sys.executable, "-m", "kgml_peft", "import", "fluxnet", str(SHARED / "daily"),
+            "--out", str(tmp_path / ("tty.csv" if terminal else "log.csv"))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if not terminal:
+        with open(tmp_path / "stderr.log", "wb") as log:
+            done = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=300)
+        assert done.returncode == 0
+        return (tmp_path / "stderr.log").read_text()
+    main, child = pty.openpty()
+    # a new pseudo-terminal is 0 columns wide, where tqdm draws an empty bar; a real one is not
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=child, env=env)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(timeout=300) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_a_bar_on_a_terminal_and_none_in_a_log(tmp_path: Path) -> None:
+    on_terminal = _run_on(tmp_path, terminal=True)
+    assert "import:" in on_terminal and "%|" in on_terminal, on_terminal
+    in_log = _run_on(tmp_path, terminal=False)
+    assert in_log == "", in_log  # not a bar, not a carriage return
+    assert (tmp_path / "tty.csv").read_bytes() == (tmp_path / "log.csv").read_bytes()
