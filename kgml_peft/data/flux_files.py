@@ -89,6 +89,26 @@ def _resolution(name: str, token: str, what: str, site: str, pattern: str) -> st
     return res
 
 
+#: Files of a ONEFlux download that hold no tower fluxes, by their grouping token.
+_NOT_FLUXES = {"ERAI": "an ERA-Interim meteorology file (reanalysis weather, no fluxes)",
+               "ERA5": "an ERA5 meteorology file (reanalysis weather for the site, no fluxes)",
+               "AUXMETEO": "an auxiliary meteorology file (downscaling statistics)",
+               "AUXNEE": "an auxiliary NEE file (USTAR and partitioning statistics)"}
+
+
+def _grouping(name: str, site: str, product: str, tokens: list[str], prefix: str) -> tuple[str, str, str]:
+    """``<FULLSET|SUBSET>_<res>_...`` of a FLUXNET2015 or AmeriFlux FLUXNET name (``tokens``);
+    reanalysis and auxiliary files are refused. ``prefix``: the name up to the grouping."""
+    grouping = tokens[0].upper() if tokens else ""
+    if grouping in ("FULLSET", "SUBSET"):
+        if len(tokens) < 2:
+            raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
+        return product, grouping, _resolution(name, tokens[1], product, site, _NAMES)
+    if grouping in _NOT_FLUXES:
+        raise _refuse(name, f"{_NOT_FLUXES[grouping]} of {product}", f"{_READS} ({prefix}_FULLSET_...)")
+    raise KgmlPeftError(f"{name}: unknown {product} file kind {grouping!r}; expected {_NAMES}")
+
+
 def _fluxnet2015(name: str, site: str, product: str, rest: str) -> tuple[str, str, str]:
     if product.upper() == "FLUXNET-CH4":
         raise _refuse(name, "a FLUXNET-CH4 file (methane synthesis, no VUT NEE and partitioned GPP "
@@ -96,19 +116,9 @@ def _fluxnet2015(name: str, site: str, product: str, rest: str) -> tuple[str, st
     if product.upper() != "FLUXNET2015":
         raise KgmlPeftError(f"{name}: unknown FLUXNET product {product!r}; expected {_NAMES}")
     tokens = rest.split("_")
-    first = tokens[0].upper()
-    if first.startswith("DD-FROM-"):  # the daily aggregates in ../shared
+    if tokens[0].upper().startswith("DD-FROM-"):  # the daily aggregates in ../shared
         return "FLUXNET2015", "", "DD"
-    if first in ("FULLSET", "SUBSET"):
-        if len(tokens) < 2:
-            raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
-        return "FLUXNET2015", first, _resolution(name, tokens[1], "FLUXNET2015", site, _NAMES)
-    if first in ("ERAI", "AUXMETEO", "AUXNEE"):
-        what = {"ERAI": "an ERA-Interim meteorology file (reanalysis weather, no fluxes)",
-                "AUXMETEO": "an auxiliary meteorology file (downscaling statistics)",
-                "AUXNEE": "an auxiliary NEE file (USTAR and partitioning statistics)"}[first]
-        raise _refuse(name, f"{what} of FLUXNET2015", f"{_READS} (FLX_{site}_FLUXNET2015_FULLSET_...)")
-    raise KgmlPeftError(f"{name}: unknown FLUXNET2015 file kind {tokens[0]!r}; expected {_NAMES}")
+    return _grouping(name, site, "FLUXNET2015", tokens, f"FLX_{site}_FLUXNET2015")
 
 
 def _ameriflux(name: str, site: str, rest: str) -> tuple[str, str, str]:
@@ -121,20 +131,9 @@ def _ameriflux(name: str, site: str, rest: str) -> tuple[str, str, str]:
     if first in ("BASE-BADM", "BIF", "BADM"):
         raise _refuse(name, "AmeriFlux site metadata (BADM), not flux data",
                       f"{fluxnet}; give coordinates with --site-meta")
-    if first != "FLUXNET" or len(tokens) < 2:
+    if first != "FLUXNET":
         raise KgmlPeftError(f"{name}: unknown AmeriFlux file kind; expected {_NAMES}")
-    grouping = tokens[1].upper()
-    if grouping in ("FULLSET", "SUBSET"):
-        if len(tokens) < 3:
-            raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
-        return "AmeriFlux FLUXNET", grouping, _resolution(name, tokens[2], "AmeriFlux FLUXNET", site, _NAMES)
-    if grouping in ("ERA5", "AUXMETEO", "AUXNEE"):
-        what = {"ERA5": "an ERA5 meteorology file (reanalysis weather for the site, no fluxes)",
-                "AUXMETEO": "an auxiliary meteorology file (downscaling statistics)",
-                "AUXNEE": "an auxiliary NEE file (USTAR and partitioning statistics)"}[grouping]
-        raise _refuse(name, f"{what} of the AmeriFlux FLUXNET product",
-                      f"{_READS} (AMF_{site}_FLUXNET_FULLSET_...)")
-    raise KgmlPeftError(f"{name}: unknown AmeriFlux FLUXNET grouping {tokens[1]!r}; expected {_NAMES}")
+    return _grouping(name, site, "AmeriFlux FLUXNET", tokens[1:], f"AMF_{site}_FLUXNET")
 
 
 def _icos(name: str, site: str, rest: str) -> tuple[str, str, str]:
