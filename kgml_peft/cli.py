@@ -160,7 +160,7 @@ def import_group() -> None:
               help="Table with site, year, crop (maize/corn or soybean/soy) per site-year: writes "
                    "Crop_Type, left empty for site-years it does not list.")
 @click.option("--min-qc", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Mask NEE and Reco on days whose NEE_VUT_REF_QC (fraction measured) is lower.")
+              help="Mask NEE and Reco on days whose NEE_VUT_REF_QC (share of the day measured; see --qc-counts) is lower.")
 @click.option("--gpp", type=click.Choice(["NT", "DT"], case_sensitive=False), default="NT",
               show_default=True, help="GPP partitioning used as the GPP input (and its Reco).")
 @click.option("--max-gap", type=click.IntRange(min=0), default=7, show_default=True,

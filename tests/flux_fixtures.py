@@ -43,7 +43,13 @@ def _years(site: str) -> str:
 
 
 def file_name(product: str, site: str, resolution: str, grouping: str = "FULLSET") -> str:
-    """The name a download gives the file: ``product`` is ``FLX``, ``AMF`` or ``ICOS``."""
+    """The name a download gives the file: ``product`` is ``FLX``, ``AMF``, ``ICOS`` or
+    ``FLUXMET`` (the newest FLUXNET release, from the AmeriFlux network, whose ``HH`` names hold
+    half-hourly or hourly records)."""
+    if product == "FLUXMET":
+        named = "HH" if resolution in ("HH", "HR") else resolution
+        y0, y1 = _years(site).split("-")
+        return f"AMF_{site}_FLUXNET_FLUXMET_{named}_{y0}-{y1}_v1.3_r1.csv"
     if product == "FLX":
         return f"FLX_{site}_FLUXNET2015_{grouping}_{resolution}_{_years(site)}_1-4.csv"
     if product == "AMF":

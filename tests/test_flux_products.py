@@ -36,8 +36,11 @@ PRODUCTS = [
     ("ICOS", "US-Lin", "DD", ""), ("ICOS", "US-Tw3", "HH", ""),
     ("FLX", "US-Tw2", "DD", "FULLSET"), ("FLX", "US-Tw3", "DD", "SUBSET"),
     ("FLX", "US-Lin", "HH", "FULLSET"), ("FLX", "US-Tw2", "HH", "SUBSET"), ("FLX", "US-Tw3", "HR", "FULLSET"),
+    # the newest release names half-hourly and hourly files alike HH: the records decide
+    ("FLUXMET", "US-Tw3", "DD", ""), ("FLUXMET", "US-Tw2", "HH", ""), ("FLUXMET", "US-Lin", "HR", ""),
 ]
-LABELS = {"AMF": "AmeriFlux FLUXNET", "ICOS": "ICOS ETC L2", "FLX": "FLUXNET2015"}
+LABELS = {"AMF": "AmeriFlux FLUXNET", "ICOS": "ICOS ETC L2", "FLX": "FLUXNET2015",
+          "FLUXMET": "FLUXNET FLUXMET (AMF)"}
 RESOLUTION = {"DD": "daily", "HH": "half-hourly", "HR": "hourly"}
 VALUES = ["RADN", "TAVG_AIR", "TMAX_AIR", "TDIF_AIR", "VPD_AIR", "VPDMAX_AIR", "GPP", "lat", "lon",
           "Crop_Type", "NEE", "Reco", "NEE_gapfilled", "Reco_gapfilled"]
@@ -214,7 +217,10 @@ NAMES = [
     ("FLX_DE-Tha_FLUXNET2015_FULLSET_HH_2016-2020_beta-3.csv", "FLUXNET2015", "FULLSET", "HH"),
     ("AMF_US-Ha1_FLUXNET_FULLSET_HR_1992-2020_3-5.csv", "AmeriFlux FLUXNET", "FULLSET", "HR"),
     ("AMF_US-Ne1_FLUXNET_SUBSET_DD_2001-2020_3-5.csv", "AmeriFlux FLUXNET", "SUBSET", "DD"),
-    ("amf_us-ne1_fluxnet_fullset_hh_2001-2020_3-5.CSV", "AmeriFlux FLUXNET", "FULLSET", "HH"),
+    ("EUF_CH-Oe2_FLUXNET_FLUXMET_HH_2004-2024_v1.3_r1.csv", "FLUXNET FLUXMET", "", "SD"),
+    ("AMF_US-Ha1_FLUXNET_FLUXMET_HR_1991-2025_v1.3_r1.csv", "FLUXNET FLUXMET", "", "HR"),
+    ("ICOSETC_FI-Ken_FLUXNET_FLUXMET_DD_2018-2025_v1.3_r1.csv", "FLUXNET FLUXMET", "", "DD"),
+    ("AMF_us-ab1_FLUXNET_FULLSET_HH_2001-2020_3-5.csv", "AmeriFlux FLUXNET", "FULLSET", "HH"),
     ("ICOSETC_DE-Tha_FLUXNET_HH_L2.csv", "ICOS ETC L2", "", "HH"),
     ("ICOSETC_FR-Fon_FLUXNET_DD_L2.csv", "ICOS ETC L2", "", "DD"),
     ("ICOSETC_BE-Lon_FLUXNET_HH_INTERIM_L2.csv", "ICOS ETC L2", "", "HH"),
@@ -225,7 +231,7 @@ NAMES = [
 def test_names_of_each_product(name, product, grouping, resolution) -> None:
     flux = identify(Path("x") / name)
     assert (flux.product, flux.grouping, flux.resolution) == (product, grouping, resolution)
-    assert flux.site.upper() == name.split("_")[1].upper()
+    assert flux.site == name.split("_")[1]  # literally as written
 
 
 def _refused(name: str, tmp_path: Path, content: str = "TIMESTAMP,NEE_VUT_REF\n20200101,1\n") -> list[str]:
@@ -245,6 +251,30 @@ def _mixed_folder(tmp_path: Path) -> list[str]:
     write_fixture(tmp_path / "f", "AMF", "US-Tw3", "DD", "FULLSET")
     write_fixture(tmp_path / "f", "AMF", "US-Tw3", "HH", "SUBSET")
     return ["import", "fluxnet", str(tmp_path / "f"), "--out", str(tmp_path / "out.csv")]
+
+
+def _folder_with_a_lost_site(tmp_path: Path) -> list[str]:
+    write_fixture(tmp_path / "f", "AMF", "US-Tw3", "HH")
+    shutil.copy(SHARED / "AMF_US-CRT_BASE_HH_2-5.csv", tmp_path / "f" / "AMF_US-Xyz_BASE_HH_2-5.csv")
+    return ["import", "fluxnet", str(tmp_path / "f"), "--out", str(tmp_path / "out.csv")]
+
+
+def _folder_of_folders(tmp_path: Path) -> list[str]:
+    write_fixture(tmp_path / "downloads" / "AMF_US-Tw3_FLUXNET_FULLSET_2013-2014_3-5", "AMF", "US-Tw3", "DD")
+    return ["import", "fluxnet", str(tmp_path / "downloads"), "--out", str(tmp_path / "out.csv")]
+
+
+def _case_twins(tmp_path: Path) -> list[str]:
+    path = write_fixture(tmp_path / "f", "AMF", "US-Tw3", "DD")
+    shutil.copy(path, tmp_path / "f" / path.name.replace("US-Tw3", "us-tw3"))
+    return ["import", "fluxnet", str(tmp_path / "f"), "--out", str(tmp_path / "out.csv")]
+
+
+def _meta_in_other_case(tmp_path: Path) -> list[str]:
+    path = write_fixture(tmp_path / "f", "AMF", "US-Tw3", "DD")
+    (tmp_path / "meta.csv").write_text("site,region,lat,lon\nus-tw3,CA,38.1,-121.6\n")
+    return ["import", "fluxnet", str(path), "--site-meta", str(tmp_path / "meta.csv"),
+            "--out", str(tmp_path / "out.csv")]
 
 
 def _sub_daily_edit(edit, resolution: str = "HH"):
@@ -296,8 +326,25 @@ REFUSED = [
                  ("not a FLUXNET file name", "AMF_<site>_FLUXNET"), id="unknown-name"),
     pytest.param(_mixed, ("site US-Tw3 is in two files", "AmeriFlux FLUXNET FULLSET, half-hourly",
                           "FLUXNET2015 FULLSET, daily", "one product per site"), id="mixed-products"),
-    pytest.param(_mixed_folder, ("site US-Tw3", "FULLSET", "SUBSET", "one product per site"),
+    pytest.param(_mixed_folder, ("site US-Tw3", "FULLSET", "SUBSET", "keep one of the two sets"),
                  id="fullset-and-subset-in-a-folder"),
+    pytest.param(lambda t: _refused("amf_us-ne1_fluxnet_fullset_hh_2001-2020_3-5.csv", t),
+                 ("not spelled as downloads are", "site id is read from it literally"), id="lower-case-name"),
+    pytest.param(lambda t: _refused("AMF_US-Ne1_FLUXNET_FULLSET_HH_2001-2020_3-5.CSV", t),
+                 ("not spelled as downloads are",), id="upper-case-extension"),
+    pytest.param(lambda t: _refused("EUF_CH-Oe2_FLUXNET_FLUXMET_MM_2004-2024_v1.3_r1.csv", t),
+                 ("monthly FLUXNET FLUXMET file", "(HH)"), id="fluxmet-monthly"),
+    pytest.param(lambda t: _refused("EUF_CH-Oe2_FLUXNET_BIFVARINFO_HH_2004-2024_v1.3_r1.csv", t),
+                 ("variable metadata", "EUF_CH-Oe2_FLUXNET_FLUXMET_HH"), id="fluxmet-varinfo"),
+    pytest.param(lambda t: _refused("EUF_CH-Oe2_FLUXNET_ERA5_HH_1981-2024_v1.3_r1.csv", t),
+                 ("ERA5", "no fluxes"), id="fluxmet-era5"),
+    pytest.param(_folder_with_a_lost_site, ("no file of site US-Xyz can be imported", "AmeriFlux BASE"),
+                 id="folder-with-a-site-of-refused-files"),
+    pytest.param(_folder_of_folders, ("no FLUXNET daily", "1 subfolders are not searched"),
+                 id="folder-of-download-folders"),
+    pytest.param(_case_twins, ("US-Tw3", "us-tw3", "differ only in case"), id="sites-differing-in-case"),
+    pytest.param(_meta_in_other_case, ("site metadata lists site us-tw3", "US-Tw3", "literally"),
+                 id="site-meta-in-other-case"),
     pytest.param(lambda t: _refused("AMF_US-Ne1_FLUXNET_FULLSET_HH_2001-2020_3-5.csv", t),
                  ("named HH", "TIMESTAMP", "daily records"), id="daily-records-named-hh"),
     pytest.param(_sub_daily_edit(lambda r: r, "named-HR"),
@@ -316,6 +363,16 @@ REFUSED = [
     pytest.param(_sub_daily_edit(lambda r: _set("TIMESTAMP_END", 100, "209912310100")(
         _set("TIMESTAMP_START", 100, "209912310030")(r))),  # memory grows with records, not the span
                  ("every year has an input gap",), id="a-record-a-century-later"),
+    pytest.param(_sub_daily_edit(lambda r: r.drop(columns=["TIMESTAMP_END"]), "named-HR"),
+                 ("30 minutes apart", "hourly (HR)"), id="half-hours-named-hr-without-end"),
+    pytest.param(_sub_daily_edit(lambda r: _set("TIMESTAMP_END", 9, "999912312330")(
+        _set("TIMESTAMP_START", 9, "999912312300")(r))), ("TIMESTAMP_START", "outside the years", "9999"),
+                 id="a-record-in-year-9999"),
+    pytest.param(_sub_daily_edit(lambda r: r.rename(columns={"SW_IN_F": "NEE_VUT_REF_QC"})),
+                 ("NEE_VUT_REF_QC appears 2 times",), id="a-header-twice"),
+    pytest.param(lambda t: _refused("AMF_US-Ne1_FLUXNET_FULLSET_HH_2001-2020_3-5.csv", t,
+                                    "TIMESTAMP_START;TA_F\n201301010000;1\n"),
+                 ("missing column TIMESTAMP_START",), id="semicolon-separated"),
     pytest.param(_sub_daily_edit(_set("TA_F", 3, "warm")),
                  ("TA_F", "not numeric", "warm"), id="text-in-records"),
 ]
@@ -379,3 +436,34 @@ def test_a_bar_on_a_terminal_and_none_in_a_log(tmp_path: Path) -> None:
     in_log = _run_on(tmp_path, terminal=False)
     assert in_log == "", in_log  # not a bar, not a carriage return
     assert (tmp_path / "tty.csv").read_bytes() == (tmp_path / "log.csv").read_bytes()
+
+
+def test_gaps_in_a_real_sized_file_reach_the_report(tmp_path: Path) -> None:
+    """Two years of half-hours with one record absent and one temperature -9999, through the CLI:
+    both days become missing days, are filled by the daily rule, and the report counts them."""
+    path = write_fixture(tmp_path / "in", "AMF", "US-Tw3", "HH")
+    records = pd.read_csv(path, dtype={"TIMESTAMP_START": str, "TIMESTAMP_END": str})
+    records = records[records["TIMESTAMP_START"] != "201303100500"]
+    records.loc[records["TIMESTAMP_START"] == "201306011200", "TA_F"] = -9999
+    records.to_csv(path, index=False)
+    out = tmp_path / "t.csv"
+    result = invoke(["import", "fluxnet", str(path), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    (report,) = json.loads(result.stdout)["sites"]
+    assert report["records"] == 730 * 48 - 1 and report["incomplete_days"] == 2
+    assert report["missing_values"]["TA_F"] == 1 and report["missing_values"]["NEE_VUT_REF"] == 0
+    assert report["filled_days"] == {"RADN": 1, "TMAX_AIR": 2, "TDIF_AIR": 2, "TAVG_AIR": 2,
+                                     "VPD_AIR": 1, "VPDMAX_AIR": 1, "GPP": 1}
+    assert report["rows"] == 730 and report["dropped_years"] == []
+    got = read_table(out)
+    got = got.set_index(pd.to_datetime(got["date"]))
+    want = import_fluxnet([shared_daily("US-Tw3")])[0].set_index("date")
+    gap, bad = pd.Timestamp("2013-03-10"), pd.Timestamp("2013-06-01")
+    assert np.isnan(got.loc[gap, "NEE_gapfilled"])  # the fluxes of the day with an absent record
+    assert got.loc[bad, "NEE_gapfilled"] == pytest.approx(want.loc[bad, "NEE_gapfilled"])  # only TA lost
+    for day in (gap, bad):  # interpolated between the neighbouring days
+        around = want.loc[[day - pd.Timedelta(days=1), day + pd.Timedelta(days=1)], "TAVG_AIR"].mean()
+        assert got.loc[day, "TAVG_AIR"] == pytest.approx(around, abs=1e-6)
+    other = got.index.difference([gap, bad])
+    assert len(other) == 728
+    assert np.allclose(got.loc[other, "TAVG_AIR"], want.loc[other, "TAVG_AIR"], atol=1e-6)

@@ -739,7 +739,7 @@ CASES = [
                  ("x.parquet exists", "--force"), id="existing-output-without-force"),
     pytest.param(lambda w: _cmd(next(MONTHLY.glob("FLX_US-CRT_*_MM_*.csv")), out=_good_output(w)),
                  ("monthly", "DD"), id="monthly-file"),
-    pytest.param(lambda w: _cmd(MONTHLY), ("no FLUXNET daily, half-hourly or hourly files", "10 other",
+    pytest.param(lambda w: _cmd(MONTHLY), ("monthly: no file of site US-ARM can be imported",
                                            "monthly FLUXNET2015 file", "(DD)", "(HH)"), id="monthly-folder"),
     pytest.param(lambda w: _cmd(AMERIFLUX_HH, out=_good_output(w)),
                  ("AMF_US-CRT_BASE_HH_2-5.csv", "AmeriFlux BASE file", "AMF_US-CRT_FLUXNET_FULLSET"),

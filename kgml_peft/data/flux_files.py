@@ -1,21 +1,25 @@
 """Which flux-tower file is which: product, site and resolution from the file name.
 
-Three wrappers of the same ONEFlux columns are read (see docs/fluxnet.md for the table):
+Four wrappers of the same ONEFlux columns are read (see docs/fluxnet.md for the table):
 
-==========================  ==========================================================  ==============
-product                     file name                                                   resolutions
-==========================  ==========================================================  ==============
+==========================  =================================================================  ============
+product                     file name                                                          resolutions
+==========================  =================================================================  ============
 FLUXNET2015                 ``FLX_<site>_FLUXNET2015_<FULLSET|SUBSET>_<res>_<years>_<v>.csv``  DD, HH, HR
 AmeriFlux FLUXNET           ``AMF_<site>_FLUXNET_<FULLSET|SUBSET>_<res>_<years>_<v>.csv``      DD, HH, HR
-ICOS ETC L2 FLUXNET         ``ICOSETC_<site>_FLUXNET_<res>[_INTERIM]_L2.csv``                  DD, HH
-==========================  ==========================================================  ==============
+ICOS ETC L2 FLUXNET         ``ICOSETC_<site>_FLUXNET_<res>[_INTERIM]_L2.csv``                  DD, HH, HR
+FLUXNET (ONEFlux v1.3+)     ``<network>_<site>_FLUXNET_FLUXMET_<res>_<years>_<v>_<r>.csv``     DD, HH, HR
+==========================  =================================================================  ============
 
-(and the daily aggregates in ../shared, ``FLX_<site>_FLUXNET2015_DD-FROM-HH_<years>.csv``). The
-name decides; files that sit next to these in a download (weekly, monthly and yearly files,
-ERA reanalysis, auxiliary, AmeriFlux BASE and ICOS non-FLUXNET files, zip archives) are refused
-with a line saying what the file is and what to import instead. A folder yields one file per
-site: the half-hourly or hourly one where the download also has the daily one, because only
-sub-daily records give the daily minimum and maximum that the tower backbones use.
+(and the daily aggregates in ../shared, ``FLX_<site>_FLUXNET2015_DD-FROM-HH_<years>.csv``). In the
+newest FLUXNET release ``HH`` means half-hourly *or* hourly; the records say which. Names are
+matched in the spelling downloads have (a renamed ``amf_us-ne1_...`` would change the site id).
+The name decides; files that sit next to these in a download (weekly, monthly and yearly files,
+ERA reanalysis, auxiliary and metadata files, AmeriFlux BASE and ICOS non-FLUXNET files, zip
+archives) are refused with a line saying what the file is and what to import instead. A folder
+yields one file per site: the half-hourly or hourly one where the download also has the daily
+one, because only sub-daily records give the daily minimum and maximum that the tower backbones
+use.
 """
 
 from __future__ import annotations
@@ -30,22 +34,26 @@ from kgml_peft import schema
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.readable import check_regular_file
 
-#: Resolutions a file name can carry, and how the messages name them.
-RESOLUTIONS = {"HH": "half-hourly", "HR": "hourly", "DD": "daily", "WW": "weekly", "MM": "monthly",
-               "YY": "yearly"}
+#: Resolutions a file name can carry, and how the messages name them (``SD``: the newest
+#: FLUXNET release's ``HH``, half-hourly or hourly, which the records decide).
+RESOLUTIONS = {"HH": "half-hourly", "HR": "hourly", "SD": "half-hourly or hourly", "DD": "daily",
+               "WW": "weekly", "MM": "monthly", "YY": "yearly"}
 #: The resolutions import reads.
 READ = ("DD", "HH", "HR")
-SUB_DAILY = ("HH", "HR")
+SUB_DAILY = ("HH", "HR", "SD")
 
 _SITE = r"(?P<site>[A-Za-z0-9]{2}-[A-Za-z0-9]{3})"
-_FLX = re.compile(rf"^FLX_{_SITE}_(?P<product>FLUXNET2015|FLUXNET-CH4|[A-Za-z0-9-]+)_(?P<rest>.+)$", re.I)
-_AMF = re.compile(rf"^AMF_{_SITE}_(?P<rest>.+)$", re.I)
-_ICOS = re.compile(rf"^ICOSETC_{_SITE}_(?P<rest>.+)$", re.I)
+_FLX = re.compile(rf"^FLX_{_SITE}_(?P<product>[A-Za-z0-9-]+)_(?P<rest>.+)$")
+_FLUXMET = re.compile(rf"^(?P<network>[A-Z]+)_{_SITE}_FLUXNET_(?P<kind>FLUXMET|ERA5|BIFVARINFO|BIF)"
+                      r"(?P<rest>_.*_v\d+\.\d+_r\d+)$")
+_AMF = re.compile(rf"^AMF_{_SITE}_(?P<rest>.+)$")
+_ICOS = re.compile(rf"^ICOSETC_{_SITE}_(?P<rest>.+)$")
+_PATTERNS = (_FLX, _FLUXMET, _AMF, _ICOS)
 
 _NAMES = ("FLX_<site>_FLUXNET2015_<FULLSET|SUBSET>_<DD|HH|HR>_<years>_<version>.csv, "
-          "AMF_<site>_FLUXNET_<FULLSET|SUBSET>_<DD|HH|HR>_<years>_<version>.csv or "
-          "ICOSETC_<site>_FLUXNET_<DD|HH>_L2.csv")
-_READS = "import reads the FULLSET or SUBSET daily (DD), half-hourly (HH) or hourly (HR) file"
+          "AMF_<site>_FLUXNET_<FULLSET|SUBSET>_<DD|HH|HR>_<years>_<version>.csv, "
+          "ICOSETC_<site>_FLUXNET_<DD|HH>_L2.csv or <network>_<site>_FLUXNET_FLUXMET_<DD|HH>_<years>_<v>_<r>.csv")
+_READS = "import reads the daily (DD), half-hourly (HH) or hourly (HR) FULLSET or SUBSET file"
 
 
 @dataclass(frozen=True)
@@ -54,12 +62,14 @@ class FluxFile:
 
     path: Path
     site: str
-    #: ``FLUXNET2015``, ``AmeriFlux FLUXNET`` or ``ICOS ETC L2``
+    #: ``FLUXNET2015``, ``AmeriFlux FLUXNET``, ``ICOS ETC L2`` or ``FLUXNET FLUXMET``
     product: str
-    #: ``FULLSET``, ``SUBSET`` or ``""`` (ICOS and the ../shared daily aggregates have none)
+    #: ``FULLSET``, ``SUBSET`` or ``""`` (ICOS, FLUXMET and the ../shared daily aggregates have none)
     grouping: str
-    #: ``DD``, ``HH`` or ``HR``
+    #: ``DD``, ``HH``, ``HR`` or ``SD`` (half-hourly or hourly: the records say which)
     resolution: str
+    #: the network that processed a FLUXMET file (``AMF``, ``ICOSETC``, ``EUF``, ...); else ``""``
+    network: str = ""
 
     @property
     def sub_daily(self) -> bool:
@@ -70,7 +80,8 @@ class FluxFile:
     def label(self) -> str:
         """How messages and reports name the file's kind, e.g. ``AmeriFlux FLUXNET FULLSET, hourly``."""
         product = f"{self.product} {self.grouping}" if self.grouping else self.product
-        return f"{product}, {RESOLUTIONS[self.resolution]}"
+        network = f" ({self.network})" if self.network else ""
+        return f"{product}{network}, {RESOLUTIONS[self.resolution]}"
 
 
 def _refuse(name: str, what: str, instead: str) -> KgmlPeftError:
@@ -79,8 +90,8 @@ def _refuse(name: str, what: str, instead: str) -> KgmlPeftError:
 
 def _resolution(name: str, token: str, what: str, site: str, pattern: str) -> str:
     """The resolution token of a data file name; weekly, monthly and yearly files are refused."""
-    res = token.upper()
-    if res not in RESOLUTIONS:
+    res = token
+    if res not in RESOLUTIONS or res == "SD":
         raise KgmlPeftError(f"{name}: {res!r} is not a resolution (HH, HR, DD, WW, MM, YY); "
                             f"expected {pattern}")
     if res not in READ:
@@ -99,7 +110,7 @@ _NOT_FLUXES = {"ERAI": "an ERA-Interim meteorology file (reanalysis weather, no 
 def _grouping(name: str, site: str, product: str, tokens: list[str], prefix: str) -> tuple[str, str, str]:
     """``<FULLSET|SUBSET>_<res>_...`` of a FLUXNET2015 or AmeriFlux FLUXNET name (``tokens``);
     reanalysis and auxiliary files are refused. ``prefix``: the name up to the grouping."""
-    grouping = tokens[0].upper() if tokens else ""
+    grouping = tokens[0] if tokens else ""
     if grouping in ("FULLSET", "SUBSET"):
         if len(tokens) < 2:
             raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
@@ -110,20 +121,20 @@ def _grouping(name: str, site: str, product: str, tokens: list[str], prefix: str
 
 
 def _fluxnet2015(name: str, site: str, product: str, rest: str) -> tuple[str, str, str]:
-    if product.upper() == "FLUXNET-CH4":
+    if product == "FLUXNET-CH4":
         raise _refuse(name, "a FLUXNET-CH4 file (methane synthesis, no VUT NEE and partitioned GPP "
                             "columns)", f"download the FLUXNET2015 or AmeriFlux FLUXNET FULLSET files of {site}")
-    if product.upper() != "FLUXNET2015":
+    if product != "FLUXNET2015":
         raise KgmlPeftError(f"{name}: unknown FLUXNET product {product!r}; expected {_NAMES}")
     tokens = rest.split("_")
-    if tokens[0].upper().startswith("DD-FROM-"):  # the daily aggregates in ../shared
+    if tokens[0].startswith("DD-FROM-"):  # the daily aggregates in ../shared
         return "FLUXNET2015", "", "DD"
     return _grouping(name, site, "FLUXNET2015", tokens, f"FLX_{site}_FLUXNET2015")
 
 
 def _ameriflux(name: str, site: str, rest: str) -> tuple[str, str, str]:
     tokens = rest.split("_")
-    first = tokens[0].upper()
+    first = tokens[0]
     fluxnet = f"download the AmeriFlux FLUXNET product of {site} (AMF_{site}_FLUXNET_FULLSET_...zip)"
     if first == "BASE":
         raise _refuse(name, "an AmeriFlux BASE file (measured half-hours, not gap-filled and not "
@@ -138,16 +149,31 @@ def _ameriflux(name: str, site: str, rest: str) -> tuple[str, str, str]:
 
 def _icos(name: str, site: str, rest: str) -> tuple[str, str, str]:
     tokens = rest.split("_")
-    first = tokens[0].upper()
+    first = tokens[0]
     instead = f"import ICOSETC_{site}_FLUXNET_DD_L2.csv or ICOSETC_{site}_FLUXNET_HH_L2.csv from the same archive"
-    if first == "FLUXNET" and len(tokens) >= 3 and tokens[-1].upper() == "L2":
+    if first == "FLUXNET" and tokens[2:] in (["L2"], ["INTERIM", "L2"]):
         return "ICOS ETC L2", "", _resolution(name, tokens[1], "ICOS ETC L2 FLUXNET", site, _NAMES)
     if first in ("VARINFO", "SITEINFO", "ANCILLARY", "INST"):
         raise _refuse(name, f"ICOS ETC metadata ({first}), not flux data", instead)
     if first in ("FLUXES", "METEO", "METEOSENS", "ARCHIVE"):
         raise _refuse(name, f"an ICOS ETC L2 {first} file (not the ONEFlux FLUXNET product: no "
                             "gap-filled, partitioned GPP and RECO)", instead)
-    raise KgmlPeftError(f"{name}: unknown ICOS ETC file kind {tokens[0]!r}; expected {_NAMES}")
+    raise KgmlPeftError(f"{name}: unknown ICOS ETC file kind; expected {_NAMES}")
+
+
+def _fluxmet(name: str, site: str, network: str, kind: str, rest: str) -> tuple[str, str, str]:
+    """The newest FLUXNET release: ``<network>_<site>_FLUXNET_FLUXMET_<res>_<years>_<v>_<r>``."""
+    instead = f"import {network}_{site}_FLUXNET_FLUXMET_HH_... (or _DD_) from the same download"
+    if kind == "ERA5":
+        raise _refuse(name, f"{_NOT_FLUXES[kind]} of the FLUXNET release", instead)
+    if kind != "FLUXMET":
+        raise _refuse(name, f"FLUXNET {'variable ' if kind == 'BIFVARINFO' else ''}metadata ({kind}), "
+                            "not flux data", f"{instead}; give coordinates with --site-meta")
+    tokens = rest.split("_")[1:]
+    if not tokens:
+        raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
+    res = "SD" if tokens[0] == "HH" else _resolution(name, tokens[0], "FLUXNET FLUXMET", site, _NAMES)
+    return "FLUXNET FLUXMET", "", res
 
 
 def identify(path: str | os.PathLike) -> FluxFile:
@@ -161,59 +187,94 @@ def identify(path: str | os.PathLike) -> FluxFile:
     if not name.lower().endswith(".csv"):
         raise KgmlPeftError(f"{name}: flux-tower files are .csv ({_NAMES})")
     stem = name[:-4]
-    for pattern, read in ((_FLX, None), (_AMF, _ameriflux), (_ICOS, _icos)):
-        match = pattern.match(stem)
-        if match:
-            site = schema.check_site_id(match["site"])
-            if read is None:
-                product, grouping, res = _fluxnet2015(name, site, match["product"], match["rest"])
-            else:
-                product, grouping, res = read(name, site, match["rest"])
-            return FluxFile(path, site, product, grouping, res)
-    raise KgmlPeftError(f"{name}: not a FLUXNET file name; expected {_NAMES} (the name gives the "
-                        "site, product and resolution: keep the name the file was downloaded with)")
+    match = next((m for m in (p.match(stem) for p in _PATTERNS) if m), None)
+    if match is None or not name.endswith(".csv"):
+        if any(re.match(p.pattern, stem, re.IGNORECASE) for p in _PATTERNS):
+            raise KgmlPeftError(f"{name}: not spelled as downloads are (e.g. AMF_US-Ne1_FLUXNET_FULLSET_HH_"
+                                "..., upper case); keep the name the file was downloaded with: the "
+                                "site id is read from it literally")
+        raise KgmlPeftError(f"{name}: not a FLUXNET file name; expected {_NAMES} (the name gives the "
+                            "site, product and resolution: keep the name the file was downloaded with)")
+    site = schema.check_site_id(match["site"])
+    network = ""
+    if match.re is _FLX:
+        product, grouping, res = _fluxnet2015(name, site, match["product"], match["rest"])
+    elif match.re is _FLUXMET:
+        network = match["network"]
+        product, grouping, res = _fluxmet(name, site, network, match["kind"], match["rest"] or "")
+    elif match.re is _AMF:
+        product, grouping, res = _ameriflux(name, site, match["rest"])
+    else:
+        product, grouping, res = _icos(name, site, match["rest"])
+    return FluxFile(path, site, product, grouping, res, network)
+
+
+def site_in_name(name: str) -> str | None:
+    """The site id a flux file name carries (whatever the file is), or None."""
+    stem = name.rsplit(".", 1)[0]
+    match = next((m for m in (p.match(stem) for p in _PATTERNS) if m), None)
+    return match["site"] if match else None
 
 
 def _from_folder(folder: Path) -> list[FluxFile]:
-    """The data files of a folder, one per site (sub-daily over daily of the same product)."""
+    """The data files of a folder, one per site (sub-daily over daily of the same product). Files
+    of a site that also has a data file (weekly, monthly, ERA... of the same download) are
+    skipped; a site with only such files is refused with its first file's line, so no site named
+    in the folder is left out without a word. Subfolders are not searched."""
     found: dict[str, list[FluxFile]] = {}
-    skipped: list[str] = []
+    refused: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
         if not path.name.lower().endswith((".csv", ".zip")):
             continue
         try:
             flux = identify(path)
-        except KgmlPeftError as exc:  # weekly, monthly, ERA, BASE... sit next to the data in a download
-            skipped.append(str(exc))
+        except KgmlPeftError as exc:
+            site = site_in_name(path.name)
+            refused.setdefault(site or "", str(exc))
             continue
-        found.setdefault(flux.site, []).append(flux)
+        found.setdefault(flux.site.upper(), []).append(flux)
+    lost = [site for site in refused if site and site.upper() not in found]
+    if lost:
+        raise KgmlPeftError(f"{folder}: no file of site {lost[0]} can be imported: {refused[lost[0]]}")
     if not found:
-        why = f" ({len(skipped)} other files, such as: {skipped[0]})" if skipped else f" ({_NAMES})"
-        raise KgmlPeftError(f"{folder} has no FLUXNET daily, half-hourly or hourly files{why}")
+        subfolders = sum(1 for p in folder.iterdir() if p.is_dir())
+        hint = (f"; its {subfolders} subfolders are not searched: give them as paths (e.g. {folder}/*/)"
+                if subfolders else "")
+        why = f" (such as: {next(iter(refused.values()))})" if refused else f" ({_NAMES})"
+        raise KgmlPeftError(f"{folder} has no FLUXNET daily, half-hourly or hourly files{why}{hint}")
     chosen = []
-    for site, files in found.items():
-        other = [f for f in files if (f.product, f.grouping) != (files[0].product, files[0].grouping)]
+    for files in found.values():
+        other = [f for f in files if (f.product, f.grouping, f.network, f.site) !=
+                 (files[0].product, files[0].grouping, files[0].network, files[0].site)]
         if other:
-            raise _mixed(site, files[0], other[0])
+            raise _mixed(files[0], other[0])
         sub = [f for f in files if f.sub_daily]
         if len(sub) > 1 or (not sub and len(files) > 1):
-            raise KgmlPeftError(f"{folder} has {len(sub) or len(files)} files of site {site} at the same "
-                                f"level ({', '.join(f.path.name for f in (sub or files))}); keep one")
+            raise KgmlPeftError(f"{folder} has {len(sub) or len(files)} files of site {files[0].site} at "
+                                f"the same level ({', '.join(f.path.name for f in (sub or files))}); keep one")
         chosen.append(sub[0] if sub else files[0])
     return chosen
 
 
-def _mixed(site: str, a: FluxFile, b: FluxFile) -> KgmlPeftError:
+def _mixed(a: FluxFile, b: FluxFile) -> KgmlPeftError:
     """Two files of one site: which they are, and which one to keep."""
-    if (a.product, a.grouping) != (b.product, b.grouping):
-        advice = ("import one product per site (AmeriFlux FLUXNET and ICOS L2 run the same ONEFlux "
-                  "processing as FLUXNET2015 on newer site data and cover later years)")
+    if a.site != b.site:
+        return KgmlPeftError(f"sites {a.site} ({a.path.name}) and {b.site} ({b.path.name}) differ only "
+                             "in case; FLUXNET site ids are unique whatever the case: keep one file, "
+                             "named as it was downloaded")
+    if (a.product, a.network) != (b.product, b.network):
+        advice = ("import one product per site (AmeriFlux FLUXNET, ICOS L2 and the newer FLUXNET "
+                  "release run the same ONEFlux processing as FLUXNET2015 on newer site data and "
+                  "cover later years)")
+    elif a.grouping != b.grouping:
+        advice = ("keep one of the two sets (SUBSET has every column import reads; prefer the "
+                  "half-hourly or hourly file)")
     elif a.sub_daily != b.sub_daily:
         advice = ("give one of them (the half-hourly or hourly file also gives the daily minimum "
                   "and maximum temperature and VPD)")
     else:
         advice = "give one of them"
-    return KgmlPeftError(f"site {site} is in two files: {a.path.name} ({a.label}) and {b.path.name} "
+    return KgmlPeftError(f"site {a.site} is in two files: {a.path.name} ({a.label}) and {b.path.name} "
                          f"({b.label}); {advice}")
 
 
@@ -236,9 +297,9 @@ def expand_paths(paths: Iterable[str | os.PathLike | FluxFile]) -> list[FluxFile
         raise KgmlPeftError("no FLUXNET files given")
     seen: dict[str, FluxFile] = {}
     for flux in files:
-        if flux.site in seen:
-            raise _mixed(flux.site, seen[flux.site], flux)
-        seen[flux.site] = flux
+        if flux.site.upper() in seen:
+            raise _mixed(seen[flux.site.upper()], flux)
+        seen[flux.site.upper()] = flux
     for flux in files:  # before reading any: a FIFO among them would block the import for ever
         check_regular_file(flux.path, "FLUXNET file")
     return files

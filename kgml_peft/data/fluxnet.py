@@ -20,7 +20,7 @@ FLUXNET column         contract column                 conversion
 ``GPP_NT_VUT_REF``     ``GPP`` (input, as in KGML-ag)  gC m-2 d-1 (``gpp="DT"``: ``GPP_DT_VUT_REF``)
 ``NEE_VUT_REF``        ``NEE`` (target)                gC m-2 d-1, masked where QC < ``min_qc``
 ``RECO_NT_VUT_REF``    ``Reco`` (target)               gC m-2 d-1, masked with NEE
-``NEE_VUT_REF_QC``     ``NEE_QC``                      fraction of the day measured (0..1)
+``NEE_VUT_REF_QC``     ``NEE_QC``                      share of the day measured (0..1; see below)
 =====================  ==============================  =========================================
 
 Site metadata adds each site's region, static soil columns and coordinates (``lat``, ``lon``); a
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from kgml_peft import schema
 from kgml_peft.data.flux_files import FluxFile, expand_paths
-from kgml_peft.data.subdaily import QC_COLUMN, SubDailyInfo, flux_values, read_sub_daily
+from kgml_peft.data.subdaily import QC_COLUMN, SubDailyInfo, check_years, flux_values, read_sub_daily
 from kgml_peft.data.tables import (check_text_columns, empty_cells, parse_yyyymmdd, read_table,
                                    validate_table)
 from kgml_peft.errors import KgmlPeftError
@@ -71,7 +71,7 @@ _QC_COUNTS = {"measured": 0, "good": 1}
 class ImportOptions:
     """How to import: QC threshold, GPP partitioning and the longest input gap to fill."""
 
-    #: NEE and Reco are masked on days whose NEE QC (fraction measured) is below this.
+    #: NEE and Reco are masked on days whose NEE QC (share of the day measured) is below this.
     min_qc: float = 0.5
     #: ``NT`` (night-time partitioning, consistent with RECO_NT = GPP_NT + NEE) or ``DT``.
     gpp: str = "NT"
@@ -264,7 +264,8 @@ def _dates(frame: pd.DataFrame, file: str) -> pd.Series:
     bad = dates.isna()
     if bad.any():
         raise KgmlPeftError(f"{file}: column TIMESTAMP has {bad.sum()} values that are not days "
-                            f"(YYYYMMDD), e.g. {frame.loc[bad, 'TIMESTAMP'].iloc[0]!r}")
+                            f"(YYYYMMDD), e.g. {str(frame.loc[bad, 'TIMESTAMP'].iloc[0])!r}")
+    check_years(dates, "TIMESTAMP", file)
     dup = dates.duplicated()
     if dup.any():
         raise KgmlPeftError(f"{file}: day {dates[dup].iloc[0].date()} appears twice")
@@ -314,7 +315,7 @@ def convert(raw: pd.DataFrame, site: str, region: str, options: ImportOptions = 
         if outside.any():
             raise KgmlPeftError(f"{file}: column {QC_COLUMN} has {outside.sum()} values outside [0, 1], "
                                 f"e.g. {qc_values[outside].iloc[0]:g} on {dates[outside].iloc[0].date()} "
-                                "(it is the fraction of the day measured, not a percentage)")
+                                "(it is the share of the day measured, 0-1, not a percentage)")
     if "TA_F_MAX" in read and "TA_F_MIN" in read:
         reversed_ = read["TA_F_MAX"] < read["TA_F_MIN"]
         if reversed_.any():
@@ -395,13 +396,18 @@ def import_fluxnet(
     for flux in (tqdm(files, desc="import", unit="file", leave=False) if progress else files):
         site = flux.site
         listed = meta is not None and site in meta.index
+        if meta is not None and not listed:
+            _check_case(site, meta.index, "the site metadata")
+        crop_sites = None if crop_codes is None else crop_codes.index.get_level_values(schema.SITE).unique()
+        if crop_sites is not None and site not in crop_sites:
+            _check_case(site, crop_sites, "the crops table")
         if soil and not listed:
             raise KgmlPeftError(f"the site metadata gives {', '.join(soil)} "
                                 f"but has no row for site {site}; add one")
         region = str(meta.loc[site, schema.REGION]) if listed else site
         raw, info = read_flux_file(flux, options)
         frame, report = convert(raw, site, region, options, flux.path.name)
-        report.product = flux.label
+        report.product = flux.label if info is None else replace(flux, resolution=info.resolution).label
         if info is not None:
             report.records, report.incomplete_days = info.records, info.incomplete_days
             report.missing_values = info.missing_records
@@ -425,6 +431,15 @@ def import_fluxnet(
     extra = [c for c in extra if c not in checked.columns]  # validate_table keeps Crop_Type
     joined = checked.join(table.set_index([schema.SITE, schema.DATE])[extra], on=[schema.SITE, schema.DATE])
     return joined[[*schema.ID_COLUMNS, *common, "NEE", "Reco", *GAPFILLED, "NEE_QC"]], reports
+
+
+def _check_case(site: str, listed: pd.Index, table: str) -> None:
+    """Refuse a table that spells ``site`` in another case only: ids are matched literally, so its
+    rows would silently not apply (no region, coordinates or crop)."""
+    other = [str(s) for s in listed if str(s) != site and str(s).upper() == site.upper()]
+    if other:
+        raise KgmlPeftError(f"{table} lists site {other[0]}, the file's name has {site}: ids are matched "
+                            "literally; spell them the same")
 
 
 def _add_crop_type(frame: pd.DataFrame, report: SiteReport, crop_codes: pd.Series) -> None:

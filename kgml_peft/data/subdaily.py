@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kgml_peft import schema
 from kgml_peft.data.tables import read_table
 from kgml_peft.errors import KgmlPeftError
 
@@ -68,6 +69,8 @@ class SubDailyInfo:
     records: int
     missing_records: dict[str, int] = field(default_factory=dict)
     incomplete_days: int = 0
+    #: ``HH`` or ``HR``: what the records are (a FLUXNET ``HH`` name can mean either)
+    resolution: str = "HH"
 
 
 def flux_values(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
@@ -93,20 +96,48 @@ def _record_starts(frame: pd.DataFrame, name: str, file: str) -> pd.Series:
     if bad.any():
         raise KgmlPeftError(f"{file}: column {name} has {bad.sum()} values that are not times "
                             f"(YYYYMMDDHHMM), e.g. {frame.loc[bad, name].iloc[0]!r}")
+    check_years(times, name, file)
     return times
 
 
-def _check_times(start: pd.Series, end: pd.Series | None, resolution: str, file: str) -> None:
-    """Records on the file's grid, each one step long, none twice."""
+def check_years(times: pd.Series, name: str, file: str) -> None:
+    """Refuse times outside the contract's years: a stray year 9999 would make every later step
+    walk thousands of empty years before saying so."""
+    spec = schema.COLUMNS["Year"]
+    out = (times.dt.year < spec.low) | (times.dt.year > spec.high)
+    if out.any():
+        raise KgmlPeftError(f"{file}: column {name} has {out.sum()} times outside the years "
+                            f"{spec.low:g}-{spec.high:g}, e.g. {times[out].iloc[0]:%Y%m%d%H%M}")
+
+
+def _record_minutes(start: pd.Series, end: pd.Series | None) -> float:
+    """How long the records are: ``TIMESTAMP_END - TIMESTAMP_START`` where the file has it (the
+    most common length), else the most common step between consecutive records."""
+    if end is not None:
+        lengths = (end - start) / pd.Timedelta(minutes=1)
+    else:
+        lengths = start.sort_values().diff().dropna() / pd.Timedelta(minutes=1)
+    return float(lengths.mode().iloc[0]) if len(lengths) else float("nan")
+
+
+def _check_times(start: pd.Series, end: pd.Series | None, resolution: str, file: str) -> str:
+    """Records on the file's grid, each one step long, none twice; returns the resolution (``HH``
+    or ``HR``; ``SD``, half-hourly or hourly by name, is decided by the records)."""
+    usual = _record_minutes(start, end)
+    if resolution == "SD":
+        if usual not in (30.0, 60.0):
+            raise KgmlPeftError(f"{file}: records are {usual:g} minutes long; a FLUXNET HH file holds "
+                                "half-hours or hours")
+        resolution = "HH" if usual == 30.0 else "HR"
     step = STEP_MINUTES[resolution]
     kind = {"HH": "a half-hourly (HH)", "HR": "an hourly (HR)"}[resolution]
-    if end is not None:
-        length = (end - start) / pd.Timedelta(minutes=1)
-        wrong = length != step
-        if wrong.any():
-            raise KgmlPeftError(f"{file}: records are {length[wrong].iloc[0]:g} minutes long "
-                                f"(TIMESTAMP_START {start[wrong].iloc[0]:%Y%m%d%H%M}), but the file "
-                                f"name says {kind[kind.index(' ') + 1:]}, {step} minutes; keep the name it was downloaded with")
+    length = (end - start) / pd.Timedelta(minutes=1) if end is not None else pd.Series(usual, index=start.index)
+    wrong = length != step
+    if wrong.any():
+        raise KgmlPeftError(f"{file}: records are {length[wrong].iloc[0]:g} minutes "
+                            f"{'long' if end is not None else 'apart'} (TIMESTAMP_START "
+                            f"{start[wrong].iloc[0]:%Y%m%d%H%M}), but the file is {kind[kind.index(' ') + 1:]}, "
+                            f"{step} minutes; keep the name it was downloaded with")
     minutes = start.dt.hour * 60 + start.dt.minute
     off = minutes % step != 0
     if off.any():
@@ -115,6 +146,7 @@ def _check_times(start: pd.Series, end: pd.Series | None, resolution: str, file:
     twice = start.duplicated()
     if twice.any():
         raise KgmlPeftError(f"{file}: record {start[twice].iloc[0]:%Y%m%d%H%M} appears twice")
+    return resolution
 
 
 def _check_flags(flags: pd.Series, file: str) -> None:
@@ -155,7 +187,8 @@ def aggregate_days(start: pd.Series, records: dict[str, pd.Series], resolution: 
 
 def read_sub_daily(path: str | Path, resolution: str, counted: int = 0) -> tuple[pd.DataFrame, SubDailyInfo]:
     """One half-hourly (``HH``) or hourly (``HR``) FLUXNET file as daily values (see the module
-    docstring) and what the aggregation found. Only the columns used are read."""
+    docstring) and what the aggregation found; ``SD``: either, as the records say. Only the columns
+    used are read."""
     source = Path(path)
     file = source.name
     frame = read_table(source, columns=("TIMESTAMP", "TIMESTAMP_START", "TIMESTAMP_END", *RECORD_COLUMNS))
@@ -168,11 +201,11 @@ def read_sub_daily(path: str | Path, resolution: str, counted: int = 0) -> tuple
         raise KgmlPeftError(f"{file}: missing column NEE_VUT_REF")
     start = _record_starts(frame, "TIMESTAMP_START", file)
     end = _record_starts(frame, "TIMESTAMP_END", file) if "TIMESTAMP_END" in frame.columns else None
-    _check_times(start, end, resolution, file)
+    resolution = _check_times(start, end, resolution, file)
     records = {name: flux_values(frame, name, file) for name in RECORD_COLUMNS if name in frame.columns}
     if QC_COLUMN in records:
         _check_flags(records[QC_COLUMN], file)
     daily, incomplete = aggregate_days(start, records, resolution, counted)
-    info = SubDailyInfo(records=len(frame), incomplete_days=incomplete,
+    info = SubDailyInfo(records=len(frame), incomplete_days=incomplete, resolution=resolution,
                         missing_records={name: int(v.isna().sum()) for name, v in records.items()})
     return daily, info

@@ -30,9 +30,9 @@ _UNIT_HINTS = {
     "VPDMAX_AIR": "Pa instead of hPa? divide by 100",
     "HMAX_AIR": "a fraction instead of percent, or absolute humidity?",
     "HDIF_AIR": "a fraction instead of percent, or absolute humidity?",
-    "GPP": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",
-    "NEE": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",
-    "Reco": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0368",
+    "GPP": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0377 (ONEFlux: 12.0107 g mol-1 x 0.0864)",
+    "NEE": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0377 (ONEFlux: 12.0107 g mol-1 x 0.0864)",
+    "Reco": "umol m-2 s-1 instead of gC m-2 d-1? multiply by 1.0377 (ONEFlux: 12.0107 g mol-1 x 0.0864)",
     "TSOC": "percent instead of g kg-1? multiply by 10",
     "lat": "lat and lon swapped, or not decimal degrees?",
     "lon": "degrees east from 0 to 360? subtract 360 from values above 180",
@@ -73,9 +73,17 @@ def _read_csv(source: Path, columns: Collection[str] | None = None) -> pd.DataFr
     would guess ``001`` to be the number 1, ``1e3`` 1000.0, ``TRUE`` a boolean and ``NA`` or
     ``null`` missing, merging or losing sites. Only an empty cell is missing there; every other
     column keeps pandas' type guessing and missing-value spellings."""
+    first = pd.read_csv(source, nrows=1, header=None, dtype=str, keep_default_na=False)
+    names = first.iloc[0].tolist() if len(first) else []
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # pandas would rename the second copy (X.1) and a reader would silently use one of them
+        raise KgmlPeftError(f"{source}: column {twice[0]} appears {names.count(twice[0])} times in the "
+                            "header; keep one")
     header = pd.read_csv(source, nrows=0).columns
     if columns is not None:
         header = [c for c in header if c in columns]
+        if not header:  # none of them: the caller names the column it misses
+            return pd.DataFrame()
     text = [c for c in header if c in schema.TEXT_COLUMNS or c in _AS_WRITTEN]
     missing = {c: [""] if c in text else list(_NA_SPELLINGS) for c in header}
     return pd.read_csv(source, dtype={c: str for c in text}, keep_default_na=False, na_values=missing,
@@ -138,7 +146,7 @@ def read_table(path: str | os.PathLike, columns: Collection[str] | None = None) 
     except Exception as exc:  # pandas, csv and pyarrow each raise their own types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KgmlPeftError(f"cannot read {source} as {kind}: {first}") from None
-    if frame.empty:
+    if frame.empty and (columns is None or len(frame.columns)):
         raise KgmlPeftError(f"{source} has no rows")
     check_text_columns(frame, source)
     return frame
