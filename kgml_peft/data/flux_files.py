@@ -88,12 +88,11 @@ def _refuse(name: str, what: str, instead: str) -> KgmlPeftError:
     return KgmlPeftError(f"{name} is {what}; {instead}")
 
 
-def _resolution(name: str, token: str, what: str, site: str, pattern: str) -> str:
+def _resolution(name: str, res: str, what: str, site: str) -> str:
     """The resolution token of a data file name; weekly, monthly and yearly files are refused."""
-    res = token
     if res not in RESOLUTIONS or res == "SD":
         raise KgmlPeftError(f"{name}: {res!r} is not a resolution (HH, HR, DD, WW, MM, YY); "
-                            f"expected {pattern}")
+                            f"expected {_NAMES}")
     if res not in READ:
         raise _refuse(name, f"a {RESOLUTIONS[res]} {what} file",
                       f"{_READS} of site {site} from the same download")
@@ -114,7 +113,7 @@ def _grouping(name: str, site: str, product: str, tokens: list[str], prefix: str
     if grouping in ("FULLSET", "SUBSET"):
         if len(tokens) < 2:
             raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
-        return product, grouping, _resolution(name, tokens[1], product, site, _NAMES)
+        return product, grouping, _resolution(name, tokens[1], product, site)
     if grouping in _NOT_FLUXES:
         raise _refuse(name, f"{_NOT_FLUXES[grouping]} of {product}", f"{_READS} ({prefix}_FULLSET_...)")
     raise KgmlPeftError(f"{name}: unknown {product} file kind {grouping!r}; expected {_NAMES}")
@@ -152,7 +151,7 @@ def _icos(name: str, site: str, rest: str) -> tuple[str, str, str]:
     first = tokens[0]
     instead = f"import ICOSETC_{site}_FLUXNET_DD_L2.csv or ICOSETC_{site}_FLUXNET_HH_L2.csv from the same archive"
     if first == "FLUXNET" and tokens[2:] in (["L2"], ["INTERIM", "L2"]):
-        return "ICOS ETC L2", "", _resolution(name, tokens[1], "ICOS ETC L2 FLUXNET", site, _NAMES)
+        return "ICOS ETC L2", "", _resolution(name, tokens[1], "ICOS ETC L2 FLUXNET", site)
     if first in ("VARINFO", "SITEINFO", "ANCILLARY", "INST"):
         raise _refuse(name, f"ICOS ETC metadata ({first}), not flux data", instead)
     if first in ("FLUXES", "METEO", "METEOSENS", "ARCHIVE"):
@@ -172,8 +171,13 @@ def _fluxmet(name: str, site: str, network: str, kind: str, rest: str) -> tuple[
     tokens = rest.split("_")[1:]
     if not tokens:
         raise KgmlPeftError(f"{name}: no resolution in the name; expected {_NAMES}")
-    res = "SD" if tokens[0] == "HH" else _resolution(name, tokens[0], "FLUXNET FLUXMET", site, _NAMES)
+    res = "SD" if tokens[0] == "HH" else _resolution(name, tokens[0], "FLUXNET FLUXMET", site)
     return "FLUXNET FLUXMET", "", res
+
+
+def _match(stem: str) -> re.Match | None:
+    """The first product pattern a file name's stem matches (spelled as downloads are)."""
+    return next((m for m in (p.match(stem) for p in _PATTERNS) if m), None)
 
 
 def identify(path: str | os.PathLike) -> FluxFile:
@@ -187,7 +191,7 @@ def identify(path: str | os.PathLike) -> FluxFile:
     if not name.lower().endswith(".csv"):
         raise KgmlPeftError(f"{name}: flux-tower files are .csv ({_NAMES})")
     stem = name[:-4]
-    match = next((m for m in (p.match(stem) for p in _PATTERNS) if m), None)
+    match = _match(stem)
     if match is None or not name.endswith(".csv"):
         if any(re.match(p.pattern, stem, re.IGNORECASE) for p in _PATTERNS):
             raise KgmlPeftError(f"{name}: not spelled as downloads are (e.g. AMF_US-Ne1_FLUXNET_FULLSET_HH_"
@@ -211,8 +215,7 @@ def identify(path: str | os.PathLike) -> FluxFile:
 
 def site_in_name(name: str) -> str | None:
     """The site id a flux file name carries (whatever the file is), or None."""
-    stem = name.rsplit(".", 1)[0]
-    match = next((m for m in (p.match(stem) for p in _PATTERNS) if m), None)
+    match = _match(name.rsplit(".", 1)[0])
     return match["site"] if match else None
 
 
@@ -253,6 +256,8 @@ def _from_folder(folder: Path) -> list[FluxFile]:
             raise KgmlPeftError(f"{folder} has {len(sub) or len(files)} files of site {files[0].site} at "
                                 f"the same level ({', '.join(f.path.name for f in (sub or files))}); keep one")
         chosen.append(sub[0] if sub else files[0])
+    for flux in chosen:  # a FIFO named like a data file would block the import for ever
+        check_regular_file(flux.path, "FLUXNET file")
     return chosen
 
 
@@ -291,7 +296,7 @@ def expand_paths(paths: Iterable[str | os.PathLike | FluxFile]) -> list[FluxFile
         if path.is_dir():
             files.extend(_from_folder(path))
         else:
-            check_regular_file(path, "FLUXNET file")  # a missing file is missing, whatever its name
+            check_regular_file(path, "FLUXNET file")  # before its name: a missing file is missing
             files.append(identify(path))
     if not files:
         raise KgmlPeftError("no FLUXNET files given")
@@ -300,6 +305,4 @@ def expand_paths(paths: Iterable[str | os.PathLike | FluxFile]) -> list[FluxFile
         if flux.site.upper() in seen:
             raise _mixed(seen[flux.site.upper()], flux)
         seen[flux.site.upper()] = flux
-    for flux in files:  # before reading any: a FIFO among them would block the import for ever
-        check_regular_file(flux.path, "FLUXNET file")
     return files

@@ -377,9 +377,9 @@ def import_fluxnet(
 ) -> tuple[pd.DataFrame, list[SiteReport]]:
     """Import FLUXNET files (or folders of them) into one validated contract table.
 
-    Files are FLUXNET2015, AmeriFlux FLUXNET or ICOS L2 FLUXNET files, daily or sub-daily (see
-    :func:`~kgml_peft.data.flux_files.expand_paths`; a folder gives one file per site). The site id
-    comes from each file name; the region from ``site_meta`` (a table with ``site``
+    Files are FLUXNET2015, AmeriFlux FLUXNET, ICOS L2 FLUXNET or FLUXNET FLUXMET files, daily or
+    sub-daily (see :func:`~kgml_peft.data.flux_files.expand_paths`; a folder gives one file per
+    site). The site id comes from each file name; the region from ``site_meta`` (a table with ``site``
     and ``region``, optionally static soil columns and ``lat``/``lon``) or, for a site it does not
     list, the site id. ``crops`` (see :func:`read_crops`) adds ``Crop_Type``: the documented crop of
     each site-year, NaN where it is unknown. Only inputs every file provides are kept (coordinates
@@ -389,6 +389,7 @@ def import_fluxnet(
     files = expand_paths(paths)
     meta = None if site_meta is None else read_site_meta(site_meta)
     crop_codes = None if crops is None else read_crops(crops)
+    crop_sites = None if crop_codes is None else crop_codes.index.get_level_values(schema.SITE).unique()
     # soil must be known at every site; coordinates may be missing (then they are left out)
     soil = [] if meta is None else [c for c in meta.columns.drop(schema.REGION)
                                     if c not in schema.SITE_INPUTS]
@@ -398,7 +399,6 @@ def import_fluxnet(
         listed = meta is not None and site in meta.index
         if meta is not None and not listed:
             _check_case(site, meta.index, "the site metadata")
-        crop_sites = None if crop_codes is None else crop_codes.index.get_level_values(schema.SITE).unique()
         if crop_sites is not None and site not in crop_sites:
             _check_case(site, crop_sites, "the crops table")
         if soil and not listed:
@@ -407,8 +407,9 @@ def import_fluxnet(
         region = str(meta.loc[site, schema.REGION]) if listed else site
         raw, info = read_flux_file(flux, options)
         frame, report = convert(raw, site, region, options, flux.path.name)
-        report.product = flux.label if info is None else replace(flux, resolution=info.resolution).label
-        if info is not None:
+        report.product = flux.label
+        if info is not None:  # a half-hourly or hourly file: what its records were
+            report.product = replace(flux, resolution=info.resolution).label
             report.records, report.incomplete_days = info.records, info.incomplete_days
             report.missing_values = info.missing_records
         if listed:

@@ -1,6 +1,6 @@
 """Half-hourly and hourly FLUXNET records -> daily values, the way the ../shared daily files were made.
 
-A sub-daily file (FLUXNET2015, AmeriFlux FLUXNET or ICOS L2, ``HH`` or ``HR``) is aggregated to a
+A sub-daily file (any product of :mod:`kgml_peft.data.flux_files`, ``HH`` or ``HR``) is aggregated to a
 daily frame with the daily files' column names, which :func:`kgml_peft.data.fluxnet.convert` then
 reads like any daily file:
 
@@ -130,19 +130,20 @@ def _check_times(start: pd.Series, end: pd.Series | None, resolution: str, file:
                                 "half-hours or hours")
         resolution = "HH" if usual == 30.0 else "HR"
     step = STEP_MINUTES[resolution]
-    kind = {"HH": "a half-hourly (HH)", "HR": "an hourly (HR)"}[resolution]
+    kind = {"HH": "half-hourly (HH)", "HR": "hourly (HR)"}[resolution]
+    # without TIMESTAMP_END only the usual step between records says how long they are
     length = (end - start) / pd.Timedelta(minutes=1) if end is not None else pd.Series(usual, index=start.index)
     wrong = length != step
     if wrong.any():
         raise KgmlPeftError(f"{file}: records are {length[wrong].iloc[0]:g} minutes "
                             f"{'long' if end is not None else 'apart'} (TIMESTAMP_START "
-                            f"{start[wrong].iloc[0]:%Y%m%d%H%M}), but the file is {kind[kind.index(' ') + 1:]}, "
+                            f"{start[wrong].iloc[0]:%Y%m%d%H%M}), but the file is {kind}, "
                             f"{step} minutes; keep the name it was downloaded with")
     minutes = start.dt.hour * 60 + start.dt.minute
     off = minutes % step != 0
     if off.any():
         raise KgmlPeftError(f"{file}: TIMESTAMP_START {start[off].iloc[0]:%Y%m%d%H%M} is not on the "
-                            f"{step}-minute grid of {kind} file")
+                            f"{step}-minute grid of {'an' if resolution == 'HR' else 'a'} {kind} file")
     twice = start.duplicated()
     if twice.any():
         raise KgmlPeftError(f"{file}: record {start[twice].iloc[0]:%Y%m%d%H%M} appears twice")
@@ -168,12 +169,17 @@ def aggregate_days(start: pd.Series, records: dict[str, pd.Series], resolution: 
     complete = pd.Series(codes).value_counts().sort_index().to_numpy() == per_day
     out = {"TIMESTAMP": pd.DatetimeIndex(days).strftime("%Y%m%d").astype(int)}
     gaps = ~complete
-    for daily, (source, how) in DAILY_FROM_RECORDS.items():
-        if source not in records:
-            continue
-        values = pd.Series(records[source].to_numpy(dtype="float64"))
+    grouped = {}  # per record column: its groups by day, and the days with all records present
+    for source, column in records.items():
+        values = pd.Series(column.to_numpy(dtype="float64"))
         groups = values.groupby(codes)
         full = complete & (groups.count().to_numpy() == per_day)  # count leaves NaN out
+        grouped[source] = values, groups, full
+        gaps |= ~full
+    for daily, (source, how) in DAILY_FROM_RECORDS.items():
+        if source not in grouped:
+            continue
+        values, groups, full = grouped[source]
         if how == "measured":
             value = (values <= counted).groupby(codes).sum().to_numpy() / per_day
         elif how == "carbon":
@@ -181,7 +187,6 @@ def aggregate_days(start: pd.Series, records: dict[str, pd.Series], resolution: 
         else:
             value = getattr(groups, how)().to_numpy()
         out[daily] = np.where(full, value, np.nan)
-        gaps |= ~full
     return pd.DataFrame(out), int(gaps.sum())
 
 
