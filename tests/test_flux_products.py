@@ -353,6 +353,8 @@ REFUSED = [
     pytest.param(_case_twins, ("US-Tw3", "us-tw3", "differ only in case"), id="sites-differing-in-case"),
     pytest.param(_meta_in_other_case, ("site metadata lists site us-tw3", "US-Tw3", "literally"),
                  id="site-meta-in-other-case"),
+    pytest.param(lambda t: _refused("EUF_CH-Oe2_FLUXNET_FLUXMET_HH_2004-2024_v1.3_r1.csv", t),
+                 ("named HH but has TIMESTAMP", "daily records"), id="daily-records-named-fluxmet-hh"),
     pytest.param(_sub_daily_edit(lambda r: r, "named-HR"),
                  ("30 minutes long", "hourly (HR)"), id="half-hours-named-hr"),
     pytest.param(_sub_daily_edit(lambda r: _set("TIMESTAMP_END", 5, "201301010245")(

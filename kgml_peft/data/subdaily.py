@@ -199,7 +199,8 @@ def read_sub_daily(path: str | Path, resolution: str, counted: int = 0) -> tuple
     frame = read_table(source, columns=("TIMESTAMP", "TIMESTAMP_START", "TIMESTAMP_END", *RECORD_COLUMNS))
     if "TIMESTAMP_START" not in frame.columns:
         if "TIMESTAMP" in frame.columns:
-            raise KgmlPeftError(f"{file} is named {resolution} but has TIMESTAMP, not TIMESTAMP_START "
+            named = "HH" if resolution == "SD" else resolution  # SD: the name's HH, half-hours or hours
+            raise KgmlPeftError(f"{file} is named {named} but has TIMESTAMP, not TIMESTAMP_START "
                                 "(daily records); keep the name it was downloaded with")
         raise KgmlPeftError(f"{file}: missing column TIMESTAMP_START")
     if "NEE_VUT_REF" not in frame.columns:
