@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the raw profile here")
     args = parser.parse_args(argv)
 
+    from click.testing import CliRunner
+
     from kgml_peft.cli import cli  # imported before timing: start-up below is the command's own
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         profile.enable()
         try:
-            from click.testing import CliRunner
             result = CliRunner().invoke(cli, command)
         finally:
             profile.disable()
