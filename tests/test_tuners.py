@@ -1,4 +1,4 @@
-"""The tuners package: old adapter files still load and serve bit-identically, and the package
+"""The tuners package: old adapter files still load and serve identically, and the package
 layering holds (no import cycle anywhere, tuners below calibration, serve and store)."""
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def test_adapter_files_of_the_previous_layout_serve_bit_identically():
     """Adapter files written before the tuners package (commit 4c34371: one default adapter, one
     with LoRA on ih+hh of three GRUs, rank 2, blocks after gru_basis/gru_ra, an MLP head, an
     unfrozen weight, float16) give exactly the predictions that code gave, through the site
-    model and every bank strategy."""
+    model and every bank strategy. The mixed pass (``batched``) runs the day loop of
+    kgml_peft.model.recurrence since issue 22, which adds in another order: it matches to float32
+    rounding (measured 4.8e-7 at outputs up to 4.6), the others bit for bit."""
     backbone = load_backbone(ROOT / "checkpoints" / "demo.safetensors")
     expected, rows = _expected()
     x = expected["x"]
@@ -48,7 +50,10 @@ def test_adapter_files_of_the_previous_layout_serve_bit_identically():
         for strategy in ("batched", "grouped", "naive"):
             out = bank.forward(x, bank.resolve(rows, require=False), strategy=strategy)
             for key in OUTPUTS:
-                assert torch.equal(out[key], expected[f"bank.{strategy}.{key}"]), (strategy, key)
+                if strategy == "batched":
+                    torch.testing.assert_close(out[key], expected[f"bank.{strategy}.{key}"], rtol=0, atol=1e-6)
+                else:
+                    assert torch.equal(out[key], expected[f"bank.{strategy}.{key}"]), (strategy, key)
     # the files still read with the very names and config they were written with
     adapter = read_adapter(FIXTURES / "IL-002.safetensors")
     assert "head.mlp.2.weight" in adapter.tensors and "backbone.rh_out.weight" in adapter.tensors

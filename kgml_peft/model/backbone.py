@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from kgml_peft import schema
 from kgml_peft.config_files import check_keys
 from kgml_peft.errors import KgmlPeftError, expect_type
+from kgml_peft.model.recurrence import gru_layer, use_day_loop
 
 #: Upper bound of a backbone's sizes: checked before any weight is allocated (a TOML asking for
 #: 10^11 would otherwise try to allocate terabytes).
@@ -44,6 +46,34 @@ def run_grus(names: Sequence[str], modules: Sequence[nn.GRU], inputs: torch.Tens
              h0s: Sequence[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The default :data:`GruRunner`: each module in turn."""
     return [module(inputs, h0) for module, h0 in zip(modules, h0s)]
+
+
+class GRU(nn.GRU):
+    """torch's GRU (same parameters, state dict and outputs) that runs the day loop of
+    :func:`~kgml_peft.model.recurrence.gru_layer` where that is faster
+    (:func:`~kgml_peft.model.recurrence.use_day_loop`). Weights are read as attributes, so LoRA
+    that peft injects as a parametrization of them takes part, with its gradients."""
+
+    def forward(self, input, hx=None):  # noqa: A002 - nn.GRU's argument names
+        plain = (isinstance(input, torch.Tensor) and input.dim() == 3 and self.batch_first
+                 and not self.bidirectional and self.proj_size == 0 and input.shape[1] > 0)
+        if not plain:
+            return super().forward(input, hx)
+        needs_grad = torch.is_grad_enabled() and (
+            input.requires_grad or (hx is not None and hx.requires_grad)
+            or any(getattr(self, f"weight_hh_l{k}").requires_grad or getattr(self, f"weight_ih_l{k}").requires_grad
+                   for k in range(self.num_layers)))
+        if not use_day_loop(input.device, needs_grad):
+            return super().forward(input, hx)
+        seq, states = input, []
+        for layer in range(self.num_layers):
+            if layer:  # as torch's GRU: dropout between layers, in training mode
+                seq = F.dropout(seq, self.dropout, self.training)
+            gi = F.linear(seq, getattr(self, f"weight_ih_l{layer}"), getattr(self, f"bias_ih_l{layer}"))
+            h0 = seq.new_zeros(seq.shape[0], self.hidden_size) if hx is None else hx[layer]
+            seq, last = gru_layer(gi, h0, getattr(self, f"weight_hh_l{layer}"), getattr(self, f"bias_hh_l{layer}"))
+            states.append(last)
+        return seq, torch.stack(states)
 
 
 @dataclass(frozen=True)
@@ -94,7 +124,7 @@ class KGMLag(nn.Module):
         super().__init__()
         self.config = config
         f, h = len(config.features), config.hidden_size
-        self.gru_basis = nn.GRU(f, h, num_layers=GRU_LAYERS["gru_basis"], batch_first=True, dropout=config.dropout)
+        self.gru_basis = GRU(f, h, num_layers=GRU_LAYERS["gru_basis"], batch_first=True, dropout=config.dropout)
         self.drop = nn.Dropout(config.dropout)
         self.attn_score = nn.Sequential(
             nn.Linear(h, config.attention_size), nn.Tanh(), nn.Linear(config.attention_size, 1)
@@ -102,11 +132,11 @@ class KGMLag(nn.Module):
         self.yield_head = nn.Sequential(
             nn.Linear(h, config.yield_hidden), nn.ReLU(), nn.Linear(config.yield_hidden, 1)
         )
-        self.gru_ra = nn.GRU(h + f, h, num_layers=GRU_LAYERS["gru_ra"], batch_first=True)
+        self.gru_ra = GRU(h + f, h, num_layers=GRU_LAYERS["gru_ra"], batch_first=True)
         self.ra_out = nn.Linear(h, 1)
-        self.gru_rh = nn.GRU(h + f, h, num_layers=GRU_LAYERS["gru_rh"], batch_first=True, dropout=config.dropout)
+        self.gru_rh = GRU(h + f, h, num_layers=GRU_LAYERS["gru_rh"], batch_first=True, dropout=config.dropout)
         self.rh_out = nn.Linear(h, 1)
-        self.gru_nee = nn.GRU(2 + f, h, num_layers=GRU_LAYERS["gru_nee"], batch_first=True)
+        self.gru_nee = GRU(2 + f, h, num_layers=GRU_LAYERS["gru_nee"], batch_first=True)
         self.nee_out = nn.Linear(h, 1)
 
     def forward(

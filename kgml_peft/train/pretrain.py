@@ -28,6 +28,7 @@ from kgml_peft import schema
 from kgml_peft.config_files import check_keys, read_toml
 from kgml_peft.data.windows import Scalers, WindowDataset, YearWindows, make_windows, split_by_year
 from kgml_peft.errors import KgmlPeftError, expect_type
+from kgml_peft.model import recurrence
 from kgml_peft.model.backbone import BackboneConfig, KGMLag, build_backbone
 from kgml_peft.train.loop import PhaseConfig, PhaseResult, deterministic_algorithms, make_accelerator, run_phase
 from kgml_peft.train.state import PhaseState, StateError, StateFile, TrainingState, discard_on_failure
@@ -200,7 +201,18 @@ def train_phases(
     the phase results and the skipped phase names. The caller sets seeds and determinism. With
     ``state``, the training state is saved after every epoch, and the run continues from a saved
     one when ``state.resume`` is set.
+
+    The GRUs train through torch's kernel on every device, not the faster CPU day loop of
+    :mod:`kgml_peft.model.recurrence`: the two round differently, and the shipped backbone (and
+    every figure built on it) must stay rebuildable bit for bit by cli/regenerate_demo_backbone.sh.
     """
+    with recurrence.strategy("kernel"):
+        return _train_phases(data, scalers, config, cpu=cpu, progress=progress, state=state)
+
+
+def _train_phases(data: dict[str, tuple[YearWindows, YearWindows | None]], scalers: Scalers,
+                  config: PretrainConfig, *, cpu: bool, progress: bool,
+                  state: StateFile | None) -> tuple[KGMLag, list[PhaseResult], list[str]]:
     set_seed(config.seed, deterministic=True)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     features = config.backbone.features

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import KGMLag
+from kgml_peft.model.recurrence import LowRank, gru_layer
 from kgml_peft.tuners import base
 from kgml_peft.tuners.serving import ServingAdapter
 
@@ -107,57 +108,43 @@ def _recur(layers: list[_Layer]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
     The K layers form one GRU of hidden size K*H with block-diagonal weights (gates ordered
     r_1..r_K, z_1..z_K, n_1..n_K), so each day costs the same few kernel calls whatever K is;
-    every layer's row-wise LoRA ranks ride along as extra columns of the same matmul.
+    every layer's row-wise LoRA ranks ride along as extra rank columns
+    (:func:`~kgml_peft.model.recurrence.gru_layer`, which also computes the backward pass).
     """
     k, size = len(layers), layers[0].w_hh.shape[1]
     total = k * size
     ranks = [0 if layer.lora is None else layer.lora.down.shape[0] for layer in layers]
     like = layers[0].gi
-    weight = like.new_zeros(3 * total + sum(ranks), total)
-    bias = like.new_zeros(3 * total + sum(ranks))
-    up_t = like.new_zeros(sum(ranks), 3 * total)
-    mask = like.new_zeros(like.shape[0], sum(ranks))
-    offset = 3 * total
-    gates = []
-    for i, layer in enumerate(layers):
-        cols = slice(i * size, (i + 1) * size)
-        for g in range(3):
-            rows = slice((g * k + i) * size, (g * k + i + 1) * size)
-            weight[rows, cols] = layer.w_hh[g * size:(g + 1) * size]
-            bias[rows] = layer.b_hh[g * size:(g + 1) * size]
-        if layer.lora is not None:
-            rank = slice(offset - 3 * total, offset - 3 * total + ranks[i])
-            weight[offset:offset + ranks[i], cols] = layer.lora.down
-            mask[:, rank] = layer.lora.mask
+    if k == 1:
+        weight, bias = layers[0].w_hh, layers[0].b_hh
+    else:
+        weight = like.new_zeros(3 * total, total)
+        bias = like.new_zeros(3 * total)
+        for i, layer in enumerate(layers):
             for g in range(3):
-                up_t[rank, (g * k + i) * size:(g * k + i + 1) * size] = layer.lora.up_t[:, g * size:(g + 1) * size]
-            offset += ranks[i]
-    for g in range(3):
-        gates += [layer.gi[..., g * size:(g + 1) * size] for layer in layers]
-    gi = torch.cat(gates, dim=-1) if k > 1 else layers[0].gi
-    weight = weight.t().contiguous()
-    h = torch.cat([layer.h0 for layer in layers], dim=-1)
-    has_rank = sum(ranks) > 0
-    outs = []
-    # Training (batched calibration) takes the out-of-place ops: in-place ops on views would put
-    # a copy of the whole gate tensor into every day's backward step.
-    training = torch.is_grad_enabled()
-    # per day: the input gates' r|z and n parts (views, no copies)
-    for g_rz, g_n in zip(gi[..., :2 * total].unbind(1), gi[..., 2 * total:].unbind(1)):
-        gh = torch.addmm(bias, h, weight)
-        if has_rank:  # each row keeps its own rank columns, then adds its own update
-            rank_part = gh[:, 3 * total:] * mask if training else gh[:, 3 * total:].mul_(mask)
-            gh = torch.addmm(gh[:, :3 * total], rank_part, up_t)
-        if training:
-            r, z = torch.sigmoid(gh[:, :2 * total] + g_rz).chunk(2, dim=1)
-            n = torch.tanh(torch.addcmul(g_n, r, gh[:, 2 * total:]))
-        else:
-            r, z = torch.sigmoid_(gh[:, :2 * total].add_(g_rz)).chunk(2, dim=1)
-            n = torch.tanh_(torch.addcmul(g_n, r, gh[:, 2 * total:]))
-        h = torch.lerp(n, h.to(n.dtype), z)  # (1 - z) * n + z * h; under autocast n may be bf16
-        outs.append(h)
-    seq = torch.stack(outs, dim=1)
-    return [(seq[..., i * size:(i + 1) * size], h[:, i * size:(i + 1) * size]) for i in range(k)]
+                rows = slice((g * k + i) * size, (g * k + i + 1) * size)
+                weight[rows, i * size:(i + 1) * size] = layer.w_hh[g * size:(g + 1) * size]
+                bias[rows] = layer.b_hh[g * size:(g + 1) * size]
+    low_rank = None
+    if sum(ranks):
+        down = like.new_zeros(sum(ranks), total)
+        up_t = like.new_zeros(sum(ranks), 3 * total)
+        mask = like.new_zeros(like.shape[0], sum(ranks))
+        offset = 0
+        for i, layer in enumerate(layers):
+            if layer.lora is not None:
+                rank = slice(offset, offset + ranks[i])
+                down[rank, i * size:(i + 1) * size] = layer.lora.down
+                mask[:, rank] = layer.lora.mask
+                for g in range(3):
+                    up_t[rank, (g * k + i) * size:(g * k + i + 1) * size] = layer.lora.up_t[:, g * size:(g + 1) * size]
+                offset += ranks[i]
+        low_rank = LowRank(down, up_t, mask)
+    gi = layers[0].gi if k == 1 else torch.cat(
+        [layer.gi[..., g * size:(g + 1) * size] for g in range(3) for layer in layers], dim=-1)
+    h0 = torch.cat([layer.h0 for layer in layers], dim=-1)
+    seq, last = gru_layer(gi, h0, weight, bias, low_rank)
+    return [(seq[..., i * size:(i + 1) * size], last[:, i * size:(i + 1) * size]) for i in range(k)]
 
 
 def gru_rows(modules: Sequence[nn.GRU], inputs: torch.Tensor, h0s: Sequence[torch.Tensor | None],
