@@ -10,51 +10,73 @@ from torch.nn import functional as F
 
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.model.backbone import GRU, BackboneConfig, build_backbone
-from kgml_peft.model.recurrence import LowRank, gru_layer, strategy, use_day_loop
+from kgml_peft.model.recurrence import gru_layer, strategy, use_day_loop
 from kgml_peft.tuners.config import AdapterConfig
+from kgml_peft.tuners.rows import RowLora, gru_rows
 from kgml_peft.tuners.site_model import SiteModel
 
 
-def _small(dtype=torch.float64, batch=4, days=6, size=3, ranks=2, seed=0):
+def _small(dtype=torch.float64, batch=4, days=6, size=3, groups=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()  # noqa: E731
-    mask = (torch.rand(batch, ranks, generator=gen) > 0.5).to(dtype)
-    mask[0] = 0  # a row without any update
     return (make(batch, days, 3 * size), make(batch, size), make(3 * size, size), make(3 * size),
-            make(ranks, size), make(ranks, 3 * size), mask)
+            make(groups, 3 * size, size))
 
 
-def test_gradients_match_finite_differences_with_and_without_low_rank():
-    gi, h0, w, b, down, up_t, mask = _small()
-    assert torch.autograd.gradcheck(lambda *t: gru_layer(*t[:4], LowRank(t[4], t[5], mask)),
-                                    (gi, h0, w, b, down, up_t))
-    assert torch.autograd.gradcheck(lambda *t: gru_layer(*t), (gi, h0, w, b))
+def test_gradients_match_finite_differences_with_shared_and_grouped_weights():
+    gi, h0, w, b, grouped = _small()
+    assert torch.autograd.gradcheck(gru_layer, (gi, h0, w, b))
+    assert torch.autograd.gradcheck(gru_layer, (gi, h0, grouped, b))
 
 
-def test_low_rank_rows_equal_torch_gru_with_each_rows_merged_weight():
-    """Row b with its own update is torch's GRU with ``w_hh + up_t.T diag(mask[b]) down``."""
-    gi, h0, w, b, down, up_t, mask = _small(batch=5, days=9)
-    seq, last = gru_layer(gi, h0, w, b, LowRank(down, up_t, mask))
+def test_each_group_of_rows_runs_its_own_weight_as_torch_gru_does():
+    gi, h0, _, b, grouped = _small(batch=6, days=9, groups=3)
+    seq, last = gru_layer(gi, h0, grouped, b)
     for row in range(len(gi)):
-        merged = w + (up_t.t() * mask[row]) @ down
-        gru = torch.nn.GRU(1, 3, batch_first=True).double()
-        with torch.no_grad():
-            gru.weight_hh_l0.copy_(merged)
-            gru.bias_hh_l0.copy_(b)
-        # torch's GRU adds the input part itself: feed it gi through an identity-like projection
-        ref = _gru_on_gates(gru, gi[row:row + 1], h0[row:row + 1])
+        ref = _gru_on_gates(grouped[row // 2], b, gi[row:row + 1], h0[row:row + 1])
         torch.testing.assert_close(seq[row:row + 1], ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(last[row], ref[0, -1], rtol=1e-10, atol=1e-10)
 
 
-def _gru_on_gates(gru: torch.nn.GRU, gi: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """torch's GRU cell loop on precomputed input gates (torch.gru_cell with w_ih = identity)."""
+def _gru_on_gates(w_hh: torch.Tensor, b_hh: torch.Tensor, gi: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """torch's GRU cell (torch.gru_cell) stepped over precomputed input gates (w_ih = identity)."""
     eye = torch.eye(gi.shape[-1], dtype=gi.dtype)
     h, out = h0, []
     for day in range(gi.shape[1]):
-        h = torch.gru_cell(gi[:, day], h, eye[: gi.shape[-1]], gru.weight_hh_l0, None, gru.bias_hh_l0)
+        h = torch.gru_cell(gi[:, day], h, eye, w_hh, None, b_hh)
         out.append(h)
     return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("adapters", [[0, 1, 0, 2, 2, 2, 2, 0, None], [1] * 20 + [0], [0, 0, 1, 1]])
+def test_mixed_rows_in_any_order_equal_torch_gru_with_each_rows_merged_weight(adapters):
+    """tuners.rows groups a mixed batch's rows by adapter (unbalanced groups, interleaved rows,
+    rows without an adapter); every row equals torch's GRU cell with ``W + up diag(mask) down``,
+    and the LoRA factors get the gradients of that reference."""
+    torch.manual_seed(4)
+    gru = torch.nn.GRU(5, 3, batch_first=True).double()
+    ranks = (1, 2, 1)  # adapters of different ranks mix
+    down = torch.randn(sum(ranks), 3, dtype=torch.float64, requires_grad=True)
+    up_t = torch.randn(sum(ranks), 9, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(len(adapters), sum(ranks), dtype=torch.float64)
+    for row, adapter in enumerate(adapters):
+        if adapter is not None:
+            mask[row, sum(ranks[:adapter]):sum(ranks[:adapter + 1])] = 1
+    x = torch.randn(len(adapters), 7, 5, dtype=torch.float64)
+    [(seq, last)] = gru_rows([gru], x, [None], [{"weight_hh_l0": RowLora(down, up_t, mask)}])
+    weight = torch.randn_like(seq)
+    grads = torch.autograd.grad((seq * weight).sum() + last.sum(), (down, up_t))
+    refs = []
+    for row in range(len(adapters)):
+        merged = gru.weight_hh_l0 + (up_t.t() * mask[row]) @ down
+        gi = torch.nn.functional.linear(x[row:row + 1], gru.weight_ih_l0, gru.bias_ih_l0)
+        refs.append(_gru_on_gates(merged, gru.bias_hh_l0, gi, x.new_zeros(1, 3)))
+    ref = torch.cat(refs)
+    torch.testing.assert_close(seq, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last[0], ref[:, -1], rtol=1e-10, atol=1e-10)
+    ref_grads = torch.autograd.grad((ref * weight).sum() + ref[:, -1].sum(), (down, up_t))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
 def _two_layer(dropout: float = 0.0) -> GRU:
@@ -144,7 +166,7 @@ def test_auto_chooses_the_loop_for_cpu_training_only_and_strategy_is_checked():
 
 
 def test_half_precision_runs_in_float32_and_bad_shapes_are_refused():
-    gi, h0, w, b, *_ = _small(dtype=torch.float32)
+    gi, h0, w, b, grouped = _small(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         seq, last = gru_layer(F.linear(gi, torch.eye(9)), h0, w, b)
     assert seq.dtype == last.dtype == torch.float32
@@ -152,5 +174,6 @@ def test_half_precision_runs_in_float32_and_bad_shapes_are_refused():
     torch.testing.assert_close(seq, ref, rtol=0.05, atol=0.05)  # bf16 only in the projection
     empty, start = gru_layer(gi[:, :0], h0, w, b)
     assert empty.shape == (4, 0, 3) and torch.equal(start, h0)
-    with pytest.raises(KgmlPeftError, match="do not fit"):
-        gru_layer(gi[..., :6], h0, w, b)
+    for bad in [(gi[..., :6], h0, w, b), (gi, h0[:3], w, b), (gi[:3], h0[:3], grouped, b), (gi, h0, w, b[:6])]:
+        with pytest.raises(KgmlPeftError, match="do not fit"):
+            gru_layer(*bad)
