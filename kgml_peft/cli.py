@@ -82,11 +82,21 @@ Group.group_class = Group  # nested groups (``backbone``) handle errors the same
 @click.option("--progress", is_flag=True,
               help="Progress bars even when stderr is not a terminal (a log file, CI); by default "
                    "they show only on a terminal. A command's --quiet still turns them off.")
-def cli(threads: int, progress: bool) -> None:
+@click.option("--gru", type=click.Choice(["auto", "loop", "kernel"]), default="auto", show_default=True,
+              envvar="KGML_PEFT_GRU",
+              help="How a single adapter's GRUs run: auto = the toolkit's day loop when training on "
+                   "a CPU (2-3x faster there), torch's kernel otherwise; loop or kernel force one "
+                   "(kernel: as before the loop existed). Mixed-site batches always take the loop, "
+                   "pretraining always the kernel.")
+@click.pass_context
+def cli(ctx: click.Context, threads: int, progress: bool, gru: str) -> None:
     """Site calibration of knowledge-guided carbon-flux models (KGML-ag) with small adapters."""
     import torch
 
+    from kgml_peft.model.recurrence import default_strategy
+
     torch.set_num_threads(threads)
+    ctx.with_resource(default_strategy(gru))
 
 
 def _bars(quiet: bool) -> bool:

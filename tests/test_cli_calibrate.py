@@ -186,3 +186,27 @@ def test_diverging_calibration_stops_with_one_line_and_keeps_the_good_adapter(
     args = ["--site", "IA", "--method", method, "--lr", lr, "--force"]
     result = _calibrate(table, backbone_path, out, *args)
     check_user_error(result, args, ("diverged", "lower the learning rate"), tmp_path, before)
+
+
+def test_gru_option_chooses_the_loop_or_torchs_kernel_and_is_put_back(table, backbone_path, tmp_path):
+    """``--gru``: on a CPU the default (auto) trains through the day loop and evaluates through
+    torch's kernel, ``loop`` and ``kernel`` use one way throughout; all three train the same
+    adapter to float rounding, none is the same as another bit for bit, and the process default is
+    back to auto after the command."""
+    from kgml_peft.model import recurrence
+
+    tensors = {}
+    for way in ("default", "loop", "kernel"):
+        out = tmp_path / way
+        args = ["--gru", way] if way != "default" else []
+        result = _runner().invoke(cli, [*args, "calibrate", "--data", str(table), "--backbone", str(backbone_path),
+                                        "--out", str(out), "--site", "IA-001", "--cv", "none", *FAST])
+        assert result.exit_code == 0, result.output + result.stderr
+        tensors[way] = read_adapter(out / "IA-001.safetensors").tensors
+        assert recurrence._default == "auto"
+    for a, b in (("default", "loop"), ("default", "kernel"), ("loop", "kernel")):
+        assert any(not torch.equal(tensors[a][k], tensors[b][k]) for k in tensors[b]), (a, b)
+        for key, value in tensors[b].items():
+            torch.testing.assert_close(tensors[a][key], value, rtol=1e-3, atol=1e-5, msg=(a, b, key))
+    result = _runner().invoke(cli, ["--gru", "fast", "calibrate", "--help"])
+    assert result.exit_code == 2 and "'fast' is not one of 'auto', 'loop', 'kernel'" in result.stderr

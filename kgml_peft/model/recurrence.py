@@ -34,21 +34,39 @@ from kgml_peft.errors import KgmlPeftError
 #: ``auto`` (the measured choice, see :func:`use_day_loop`), ``loop`` (always :func:`gru_layer`)
 #: or ``kernel`` (torch's GRU wherever it can run)
 STRATEGIES: tuple[str, ...] = ("auto", "loop", "kernel")
-#: the way in force; a context variable, so a thread (each starts at ``auto``) sets its own
-_strategy: contextvars.ContextVar[str] = contextvars.ContextVar("kgml_peft_gru_strategy", default="auto")
+#: the way a ``with strategy(...)`` block set in this thread (None: the process default)
+_strategy: contextvars.ContextVar[str | None] = contextvars.ContextVar("kgml_peft_gru_strategy", default=None)
+#: the process default (``kgml-peft --gru``), which every thread sees
+_default = "auto"
+
+
+def _check(name: str) -> str:
+    if name not in STRATEGIES:
+        raise KgmlPeftError(f"unknown GRU strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    return name
 
 
 @contextlib.contextmanager
 def strategy(name: str) -> Iterator[None]:
-    """Within the block (in this thread), run plain GRUs (:class:`~kgml_peft.model.backbone.GRU`)
+    """Within the block, in this thread, run plain GRUs (:class:`~kgml_peft.model.backbone.GRU`)
     the way ``name`` says (one of :data:`STRATEGIES`); mixed batches always take the day loop."""
-    if name not in STRATEGIES:
-        raise KgmlPeftError(f"unknown GRU strategy {name!r}; choose from {', '.join(STRATEGIES)}")
-    token = _strategy.set(name)
+    token = _strategy.set(_check(name))
     try:
         yield
     finally:
         _strategy.reset(token)
+
+
+@contextlib.contextmanager
+def default_strategy(name: str) -> Iterator[None]:
+    """Within the block, ``name`` is the way of every thread that does not choose its own (the
+    CLI's ``--gru``: a run's worker threads follow it too)."""
+    global _default
+    before, _default = _default, _check(name)
+    try:
+        yield
+    finally:
+        _default = before
 
 
 def use_day_loop(device: torch.device, needs_grad: bool) -> bool:
@@ -57,7 +75,7 @@ def use_day_loop(device: torch.device, needs_grad: bool) -> bool:
     12 ms against 36 ms per layer-year, 64 rows 32 against 62). Without gradients torch's kernel
     is as fast at a few rows and faster at many (64 rows: 14 against 26 ms), and on a GPU cuDNN
     runs the whole loop in one kernel."""
-    chosen = _strategy.get()
+    chosen = _strategy.get() or _default
     if chosen != "auto":
         return chosen == "loop"
     return needs_grad and device.type == "cpu"
