@@ -177,3 +177,59 @@ def test_half_precision_runs_in_float32_and_bad_shapes_are_refused():
     for bad in [(gi[..., :6], h0, w, b), (gi, h0[:3], w, b), (gi[:3], h0[:3], grouped, b), (gi, h0, w, b[:6])]:
         with pytest.raises(KgmlPeftError, match="do not fit"):
             gru_layer(*bad)
+
+
+def test_recurrence_study_tool_times_every_way_and_checks_they_agree():
+    """tools/recurrence_study.py (the figures behind ``auto``) runs and reports every way."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "tools" / "recurrence_study.py"), "--batches", "2,8",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [case["batch"] for case in report["cases"]] == [2, 8]
+    assert [case["groups"] for case in report["cases"]] == [1, 8]
+    for case in report["cases"]:
+        for kind in ("train_ms", "no_grad_ms"):
+            assert set(case[kind]) == {"kernel", "loop", "loop_per_group"}
+            assert all(value > 0 for value in case[kind].values())
+        assert case["max_abs_difference_loop_vs_kernel"] < 1e-5
+
+
+def test_grus_sharing_an_input_give_the_same_rows_in_one_loop_or_apart(monkeypatch):
+    """Up to SHARED_LOOP_ROWS rows two GRUs reading one input share a block-diagonal loop, above
+    it they run apart: the same outputs and LoRA gradients either way."""
+    from kgml_peft.tuners import rows as rows_module
+
+    torch.manual_seed(5)
+    grus = [torch.nn.GRU(4, 3, batch_first=True), torch.nn.GRU(4, 3, num_layers=2, batch_first=True)]
+    x = torch.randn(8, 12, 4)
+    down = torch.randn(2, 3, requires_grad=True)
+    up_t = torch.randn(2, 9, requires_grad=True)
+    mask = torch.zeros(8, 2)
+    mask[:3, 0] = 1
+    mask[3:, 1] = 1
+    calls = []
+    real_recur = rows_module._recur
+    monkeypatch.setattr(rows_module, "_recur", lambda layers: calls.append(len(layers)) or real_recur(layers))
+
+    def run(limit: int):
+        monkeypatch.setattr(rows_module, "SHARED_LOOP_ROWS", limit)
+        lora = {"weight_hh_l0": RowLora(down, up_t, mask)}
+        out = gru_rows(grus, x, [None, None], [lora, dict(lora)])
+        seqs = torch.cat([seq for seq, _ in out], -1)
+        return seqs, torch.autograd.grad(seqs.square().sum(), (down, up_t))
+
+    shared, shared_grads = run(16)
+    assert calls == [2, 1]  # first layers together, gru_rh's second layer alone
+    calls.clear()
+    apart, apart_grads = run(7)
+    assert calls == [1, 1, 1]
+    torch.testing.assert_close(shared, apart, rtol=1e-5, atol=1e-6)
+    for got, want in zip(shared_grads, apart_grads):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
