@@ -85,7 +85,8 @@ Group.group_class = Group  # nested groups (``backbone``) handle errors the same
 @click.option("--gru", type=click.Choice(["auto", "loop", "kernel"]), default="auto", show_default=True,
               envvar="KGML_PEFT_GRU",
               help="How a single adapter's GRUs run: auto = the toolkit's day loop when training on "
-                   "a CPU (2-3x faster there), torch's kernel otherwise; loop or kernel force one "
+                   "a CPU with batches of up to 64 rows (2-3x faster there), torch's kernel "
+                   "otherwise; loop or kernel force one "
                    "(kernel: as before the loop existed). Mixed-site batches always take the loop, "
                    "pretraining always the kernel.")
 @click.pass_context

@@ -150,19 +150,23 @@ def test_peft_lora_gradients_are_the_same_through_either_way():
         torch.testing.assert_close(loop[key], kernel[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_auto_chooses_the_loop_for_cpu_training_only_and_strategy_is_checked():
+def test_auto_chooses_the_loop_for_cpu_training_of_few_rows_only_and_strategy_is_checked():
+    from kgml_peft.model.recurrence import LOOP_MAX_ROWS
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert use_day_loop(cpu, needs_grad=True)
-    assert not use_day_loop(cpu, needs_grad=False)
-    assert not use_day_loop(cuda, needs_grad=True)
+    assert use_day_loop(cpu, needs_grad=True, rows=8)
+    assert use_day_loop(cpu, needs_grad=True, rows=LOOP_MAX_ROWS)
+    assert not use_day_loop(cpu, needs_grad=True, rows=LOOP_MAX_ROWS + 1)
+    assert not use_day_loop(cpu, needs_grad=False, rows=8)
+    assert not use_day_loop(cuda, needs_grad=True, rows=8)
     with strategy("kernel"):
-        assert not use_day_loop(cpu, needs_grad=True)
+        assert not use_day_loop(cpu, needs_grad=True, rows=8)
     with strategy("loop"):
-        assert use_day_loop(cuda, needs_grad=False)
+        assert use_day_loop(cuda, needs_grad=False, rows=1000)
     with pytest.raises(KgmlPeftError, match="unknown GRU strategy 'fast'"):
         with strategy("fast"):
             pass
-    assert use_day_loop(cpu, needs_grad=True)  # put back after the error
+    assert use_day_loop(cpu, needs_grad=True, rows=8)  # put back after the error
 
 
 def test_half_precision_runs_in_float32_and_bad_shapes_are_refused():

@@ -63,7 +63,7 @@ class GRU(nn.GRU):
             input.requires_grad or (hx is not None and hx.requires_grad)
             or any(getattr(self, f"weight_hh_l{k}").requires_grad or getattr(self, f"weight_ih_l{k}").requires_grad
                    for k in range(self.num_layers)))
-        if not use_day_loop(input.device, needs_grad):
+        if not use_day_loop(input.device, needs_grad, input.shape[0]):
             return super().forward(input, hx)
         seq, states = input, []
         for layer in range(self.num_layers):

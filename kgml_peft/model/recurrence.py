@@ -69,16 +69,23 @@ def default_strategy(name: str) -> Iterator[None]:
         _default = before
 
 
-def use_day_loop(device: torch.device, needs_grad: bool) -> bool:
-    """Whether a plain GRU runs :func:`gru_layer` rather than torch's kernel. ``auto`` takes the
-    day loop where it was measured faster: training on a CPU (forward + backward at 8 rows
-    12 ms against 36 ms per layer-year, 64 rows 32 against 62). Without gradients torch's kernel
-    is as fast at a few rows and faster at many (64 rows: 14 against 26 ms), and on a GPU cuDNN
-    runs the whole loop in one kernel."""
+#: Most rows for which ``auto`` trains through the day loop on a CPU: forward and backward of a
+#: layer-year, milliseconds, loop against torch's kernel (tools/recurrence_study.py, one thread):
+#: 8 rows 12.8 / 31.4, 17 rows 17.2 / 35.2, 64 rows 46-59 / 53-59 (even), 128 rows 78-103 / 83,
+#: 256 rows 264 / 164. Per-op overhead, which the loop saves, matters less as rows grow.
+LOOP_MAX_ROWS = 64
+
+
+def use_day_loop(device: torch.device, needs_grad: bool, rows: int) -> bool:
+    """Whether a plain GRU over a batch of ``rows`` runs :func:`gru_layer` rather than torch's
+    kernel. ``auto`` takes the day loop where it was measured faster: training on a CPU with at
+    most :data:`LOOP_MAX_ROWS` rows (a site calibration's batch of 8: 2.4x). Without gradients
+    torch's kernel is about as fast (8 rows: 4.7 against 5.7 ms, 64 rows 13.7 against 13.1), and
+    on a GPU cuDNN runs the whole year in one call."""
     chosen = _strategy.get() or _default
     if chosen != "auto":
         return chosen == "loop"
-    return needs_grad and device.type == "cpu"
+    return needs_grad and device.type == "cpu" and rows <= LOOP_MAX_ROWS
 
 
 def gru_layer(gi: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor,
