@@ -103,3 +103,49 @@ def test_saved_checkpoint_gets_a_normal_file_mode(backbone_path, tmp_path):
         assert stat.S_IMODE((tmp_path / "b.safetensors").stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+def _rebuilt(backbone_path, path, tensor_shift: float, loss_factor: float) -> None:
+    """A copy of the backbone as another CPU would rebuild it: every float tensor shifted, every
+    training loss scaled, saved through the toolkit (so its fingerprint is the new tensors')."""
+    b = load_backbone(backbone_path)
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.add_(tensor_shift)
+    training = json.loads(json.dumps(b.training))
+    for point in training["curves"]:
+        for key in ("train_loss", "val_loss"):
+            if isinstance(point.get(key), float):
+                point[key] *= loss_factor
+    save_backbone(path, b.model, b.scalers, training)
+
+
+def test_compare_with_a_tolerance_accepts_float_rounding_and_nothing_more(tmp_path):
+    """``backbone compare --atol/--rtol``: a rebuild that differs by rounding passes, a larger
+    change of a tensor or a loss does not, and bad tolerances are one-line errors (exit 2)."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from kgml_peft.cli import cli
+
+    backbone_path = Path(__file__).resolve().parents[1] / "checkpoints" / "demo.safetensors"
+
+    runner = CliRunner()
+    close, far_tensor, far_loss = (tmp_path / f"{n}.safetensors" for n in ("close", "tensor", "loss"))
+    _rebuilt(backbone_path, close, 1e-4, 1 + 1e-6)
+    _rebuilt(backbone_path, far_tensor, 0.1, 1 + 1e-6)
+    _rebuilt(backbone_path, far_loss, 1e-4, 1.01)
+    exact = runner.invoke(cli, ["backbone", "compare", str(close), str(backbone_path)])
+    assert exact.exit_code == 1 and "metadata fingerprint differs" in exact.output
+    loose = ["--atol", "0.001", "--rtol", "1e-4"]
+    ok = runner.invoke(cli, ["backbone", "compare", str(close), str(backbone_path), *loose])
+    assert ok.exit_code == 0 and "within atol=0.001, rtol=0.0001" in ok.output, ok.output
+    tensor = runner.invoke(cli, ["backbone", "compare", str(far_tensor), str(backbone_path), *loose])
+    assert tensor.exit_code == 1 and "tensor gru_ra.weight_hh_l0 differs" in tensor.output
+    assert "metadata" not in tensor.output
+    loss = runner.invoke(cli, ["backbone", "compare", str(far_loss), str(backbone_path), *loose])
+    assert loss.exit_code == 1 and loss.output.strip() == "metadata training differs"
+    for bad in ("nan", "-1", "inf"):
+        refused = runner.invoke(cli, ["backbone", "compare", str(close), str(backbone_path), "--atol", bad])
+        assert refused.exit_code == 2 and "tolerances must be finite" in refused.output, refused.output

@@ -237,3 +237,87 @@ def test_grus_sharing_an_input_give_the_same_rows_in_one_loop_or_apart(monkeypat
     for got, want in zip(shared_grads, apart_grads):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_grouping_of_rows_against_a_plain_reference():
+    """``_group_rows`` (tensor ops) against the definition: every row in exactly one slot of a run
+    of its own group, runs of one size that minimises slots + runs, spare slots holding a row of
+    the run's group, groups in order of their first row; and an empty batch."""
+    from kgml_peft.tuners.rows import _group_rows
+
+    empty = _group_rows(torch.zeros(0, 3))
+    assert empty.in_place and len(empty.order) == len(empty.position) == 0
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        batch = int(torch.randint(1, 70, (1,), generator=gen))
+        keys = torch.randint(0, int(torch.randint(1, 9, (1,), generator=gen)), (batch, 2), generator=gen).float()
+        if trial % 4 == 0:
+            keys = keys.sort(0).values
+        groups = _group_rows(keys)
+        members: dict[tuple, list[int]] = {}
+        for row, key in enumerate(map(tuple, keys.tolist())):
+            members.setdefault(key, []).append(row)
+        counts = [len(rows) for rows in members.values()]  # dict order = order of first rows
+        cost = {s: sum(-(-c // s) for c in counts) * (s + 1) for s in range(1, max(counts) + 1)}
+        size = len(groups.order) // len(groups.chunk_group)
+        assert cost[size] == min(cost.values()) and size == min(s for s in cost if cost[s] == cost[size])
+        assert torch.equal(groups.order[groups.position], torch.arange(batch))
+        assert groups.representative.tolist() == [rows[0] for rows in members.values()]
+        for chunk, group in enumerate(groups.chunk_group.tolist()):
+            slots = groups.order[chunk * size:(chunk + 1) * size]
+            assert set(slots.tolist()) <= set(list(members.values())[group])
+        assert groups.in_place == (groups.order.tolist() == list(range(batch)))
+
+
+def test_zero_days_half_precision_bias_free_and_bias_only_training():
+    """Edge cases: a year of no days comes back in float32 like any other; a GRU without biases
+    runs torch's kernel; training only the biases still takes the loop (and matches the kernel)."""
+    gi = torch.zeros(2, 0, 9, dtype=torch.bfloat16)
+    seq, last = gru_layer(gi, torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(9, 3), torch.zeros(9))
+    assert seq.shape == (2, 0, 3) and seq.dtype == last.dtype == torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 4)
+    plain = torch.nn.GRU(4, 5, 2, batch_first=True, bias=False)
+    ours = GRU(4, 5, 2, batch_first=True, bias=False)
+    ours.load_state_dict(plain.state_dict())
+    with strategy("loop"):
+        torch.testing.assert_close(ours(x)[0], plain(x)[0], rtol=0, atol=0)  # the kernel itself
+    gru = GRU(4, 5, 2, batch_first=True)
+    for name, p in gru.named_parameters():
+        p.requires_grad_(name.startswith("bias"))
+    grads = {}
+    for way in ("auto", "kernel"):
+        gru.zero_grad()
+        with strategy(way):
+            seq, _ = gru(x)
+        # bias gradients are gradients: under auto the loop's backward runs
+        assert ("_GruLayer" in type(seq.grad_fn).__name__) == (way == "auto")
+        seq.square().sum().backward()
+        grads[way] = [p.grad.clone() for p in gru.parameters() if p.requires_grad]
+    for a, b in zip(grads["auto"], grads["kernel"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_spawned_experiment_workers_run_the_parents_gru_strategy(tmp_path):
+    """``experiment --jobs N`` starts spawned processes, which would begin from ``auto``: the
+    parent's way (``kgml-peft --gru``) is passed to them."""
+    from types import SimpleNamespace
+
+    from kgml_peft.experiments.pipeline import execute_runs
+    from kgml_peft.model.recurrence import default_strategy
+
+    runs = [SimpleNamespace(key=str(tmp_path / f"run{i}")) for i in range(2)]
+    with default_strategy("kernel"):
+        execute_runs(None, StrategyRecorder, runs[:1], runs[1:], jobs=2, progress=False)
+    assert [open(r.key).read() for r in runs] == ["kernel", "kernel"]
+
+
+class StrategyRecorder:
+    """An experiment stand-in for :func:`execute_runs`: writes the GRU way it runs under to the
+    file its run names (module level, so spawned workers can import it)."""
+
+    def execute(self, run) -> None:
+        from kgml_peft.model.recurrence import current_strategy
+
+        with open(run.key, "w") as handle:
+            handle.write(current_strategy())

@@ -30,10 +30,13 @@ def demo_table() -> pd.DataFrame:
 _WORKER: dict = {}
 
 
-def _start_worker(factory: Callable[[], object]) -> None:
+def _start_worker(factory: Callable[[], object], gru: str = "auto") -> None:
     import torch
 
+    from kgml_peft.model.recurrence import set_default_strategy
+
     torch.set_num_threads(1)  # one core per worker; the GRUs are latency bound
+    set_default_strategy(gru)  # the parent's --gru: a spawned process starts from the default
     _WORKER["experiment"] = factory()
 
 
@@ -54,8 +57,9 @@ def execute_runs(experiment, factory: Callable[[], object], first: list, rest: l
     """Execute the runs ``first`` and then ``rest`` (objects with a ``key``) of ``experiment``.
 
     ``jobs`` > 1 runs that many spawned worker processes (one CPU core each), each holding its own
-    ``factory()`` (a picklable callable that builds an experiment like ``experiment``); ``first``
-    finishes before ``rest`` starts (later runs build on the first ones' models).
+    ``factory()`` (a picklable callable that builds an experiment like ``experiment``) and this
+    process's GRU strategy (``--gru``); ``first`` finishes before ``rest`` starts (later runs build
+    on the first ones' models).
     """
     from tqdm.auto import tqdm
 
@@ -70,9 +74,11 @@ def execute_runs(experiment, factory: Callable[[], object], first: list, rest: l
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
+        from kgml_peft.model.recurrence import current_strategy
+
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                                 initargs=(factory,)) as pool:
+                                 initargs=(factory, current_strategy())) as pool:
             for wave in (first, rest):
                 for future in as_completed([pool.submit(_execute, r) for r in wave]):
                     bar.set_postfix_str(future.result()[:48])

@@ -48,32 +48,50 @@ def run_grus(names: Sequence[str], modules: Sequence[nn.GRU], inputs: torch.Tens
     return [module(inputs, h0) for module, h0 in zip(modules, h0s)]
 
 
+#: One layer of a GRU: ``(layer index, its input sequence [B, T, in]) -> (sequence [B, T, H],
+#: last state [B, H])``.
+LayerStep = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_layers(module: nn.GRU, seq: torch.Tensor, step: LayerStep, first: int = 0,
+               states: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layers ``first`` .. of a stacked GRU, each by ``step``, with dropout between layers in
+    training mode as torch's GRU: (last layer's sequence, last states [layers, B, H]). ``states``
+    are the last states of the layers before ``first``, whose output ``seq`` is."""
+    states = list(states)
+    for layer in range(first, module.num_layers):
+        if layer:
+            seq = F.dropout(seq, module.dropout, module.training)
+        seq, last = step(layer, seq)
+        states.append(last)
+    return seq, torch.stack(states)
+
+
 class GRU(nn.GRU):
     """torch's GRU (same parameters, state dict and outputs) that runs the day loop of
     :func:`~kgml_peft.model.recurrence.gru_layer` where that is faster
     (:func:`~kgml_peft.model.recurrence.use_day_loop`). Weights are read as attributes, so LoRA
     that peft injects as a parametrization of them takes part, with its gradients."""
 
-    def forward(self, input, hx=None):  # noqa: A002 - nn.GRU's argument names
-        plain = (isinstance(input, torch.Tensor) and input.dim() == 3 and self.batch_first
+    def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None  # noqa: A002 - nn.GRU's names
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        plain = (isinstance(input, torch.Tensor) and input.dim() == 3 and self.batch_first and self.bias
                  and not self.bidirectional and self.proj_size == 0 and input.shape[1] > 0)
         if not plain:
             return super().forward(input, hx)
+        # weights read by name: a peft parametrization computes them from its (trainable) factors
         needs_grad = torch.is_grad_enabled() and (
             input.requires_grad or (hx is not None and hx.requires_grad)
-            or any(getattr(self, f"weight_hh_l{k}").requires_grad or getattr(self, f"weight_ih_l{k}").requires_grad
-                   for k in range(self.num_layers)))
+            or any(getattr(self, name).requires_grad for name in self._flat_weights_names))
         if not use_day_loop(input.device, needs_grad, input.shape[0]):
             return super().forward(input, hx)
-        seq, states = input, []
-        for layer in range(self.num_layers):
-            if layer:  # as torch's GRU: dropout between layers, in training mode
-                seq = F.dropout(seq, self.dropout, self.training)
+
+        def step(layer: int, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             gi = F.linear(seq, getattr(self, f"weight_ih_l{layer}"), getattr(self, f"bias_ih_l{layer}"))
             h0 = seq.new_zeros(seq.shape[0], self.hidden_size) if hx is None else hx[layer]
-            seq, last = gru_layer(gi, h0, getattr(self, f"weight_hh_l{layer}"), getattr(self, f"bias_hh_l{layer}"))
-            states.append(last)
-        return seq, torch.stack(states)
+            return gru_layer(gi, h0, getattr(self, f"weight_hh_l{layer}"), getattr(self, f"bias_hh_l{layer}"))
+
+        return run_layers(self, input, step)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import contextvars
 from collections.abc import Iterator
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kgml_peft.errors import KgmlPeftError
 
@@ -57,16 +58,32 @@ def strategy(name: str) -> Iterator[None]:
         _strategy.reset(token)
 
 
+def set_default_strategy(name: str) -> None:
+    """Make ``name`` the way of every thread of this process that does not choose its own.
+
+    A process-level setting, made once at start (the CLI's ``--gru``, a spawned worker taking its
+    parent's, see :func:`current_strategy`): switching it while other threads run GRUs changes
+    their way mid-run. Code that wants its own way uses :func:`strategy`, which is per thread."""
+    global _default
+    _default = _check(name)
+
+
 @contextlib.contextmanager
 def default_strategy(name: str) -> Iterator[None]:
-    """Within the block, ``name`` is the way of every thread that does not choose its own (the
-    CLI's ``--gru``: a run's worker threads follow it too)."""
-    global _default
-    before, _default = _default, _check(name)
+    """:func:`set_default_strategy` for the block, restored after it (same caveat)."""
+    before = _default
+    set_default_strategy(name)
     try:
         yield
     finally:
-        _default = before
+        set_default_strategy(before)
+
+
+def current_strategy() -> str:
+    """The way in force here: this thread's :func:`strategy` block, else the process default.
+    A process started by this one (``experiment --jobs``) passes it on explicitly: the default
+    is a module global and a spawned process starts from ``auto``."""
+    return _strategy.get() or _default
 
 
 #: Most rows for which ``auto`` trains through the day loop on a CPU: forward and backward of a
@@ -82,7 +99,7 @@ def use_day_loop(device: torch.device, needs_grad: bool, rows: int) -> bool:
     most :data:`LOOP_MAX_ROWS` rows (a site calibration's batch of 8: 2.4x). Without gradients
     torch's kernel is about as fast (8 rows: 4.7 against 5.7 ms, 64 rows 13.7 against 13.1), and
     on a GPU cuDNN runs the whole year in one call."""
-    chosen = _strategy.get() or _default
+    chosen = current_strategy()
     if chosen != "auto":
         return chosen == "loop"
     return needs_grad and device.type == "cpu" and rows <= LOOP_MAX_ROWS
@@ -102,9 +119,9 @@ def gru_layer(gi: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor,
             or gi.shape[0] % groups or tuple(h0.shape) != (gi.shape[0], size) or tuple(b_hh.shape) != (three,)):
         raise KgmlPeftError(f"gru_layer: input gates {list(gi.shape)}, start state {list(h0.shape)} and "
                             f"bias {list(b_hh.shape)} do not fit w_hh {list(w_hh.shape)}")
-    if gi.shape[1] == 0:
-        return gi.new_zeros(gi.shape[0], 0, size), h0
     dtype = torch.promote_types(gi.dtype, torch.float32)  # half precision runs in float32
+    if gi.shape[1] == 0:
+        return gi.new_zeros(gi.shape[0], 0, size, dtype=dtype), h0.to(dtype)
     with torch.autocast(gi.device.type, enabled=False):
         return _GruLayer.apply(*(t.to(dtype) for t in (gi, h0, w_hh, b_hh)))
 
@@ -150,14 +167,17 @@ class _GruLayer(torch.autograd.Function):
     """:func:`gru_layer`'s forward and backward (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, gi, h0, w_hh, b_hh):  # noqa: D102
+    def forward(ctx, gi: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor,
+                b_hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         ga, n, hs = _start(gi, h0, b_hh)
         _forward_days(ga, n, hs, h0.contiguous(), w_hh.transpose(-1, -2).contiguous())
         ctx.save_for_backward(h0, w_hh, ga, n, hs)
         return hs.transpose(0, 1), hs[-1]
 
     @staticmethod
-    def backward(ctx, d_seq, d_last):  # noqa: D102
+    @once_differentiable  # the backward is itself not differentiable (no double backward)
+    def backward(ctx, d_seq: torch.Tensor | None,
+                 d_last: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         h0, w_hh, ga, n, hs = ctx.saved_tensors
         days, batch, size = hs.shape
         groups = w_hh.shape[0] if w_hh.dim() == 3 else 0

@@ -88,19 +88,56 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return read_safetensors(source, "backbone")
 
 
-def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
-    """Differences between two checkpoints: tensors (bit for bit) and metadata values.
+def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0,
+                        rtol: float = 0.0) -> list[str]:
+    """Differences between two checkpoints: tensors and metadata values.
 
     An empty list means the files hold the same tensors and metadata. (Their bytes may still
-    differ: safetensors writes metadata keys in no fixed order.)
+    differ: safetensors writes metadata keys in no fixed order.) By default tensors must be equal
+    bit for bit. With a tolerance, float tensors may differ by ``atol + rtol * |b|`` and the
+    numbers of the training summary (losses) by ``rtol * |b|``, and the fingerprint (a hash of the
+    tensors) is not compared: a checkpoint rebuilt on another kind of CPU rounds differently
+    (its matrix kernels add in another order), so it matches to float rounding, not bit for bit.
     """
+    if not (0 <= atol < float("inf") and 0 <= rtol < float("inf")):
+        raise KgmlPeftError(f"tolerances must be finite and >= 0, got atol={atol}, rtol={rtol}")
     ta, ma = read_checkpoint(a)
     tb, mb = read_checkpoint(b)
+    exact = atol == 0 and rtol == 0
+
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        if exact or not x.dtype.is_floating_point:
+            return torch.equal(x, y)
+        return torch.allclose(x, y, rtol=rtol, atol=atol)
+
     diffs = [f"tensor {k} only in {a if k in ta else b}" for k in sorted(set(ta) ^ set(tb))]
-    diffs += [f"tensor {k} differs" for k in sorted(set(ta) & set(tb))
-              if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k])]
-    diffs += [f"metadata {k} differs" for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
+    diffs += [f"tensor {k} differs" for k in sorted(set(ta) & set(tb)) if not same(ta[k], tb[k])]
+    for key in sorted(set(ma) | set(mb)):
+        if exact or key not in ("fingerprint", "training"):
+            equal = ma.get(key) == mb.get(key)
+        elif key == "fingerprint":
+            continue
+        else:
+            try:
+                equal = _close_json(json.loads(ma.get(key, "null")), json.loads(mb.get(key, "null")), rtol)
+            except ValueError:
+                equal = ma.get(key) == mb.get(key)
+        if not equal:
+            diffs.append(f"metadata {key} differs")
     return diffs
+
+
+def _close_json(x: object, y: object, rtol: float) -> bool:
+    """JSON values equal, numbers (not flags) within ``rtol * |y|``."""
+    if _number(x) and _number(y):
+        return abs(x - y) <= rtol * abs(y)
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_close_json(x[k], y[k], rtol) for k in x)
+    if isinstance(x, list) and isinstance(y, list):
+        return len(x) == len(y) and all(_close_json(u, v, rtol) for u, v in zip(x, y))
+    return x == y and type(x) is type(y)
 
 
 def _number(value: object) -> bool:

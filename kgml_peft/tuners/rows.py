@@ -9,12 +9,12 @@ peft cannot run a batch whose rows use different adapters when LoRA wraps parame
   matrix [R, in] and a 0/1 mask [B, R] marks each row's own rank columns (:class:`RowLora`).
   Input-to-hidden updates cost two small matmuls for the whole sequence at once:
   ``((x @ down_all.T) * mask) @ up_all.T``. Hidden-to-hidden updates need the recurrence, and
-  torch's GRU kernel takes one weight for all rows, so GRUs with such updates in the batch run
-  the day loop of :func:`~kgml_peft.model.recurrence.gru_layer`: rows are grouped by their
-  updates, each group's weight merged once per call (``W + up diag(mask) down``), and each day
-  multiplies every group's rows by their own weight in one batched matmul (:func:`gru_rows`).
-  Adapters of different ranks mix freely. GRUs without updates in the batch still run torch's
-  kernel.
+  torch's GRU kernel takes one weight for all rows, so they run in the day loop of
+  :func:`~kgml_peft.model.recurrence.gru_layer`: rows are grouped by their updates, each
+  group's weight merged once per call (``W + up diag(mask) down``), and each day multiplies
+  every group's rows by their own weight in one batched matmul. Every GRU with row updates of
+  either kind runs this way (:func:`gru_rows`); adapters of different ranks mix freely. GRUs
+  without updates in the batch still run torch's kernel.
 * **Taps and output transforms** (blocks, head) gather each row's weights ([B, ...], zeros for
   rows without that part, an exact identity) and apply them with batched matmuls.
 
@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.model.backbone import KGMLag
+from kgml_peft.model.backbone import KGMLag, run_layers
 from kgml_peft.model.recurrence import gru_layer
 from kgml_peft.tuners import base
 from kgml_peft.tuners.serving import ServingAdapter
@@ -126,34 +126,35 @@ def _group_rows(keys: torch.Tensor) -> _Groups:
 
     The run size minimises slots + runs: a spare slot costs a row's arithmetic, and a run costs
     about as much as a row in the batched matmul (measured, 64 rows of hidden size 32: 8 runs of 8
-    6.9 us, 64 runs of 1 19.6 us, one shared matmul 5.2 us)."""
+    6.9 us, 64 runs of 1 19.6 us, one shared matmul 5.2 us). Tensor ops only, no loop over rows
+    or groups: a serving batch may hold thousands of rows."""
+    device, batch = keys.device, keys.shape[0]
+    rows = torch.arange(batch, device=device)
+    if batch == 0:
+        return _Groups(rows, rows, rows, rows, in_place=True)
     _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-    counts = counts.tolist()
-    members: list[list[int]] = [[] for _ in counts]
-    for row, group in enumerate(inverse.tolist()):
-        members[group].append(row)
-    members.sort(key=lambda rows: rows[0])  # groups in row order: consecutive groups need no gather
-    counts = [len(rows) for rows in members]
-
-    def cost(size: int) -> int:
-        runs = sum(-(-c // size) for c in counts)
-        return runs * size + runs
-
-    size = min(range(1, max(counts) + 1), key=cost)
-    order, chunk_group = [], []
-    for group, rows in enumerate(members):
-        for first in range(0, len(rows), size):
-            run = rows[first:first + size]
-            order += run + [run[0]] * (size - len(run))
-            chunk_group.append(group)
-    position = [0] * len(inverse)
-    for slot in range(len(order) - 1, -1, -1):  # each row's first slot
-        position[order[slot]] = slot
-    device = keys.device
-    return _Groups(torch.tensor(order, device=device), torch.tensor(position, device=device),
-                   torch.tensor(chunk_group, device=device),
-                   torch.tensor([rows[0] for rows in members], device=device),
-                   in_place=order == list(range(len(inverse))))
+    first = torch.full_like(counts, batch).scatter_reduce(0, inverse, rows, "amin")
+    by_first = torch.argsort(first)  # groups in row order: consecutive groups need no gather
+    rank = torch.empty_like(by_first)
+    rank[by_first] = torch.arange(len(by_first), device=device)
+    group, counts, first = rank[inverse], counts[by_first], first[by_first]
+    # the cost of every run size at once, over the distinct group sizes (at most sqrt(2B) of them)
+    sizes, how_many = torch.unique(counts, return_counts=True)
+    run_size = torch.arange(1, int(sizes.max()) + 1, device=device)
+    runs = ((sizes[None, :] + run_size[:, None] - 1) // run_size[:, None] * how_many).sum(1)
+    size = int(run_size[torch.argmin(runs * run_size + runs)])  # argmin: the smallest of equal costs
+    runs = (counts + size - 1) // size  # per group
+    start = torch.cumsum(runs * size, 0) - runs * size  # each group's first slot
+    chunk_group = torch.repeat_interleave(torch.arange(len(counts), device=device), runs)
+    # each row's slot: its group's first slot plus its rank among the group's rows (row order)
+    sorted_rows = torch.argsort(group, stable=True)
+    in_group = rows - (torch.cumsum(counts, 0) - counts)[group[sorted_rows]]
+    position = torch.empty_like(rows)
+    position[sorted_rows] = start[group[sorted_rows]] + in_group
+    order = first[chunk_group].repeat_interleave(size)  # spare slots repeat the group's first row
+    order[position] = rows
+    return _Groups(order, position, chunk_group, first,
+                   in_place=len(order) == batch and bool((position == rows).all()))
 
 
 def _hidden_weights(layers: list[_Layer], groups: _Groups | None) -> torch.Tensor:
@@ -209,9 +210,10 @@ def _recur(layers: list[_Layer]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 #: Most rows for which GRUs that read the same input share one day loop (their first layers as
 #: one block-diagonal GRU): fewer, larger ops pay off while per-op overhead dominates. Measured
-#: on a CPU, gru_ra + gru_rh with rank-1 LoRA of 8 adapters, forward + backward (no gradients):
-#: 5 rows 38 ms shared against 46 ms apart (14 / 17), 17 rows 64 / 64 (20 / 22), 64 rows 184 / 140
-#: (50 / 48): the block-diagonal matmul does twice the arithmetic, which wins once rows are many.
+#: on a CPU, gru_ra + gru_rh with rank-1 LoRA of 8 adapters, ms shared against apart for forward
+#: and backward (in brackets: forward alone, without gradients): 5 rows 38 / 46 (14 / 17), 17 rows
+#: 64 / 64 (20 / 22), 64 rows 184 / 140 (50 / 48). The block-diagonal matmul does twice the
+#: arithmetic, which loses once rows are many.
 SHARED_LOOP_ROWS = 16
 
 
@@ -226,16 +228,9 @@ def gru_rows(modules: Sequence[nn.GRU], inputs: torch.Tensor, h0s: Sequence[torc
         return [result for m, h0, lora in zip(modules, h0s, loras)
                 for result in gru_rows([m], inputs, [h0], [lora])]
     first = _recur([_layer(m, 0, inputs, h0, lora) for m, h0, lora in zip(modules, h0s, loras)])
-    results = []
-    for module, h0, lora, (seq, last) in zip(modules, h0s, loras, first):
-        states = [last]
-        for layer in range(1, module.num_layers):
-            # as torch's GRU: dropout between layers in training mode (batched calibration)
-            seq = F.dropout(seq, module.dropout, module.training)
-            [(seq, h)] = _recur([_layer(module, layer, seq, h0, lora)])
-            states.append(h)
-        results.append((seq, torch.stack(states)))
-    return results
+    return [run_layers(module, seq, lambda layer, seq, m=module, h0=h0, lora=lora:
+                       _recur([_layer(m, layer, seq, h0, lora)])[0], first=1, states=[last])
+            for module, h0, lora, (seq, last) in zip(modules, h0s, loras, first)]
 
 
 def shared_rows(same_as: torch.Tensor, inputs: torch.Tensor, h0s: Sequence[torch.Tensor | None],
