@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -228,9 +229,15 @@ def gru_rows(modules: Sequence[nn.GRU], inputs: torch.Tensor, h0s: Sequence[torc
         return [result for m, h0, lora in zip(modules, h0s, loras)
                 for result in gru_rows([m], inputs, [h0], [lora])]
     first = _recur([_layer(m, 0, inputs, h0, lora) for m, h0, lora in zip(modules, h0s, loras)])
-    return [run_layers(module, seq, lambda layer, seq, m=module, h0=h0, lora=lora:
-                       _recur([_layer(m, layer, seq, h0, lora)])[0], first=1, states=[last])
+    return [run_layers(module, seq, partial(_row_step, module, h0, lora), first=1, states=[last])
             for module, h0, lora, (seq, last) in zip(modules, h0s, loras, first)]
+
+
+def _row_step(module: nn.GRU, h0: torch.Tensor | None, lora: dict[str, RowLora], layer: int,
+              seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer`` of ``module`` over the rows of a mixed batch (a ``LayerStep`` of
+    :func:`~kgml_peft.model.backbone.run_layers`)."""
+    return _recur([_layer(module, layer, seq, h0, lora)])[0]
 
 
 def shared_rows(same_as: torch.Tensor, inputs: torch.Tensor, h0s: Sequence[torch.Tensor | None],
