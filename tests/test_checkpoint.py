@@ -2,12 +2,15 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from kgml_peft.cli import cli
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.store.checkpoint import FORMAT, fingerprint, load_backbone, save_backbone
 
@@ -123,14 +126,7 @@ def _rebuilt(backbone_path, path, tensor_shift: float, loss_factor: float) -> No
 def test_compare_with_a_tolerance_accepts_float_rounding_and_nothing_more(tmp_path):
     """``backbone compare --atol/--rtol``: a rebuild that differs by rounding passes, a larger
     change of a tensor or a loss does not, and bad tolerances are one-line errors (exit 2)."""
-    from pathlib import Path
-
-    from click.testing import CliRunner
-
-    from kgml_peft.cli import cli
-
     backbone_path = Path(__file__).resolve().parents[1] / "checkpoints" / "demo.safetensors"
-
     runner = CliRunner()
     close, far_tensor, far_loss = (tmp_path / f"{n}.safetensors" for n in ("close", "tensor", "loss"))
     _rebuilt(backbone_path, close, 1e-4, 1 + 1e-6)

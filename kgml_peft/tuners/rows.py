@@ -145,13 +145,16 @@ def _group_rows(keys: torch.Tensor) -> _Groups:
     runs = ((sizes[None, :] + run_size[:, None] - 1) // run_size[:, None] * how_many).sum(1)
     size = int(run_size[torch.argmin(runs * run_size + runs)])  # argmin: the smallest of equal costs
     runs = (counts + size - 1) // size  # per group
-    start = torch.cumsum(runs * size, 0) - runs * size  # each group's first slot
+    slots = runs * size
+    start = torch.cumsum(slots, 0) - slots  # each group's first slot
     chunk_group = torch.repeat_interleave(torch.arange(len(counts), device=device), runs)
-    # each row's slot: its group's first slot plus its rank among the group's rows (row order)
-    sorted_rows = torch.argsort(group, stable=True)
-    in_group = rows - (torch.cumsum(counts, 0) - counts)[group[sorted_rows]]
+    # each row's slot: its group's first slot plus its rank among the group's rows (row order);
+    # with the rows sorted by group (stably), a row's rank is its place minus its group's start
+    by_group = torch.argsort(group, stable=True)
+    its_group = group[by_group]
+    rank_in_group = rows - (torch.cumsum(counts, 0) - counts)[its_group]
     position = torch.empty_like(rows)
-    position[sorted_rows] = start[group[sorted_rows]] + in_group
+    position[by_group] = start[its_group] + rank_in_group
     order = first[chunk_group].repeat_interleave(size)  # spare slots repeat the group's first row
     order[position] = rows
     return _Groups(order, position, chunk_group, first,
