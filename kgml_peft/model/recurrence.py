@@ -202,15 +202,20 @@ class _GruLayer(torch.autograd.Function):
                 through = d_gates.view(batch, 3 * size) @ w_hh
             carry = torch.addcmul(through, dh_days[day], z_days[day])
         grads: list[torch.Tensor | None] = [None] * 4
-        if ctx.needs_input_grad[0]:
-            grads[0] = torch.cat([dgh[:, :, :2].reshape(days, batch, 2 * size), dh * d_n], dim=-1).transpose(0, 1)
         grads[1] = carry if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
-            if groups:  # per group: sum over its rows and all days
-                per_group = dgh.view(days, groups, -1, 3 * size).permute(1, 3, 0, 2).reshape(groups, 3 * size, -1)
-                grads[2] = torch.bmm(per_group, h_prev.view(days, groups, -1, size).transpose(0, 1).reshape(groups, -1, size))
+            if groups:  # per group: sum over its rows and all days; rows of a group made adjacent
+                # with their gates last, so the transposed operand is a flag to bmm, not a copy
+                per_group = dgh.view(days, groups, -1, 3 * size).transpose(0, 1).reshape(groups, -1, 3 * size)
+                h_group = h_prev.view(days, groups, -1, size).transpose(0, 1).reshape(groups, -1, size)
+                grads[2] = torch.bmm(per_group.transpose(1, 2), h_group)
             else:
                 grads[2] = dgh.view(-1, 3 * size).t() @ h_prev.reshape(-1, size)
         if ctx.needs_input_grad[3]:
             grads[3] = dgh.view(-1, 3 * size).sum(0)
+        if ctx.needs_input_grad[0]:
+            # r and z take the same gradient as their hidden parts; n's input part lacks the factor
+            # r, so its slot is overwritten (last: the weight and bias gradients above read it)
+            torch.mul(dh, d_n, out=dgh[:, :, 2])
+            grads[0] = dgh.view(days, batch, 3 * size).transpose(0, 1)
         return tuple(grads)
