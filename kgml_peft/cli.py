@@ -1086,11 +1086,13 @@ def main() -> None:
     """Console-script entry point."""
     try:
         cli(prog_name="kgml-peft")
-    except SystemExit:  # every normal end, user errors included (click exits through SystemExit)
+    except SystemExit as done:  # every normal end, user errors included (click exits through SystemExit)
         if "torch.distributed" in sys.modules:  # else no process group can exist
-            from kgml_peft.train.processes import close_process_group
+            from kgml_peft.train.processes import close_process_group, end_launched, launched
 
             close_process_group()
+            if launched():
+                end_launched(done.code)
         raise
 
 

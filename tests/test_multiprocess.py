@@ -128,3 +128,33 @@ def test_an_error_in_a_launched_run_is_one_line(backbone_path, tmp_path):
     # torchrun reports the failed workers with a traceback of its own; none comes from the toolkit
     assert "kgml_peft/" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sites.csv"]
+
+
+#: runs the CLI's entry point as a launched worker would, with an exit hook that finalization runs
+LAUNCHED_MAIN = """
+import atexit, sys
+import torch.distributed
+atexit.register(lambda: print("finalized", file=sys.stderr, flush=True))
+from kgml_peft.cli import main
+print("partial line without a newline", end="")
+sys.argv = ["kgml-peft", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--version"], 0), (["backbone", "compare", "no-a", "no-b"], 2)])
+def test_a_launched_worker_exits_without_finalization_and_keeps_its_output(tmp_path, args, code):
+    """A launched process (``WORLD_SIZE`` > 1) leaves through ``os._exit``: its status and all its
+    output arrive, buffered stdout included, and no exit hook runs (finalization is where gloo's
+    threads could abort it). The same command unlaunched finalizes as usual."""
+    for world, finalized in (("2", False), ("1", True)):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": world, "RANK": "0"}
+        done = subprocess.run([sys.executable, "-c", LAUNCHED_MAIN, *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == code, done.stderr
+        assert done.stdout.startswith("partial line without a newline")
+        if code == 0:
+            assert "version" in done.stdout
+        else:
+            assert [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert ("finalized" in done.stderr) is finalized, done.stderr

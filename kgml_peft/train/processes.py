@@ -10,6 +10,7 @@ no-op.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -100,3 +101,26 @@ def close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_launched(code: object) -> None:
+    """End a launched process at once with exit status ``code`` (a :class:`SystemExit`'s code:
+    None is 0, a message is printed and is 1): stdio and logging flushed, then ``os._exit``.
+
+    Destroying the process group is not always enough: under load a worker whose work was done
+    still aborted now and then in interpreter finalization (gloo, the same SIGABRT as above), and
+    the launcher then fails the whole run. Leaving without finalization cannot abort; everything
+    the commands write is already closed and renamed into place (atomic writes)."""
+    import logging
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    status = 0 if code is None else code if isinstance(code, int) else 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(status)
