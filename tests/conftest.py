@@ -36,6 +36,15 @@ def isolated_globals():
 torch.set_num_threads(1)
 
 
+def pytest_sessionstart(session):
+    """Build (or load) the C++ day loop before any test runs, so that no test's output carries the
+    one-time compile message and the subprocesses that tests start find the build in the cache
+    (two workers starting at once: torch's build lock makes one wait for the other)."""
+    from kgml_peft.model import native
+
+    native.status()
+
+
 def make_frame(sites: dict[str, str] | None = None, years: tuple[int, ...] = (2003, 2004),
                seed: int = 0) -> pd.DataFrame:
     """A small in-range table with a seasonal cycle and exact mass balance (not the simulator)."""

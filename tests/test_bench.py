@@ -68,6 +68,11 @@ def test_quick_bench_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     assert data["checks"]["mixed_equals_per_site_within_1e-5"] is True
     assert max(data["checks"]["max_abs_diff_vs_per_site"].values()) <= 1e-5
     assert data["backbone_bytes"] == SHIPPED.stat().st_size
+    from kgml_peft.model import native
+
+    loops = data["machine"]["native_day_loop"]  # what this process found, reported as it is
+    assert loops["available"] is native.status().available
+    assert loops["seconds"] >= 0 and (loops["reason"] is None) is loops["available"]
     assert 1000 < data["adapter_bytes"] < 64 * 1024
     assert set(data["strategy_sweep_site_days_per_s"]) == {"1", "2", "3"}
     # calibration throughput: in process and through the real command in 1 and 2 processes

@@ -5,7 +5,9 @@
 Times one GRU layer (hidden 32, 40 input features, 365 days) forward + backward and forward
 without gradients at several batch sizes: torch's kernel (``nn.GRU``), the day loop of
 :mod:`kgml_peft.model.recurrence`, and the loop with a hidden-to-hidden weight of its
-hidden-to-hidden weight per group of rows (8 groups, as a mixed batch of 8 sites has). With
+hidden-to-hidden weight per group of rows (8 groups, as a mixed batch of 8 sites has), the
+loop's days run from C++ (:mod:`kgml_peft.model.native`, where it builds) and, as
+``*_python``, from Python (the same ops, the same bits). With
 ``--compile`` it also times ``torch.compile`` of one day's cell (its compile time separately)
 and tries ``torch.compile`` of the whole year with torch's ``scan``. Prints JSON: milliseconds per
 layer-year (median of ``--repeats``), and the largest difference of the loop's outputs from
@@ -24,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from kgml_peft.model import native
 from kgml_peft.model.backbone import GRU
 from kgml_peft.model.recurrence import gru_layer, strategy
 
@@ -48,17 +51,17 @@ def _case(batch: int, repeats: int) -> dict:
     groups = ADAPTERS if batch % ADAPTERS == 0 else 1
     grouped = (gru.weight_hh_l0.detach() + 0.01 * torch.randn(groups, 3 * HIDDEN, HIDDEN)).requires_grad_()
 
-    def plain(name: str, grad: bool) -> Callable[[], object]:
+    def plain(name: str, grad: bool, compiled: bool = True) -> Callable[[], object]:
         def run():
-            with strategy(name), torch.set_grad_enabled(grad):
+            with strategy(name), torch.set_grad_enabled(grad), native.enabled(compiled):
                 seq, _ = gru(x)
                 if grad:
                     (seq * weight).sum().backward()
         return run
 
-    def per_group(grad: bool) -> Callable[[], object]:
+    def per_group(grad: bool, compiled: bool = True) -> Callable[[], object]:
         def run():
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), native.enabled(compiled):
                 gi = F.linear(x, gru.weight_ih_l0, gru.bias_ih_l0)
                 seq, _ = gru_layer(gi, x.new_zeros(batch, HIDDEN), grouped, gru.bias_hh_l0)
                 if grad:
@@ -69,14 +72,17 @@ def _case(batch: int, repeats: int) -> dict:
         loop_out = gru(x)[0]
     with torch.no_grad(), strategy("kernel"):
         kernel_out = gru(x)[0]
+    def ways(grad: bool) -> dict[str, float]:
+        timed = {"kernel": plain("kernel", grad), "loop": plain("loop", grad),
+                 "loop_per_group": per_group(grad)}
+        if native.status().available:  # else "loop" already is the Python loop
+            timed.update(loop_python=plain("loop", grad, False), loop_per_group_python=per_group(grad, False))
+        return {name: _median_ms(fn, repeats) for name, fn in timed.items()}
+
     return {
         "batch": batch, "groups": groups,
-        "train_ms": {"kernel": _median_ms(plain("kernel", True), repeats),
-                     "loop": _median_ms(plain("loop", True), repeats),
-                     "loop_per_group": _median_ms(per_group(True), repeats)},
-        "no_grad_ms": {"kernel": _median_ms(plain("kernel", False), repeats),
-                       "loop": _median_ms(plain("loop", False), repeats),
-                       "loop_per_group": _median_ms(per_group(False), repeats)},
+        "train_ms": ways(True),
+        "no_grad_ms": ways(False),
         "max_abs_difference_loop_vs_kernel": float((loop_out - kernel_out).abs().max()),
     }
 
@@ -138,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    loops = native.status()
     report = {"machine": {"torch": torch.__version__, "threads": args.threads, "platform": platform.platform()},
+              "native_loop": {"available": loops.available, "reason": loops.reason},
               "layer": {"days": DAYS, "features": FEATURES, "hidden": HIDDEN, "adapters": ADAPTERS},
               "cases": [_case(b, args.repeats) for b in batches]}
     if args.compile:

@@ -28,7 +28,9 @@ What it does, in order (all on one device; steps 1-4 in this process, step 5 als
    ``calibrate`` command for the same sites in 1 and ``processes`` processes, each plain and
    batched (:mod:`kgml_peft.calibration.throughput`).
 
-Throughputs are site-days per second (site-years x 365 / wall seconds).
+Throughputs are site-days per second (site-years x 365 / wall seconds). Before step 1 the C++ day
+loop (:mod:`kgml_peft.model.native`) is built or loaded, and its seconds are reported on their own
+(``machine.native_day_loop``), never inside a timing.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from kgml_peft.data.synthetic import SynthConfig, simulate
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import WindowDataset, make_windows
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model import native
 from kgml_peft.model.outputs import physical
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
@@ -359,6 +362,7 @@ def swaps_and_memory(bank: AdapterBank, adapters: dict[str, Adapter], sites: lis
 def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
     """Run the benchmark (see module docstring) and return its figures as a JSON-ready dict."""
     device = torch.device(config.device)
+    loops = native.status()  # built or loaded before anything is timed; its seconds reported apart
     backbone = load_backbone(config.backbone)
     steps = tqdm(total=5, desc="bench", unit="stage", disable=not progress)
     sites, calibration, timed = calibrate_sites(backbone, config, device)
@@ -404,7 +408,11 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
         "config": asdict(config),
         "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__,
+                    # the C++ day loop: whether it ran, and seconds to build it (first run on a
+                    # machine) or load it from torch's extension cache
+                    "native_day_loop": {"available": loops.available, "seconds": None if loops.seconds is None else round(loops.seconds, 2),
+                                        "reason": loops.reason}},
         "batch": {"site_years": len(names), "sites": len(sites), "site_days": site_days},
         "throughput_site_days_per_s": {k: round(v, 1) for k, v in throughput.items()},
         "ms_per_batch": {k: round(v * 1000, 2) for k, v in seconds.items()},

@@ -31,6 +31,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kgml_peft.errors import KgmlPeftError
+from kgml_peft.model import native
 
 #: ``auto`` (the measured choice, see :func:`use_day_loop`), ``loop`` (always :func:`gru_layer`)
 #: or ``kernel`` (torch's GRU wherever it can run)
@@ -146,6 +147,10 @@ def _forward_days(ga: torch.Tensor, n: torch.Tensor, hs: torch.Tensor, h: torch.
     ``sigmoid(r)``, ``sigmoid(z)`` and the hidden n pre-activation ``h W_hn^T + b_hn``; ``n``
     the candidate states; ``hs`` the states. ``weight_t`` is ``w_hh`` transposed: [H, 3H], or
     [G, H, 3H] per group of rows."""
+    built = native.extension()
+    if built is not None:  # the same calls from C++ (see kgml_peft.model.native)
+        built.forward_days(ga, n, hs, h, weight_t)
+        return
     size = hs.shape[-1]
     groups = weight_t.shape[0] if weight_t.dim() == 3 else 0
     # views made once: making a slice costs about as much as a small op, and a day has only five
@@ -190,17 +195,7 @@ class _GruLayer(torch.autograd.Function):
         if d_last is not None:
             dh[-1] += d_last
         dgh = hs.new_empty(days, batch, 3, size)
-        dh_days, coef_days, dgh_days, z_days = dh.unbind(0), coef.unbind(0), dgh.unbind(0), z.unbind(0)
-        carry = None
-        for day in range(days - 1, -1, -1):
-            if carry is not None:
-                dh_days[day].add_(carry)
-            d_gates = torch.mul(dh_days[day][:, None, :], coef_days[day], out=dgh_days[day])
-            if groups:
-                through = torch.bmm(d_gates.view(groups, -1, 3 * size), w_hh).view(batch, size)
-            else:
-                through = d_gates.view(batch, 3 * size) @ w_hh
-            carry = torch.addcmul(through, dh_days[day], z_days[day])
+        carry = _backward_days(dh, coef, dgh, z, w_hh)
         grads: list[torch.Tensor | None] = [None] * 4
         grads[1] = carry if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
@@ -219,3 +214,28 @@ class _GruLayer(torch.autograd.Function):
             torch.mul(dh, d_n, out=dgh[:, :, 2])
             grads[0] = dgh.view(days, batch, 3 * size).transpose(0, 1)
         return tuple(grads)
+
+
+def _backward_days(dh: torch.Tensor, coef: torch.Tensor, dgh: torch.Tensor, z: torch.Tensor,
+                   w_hh: torch.Tensor) -> torch.Tensor:
+    """The backward pass's day loop, last day first: fills ``dgh`` [T, B, 3, H] with each day's
+    gate gradients ``dh * coef`` (``dh`` [T, B, H] gains the gradient carried from the next day,
+    in place) and returns the gradient of the start state. ``z`` [T, B, H] are the update gates,
+    ``w_hh`` [3H, H] or [G, 3H, H]."""
+    built = native.extension()
+    if built is not None:  # the same calls from C++ (see kgml_peft.model.native)
+        return built.backward_days(dh, coef, dgh, z, w_hh)
+    batch, size = dh.shape[1:]
+    groups = w_hh.shape[0] if w_hh.dim() == 3 else 0
+    dh_days, coef_days, dgh_days, z_days = dh.unbind(0), coef.unbind(0), dgh.unbind(0), z.unbind(0)
+    carry = None
+    for day in range(len(dh_days) - 1, -1, -1):
+        if carry is not None:
+            dh_days[day].add_(carry)
+        d_gates = torch.mul(dh_days[day][:, None, :], coef_days[day], out=dgh_days[day])
+        if groups:
+            through = torch.bmm(d_gates.view(groups, -1, 3 * size), w_hh).view(batch, size)
+        else:
+            through = d_gates.view(batch, 3 * size) @ w_hh
+        carry = torch.addcmul(through, dh_days[day], z_days[day])
+    return carry
