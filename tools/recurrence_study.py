@@ -4,9 +4,8 @@
 
 Times one GRU layer (hidden 32, 40 input features, 365 days) forward + backward and forward
 without gradients at several batch sizes: torch's kernel (``nn.GRU``), the day loop of
-:mod:`kgml_peft.model.recurrence`, and the loop with a hidden-to-hidden weight of its
-hidden-to-hidden weight per group of rows (8 groups, as a mixed batch of 8 sites has), the
-loop's days run from C++ (:mod:`kgml_peft.model.native`, where it builds) and, as
+:mod:`kgml_peft.model.recurrence`, and the loop with a hidden-to-hidden weight per group of
+rows (8 groups, as a mixed batch of 8 sites has); the loop's days run from C++ (:mod:`kgml_peft.model.native`, where it builds) and, as
 ``*_python``, from Python (the same ops, the same bits). With
 ``--compile`` it also times ``torch.compile`` of one day's cell (its compile time separately)
 and tries ``torch.compile`` of the whole year with torch's ``scan``. Prints JSON: milliseconds per
@@ -72,6 +71,7 @@ def _case(batch: int, repeats: int) -> dict:
         loop_out = gru(x)[0]
     with torch.no_grad(), strategy("kernel"):
         kernel_out = gru(x)[0]
+
     def ways(grad: bool) -> dict[str, float]:
         timed = {"kernel": plain("kernel", grad), "loop": plain("loop", grad),
                  "loop_per_group": per_group(grad)}

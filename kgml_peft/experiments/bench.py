@@ -411,8 +411,8 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
                     "torch": torch.__version__,
                     # the C++ day loop: whether it ran, and seconds to build it (first run on a
                     # machine) or load it from torch's extension cache
-                    "native_day_loop": {"available": loops.available, "seconds": None if loops.seconds is None else round(loops.seconds, 2),
-                                        "reason": loops.reason}},
+                    "native_day_loop": {"available": loops.available, "reason": loops.reason,
+                                        "seconds": None if loops.seconds is None else round(loops.seconds, 2)}},
         "batch": {"site_years": len(names), "sites": len(sites), "site_days": site_days},
         "throughput_site_days_per_s": {k: round(v, 1) for k, v in throughput.items()},
         "ms_per_batch": {k: round(v * 1000, 2) for k, v in seconds.items()},

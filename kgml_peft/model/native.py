@@ -57,7 +57,11 @@ _status: NativeStatus | None = None
 _enabled: contextvars.ContextVar[bool | None] = contextvars.ContextVar("kgml_peft_native", default=None)
 
 
-def _environment_allows() -> bool:
+def _turned_on() -> bool:
+    """This thread's :func:`enabled` choice, else the environment's (on unless ``KGML_PEFT_NATIVE=0``)."""
+    chosen = _enabled.get()
+    if chosen is not None:
+        return chosen
     return os.environ.get(ENVIRONMENT, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -119,8 +123,7 @@ def extension() -> ModuleType | None:
     """The built C++ loops, or None where they are turned off or cannot be built (the first call
     of a process builds or loads them; a failure warns once and is not retried)."""
     global _module, _status
-    chosen = _enabled.get()
-    if not (_environment_allows() if chosen is None else chosen):
+    if not _turned_on():
         return None
     if _status is not None:
         return _module
@@ -141,8 +144,7 @@ def extension() -> ModuleType | None:
 def status() -> NativeStatus:
     """Whether the C++ loops run in this process, trying to build or load them first (unless
     turned off: then unavailable with the reason)."""
-    chosen = _enabled.get()
-    if not (_environment_allows() if chosen is None else chosen):
+    if not _turned_on():
         return NativeStatus(False, None, f"turned off ({ENVIRONMENT}=0 or enabled(False))")
     extension()
     assert _status is not None
