@@ -1087,12 +1087,12 @@ def main() -> None:
     try:
         cli(prog_name="kgml-peft")
     except SystemExit as done:  # every normal end, user errors included (click exits through SystemExit)
-        if "torch.distributed" in sys.modules:  # else no process group can exist
-            from kgml_peft.train.processes import close_process_group, end_launched, launched
+        from kgml_peft.train.processes import close_process_group, end_launched, launched
 
-            close_process_group()
-            if launched():
-                end_launched(done.code)
+        if launched():
+            if "torch.distributed" in sys.modules:  # else no process group can exist
+                close_process_group()
+            end_launched(done.code)
         raise
 
 

@@ -130,6 +130,32 @@ def test_an_error_in_a_launched_run_is_one_line(backbone_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sites.csv"]
 
 
+#: a launched worker whose main process is slow to reach its error (rank 1 fails at once)
+SLOW_MAIN = """
+import os, sys, time
+from kgml_peft.cli import main
+if os.environ["RANK"] == "0":
+    time.sleep(3)  # torchrun checks its workers every 0.1 s: without waiting, rank 1's exit ends this
+sys.argv = ["kgml-peft", *sys.argv[1:]]
+main()
+"""
+
+
+def test_the_main_process_reports_an_error_even_when_another_fails_first(tmp_path):
+    """The launcher stops every worker once one fails; the failed one waits (on the launcher's
+    store) until the main process has printed its one ``error:`` line."""
+    script = tmp_path / "slow_main.py"
+    script.write_text(SLOW_MAIN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", _free_port(), str(script), "backbone", "compare",
+                           "no-a", "no-b"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no-a" in errors[0], done.stderr
+    assert "exitcode  : 2" in done.stderr  # the main process ended by itself, with the error's code
+
+
 #: runs the CLI's entry point as a launched worker would, with an exit hook that finalization runs
 LAUNCHED_MAIN = """
 import atexit, sys

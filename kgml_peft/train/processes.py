@@ -123,4 +123,39 @@ def end_launched(code: object) -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
             pass
+    _main_reports_first(status)
     os._exit(status)
+
+
+#: how long a failing process waits for the main process to say its last word
+REPORT_WAIT_S = 20.0
+
+
+def _main_reports_first(status: int) -> None:
+    """Let the main process print before any other process of a launched run ends with an error.
+
+    Only the main process prints a user error (every process fails alike); the launcher stops every
+    worker as soon as one ends with a non-zero status, so a worker that failed first would cut the
+    main process off before its ``error:`` line. The main process marks its end in the launcher's
+    key-value store (torchrun's agent hosts one for every run); another process that fails waits for
+    that mark, at most :data:`REPORT_WAIT_S` seconds (the main process may itself be stuck waiting
+    for the failed one). No process group is needed: most user errors come before one exists.
+    Without the agent's store (another launcher) nothing waits."""
+    if status == 0 and not is_main_process():
+        return
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    key = f"kgml-peft/main-ended/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=REPORT_WAIT_S))
+        if is_main_process():
+            store.set(key, str(status))
+        else:
+            store.wait([key])
+    except (KeyError, ValueError, RuntimeError):  # no address, no store, or the wait timed out
+        pass
