@@ -164,7 +164,8 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
     starts from the initial adapter a run of its own with ``config.seed`` would have. With
     ``history`` every unit keeps its tensors after each epoch; a unit marked in ``followers``
     never stops on its own but with the last of the others (cross-validation refits on all data
-    alongside its folds, and takes the epoch the folds choose). ``trains[i]``, when given, names
+    alongside its folds, and takes the epoch the folds choose); a follower is not validated (its
+    curve has no validation loss, and its divergence check reads its training loss). ``trains[i]``, when given, names
     the components of ``adapters[i]`` that train (a config with a subset of its components); the
     others keep their start (a neighbour prior's values) and take no step."""
     adapters = list(adapters) if adapters is not None else [config.adapter] * len(data)
@@ -210,9 +211,15 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
         return _train_step(net, reference, [(by_member[id(m)], b) for m, b in pairs], config, backbone,
                            accelerator, optimizer, epoch, response_feature)
 
-    def validate(members: list[Member]) -> list[float]:
-        units_ = [by_member[id(m)] for m in members]
-        return _validate(net, [(u.layout(config), u.val, u.data.weights) for u in units_], backbone, accelerator)
+    following = {id(u) for u, f in zip(units, followers) if f}
+
+    def validate(members: list[Member]) -> list[float | None]:
+        # a follower's loss would decide nothing (it stops with the others), so it is not
+        # computed: a tenth of a cross-validated calibration's time went to it
+        judged = [u for u in (by_member[id(m)] for m in members) if id(u) not in following]
+        losses = iter(_validate(net, [(u.layout(config), u.val, u.data.weights) for u in judged], backbone,
+                                accelerator) if judged else [])
+        return [None if id(by_member[id(m)]) in following else next(losses) for m in members]
 
     def end_epoch(epoch: int) -> None:
         if history:
