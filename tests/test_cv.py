@@ -251,3 +251,56 @@ def test_many_years_are_grouped_into_at_most_three_contiguous_folds():
     assert max(len(f.val) for f in folds) - min(len(f.val) for f in folds) <= 2  # ~equal site-years
     five = year_folds(_windows(years=tuple(range(2001, 2006))))  # up to 5 years: each year a fold
     assert [f.name for f in five] == [f"year {y}" for y in range(2001, 2006)]
+
+
+def test_a_shape_stops_with_its_first_fold_and_its_refit_is_not_validated(backbone_path):
+    """Units of one group (a shape's folds and its refit on all data) stop together at the end of
+    the epoch in which the first of them early-stopped, not when every unit of the batch stopped;
+    the refit (a follower) has no validation loss, and keeps its tensors after every epoch."""
+    import dataclasses
+
+    from kgml_peft.calibration.batched import train_side_by_side
+    from kgml_peft.calibration.units import prepare_unit
+
+    backbone = load_backbone(backbone_path)
+    config = tiny_calibration(cv="folds", epochs=25, lr=0.05, patience=2, targets=FLUXES)
+    rows = validate_table(_site(backbone, 1.4, 0.8, noise=0.3), backbone.config.features)
+    unit = prepare_unit(backbone, rows, "IA-001", "site", config)
+    folds = make_folds(unit.train, list(unit.weights), unit.name)
+    assert len(folds) == 4
+    units = [dataclasses.replace(unit, name=f.name, train=f.train, val=f.val) for f in folds]
+    alone = train_side_by_side(backbone, units, config, progress=False)
+    stops = [len(t.result.curve) - 1 for t in alone]  # each fold's own stopping epoch
+    # the folds stop on their own, and not all in one epoch (else the test would show nothing)
+    assert all(e < config.epochs for e in stops) and len(set(stops)) > 1, stops
+
+    units += [dataclasses.replace(unit, name=f"all data {i}", val=unit.train) for i in range(2)]
+    groups, followers = [0, 0, 1, 1, 0, 1], [False] * 4 + [True] * 2
+    trained = train_side_by_side(backbone, units, config, history=True, groups=groups,
+                                 followers=followers, progress=False)
+    ran = [len(t.result.curve) - 1 for t in trained]
+
+    def own_stop(curve: list[dict]) -> int:
+        """The epoch at which patience stops a curve: ``patience`` epochs without a new best."""
+        best = 0
+        for c in curve[1:]:
+            if c["val_loss"] < curve[best]["val_loss"]:
+                best = c["epoch"]
+            elif c["epoch"] - best >= config.patience:
+                return c["epoch"]
+        return len(curve)  # never (a unit stopped with its group first)
+
+    for group in (0, 1):
+        members = [i for i, g in enumerate(groups) if g == group]
+        assert len({ran[i] for i in members}) == 1, ran  # the group stopped together ...
+        # ... at the first epoch at which one of its folds' own patience ran out
+        assert ran[members[0]] == min(own_stop(trained[i].result.curve) for i in members if not followers[i])
+    assert ran[0] != ran[2], ran  # the groups end apart: neither waited for the other
+    for t in trained[4:]:
+        assert all(c["val_loss"] is None for c in t.result.curve)
+        assert len(t.history) == len(t.result.curve)  # tensors kept after every epoch it ran
+    for t in trained[:4]:
+        assert all(c["val_loss"] is not None for c in t.result.curve)
+    with pytest.raises(KgmlPeftError, match="stops on its own"):
+        train_side_by_side(backbone, units[:1] + units[4:5], config, groups=[0, 1],
+                           followers=[False, True], progress=False)

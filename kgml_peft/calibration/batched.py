@@ -155,21 +155,27 @@ class TrainedUnit:
 
 def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], config: CalibrationConfig, *,
                        adapters: Sequence[AdapterConfig] | None = None, history: bool = False,
-                       followers: Sequence[bool] | None = None,
+                       groups: Sequence[int] | None = None, followers: Sequence[bool] | None = None,
                        trains: Sequence[AdapterConfig | None] | None = None, cpu: bool = False,
                        progress: bool = True) -> list[TrainedUnit]:
     """Train one adapter per unit of ``data`` in one batched pass (see module docstring), unit
     ``i`` with architecture ``adapters[i]`` (default: ``config.adapter`` for all), each early
     stopped on its own ``val`` windows; CPU tensors, in the order of ``data``. Each architecture
     starts from the initial adapter a run of its own with ``config.seed`` would have. With
-    ``history`` every unit keeps its tensors after each epoch; a unit marked in ``followers``
-    never stops on its own but with the last of the others (cross-validation refits on all data
-    alongside its folds, and takes the epoch the folds choose); a follower is not validated (its
-    curve has no validation loss, and its divergence check reads its training loss). ``trains[i]``, when given, names
+    ``history`` every unit keeps its tensors after each epoch. Units with the same ``groups[i]``
+    stop together, at the end of the first epoch in which one of them stopped on its own (default:
+    each unit on its own); a unit marked in ``followers`` never stops on its own, only with its
+    group, and is not validated (its curve has no validation loss; its divergence check reads its
+    training loss). Cross-validation trains each shape's folds and its refit on all data (a
+    follower) as one group: it takes an epoch that every fold of the shape ran, so no unit of the
+    shape needs to run past the first fold that stops. ``trains[i]``, when given, names
     the components of ``adapters[i]`` that train (a config with a subset of its components); the
     others keep their start (a neighbour prior's values) and take no step."""
     adapters = list(adapters) if adapters is not None else [config.adapter] * len(data)
+    groups = list(groups) if groups is not None else list(range(len(data)))
     followers = list(followers) if followers is not None else [False] * len(data)
+    if not all(any(g == h and not f for h, f in zip(groups, followers)) for g in groups):
+        raise KgmlPeftError("every group of units side by side needs a unit that stops on its own")
     trains = list(trains) if trains is not None else [None] * len(data)
     accelerator = make_accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     device = accelerator.device
@@ -226,10 +232,9 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
             for unit in units:
                 if epoch == 0 or len(unit.member.result.curve) == epoch + 1:  # the start, or it ran
                     kept[id(unit)].append(unit.member.snapshot())
-        leaders = [u for u, f in zip(units, followers) if not f]
-        if leaders and all(u.member.stopped for u in leaders):
-            for unit in units:
-                unit.member.stopped = True
+        ended = {g for u, g in zip(units, groups) if u.member.stopped}
+        for unit, group in zip(units, groups):
+            unit.member.stopped = unit.member.stopped or group in ended
 
     end_epoch(0)
     fit([u.member for u in units], epochs=config.epochs, patience=config.patience, step=step,

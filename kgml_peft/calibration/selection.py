@@ -4,7 +4,9 @@ A calibration with ``cv = "folds"`` never decides on data it reports as held out
 unit's data into folds (:mod:`kgml_peft.calibration.folds`) and trains, in one batched pass
 (:func:`~kgml_peft.calibration.batched.train_side_by_side`), one adapter per fold and shape of
 :func:`shape_menu` (head only; head + blocks; the configured adapter), each early-stopped on its
-fold, plus one adapter per shape on all the data. Then, per shape:
+fold, plus one adapter per shape on all the data. A shape's units stop together, at the end of the
+epoch in which its first fold early-stopped: only epochs every fold ran are candidates, so any
+later epoch would be computed for nothing. Then, per shape:
 
 1. the number of epochs ``E`` minimises the validation loss relative to the global backbone's
    (epoch 0, included), averaged over the folds;
@@ -139,7 +141,7 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     # what each shape's adapter holds: the shape itself, or with a neighbour prior the whole
     # configured adapter, the shape naming only what trains (what the neighbours know is kept)
     layout = {shape: adapter if data.prior is None else config.adapter for shape, adapter in menu.items()}
-    units, shapes, trains, followers = [], [], [], []
+    units, shapes, trains, groups, followers = [], [], [], [], []
     for shape, adapter in menu.items():
         for fold in [*folds, None]:
             part = "all data" if fold is None else fold.name
@@ -148,9 +150,11 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
                                              val=data.train if fold is None else fold.val))
             shapes.append(layout[shape])
             trains.append(None if data.prior is None else adapter)
+            # a shape's folds and refit stop together: only epochs every fold ran can be chosen
+            groups.append(len(groups) // (len(folds) + 1))
             followers.append(fold is None)
     trained = train_side_by_side(backbone, units, config, adapters=shapes, history=True,
-                                 followers=followers, trains=trains, cpu=cpu, progress=progress)
+                                 groups=groups, followers=followers, trains=trains, cpu=cpu, progress=progress)
 
     per_shape = len(folds) + 1
     candidates, table = [], {}
