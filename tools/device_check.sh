@@ -13,8 +13,10 @@
 #   bench   `kgml-peft bench` with its defaults                                 -> bench.json
 #   tests   the day-loop, batched, cross-validation and multi-process tests     -> tests.txt
 #   cv      IA with the default cross-validation (not by default: a second run) -> calibrate.txt
-# stages.txt gets one line per stage: its exit code and seconds. The image's python3 has torch,
-# peft, accelerate and the rest; the project runs from the tree (PYTHONPATH), not installed.
+# stages.txt (and the console) get one line per stage: its exit code and seconds; the script exits
+# 1 if any stage failed. The image's python3 has torch, peft, accelerate and the rest; the project
+# runs from the tree (PYTHONPATH), not installed. On a machine with one GPU the multi-process tests
+# put two processes on that GPU: a failure there says what that costs, not that the change broke.
 set -uo pipefail
 
 OUT=${OUT:-device-out}
@@ -22,9 +24,18 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DEMO=${TMPDIR:-/tmp}/device-check-demo.csv
-WORK=$(mktemp -d)
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(env quick plain bench tests)
+for stage in "${stages[@]}"; do  # every name checked before anything runs
+    case $stage in
+    env | quick | plain | bench | tests | cv) ;;
+    *) echo "unknown stage '$stage' (env, quick, plain, bench, tests, cv)" >&2; exit 2 ;;
+    esac
+done
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+exec 3>&1  # the console, for the stage lines (each stage's own output goes to its files)
+failed=0
 
 KGML=("$PY" -m kgml_peft)  # an array, not a function: `timeout` runs commands, not functions
 
@@ -32,14 +43,15 @@ KGML=("$PY" -m kgml_peft)  # an array, not a function: `timeout` runs commands, 
 run() {
     local limit=$1 name=$2 start=$SECONDS rc
     shift 2
-    timeout "$limit" "$@"
+    timeout -k 10 "$limit" "$@"
     rc=$?
-    echo "$name: exit $rc, $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/stages.txt"
+    echo "$name: exit $rc, $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/stages.txt" >&3
+    [ $rc -eq 0 ] || failed=1
     return $rc
 }
 
 demo() {  # the process-model demo table, made once per machine
-    [ -f "$DEMO" ] || "${KGML[@]}" synth --out "$DEMO" >> "$OUT/calibrate.txt" 2>&1
+    [ -f "$DEMO" ] || run 180 synth "${KGML[@]}" synth --out "$DEMO" >> "$OUT/calibrate.txt" 2>&1
 }
 
 for stage in "${stages[@]}"; do
@@ -62,9 +74,6 @@ print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU\"
     cv)
         demo
         run 400 cv "${KGML[@]}" calibrate --data "$DEMO" --site IA --out "$WORK/cv" --force >> "$OUT/calibrate.txt" 2>&1 ;;
-    *)
-        echo "unknown stage '$stage' (env, quick, plain, bench, tests, cv)" >&2
-        exit 2 ;;
     esac
 done
-rm -rf "$WORK"
+exit $failed

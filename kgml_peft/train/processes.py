@@ -149,7 +149,8 @@ def _main_reports_first(status: int) -> None:
 
     from torch.distributed import TCPStore
 
-    key = f"kgml-peft/main-ended/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    key = (f"kgml-peft/main-ended/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+           f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     try:
         store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                          timeout=timedelta(seconds=REPORT_WAIT_S))
