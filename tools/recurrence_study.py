@@ -5,8 +5,9 @@
 Times one GRU layer (hidden 32, 40 input features, 365 days) forward + backward and forward
 without gradients at several batch sizes: torch's kernel (``nn.GRU``), the day loop of
 :mod:`kgml_peft.model.recurrence`, and the loop with a hidden-to-hidden weight per group of
-rows (8 groups, as a mixed batch of 8 sites has); the loop's days run from C++ (:mod:`kgml_peft.model.native`, where it builds) and, as
-``*_python``, from Python (the same ops, the same bits). With
+rows (8 groups, as a mixed batch of 8 sites has); the loop's days run from C++
+(:mod:`kgml_peft.model.native`, where it builds) and, as ``*_python``, from Python (the same
+ops, the same bits). With
 ``--compile`` it also times ``torch.compile`` of one day's cell (its compile time separately)
 and tries ``torch.compile`` of the whole year with torch's ``scan``. Prints JSON: milliseconds per
 layer-year (median of ``--repeats``), and the largest difference of the loop's outputs from

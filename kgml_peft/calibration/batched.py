@@ -217,15 +217,15 @@ def train_side_by_side(backbone: Backbone, data: Sequence[CalibrationData], conf
         return _train_step(net, reference, [(by_member[id(m)], b) for m, b in pairs], config, backbone,
                            accelerator, optimizer, epoch, response_feature)
 
-    following = {id(u) for u, f in zip(units, followers) if f}
+    following = {id(u.member) for u, f in zip(units, followers) if f}
 
     def validate(members: list[Member]) -> list[float | None]:
-        # a follower's loss would decide nothing (it stops with the others), so it is not
+        # a follower's loss would decide nothing (it stops with its group), so it is not
         # computed: a tenth of a cross-validated calibration's time went to it
-        judged = [u for u in (by_member[id(m)] for m in members) if id(u) not in following]
+        judged = [by_member[id(m)] for m in members if id(m) not in following]
         losses = iter(_validate(net, [(u.layout(config), u.val, u.data.weights) for u in judged], backbone,
                                 accelerator) if judged else [])
-        return [None if id(by_member[id(m)]) in following else next(losses) for m in members]
+        return [None if id(m) in following else next(losses) for m in members]
 
     def end_epoch(epoch: int) -> None:
         if history:

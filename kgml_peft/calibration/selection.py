@@ -142,7 +142,7 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
     # configured adapter, the shape naming only what trains (what the neighbours know is kept)
     layout = {shape: adapter if data.prior is None else config.adapter for shape, adapter in menu.items()}
     units, shapes, trains, groups, followers = [], [], [], [], []
-    for shape, adapter in menu.items():
+    for group, (shape, adapter) in enumerate(menu.items()):
         for fold in [*folds, None]:
             part = "all data" if fold is None else fold.name
             units.append(dataclasses.replace(data, name=f"{data.name} [{shape}, {part}]",
@@ -151,7 +151,7 @@ def cross_validate(backbone: Backbone, data: CalibrationData, config: Calibratio
             shapes.append(layout[shape])
             trains.append(None if data.prior is None else adapter)
             # a shape's folds and refit stop together: only epochs every fold ran can be chosen
-            groups.append(len(groups) // (len(folds) + 1))
+            groups.append(group)
             followers.append(fold is None)
     trained = train_side_by_side(backbone, units, config, adapters=shapes, history=True,
                                  groups=groups, followers=followers, trains=trains, cpu=cpu, progress=progress)
