@@ -292,12 +292,17 @@ def test_cli_workflow_on_tower_data(tmp_path: Path, monkeypatch) -> None:
 
 @needs_data
 def test_exclude_removes_sites_before_anything(fluxnet_table: Path, tmp_path: Path) -> None:
-    """The development split (configs/fluxnet-dev.toml) removes the real held-out towers."""
+    """The development split (configs/fluxnet-dev.toml, and with satellite-like GPP
+    configs/fluxnet-dev-satellite.toml) removes the real held-out towers."""
 
     from kgml_peft.experiments.realsites import RealSiteBenchmark
 
-    dev = RealSiteConfig.from_toml(Path(__file__).resolve().parents[1] / "configs" / "fluxnet-dev.toml")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    dev = RealSiteConfig.from_toml(configs / "fluxnet-dev.toml")
     assert set(dev.exclude) == set(HELD_OUT) and not set(dev.held_out) & set(HELD_OUT)
+    # its satellite-like twin is the same split, only the GPP route differs
+    satellite = RealSiteConfig.from_toml(configs / "fluxnet-dev-satellite.toml")
+    assert satellite == dataclasses.replace(dev, gpp_route="satellite-like") and dev.gpp_route == "tower"
     config = dataclasses.replace(RealSiteConfig.quick(), held_out=dev.held_out, exclude=dev.exclude)
     bench = RealSiteBenchmark(pd.read_parquet(fluxnet_table), config, tmp_path / "out")
     assert not set(bench.windows.sites) & set(HELD_OUT)
