@@ -40,14 +40,18 @@ def group_metrics(
     tolerance: float,
     response: dict[str, np.ndarray] | None = None,
 ) -> dict:
-    """Metrics of the windows at ``index``: per target, physics violations, GPP response."""
+    """Metrics of the windows at ``index``: per target, physics violations, GPP response.
+    Targets missing from ``preds`` are skipped, and physics needs Ra, Rh and NEE (a baseline that
+    predicts NEE and Reco only gets no ``physics`` entry)."""
     out: dict = {"site_years": int(len(index)), "targets": {}}
     for name in METRIC_TARGETS:
-        if name not in scalers.std:
+        if name not in scalers.std or name not in preds:
             continue
         m = target_metrics(preds[name][index], windows.target(name)[index], scalers.std[name])
         if m["n"]:
             out["targets"][name] = m
+    if not all(k in preds for k in ("Ra", "Rh", "NEE")):
+        return out
     t = {k: torch.as_tensor(preds[k][index]) for k in ("Ra", "Rh", "NEE")}
     out["physics"] = violation_metrics(t["Ra"], t["Rh"], t["NEE"],
                                        torch.as_tensor(windows.gpp[index]), tolerance)

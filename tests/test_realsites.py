@@ -6,13 +6,16 @@ independence and bad input."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import kgml_peft
 from kgml_peft import schema
 from kgml_peft.cli import cli
 from kgml_peft.data.fluxnet import import_fluxnet
@@ -39,8 +42,11 @@ def test_plan_skips_k_without_test_years_and_puts_backbones_first() -> None:
     # US-CRT has 3 years: k = 3 would leave nothing to test
     assert {r.years for r in runs if r.site == "US-CRT"} == {1, 2}
     assert {r.years for r in runs if r.site == "US-Ne3"} == {1, 2, 3}
-    # per seed and (site, k): site-only once, global/full/adapter/adapter_cv per route
-    assert len(runs) == 4 + 2 * 5 * (1 + 2 * 4)
+    # per seed and (site, k): site-only once, global/full/adapter/adapter_cv per route; the three
+    # deterministic baselines once per (site, k), with the first seed
+    assert len(runs) == 4 + 2 * 5 * (1 + 2 * 4) + 5 * 3
+    baselines = [r for r in runs if r.method in ("regression_global", "regression_site", "climatology")]
+    assert len(baselines) == 15 and {r.seed for r in baselines} == {0} and {r.route for r in baselines} == {None}
 
 
 def test_config_checks_and_toml(tmp_path: Path) -> None:
@@ -101,13 +107,27 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
     assert results["held_out"] == list(HELD_OUT)
     assert not set(results["dev_sites"]) & set(HELD_OUT) and len(results["dev_sites"]) == 8
     expected = {"site_only", "global/observed", "full/observed", "adapter/observed", "adapter_cv/observed",
-                "global/simulated", "full/simulated", "adapter/simulated", "adapter_cv/simulated"}
+                "global/simulated", "full/simulated", "adapter/simulated", "adapter_cv/simulated",
+                "regression_global", "regression_site", "climatology"}
     for site in HELD_OUT:
         cell = results["cells"][site]["1"]
         assert set(cell) == expected
         for entry in cell.values():
             for target in ("NEE", "Reco"):
                 assert entry[target]["mse"]["mean"] > 0 and entry[target]["annual_mae"]["mean"] >= 0
+            # skill against the cell's best baseline, per target, from the mean MSEs
+            for target in ("NEE", "Reco"):
+                best = entry["best_baseline"][target]
+                assert best in ("regression_global", "regression_site", "climatology")
+                assert entry["skill_vs_best_baseline"][target] == pytest.approx(
+                    1 - entry[target]["mse"]["mean"] / cell[best][target]["mse"]["mean"], rel=1e-12)
+        for target in ("NEE", "Reco"):
+            baselines = [cell[b]["skill_vs_best_baseline"][target]
+                         for b in ("regression_global", "regression_site", "climatology")]
+            assert max(baselines) == 0.0 and min(baselines) < 0  # the best is 0, the others below
+        # baselines are deterministic: run once, their fitted values counted
+        assert cell["regression_global"]["seeds"] == 1 and cell["regression_global"]["trained_parameters"] == 4
+        assert cell["climatology"]["trained_parameters"] == 2 * 365
         assert cell["global/observed"]["trained_parameters"] == 0
         assert 0 < cell["adapter/observed"]["trained_parameters"] < cell["full/observed"]["trained_parameters"]
         assert cell["adapter/observed"]["adapter_bytes"] < 16 * 1024
@@ -126,6 +146,13 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
     assert record["gpp_route"] == "tower"
     assert record["other_crop_test_years"] == 0  # the table has no Crop_Type: no crop limit
     assert results["figure_route"] in ("observed", "simulated")
+    # where the results came from: the commit of this checkout, the date, the config
+    provenance = results["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(kgml_peft.__file__).parent,
+                          capture_output=True, text=True)
+    assert provenance["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert datetime.datetime.fromisoformat(provenance["date"]).tzinfo is not None
+    assert results["config"]["held_out"] == list(HELD_OUT)
     for name in ("results.md", "timeseries.png", "mse_by_years.png", "annual_sums.png"):
         assert (out / name).stat().st_size > 1000, name
     assert "## US-Ne3: calibrated on 1 year(s) [2001], tested on 11 (2002-2012)" in \
@@ -188,6 +215,33 @@ def test_scores_recomputed_from_the_saved_backbone(quick_run, fluxnet_table: Pat
 
 @needs_data
 @pytest.mark.slow
+def test_regression_baseline_scored_by_hand(quick_run, fluxnet_table: Path) -> None:
+    """regression_site on US-CRT, one year: fit Reco ~ 1 + TA + TA^2 + GPP on 2011's observed Reco
+    days with the normal equations, predict NEE = Reco - GPP for 2012-2013, score by hand."""
+    out, _ = quick_run
+    rec = _records(out)["regression_site__none__US-CRT__1y__s0"]
+    raw = pd.read_parquet(fluxnet_table)
+    site = raw[(raw.site == "US-CRT") & ~((raw.date.dt.month == 2) & (raw.date.dt.day == 29))]
+    fit = site[(site.date.dt.year == 2011) & site.Reco.notna()]
+
+    def design(rows: pd.DataFrame) -> np.ndarray:
+        return np.column_stack([np.ones(len(rows)), rows.TAVG_AIR, rows.TAVG_AIR ** 2, rows.GPP])
+
+    coef = np.linalg.solve(design(fit).T @ design(fit), design(fit).T @ fit.Reco.to_numpy())
+    test = site[site.date.dt.year >= 2012]
+    reco = design(test) @ coef
+    predicted = {"Reco": reco, "NEE": reco - test.GPP.to_numpy()}
+    assert rec["train_years"] == [2011] and rec["test"]["years"] == [2012, 2013]
+    assert rec["trained_parameters"] == 4 and rec["test"]["physics"] is None
+    for target in ("NEE", "Reco"):
+        ok = test[target].notna().to_numpy()
+        mse = float(np.mean((predicted[target][ok] - test[target].to_numpy()[ok]) ** 2))
+        assert rec["test"][target]["n"] == int(ok.sum())
+        assert rec["test"][target]["mse"] == pytest.approx(mse, rel=1e-9)
+
+
+@needs_data
+@pytest.mark.slow
 def test_adapters_verify_against_their_backbone(quick_run) -> None:
     out, _ = quick_run
     adapter = out / "adapters" / "adapter__observed__US-Ne3__1y__s0.safetensors"
@@ -206,7 +260,7 @@ def test_resume_and_jobs_give_the_same_results(quick_run, fluxnet_table: Path, t
     before = _records(out)
     again = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),
                                    "--out", str(out), "--quiet"])
-    assert again.exit_code == 0 and "(20 resumed)" in again.stdout
+    assert again.exit_code == 0 and "(26 resumed)" in again.stdout
     assert _records(out) == before
     parallel = tmp_path / "parallel"
     result = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),

@@ -66,6 +66,7 @@ from kgml_peft.store.adapter import Adapter, save_adapter
 from kgml_peft.store.checkpoint import Backbone, load_backbone
 from kgml_peft.store.library import adapter_path
 from kgml_peft.tuners.site_model import SiteModel
+from kgml_peft.provenance import provenance
 
 
 #: sites whose default (cross-validated) calibration is timed against the plain one
@@ -406,6 +407,7 @@ def run_bench(config: BenchConfig = BenchConfig(), progress: bool = True) -> dic
     calib_seconds = timed.sequential_seconds
     return {
         "config": asdict(config),
+        "provenance": provenance(),
         "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__,

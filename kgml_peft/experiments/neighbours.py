@@ -49,6 +49,7 @@ from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import predict_table
 from kgml_peft.store.blend import blend_adapters, find_neighbours
 from kgml_peft.store.checkpoint import load_backbone
+from kgml_peft.provenance import provenance
 
 METHODS: tuple[str, ...] = ("global", "blend", "adapter", "prior")
 
@@ -217,6 +218,7 @@ def run_neighbour_experiment(backbone_path: str | os.PathLike, observed: pd.Data
         "mse_weights_mean": statistics.fmean(m["mse_weights"] for m in merges)}
     results["fields"] = list(fields)
     results["config"] = dataclasses.asdict(config)
+    results["provenance"] = provenance()
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
     with atomic_path(out / "results.md") as tmp:

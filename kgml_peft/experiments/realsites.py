@@ -16,7 +16,11 @@ US-CRT by default) are never seen before calibration; every other site is a deve
    (random weights, the k years only), ``full`` (Eq. 2, every weight from the backbone) and
    ``adapter`` (Eq. 3), and ``adapter_cv`` (Eq. 3 with ``cv = "folds"``: epochs, shape and
    strength chosen on folds of the k years, see :mod:`kgml_peft.calibration.selection`; the
-   global model is kept when no adapter beats it there); the last three from each route's backbone. With one to three years there is
+   global model is kept when no adapter beats it there); the last three from each route's backbone.
+   Baselines (:mod:`.baselines`, run once, they draw nothing at random): ``regression_global``
+   (Reco ~ 1 + TA + TA^2 + GPP, NEE = Reco - GPP, fitted on the development towers' training
+   years), ``regression_site`` (the same fitted on the k years) and ``climatology`` (the k years'
+   day-of-year mean). With one to three years there is
    no year to spare for early stopping, so the calibration years' observed days are split in
    blocks (:func:`~kgml_peft.data.windows.split_by_day_blocks`: every 4th fortnight validates, the
    model still reads every day's weather); early stopping keeps the epoch with the lowest loss on
@@ -59,6 +63,7 @@ from kgml_peft.data.windows import (
     split_by_year,
 )
 from kgml_peft.errors import KgmlPeftError, expect_type
+from kgml_peft.experiments.baselines import Climatology, RecoRegression
 from kgml_peft.experiments.config import Training, config_from_dict
 from kgml_peft.experiments.runs import RunFiles, _complete, scratch_phases
 from kgml_peft.metrics import group_metrics
@@ -75,6 +80,10 @@ from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
 ROUTES: tuple[str, ...] = ("observed", "simulated")
 #: Methods per held-out site and k; ``global``, ``full`` and ``adapter`` exist once per route.
 METHODS: tuple[str, ...] = ("global", "site_only", "full", "adapter", "adapter_cv")
+#: Baselines per held-out site and k (:mod:`.baselines`), run once (they are deterministic, so
+#: seeds would repeat them): the Reco regression fitted on the development towers' training years
+#: or on the calibration years, and the calibration years' day-of-year climatology.
+BASELINES: tuple[str, ...] = ("regression_global", "regression_site", "climatology")
 #: the methods that start from a route's backbone
 BACKBONE_METHODS: tuple[str, ...] = ("global", "full", "adapter", "adapter_cv")
 SCORED: tuple[str, ...] = ("NEE", "Reco")
@@ -201,7 +210,7 @@ class RealSiteConfig:
 class RealRun:
     """One unit of work: a backbone (``pretrain``), or one method on one held-out site and k."""
 
-    method: str  # pretrain, global, site_only, full, adapter
+    method: str  # pretrain, one of METHODS or BASELINES
     seed: int
     route: str | None = None
     site: str | None = None
@@ -225,23 +234,26 @@ def plan_runs(config: RealSiteConfig, site_years: dict[str, int]) -> list[RealRu
                 if k >= site_years[site]:
                     continue
                 runs.append(RealRun("site_only", seed, None, site, k))
+                if seed == config.seeds[0]:
+                    runs += [RealRun(m, seed, None, site, k) for m in BASELINES]
                 for route in config.routes:
                     runs += [RealRun(m, seed, route, site, k) for m in BACKBONE_METHODS]
     return runs
 
 
-def score(model: torch.nn.Module, scalers: Scalers, windows: YearWindows,
+def score(model: torch.nn.Module | None, scalers: Scalers, windows: YearWindows,
           gapfilled: dict[str, np.ndarray], tolerance: float, keep_series: bool = False,
           preds: dict[str, np.ndarray] | None = None) -> dict:
     """Test figures of ``model`` on ``windows`` (physical units): per scored target n, MSE and
     R^2 of the QC-passing days, annual sums against the gap-filled record, physics violations;
     ``keep_series`` adds the daily predictions and observations (for figures). ``preds`` are the
-    predictions when they were served otherwise (default: ``model`` on every window)."""
+    predictions when they were served otherwise (default: ``model`` on every window; a baseline
+    gives NEE and Reco only, and no physics figures)."""
     if preds is None:
         preds = predict_windows(model, scalers, windows)
     group = group_metrics(windows, preds, scalers, np.arange(len(windows)), tolerance)
     out: dict = {"site_years": len(windows), "years": [int(y) for y in windows.years],
-                 "physics": group["physics"]}
+                 "physics": group.get("physics")}
     for name in SCORED:
         m = group["targets"].get(name, {"n": 0})
         observed = gapfilled[name].sum(axis=1)  # NaN where a gap-filled day is missing
@@ -412,6 +424,21 @@ class RealSiteBenchmark(RunFiles):
             self._backbones[(route, seed)] = load_backbone(path)
         return self._backbones[(route, seed)]
 
+    def baseline(self, method: str, years: YearWindows) -> RecoRegression | Climatology:
+        """The baseline ``method`` (one of :data:`BASELINES`) fitted for a held-out site whose
+        calibration years are ``years`` (the global regression: on the development training years)."""
+        if method == "regression_global":
+            return self._global_regression
+        if method == "regression_site":
+            return RecoRegression.fit(years)
+        if method == "climatology":
+            return Climatology.fit(years)
+        raise KgmlPeftError(f"unknown baseline {method!r}; choose from {', '.join(BASELINES)}")
+
+    @functools.cached_property
+    def _global_regression(self) -> RecoRegression:
+        return RecoRegression.fit(self.dev[0])
+
     def _calibrate(self, run: RealRun, years: YearWindows) -> tuple[torch.nn.Module, Scalers, dict, Adapter | None]:
         c = self.config
         train, val = split_by_day_blocks(years, c.val_block_days, c.val_every)
@@ -452,7 +479,13 @@ class RealSiteBenchmark(RunFiles):
         start = time.perf_counter()
         record: dict = {"key": run.key, "method": run.method, "route": run.route, "seed": run.seed,
                         "site": run.site, "years": run.years}
-        if run.method == "pretrain":
+        if run.method in BASELINES:
+            train, test = self.site_split(run.site, run.years)
+            baseline = self.baseline(run.method, train)
+            record.update(trained_parameters=baseline.parameters, train_years=[int(y) for y in train.years],
+                          test=score(None, self.scalers, test, self.gapfilled(test), self.config.tolerance,
+                                     keep_series=True, preds=baseline.predict(test)))
+        elif run.method == "pretrain":
             model, scalers, results = self._pretrain(run)
             record.update(dev_sites=self.dev_sites, train_site_years=len(self.dev[0]),
                           val_site_years=len(self.dev[1]),

@@ -14,8 +14,9 @@ import numpy as np
 
 from kgml_peft.experiments.figures import _pyplot, _save
 from kgml_peft.experiments.report import seed_stats
-from kgml_peft.experiments.realsites import SCORED, RealRun, RealSiteBenchmark
+from kgml_peft.experiments.realsites import BASELINES, SCORED, RealRun, RealSiteBenchmark
 from kgml_peft.atomic import atomic_path
+from kgml_peft.provenance import provenance
 
 FIGURES = ("timeseries.png", "mse_by_years.png", "annual_sums.png")
 
@@ -70,6 +71,9 @@ def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
                 if any("other_crop_test_years" in r for r in recs):
                     entry["other_crop_test_years"] = recs[0]["other_crop_test_years"]
                 out_cells.setdefault(site, {}).setdefault(k, {})[name] = entry
+    for by_k in out_cells.values():
+        for rows in by_k.values():
+            add_skill(rows)
     # the route shown in the figures: the one better on the development sites' validation years
     # (never chosen on the held-out sites)
     dev_nee = {r: backbones[r]["dev_val"]["NEE"]["mse"]["mean"] for r in config.routes}
@@ -78,6 +82,27 @@ def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
             "seconds_total": round(sum(r["seconds"] for r in records.values()), 1),
             "backbones": backbones, "figure_route": min(dev_nee, key=dev_nee.get),
             "cells": out_cells, "series": series}
+
+
+def add_skill(rows: dict[str, dict]) -> None:
+    """Give every row of one cell (method name -> entry) its skill against the best baseline, per
+    scored target: ``1 - MSE / MSE of the best baseline`` (mean MSEs over seeds; > 0: better than
+    every baseline). The best baseline is the one with the lowest test MSE of that target in the
+    cell, picked on the test years themselves: the hardest comparison for the other methods. The
+    cell's ``best_baseline`` names it; rows without the target's MSE get None."""
+    best: dict[str, tuple[float, str]] = {}
+    for name in BASELINES:
+        for target in SCORED:
+            mse = rows.get(name, {}).get(target, {}).get("mse")
+            if mse is not None and (target not in best or mse["mean"] < best[target][0]):
+                best[target] = (mse["mean"], name)
+    if not best:
+        return
+    for entry in rows.values():
+        entry["skill_vs_best_baseline"] = {
+            target: (None if entry[target]["mse"] is None or target not in best
+                     else 1 - entry[target]["mse"]["mean"] / best[target][0]) for target in SCORED}
+        entry["best_baseline"] = {target: best[target][1] for target in best}
 
 
 def _interval_stats(records: list[dict]) -> dict:
@@ -101,6 +126,10 @@ def _fmt(stats: dict | None, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.0f} %"
+
+
 def markdown(results: dict) -> str:
     """The report as markdown tables."""
     lines = ["# Real-site benchmark (FLUXNET2015)", "",
@@ -120,11 +149,14 @@ def markdown(results: dict) -> str:
             lines += ["", f"## {site}: calibrated on {k} year(s) {first['train_years']}, tested on "
                           f"{len(first['test_years'])} ({first['test_years'][0]}-{first['test_years'][-1]})", "",
                       "| method | NEE MSE | NEE R² | Reco MSE | Reco R² | annual NEE abs. error | "
-                      "annual Reco abs. error | trained values |", "|---|---|---|---|---|---|---|---|"]
+                      "annual Reco abs. error | trained values | NEE skill | Reco skill |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for name, e in rows.items():
+                skill = e.get("skill_vs_best_baseline", {})
                 lines.append(f"| {name} | {_fmt(e['NEE']['mse'])} | {_fmt(e['NEE']['r2'])} | {_fmt(e['Reco']['mse'])} | "
                              f"{_fmt(e['Reco']['r2'])} | {_fmt(e['NEE']['annual_mae'], 0)} | "
-                             f"{_fmt(e['Reco']['annual_mae'], 0)} | {e['trained_parameters']} |")
+                             f"{_fmt(e['Reco']['annual_mae'], 0)} | {e['trained_parameters']} | "
+                             f"{_percent(skill.get('NEE'))} | {_percent(skill.get('Reco'))} |")
     interval_rows = [(site, k, name, e) for site, by_k in results["cells"].items()
                      for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0]))
                      for name, e in rows.items() if "intervals" in e]
@@ -144,13 +176,16 @@ def markdown(results: dict) -> str:
                   "annual sums (annual) inside the interval; widths in gC m-2 d-1 (daily) and gC m-2 yr-1 "
                   "(annual)."]
     lines += ["", "MSE in (gC m-2 d-1)^2 on test days whose NEE passed the import's QC threshold; annual "
-              "errors in gC m-2 yr-1 against the gap-filled record (365-day years)."]
+              "errors in gC m-2 yr-1 against the gap-filled record (365-day years). Skill: 1 - MSE / MSE of "
+              "the cell's best baseline for that target (regression_global, regression_site, climatology; "
+              "the best picked on the test years), so > 0 beats every baseline."]
     return "\n".join(lines) + "\n"
 
 
 def _colors() -> dict[str, str]:
     return {"global": "tab:blue", "site_only": "tab:red", "full": "tab:green", "adapter": "tab:purple",
-            "adapter_cv": "tab:orange"}
+            "adapter_cv": "tab:orange", "regression_global": "tab:brown", "regression_site": "tab:olive",
+            "climatology": "tab:cyan"}
 
 
 def plot_timeseries(results: dict, path: Path) -> Path:
@@ -243,6 +278,7 @@ def plot_annual(results: dict, path: Path) -> Path:
 def write_realsites_report(results: dict, out: str | Path) -> list[Path]:
     """Write results.json, results.md and the figures into ``out``; return the paths."""
     out = Path(out)
+    results = {**results, "provenance": provenance()}
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, sort_keys=True, allow_nan=False))
     with atomic_path(out / "results.md") as tmp:

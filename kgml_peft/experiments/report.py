@@ -16,6 +16,7 @@ from kgml_peft import schema
 from kgml_peft.experiments.config import MAIN_REGIMES
 from kgml_peft.experiments.runs import Experiment, Plan
 from kgml_peft.atomic import atomic_path
+from kgml_peft.provenance import provenance
 
 #: Physics figures the audit compares (the keys of ``held_out_metrics(...)["physics"]``).
 AUDIT_KEYS = ("l_phys", "mass_balance_violation_rate", "mass_balance_violation_rate_relative",
@@ -190,6 +191,7 @@ def write_report(results: dict, out: str | Path) -> list[Path]:
 
     out = Path(out)
     written = []
+    results = {**results, "provenance": provenance()}
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1, sort_keys=True, allow_nan=False))
     written.append(out / "results.json")
