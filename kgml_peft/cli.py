@@ -778,10 +778,14 @@ def bench(backbone: Path, quick: bool, cpu: bool, quiet: bool, as_json: bool, ou
 @click.option("--new-fields", "new_fields", type=click.IntRange(min=0), default=None,
               help="paper suite: new fields per region, left out of a second global model "
                    "(default: the config's, 2; 0: none).")
+@click.option("--exclude-within-km", "exclude_within_km", type=float, default=None,
+              help="fluxnet suite: a held-out tower's backbones train without the development towers "
+                   "closer than this (km; 0: none; default: the config's, 10). Needs lat/lon in --data "
+                   "(import fluxnet --site-meta).")
 @click.option("--cpu", is_flag=True, help="Train on CPU even if an accelerator is available.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def experiment(suite: str, data: Path | None, out: Path, config_path: Path | None, quick: bool, jobs: int,
-               new_fields: int | None, cpu: bool, quiet: bool) -> None:
+               new_fields: int | None, exclude_within_km: float | None, cpu: bool, quiet: bool) -> None:
     """Run an evaluation suite and write results.json, results.md and PNG figures to --out.
 
     paper: site-only, global-only, cross-regional, full fine-tuning and adapters (with ablations,
@@ -793,6 +797,8 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
     if quick and config_path is not None:
         raise KgmlPeftError("give --quick or --config, not both")
     start = time.perf_counter()
+    if exclude_within_km is not None and suite != "fluxnet":
+        raise KgmlPeftError("--exclude-within-km is an option of the fluxnet suite")
     if suite == "neighbours":
         _experiment_neighbours(data, out, config_path, quick, new_fields, cpu, quiet, start)
         return
@@ -800,7 +806,7 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
         if new_fields is not None:
             raise KgmlPeftError("--new-fields is an option of the paper suite; the fluxnet suite's held-out "
                                 "towers are its new fields")
-        _experiment_fluxnet(data, out, config_path, quick, jobs, cpu, quiet, start)
+        _experiment_fluxnet(data, out, config_path, quick, jobs, exclude_within_km, cpu, quiet, start)
         return
     from kgml_peft.experiments.config import ExperimentConfig
     from kgml_peft.experiments.pipeline import demo_table, run_experiment
@@ -851,7 +857,7 @@ def _experiment_neighbours(data: Path | None, out: Path, config_path: Path | Non
 
 
 def _experiment_fluxnet(data: Path | None, out: Path, config_path: Path | None, quick: bool, jobs: int,
-                        cpu: bool, quiet: bool, start: float) -> None:
+                        exclude_within_km: float | None, cpu: bool, quiet: bool, start: float) -> None:
     from kgml_peft.data.tables import read_table
     from kgml_peft.experiments.pipeline import run_realsites
     from kgml_peft.experiments.realsites import RealSiteConfig
@@ -860,6 +866,8 @@ def _experiment_fluxnet(data: Path | None, out: Path, config_path: Path | None, 
         raise KgmlPeftError("the fluxnet suite needs --data: a table written by 'kgml-peft import fluxnet'")
     config = (RealSiteConfig.quick() if quick else
               RealSiteConfig.from_toml(config_path) if config_path is not None else RealSiteConfig())
+    if exclude_within_km is not None:
+        config = dataclasses.replace(config, exclude_within_km=exclude_within_km)
     results = run_realsites(read_table(data), config, out, cpu=cpu, progress=_bars(quiet), jobs=jobs)
     click.echo(f"{results['runs']} runs ({results['resumed_runs']} resumed) in "
                f"{time.perf_counter() - start:.0f} s; test NEE MSE (gC m-2 d-1)^2, mean over seeds:")

@@ -22,7 +22,7 @@ from kgml_peft.data.fluxnet import import_fluxnet
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import make_windows
 from kgml_peft.errors import KgmlPeftError
-from kgml_peft.experiments.realsites import RealSiteBenchmark, RealSiteConfig, plan_runs
+from kgml_peft.experiments.realsites import RealSiteBenchmark, RealSiteConfig, Scope, plan_runs
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.checkpoint import load_backbone
 from tests.test_cli_validation import _runner, _snapshot, check_user_error
@@ -45,6 +45,13 @@ def test_plan_skips_k_without_test_years_and_puts_backbones_first() -> None:
     # per seed and (site, k): site-only once, global/full/adapter/adapter_cv per route; the three
     # deterministic baselines once per (site, k), with the first seed
     assert len(runs) == 4 + 2 * 5 * (1 + 2 * 4) + 5 * 3
+    # with a second column of backbones for US-CRT: its pretraining runs, and its k = 1, 2 again
+    scoped = plan_runs(config, {"US-Ne3": 12, "US-CRT": 3},
+                       {"US-Ne3": {"main": Scope(("US-Ne1",))}, "US-CRT": {"main": Scope(), "past": Scope(before=2011)}})
+    assert [r.key for r in scoped if r.method == "pretrain"][:3] == [
+        "pretrain__observed__without-US-Ne1__s0", "pretrain__simulated__without-US-Ne1__s0", "pretrain__observed__s0"]
+    assert len(scoped) == 2 * 3 * 2 + 2 * 5 * (1 + 2 * 4) + 5 * 3 + 2 * 2 * 2 * 4
+    assert "adapter_cv__observed__US-CRT__2y__past__s1" in {r.key for r in scoped}
     baselines = [r for r in runs if r.method in ("regression_global", "regression_site", "climatology")]
     assert len(baselines) == 15 and {r.seed for r in baselines} == {0} and {r.route for r in baselines} == {None}
 
@@ -80,7 +87,7 @@ def test_config_checks_and_toml(tmp_path: Path) -> None:
 def fluxnet_table(tmp_path_factory) -> Path:
     if not DAILY.is_dir():
         pytest.skip("../shared/data/fluxnet2015 is not here")
-    table, _ = import_fluxnet([DAILY])
+    table, _ = import_fluxnet([DAILY], site_meta=DAILY.parent / "sites.csv")
     path = tmp_path_factory.mktemp("fluxnet") / "fluxnet.parquet"
     table.to_parquet(path, index=False)
     return path
@@ -109,9 +116,16 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
     expected = {"site_only", "global/observed", "full/observed", "adapter/observed", "adapter_cv/observed",
                 "global/simulated", "full/simulated", "adapter/simulated", "adapter_cv/simulated",
                 "regression_global", "regression_site", "climatology"}
+    # US-CRT also has the past-only column (backbones on the years before 2011); US-Ne3 has none
+    past = {f"{m}/{route}/past" for m in ("global", "full", "adapter", "adapter_cv") for route in ("observed", "simulated")}
+    assert results["scopes"]["US-CRT"] == {"main": "dev", "past": "before-2011"}
+    assert results["scopes"]["US-Ne3"]["main"] == "without-US-Ne1+US-Ne2"
+    assert "before 2001" in results["scopes"]["US-Ne3"]["past"]["unavailable"]
+    assert not {"US-Ne1", "US-Ne2"} & set(results["backbones"]["observed/without-US-Ne1+US-Ne2"]["dev_sites"])
+    assert results["backbones"]["simulated/before-2011"]["dev_years"][1] == 2010
     for site in HELD_OUT:
         cell = results["cells"][site]["1"]
-        assert set(cell) == expected
+        assert set(cell) == (expected | past if site == "US-CRT" else expected)
         for entry in cell.values():
             for target in ("NEE", "Reco"):
                 assert entry[target]["mse"]["mean"] > 0 and entry[target]["annual_mae"]["mean"] >= 0
@@ -245,12 +259,14 @@ def test_regression_baseline_scored_by_hand(quick_run, fluxnet_table: Path) -> N
 def test_adapters_verify_against_their_backbone(quick_run) -> None:
     out, _ = quick_run
     adapter = out / "adapters" / "adapter__observed__US-Ne3__1y__s0.safetensors"
+    # US-Ne3's backbones are those trained without its neighbours US-Ne1 and US-Ne2
     result = _runner().invoke(cli, ["adapters", "verify", str(adapter), "--backbone",
-                                    str(out / "models" / "observed__s0.safetensors")])
+                                    str(out / "models" / "observed__without-US-Ne1+US-Ne2__s0.safetensors")])
     assert result.exit_code == 0, result.stderr
-    wrong = _runner().invoke(cli, ["adapters", "verify", str(adapter), "--backbone",
-                                   str(out / "models" / "simulated__s0.safetensors")])
-    assert wrong.exit_code == 2 and "use the backbone it was made for" in wrong.stderr
+    for other in ("simulated__without-US-Ne1+US-Ne2__s0", "observed__s0"):
+        wrong = _runner().invoke(cli, ["adapters", "verify", str(adapter), "--backbone",
+                                       str(out / "models" / f"{other}.safetensors")])
+        assert wrong.exit_code == 2 and "use the backbone it was made for" in wrong.stderr
 
 
 @needs_data
@@ -260,7 +276,7 @@ def test_resume_and_jobs_give_the_same_results(quick_run, fluxnet_table: Path, t
     before = _records(out)
     again = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),
                                    "--out", str(out), "--quiet"])
-    assert again.exit_code == 0 and "(26 resumed)" in again.stdout
+    assert again.exit_code == 0 and "(38 resumed)" in again.stdout
     assert _records(out) == before
     parallel = tmp_path / "parallel"
     result = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),
@@ -272,7 +288,8 @@ def test_resume_and_jobs_give_the_same_results(quick_run, fluxnet_table: Path, t
 
 @needs_data
 @pytest.mark.parametrize("case", ["no-data", "not-imported", "unknown-held-out", "bad-config",
-                                  "no-test-year", "excluded-held-out"])
+                                  "no-test-year", "excluded-held-out", "no-coordinates", "negative-radius",
+                                  "radius-elsewhere"])
 def test_bad_input(case: str, fluxnet_table: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["experiment", "--suite", "fluxnet", "--quick", "--out", "out", "--quiet"]
@@ -299,13 +316,64 @@ def test_bad_input(case: str, fluxnet_table: Path, tmp_path: Path, monkeypatch) 
         table[table.site != "US-Ne2"].to_parquet("no-ne2.parquet", index=False)
         args = [a for a in args if a != "--quick"] + ["--config", "c.toml", "--data", "no-ne2.parquet"]
         expect = ("US-Ne2", "not in the data")
-    else:
+    elif case == "bad-config":
         Path("c.toml").write_text("routes = ['observed', 'guessed']\n")
         args = [a for a in args if a != "--quick"] + ["--config", "c.toml", "--data", str(fluxnet_table)]
         expect = ("route", "guessed")
+    elif case == "no-coordinates":  # leaving out neighbours needs every tower's lat/lon
+        pd.read_parquet(fluxnet_table).drop(columns=["lat", "lon"]).to_parquet("flat.parquet", index=False)
+        args += ["--data", "flat.parquet"]
+        expect = ("lat/lon", "--site-meta", "exclude_within_km = 0")
+    elif case == "negative-radius":
+        args += ["--data", str(fluxnet_table), "--exclude-within-km", "-1"]
+        expect = ("exclude_within_km", ">= 0")
+    elif case == "radius-elsewhere":
+        args = ["experiment", "--quick", "--out", "out", "--quiet", "--exclude-within-km", "5"]
+        expect = ("--exclude-within-km", "fluxnet suite")
+    else:
+        raise AssertionError(case)
     before = _snapshot(tmp_path)
     result = _runner().invoke(cli, args)
     check_user_error(result, args, expect, tmp_path, before)
+
+
+@needs_data
+def test_neighbours_within_the_radius_never_reach_a_towers_backbones(fluxnet_table: Path) -> None:
+    """Leave-neighbours-out: with US-Ne3 held out at 10 km, the data its backbones pretrain on
+    (and the global regression fits) has no US-Ne1 or US-Ne2 row; US-CRT, with no tower within
+    10 km, keeps every development tower. The past-only column trains on years before the tower's
+    first calibration year, and is missing, with why, where there are none (US-Ne3 starts in 2001
+    like the other Mead towers)."""
+    bench = RealSiteBenchmark(pd.read_parquet(fluxnet_table), RealSiteConfig(), "unused")
+    ne3, crt = bench.scopes["US-Ne3"], bench.scopes["US-CRT"]
+    assert ne3["main"].without == ("US-Ne1", "US-Ne2") and crt["main"].without == ()
+    (train, val), _ = bench.dev_data(ne3["main"])
+    seen = set(train.sites) | set(val.sites)
+    assert not seen & {"US-Ne1", "US-Ne2", *HELD_OUT} and seen == set(bench.dev_sites) - {"US-Ne1", "US-Ne2"}
+    assert bench._global_regression(ne3["main"]).days == int(np.isfinite(train.target("Reco")).sum())
+    (train, val), _ = bench.dev_data(crt["main"])
+    assert set(train.sites) | set(val.sites) == set(bench.dev_sites)
+    (train, val), _ = bench.dev_data(crt["past"])
+    assert crt["past"].before == 2011 and max(train.years.max(), val.years.max()) == 2010
+    assert "past" not in ne3 and "before 2001" in bench.unavailable["US-Ne3"]["past"]
+    pretrain = {r.scope for r in bench.plan if r.method == "pretrain"}
+    assert pretrain == {"dev", "without-US-Ne1+US-Ne2", "before-2011"}
+    assert {r.column for r in bench.plan if r.site == "US-Ne3"} == {"main"}
+    # 0 km: nobody is left out, and coordinates are not needed
+    flat = pd.read_parquet(fluxnet_table).drop(columns=["lat", "lon"])
+    none = RealSiteBenchmark(flat, RealSiteConfig(exclude_within_km=0, past_only=False), "unused")
+    assert {r.scope for r in none.plan if r.method == "pretrain"} == {"dev"}
+
+
+@needs_data
+def test_every_k_is_tested_on_the_same_years(fluxnet_table: Path) -> None:
+    bench = RealSiteBenchmark(pd.read_parquet(fluxnet_table), RealSiteConfig(), "unused")
+    for site, test_years in (("US-Ne3", list(range(2004, 2013))), ("US-CRT", [2013])):
+        for k in ((1, 2, 3) if site == "US-Ne3" else (1, 2)):
+            calibration, test = bench.site_split(site, k)
+            first = 2001 if site == "US-Ne3" else 2011
+            assert calibration.years.tolist() == list(range(first, first + k))
+            assert test.years.tolist() == test_years
 
 
 @needs_data

@@ -11,6 +11,7 @@ NEE of every test year, gap-filled record against the prediction with its 90 % i
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -35,10 +36,14 @@ def main() -> None:
     args = parser.parse_args()
     results = Path(args.results)
     key = f"adapter_cv__{args.route}__{args.site}__{args.years}y__s{args.seed}"
+    # the run's own record says which backbone it was calibrated from and which years it tested on
+    record = json.loads((results / "runs" / f"{key}.json").read_text())
+    scope = record.get("scope", "dev")
+    backbone = results / "models" / (f"{args.route}__s{args.seed}.safetensors" if scope == "dev"
+                                     else f"{args.route}__{scope}__s{args.seed}.safetensors")
     frame = pd.read_parquet(args.data)
     frame = frame[frame["site"] == args.site]
-    years = sorted(frame["date"].dt.year.unique())
-    test = frame[frame["date"].dt.year.isin(years[args.years:])]
+    test = frame[frame["date"].dt.year.isin(record["test"]["years"])]
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "adapters"
         store.mkdir()
@@ -46,7 +51,7 @@ def main() -> None:
         table, daily, annual = Path(tmp) / "test.parquet", Path(tmp) / "daily.csv", Path(tmp) / "annual.csv"
         test.to_parquet(table, index=False)
         subprocess.run([sys.executable, "-m", "kgml_peft", "predict", "--data", str(table), "--backbone",
-                        str(results / "models" / f"{args.route}__s{args.seed}.safetensors"),
+                        str(backbone),
                         "--adapters", str(store), "--site", args.site, "--interval", str(args.level),
                         "--annual", str(annual), "--out", str(daily), "--quiet", "--cpu"], check=True)
         daily, annual = pd.read_csv(daily, parse_dates=["date"]), pd.read_csv(annual)

@@ -54,6 +54,7 @@ from kgml_peft.calibration.config import CalibrationConfig
 from kgml_peft.config_files import read_toml
 from kgml_peft.data.fluxnet import GAPFILLED
 from kgml_peft.data.gpp import GPP_ROUTES, satellite_like_gpp
+from kgml_peft.data.places import distance_km, site_points
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import (
     Scalers,
@@ -131,6 +132,13 @@ class RealSiteConfig:
     gpp_route: str = "tower"
     #: coverage level of the intervals scored for ``adapter_cv``
     interval: float = 0.9
+    #: leave-neighbours-out: a held-out tower's backbones train without the development towers
+    #: closer than this (km, great circle; 0: none left out). Needs ``lat``/``lon`` in the table
+    #: (``kgml-peft import fluxnet --site-meta``).
+    exclude_within_km: float = 10.0
+    #: a second column per held-out tower: backbones trained only on the development towers' years
+    #: before the tower's first calibration year (no test-year weather or flux at all)
+    past_only: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -169,6 +177,10 @@ class RealSiteConfig:
         if self.gpp_route not in GPP_ROUTES:
             raise KgmlPeftError(f"gpp_route must be one of {', '.join(GPP_ROUTES)}, got {self.gpp_route!r}")
         check_level(self.interval)
+        expect_type(self.exclude_within_km, (int, float), "exclude_within_km")
+        if not (math.isfinite(self.exclude_within_km) and self.exclude_within_km >= 0):
+            raise KgmlPeftError(f"exclude_within_km must be a distance >= 0 (0: none), got {self.exclude_within_km!r}")
+        expect_type(self.past_only, bool, "past_only")
         for key, low in (("val_block_days", 1), ("val_every", 2)):
             expect_type(getattr(self, key), int, key)
             if getattr(self, key) < low:
@@ -206,28 +218,66 @@ class RealSiteConfig:
         return cls.from_dict(read_toml(path))
 
 
+#: The backbones a held-out tower is calibrated from, one column each: ``main`` (every development
+#: tower but its neighbours within ``exclude_within_km``) and ``past`` (every development tower,
+#: only the years before the tower's first calibration year; with ``past_only``).
+COLUMNS: tuple[str, ...] = ("main", "past")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The development data a backbone trains on: every development tower except ``without``,
+    and with ``before`` only their years before that one."""
+
+    without: tuple[str, ...] = ()
+    before: int | None = None
+
+    @property
+    def name(self) -> str:
+        """File-name-safe: ``dev`` (everything), ``without-US-Ne1+US-Ne2``, ``before-2011``."""
+        parts = (["without-" + "+".join(self.without)] if self.without else []) + \
+            ([f"before-{self.before}"] if self.before is not None else [])
+        return "+".join(parts) or "dev"
+
+
 @dataclass(frozen=True)
 class RealRun:
-    """One unit of work: a backbone (``pretrain``), or one method on one held-out site and k."""
+    """One unit of work: a backbone (``pretrain``, on ``scope``), or one method on one held-out
+    site and k, from the backbones of one of :data:`COLUMNS`."""
 
     method: str  # pretrain, one of METHODS or BASELINES
     seed: int
     route: str | None = None
     site: str | None = None
     years: int | None = None
+    column: str = "main"
+    #: pretraining runs: the name of their :class:`Scope`
+    scope: str = "dev"
 
     @property
     def key(self) -> str:
-        """A unique, file-name-safe name of the run."""
+        """A unique, file-name-safe name of the run (runs of the ``dev`` scope and the ``main``
+        column keep the names they had before scopes existed, so old results folders resume)."""
         parts = [self.method, self.route or "none"]
+        if self.scope != "dev":
+            parts.append(self.scope)
         if self.site is not None:
             parts += [self.site, f"{self.years}y"]
+        if self.column != "main":
+            parts.append(self.column)
         return "__".join(parts) + f"__s{self.seed}"
 
 
-def plan_runs(config: RealSiteConfig, site_years: dict[str, int]) -> list[RealRun]:
-    """Every run, backbones first; k is skipped for a site without a year left to test."""
-    runs = [RealRun("pretrain", seed, route) for seed in config.seeds for route in config.routes]
+def plan_runs(config: RealSiteConfig, site_years: dict[str, int],
+              scopes: dict[str, dict[str, Scope]] | None = None) -> list[RealRun]:
+    """Every run, backbones first; k is skipped for a site without a year left to test.
+    ``scopes`` gives each held-out site's backbone scope per column (default: the ``main`` column
+    on every development tower); a column a site lacks has no runs."""
+    if scopes is None:
+        scopes = {site: {"main": Scope()} for site in config.held_out}
+    needed = list(dict.fromkeys(scope for site in config.held_out for scope in scopes[site].values()))
+    runs = [RealRun("pretrain", seed, route, scope=scope.name)
+            for seed in config.seeds for scope in needed for route in config.routes]
     for seed in config.seeds:
         for site in config.held_out:
             for k in config.calibration_years:
@@ -236,8 +286,9 @@ def plan_runs(config: RealSiteConfig, site_years: dict[str, int]) -> list[RealRu
                 runs.append(RealRun("site_only", seed, None, site, k))
                 if seed == config.seeds[0]:
                     runs += [RealRun(m, seed, None, site, k) for m in BASELINES]
-                for route in config.routes:
-                    runs += [RealRun(m, seed, route, site, k) for m in BACKBONE_METHODS]
+                for column in (c for c in COLUMNS if c in scopes[site]):
+                    for route in config.routes:
+                        runs += [RealRun(m, seed, route, site, k, column) for m in BACKBONE_METHODS]
     return runs
 
 
@@ -331,15 +382,9 @@ class RealSiteBenchmark(RunFiles):
         if len(dev) == 0:
             raise KgmlPeftError("the data has no development site besides the held-out ones")
         self.dev_sites = sorted(set(self.windows.sites[dev]))
-        dev_windows = self.windows.subset(dev)
-        train, val = split_by_year(dev_windows, config.val_fraction)
-        self.dev = (dev_windows.subset(train), dev_windows.subset(val))
-        if not all(np.isfinite(self.dev[i].target(t)).any() for i in (0, 1) for t in SCORED):
-            raise KgmlPeftError("the development sites need observed NEE and Reco in their "
-                                "training and validation years")
-        #: the observed route's (and site-only models') scaling: development training years only
-        self.scalers = _complete(Scalers.fit(self.dev[0]))
-        self.scalers.require([*features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
+        self._dev_windows = self.windows.subset(dev)
+        self._dev: dict[Scope, tuple[tuple[YearWindows, YearWindows], Scalers]] = {}
+        self._regressions: dict[Scope, RecoRegression] = {}
         self.table = table
         self._gapfilled = self._gapfilled_lookup(frame)
         self.site_years = {s: int((self.windows.sites == s).sum()) for s in config.held_out}
@@ -348,8 +393,84 @@ class RealSiteBenchmark(RunFiles):
                 raise KgmlPeftError(
                     f"held-out site {site} has {n} complete years; calibrating on "
                     f"{min(config.calibration_years)} would leave no test year (use fewer calibration years)")
-        self.plan = plan_runs(config, self.site_years)
-        self._backbones: dict[tuple[str, int], Backbone] = {}
+        #: per held-out site: the backbone scope of each column it has, and why a column is missing
+        self.scopes, self.unavailable = self._scopes(frame)
+        self.plan = plan_runs(config, self.site_years, self.scopes)
+        self._backbones: dict[tuple[str, int, str], Backbone] = {}
+
+    def _scopes(self, frame: pd.DataFrame) -> tuple[dict[str, dict[str, Scope]], dict[str, dict[str, str]]]:
+        """Each held-out site's backbone scope per column (see :data:`COLUMNS`), checked to leave
+        development data to train and validate on; a ``past`` column without it is recorded as
+        unavailable (with why), a ``main`` column without it is an error."""
+        c = self.config
+        near: dict[str, tuple[str, ...]] = {site: () for site in c.held_out}
+        if c.exclude_within_km > 0:
+            points = site_points(frame.drop_duplicates(schema.SITE)) if all(
+                col in frame.columns for col in schema.SITE_INPUTS) else {}
+            lacking = [s for s in (*c.held_out, *self.dev_sites) if s not in points]
+            if lacking:
+                raise KgmlPeftError(
+                    f"leaving out neighbours within {c.exclude_within_km:g} km needs lat/lon of every tower "
+                    f"({lacking[0]} has none): import with --site-meta (e.g. ../shared/data/fluxnet2015/sites.csv), "
+                    "or set exclude_within_km = 0")
+            near = {site: tuple(d for d in self.dev_sites
+                                if distance_km(*points[site], *points[d]) < c.exclude_within_km)
+                    for site in c.held_out}
+        scopes: dict[str, dict[str, Scope]] = {}
+        unavailable: dict[str, dict[str, str]] = {}
+        for site in c.held_out:
+            first = int(self.windows.years[self.windows.sites == site].min())
+            columns = {"main": Scope(without=near[site])}
+            if c.past_only:
+                columns["past"] = Scope(before=first)
+            for column, scope in columns.items():
+                why = self._scope_problem(scope)
+                if why is None:
+                    scopes.setdefault(site, {})[column] = scope
+                elif column == "main":
+                    raise KgmlPeftError(f"held-out site {site}: {why}")
+                else:
+                    unavailable.setdefault(site, {})[column] = why
+        return scopes, unavailable
+
+    def _scope_windows(self, scope: Scope) -> YearWindows:
+        w = self._dev_windows
+        keep = ~np.isin(w.sites, scope.without)
+        if scope.before is not None:
+            keep &= w.years < scope.before
+        return w.subset(np.flatnonzero(keep))
+
+    def _scope_problem(self, scope: Scope) -> str | None:
+        """Why ``scope`` leaves too little to pretrain on (None when it is enough)."""
+        windows = self._scope_windows(scope)
+        what = ("the development towers" + (f" without {', '.join(scope.without)}" if scope.without else "")
+                + (f" before {scope.before}" if scope.before is not None else ""))
+        if len(windows) == 0:
+            return f"{what} have no complete year"
+        train, val = split_by_year(windows, self.config.val_fraction)
+        if not all(np.isfinite(windows.subset(i).target(t)).any() for i in (train, val) for t in SCORED):
+            return f"{what} need observed NEE and Reco in their training and validation years"
+        return None
+
+    def dev_data(self, scope: Scope = Scope()) -> tuple[tuple[YearWindows, YearWindows], Scalers]:
+        """The development (training, validation) windows of ``scope`` (the last ``val_fraction``
+        of each tower's years validate) and their scaling: the observed route's, fitted on the
+        training years only."""
+        if scope not in self._dev:
+            windows = self._scope_windows(scope)
+            train, val = split_by_year(windows, self.config.val_fraction)
+            split = (windows.subset(train), windows.subset(val))
+            scalers = _complete(Scalers.fit(split[0]))
+            scalers.require([*self.config.backbone.features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
+            self._dev[scope] = (split, scalers)
+        return self._dev[scope]
+
+    def scope_of(self, run: RealRun) -> Scope:
+        """The backbone scope of a pretraining run, or of a held-out run's site and column."""
+        if run.method == "pretrain":
+            found = {sc.name: sc for cols in self.scopes.values() for sc in cols.values()}
+            return found[run.scope]
+        return self.scopes[run.site][run.column]
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -367,11 +488,17 @@ class RealSiteBenchmark(RunFiles):
         values = self._gapfilled.reindex(index)
         return {n: values[n].to_numpy(dtype="float64").reshape(windows.dates.shape) for n in SCORED}
 
+    def test_from(self, site: str) -> int:
+        """How many of a held-out site's first years may calibrate (its largest planned k): every
+        k is tested on the years after those, so all k share one set of test years."""
+        return max(k for k in self.config.calibration_years if k < self.site_years[site])
+
     def site_split(self, site: str, years: int) -> tuple[YearWindows, YearWindows]:
-        """A held-out site's first ``years`` years (calibration) and the rest (test)."""
+        """A held-out site's first ``years`` years (calibration) and its test years (those after
+        its largest k, the same for every k: :meth:`test_from`)."""
         idx = np.flatnonzero(self.windows.sites == site)
         idx = idx[np.argsort(self.windows.years[idx], kind="stable")]
-        return self.windows.subset(idx[:years]), self.windows.subset(idx[years:])
+        return self.windows.subset(idx[:years]), self.windows.subset(idx[self.test_from(site):])
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -399,10 +526,11 @@ class RealSiteBenchmark(RunFiles):
 
     def _pretrain(self, run: RealRun) -> tuple[torch.nn.Module, Scalers, list]:
         c = self.config
+        dev, dev_scalers = self.dev_data(self.scope_of(run))
         observed = scratch_phases(c.pretrain, WEIGHTS, c.physics_weight)
         if run.route == "observed":
-            model, results = self._train({"observed": self.dev}, self.scalers, observed, run.seed)
-            return model, self.scalers, results
+            model, results = self._train({"observed": dev}, dev_scalers, observed, run.seed)
+            return model, dev_scalers, results
         split, scalers = self._simulated
         t, o = c.simulated, c.transfer
         phases = (
@@ -412,42 +540,51 @@ class RealSiteBenchmark(RunFiles):
             PhaseConfig("transfer", "observed", dict(WEIGHTS), ("*",), epochs=o.epochs, lr=o.lr,
                         batch_size=o.batch_size, patience=o.patience, physics_weight=c.physics_weight),
         )
-        model, results = self._train({"synthetic": split, "observed": self.dev}, scalers, phases, run.seed)
+        model, results = self._train({"synthetic": split, "observed": dev}, scalers, phases, run.seed)
         return model, scalers, results
 
-    def backbone(self, route: str, seed: int) -> Backbone:
+    def model_path(self, route: str, seed: int, scope: str = "dev") -> Path:
+        """Where the backbone of ``route``, ``seed`` and scope name ``scope`` is written."""
+        middle = "" if scope == "dev" else f"__{scope}"
+        return self.out / "models" / f"{route}{middle}__s{seed}.safetensors"
+
+    def backbone(self, route: str, seed: int, scope: str = "dev") -> Backbone:
         """A finished pretraining run's backbone (from ``<out>/models``)."""
-        if (route, seed) not in self._backbones:
-            path = self.out / "models" / f"{route}__s{seed}.safetensors"
+        if (route, seed, scope) not in self._backbones:
+            path = self.model_path(route, seed, scope)
             if not path.is_file():
                 raise KgmlPeftError(f"{path} is missing; delete its pretrain run's JSON to retrain it")
-            self._backbones[(route, seed)] = load_backbone(path)
-        return self._backbones[(route, seed)]
+            self._backbones[(route, seed, scope)] = load_backbone(path)
+        return self._backbones[(route, seed, scope)]
 
-    def baseline(self, method: str, years: YearWindows) -> RecoRegression | Climatology:
-        """The baseline ``method`` (one of :data:`BASELINES`) fitted for a held-out site whose
-        calibration years are ``years`` (the global regression: on the development training years)."""
+    def baseline(self, method: str, site: str, years: YearWindows) -> RecoRegression | Climatology:
+        """The baseline ``method`` (one of :data:`BASELINES`) fitted for held-out ``site`` whose
+        calibration years are ``years`` (the global regression: on the development training years
+        of the site's ``main`` scope, what its backbones train on)."""
         if method == "regression_global":
-            return self._global_regression
+            return self._global_regression(self.scopes[site]["main"])
         if method == "regression_site":
             return RecoRegression.fit(years)
         if method == "climatology":
             return Climatology.fit(years)
         raise KgmlPeftError(f"unknown baseline {method!r}; choose from {', '.join(BASELINES)}")
 
-    @functools.cached_property
-    def _global_regression(self) -> RecoRegression:
-        return RecoRegression.fit(self.dev[0])
+    def _global_regression(self, scope: Scope) -> RecoRegression:
+        if scope not in self._regressions:
+            self._regressions[scope] = RecoRegression.fit(self.dev_data(scope)[0][0])
+        return self._regressions[scope]
 
     def _calibrate(self, run: RealRun, years: YearWindows) -> tuple[torch.nn.Module, Scalers, dict, Adapter | None]:
         c = self.config
         train, val = split_by_day_blocks(years, c.val_block_days, c.val_every)
         if run.method == "site_only":
+            # the main scope's scaling (development training years), the only thing it takes from them
+            scalers = self.dev_data(self.scopes[run.site]["main"])[1]
             phases = scratch_phases(c.site_only, WEIGHTS, c.physics_weight)
-            model, results = self._train({"observed": (train, val)}, self.scalers, phases, run.seed)
-            return model, self.scalers, {"trained_parameters": sum(p.numel() for p in model.parameters()),
-                                         "best_epoch": [r.best_epoch for r in results]}, None
-        base = self.backbone(run.route, run.seed)
+            model, results = self._train({"observed": (train, val)}, scalers, phases, run.seed)
+            return model, scalers, {"trained_parameters": sum(p.numel() for p in model.parameters()),
+                                    "best_epoch": [r.best_epoch for r in results]}, None
+        base = self.backbone(run.route, run.seed, self.scope_of(run).name)
         if run.method == "global":
             return base.model, base.scalers, {"trained_parameters": 0}, None
         t = c.finetune if run.method == "full" else c.adapter
@@ -479,31 +616,36 @@ class RealSiteBenchmark(RunFiles):
         start = time.perf_counter()
         record: dict = {"key": run.key, "method": run.method, "route": run.route, "seed": run.seed,
                         "site": run.site, "years": run.years}
+        if run.method != "pretrain" and run.route is not None:
+            record.update(column=run.column, scope=self.scope_of(run).name)
         if run.method in BASELINES:
             train, test = self.site_split(run.site, run.years)
-            baseline = self.baseline(run.method, train)
+            baseline = self.baseline(run.method, run.site, train)
             record.update(trained_parameters=baseline.parameters, train_years=[int(y) for y in train.years],
-                          test=score(None, self.scalers, test, self.gapfilled(test), self.config.tolerance,
+                          test=score(None, self.dev_data(self.scopes[run.site]["main"])[1], test, self.gapfilled(test), self.config.tolerance,
                                      keep_series=True, preds=baseline.predict(test)))
         elif run.method == "pretrain":
             model, scalers, results = self._pretrain(run)
-            record.update(dev_sites=self.dev_sites, train_site_years=len(self.dev[0]),
-                          val_site_years=len(self.dev[1]),
+            scope = self.scope_of(run)
+            (train, val), _ = self.dev_data(scope)
+            record.update(scope=scope.name, dev_sites=sorted(set(train.sites) | set(val.sites)),
+                          dev_years=[int(train.years.min()), int(max(train.years.max(), val.years.max()))],
+                          train_site_years=len(train), val_site_years=len(val),
                           phases=[{"name": r.name, "best_epoch": r.best_epoch,
                                    "best_val_loss": r.best_val_loss, "steps": r.steps} for r in results],
-                          dev_val=score(model, scalers, self.dev[1], self.gapfilled(self.dev[1]),
-                                        self.config.tolerance))
-            (self.out / "models").mkdir(parents=True, exist_ok=True)
-            save_backbone(self.out / "models" / f"{run.route}__s{run.seed}.safetensors", model, scalers,
+                          dev_val=score(model, scalers, val, self.gapfilled(val), self.config.tolerance))
+            path = self.model_path(run.route, run.seed, run.scope)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_backbone(path, model, scalers,
                           {"benchmark_run": run.key, "curves": [e for r in results for e in r.curve]})
-            self._backbones.pop((run.route, run.seed), None)
+            self._backbones.pop((run.route, run.seed, run.scope), None)
         else:
             train, test = self.site_split(run.site, run.years)
             model, scalers, info, adapter = self._calibrate(run, train)
             gapfilled, preds, intervals = self.gapfilled(test), None, None
             if adapter is not None and adapter.intervals is not None:
                 # served as predict serves a cross-validated adapter: its calibration crops only
-                bank = AdapterBank(self.backbone(run.route, run.seed))
+                bank = AdapterBank(self.backbone(run.route, run.seed, self.scope_of(run).name))
                 bank.add(adapter)
                 got, intervals = served_with_intervals(bank, test, np.full(len(test), adapter.site, dtype=object),
                                                        gapfilled, self.config.interval)

@@ -22,8 +22,16 @@ FIGURES = ("timeseries.png", "mse_by_years.png", "annual_sums.png")
 
 
 def label(run: RealRun) -> str:
-    """The row name of a method: ``site_only``, or ``<method>/<route>``."""
-    return run.method if run.route is None else f"{run.method}/{run.route}"
+    """The row name of a method: ``site_only``, ``<method>/<route>``, or from the backbones of the
+    ``past`` column ``<method>/<route>/past``."""
+    if run.route is None:
+        return run.method
+    return f"{run.method}/{run.route}" + ("" if run.column == "main" else f"/{run.column}")
+
+
+def backbone_label(run: RealRun) -> str:
+    """The name of a pretraining run's backbone: its route, with its scope unless that is ``dev``."""
+    return run.route if run.scope == "dev" else f"{run.route}/{run.scope}"
 
 
 def _stats(values: list) -> dict | None:
@@ -37,9 +45,12 @@ def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
     records = {run.key: bench.load(run) for run in bench.plan}
     config = bench.config
     backbones: dict = {}
-    for route in config.routes:
-        recs = [records[r.key] for r in bench.plan if r.method == "pretrain" and r.route == route]
-        backbones[route] = {
+    pretrain = [r for r in bench.plan if r.method == "pretrain"]
+    for name in dict.fromkeys(backbone_label(r) for r in pretrain):
+        recs = [records[r.key] for r in pretrain if backbone_label(r) == name]
+        backbones[name] = {
+            "route": recs[0]["route"], "scope": recs[0].get("scope", "dev"),
+            "dev_sites": recs[0]["dev_sites"], "dev_years": recs[0].get("dev_years"),
             "dev_val": {t: {"mse": _stats([r["dev_val"][t]["mse"] for r in recs]),
                             "r2": _stats([r["dev_val"][t]["r2"] for r in recs])} for t in SCORED},
             "train_site_years": recs[0]["train_site_years"], "val_site_years": recs[0]["val_site_years"],
@@ -75,9 +86,15 @@ def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
         for rows in by_k.values():
             add_skill(rows)
     # the route shown in the figures: the one better on the development sites' validation years
-    # (never chosen on the held-out sites)
-    dev_nee = {r: backbones[r]["dev_val"]["NEE"]["mse"]["mean"] for r in config.routes}
+    # (never chosen on the held-out sites), averaged over the main columns' backbones
+    main = {scope.name for columns in bench.scopes.values() for scope in [columns["main"]]}
+    dev_nee = {route: float(np.mean([b["dev_val"]["NEE"]["mse"]["mean"] for b in backbones.values()
+                                     if b["route"] == route and b["scope"] in main])) for route in config.routes}
+    scopes = {site: {**{column: scope.name for column, scope in bench.scopes[site].items()},
+                     **{column: {"unavailable": why} for column, why in bench.unavailable.get(site, {}).items()}}
+              for site in config.held_out}
     return {"config": config.to_dict(), "held_out": list(config.held_out), "dev_sites": bench.dev_sites,
+            "scopes": scopes,
             "site_years": bench.site_years, "runs": len(bench.plan),
             "seconds_total": round(sum(r["seconds"] for r in records.values()), 1),
             "backbones": backbones, "figure_route": min(dev_nee, key=dev_nee.get),
