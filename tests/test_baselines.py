@@ -95,3 +95,26 @@ def test_climatology_needs_observations() -> None:
     frame = _table(years=(2005,)).assign(NEE=np.nan)
     with pytest.raises(KgmlPeftError, match="observed NEE"):
         Climatology.fit(_windows(frame))
+
+
+def test_seasonal_cycle_and_anomaly_r2_by_hand() -> None:
+    from kgml_peft.experiments.realsites import anomaly_r2, seasonal_cycle
+
+    days = np.arange(365)
+    cycle = 5 * np.sin(2 * np.pi * days / 365)
+    weather = np.where(days % 2 == 0, 1.0, -1.0)  # day-to-day swings the cycle does not know
+    observed = np.stack([cycle + weather, cycle - weather])
+    # the day-of-year mean of the two years is the cycle itself; the 31-day running mean of a sine
+    # is the sine scaled by sin(31 pi / 365) / (31 sin(pi / 365))
+    scale = np.sin(31 * np.pi / 365) / (31 * np.sin(np.pi / 365))
+    assert np.allclose(seasonal_cycle(observed), scale * cycle, atol=1e-9)
+    smooth = np.broadcast_to(scale * cycle, observed.shape)
+    reference = ((observed - smooth) ** 2).sum()
+    # predicting the cycle scores 1 - SSE / reference; predicting the observations scores 1
+    assert anomaly_r2(observed, observed) == 1.0
+    expected = 1 - ((smooth - observed) ** 2).sum() / reference
+    assert anomaly_r2(smooth.copy(), observed) == pytest.approx(expected, rel=1e-12) and expected <= 0.01
+    gappy = observed.copy()
+    gappy[:, 100:200] = np.nan  # gaps: the cycle comes from the days around them, scored days only
+    assert np.isfinite(seasonal_cycle(gappy)[[99, 200]]).all() and np.isnan(seasonal_cycle(gappy)[150])
+    assert anomaly_r2(observed, np.full_like(observed, np.nan)) is None

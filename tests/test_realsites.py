@@ -139,6 +139,17 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
             baselines = [cell[b]["skill_vs_best_baseline"][target]
                          for b in ("regression_global", "regression_site", "climatology")]
             assert max(baselines) == 0.0 and min(baselines) < 0  # the best is 0, the others below
+        # bootstrap intervals over the test years (US-Ne3: 11, US-CRT: 2), around the point figures
+        for name, entry in cell.items():
+            assert entry["test_years_n"] == (11 if site == "US-Ne3" else 2)
+            for target in ("NEE", "Reco"):
+                low, high = entry["mse_ci"][target]
+                assert 0 < low <= high and low <= entry[target]["mse"]["mean"] * 1.5
+                if entry["best_baseline"][target] == name:
+                    assert entry["skill_ci"][target] is None
+                else:
+                    low, high = entry["skill_ci"][target]
+                    assert low <= high and low < 1
         # baselines are deterministic: run once, their fitted values counted
         assert cell["regression_global"]["seeds"] == 1 and cell["regression_global"]["trained_parameters"] == 4
         assert cell["climatology"]["trained_parameters"] == 2 * 365
@@ -252,6 +263,13 @@ def test_regression_baseline_scored_by_hand(quick_run, fluxnet_table: Path) -> N
         mse = float(np.mean((predicted[target][ok] - test[target].to_numpy()[ok]) ** 2))
         assert rec["test"][target]["n"] == int(ok.sum())
         assert rec["test"][target]["mse"] == pytest.approx(mse, rel=1e-9)
+        # per test year: squared errors and days, what the bootstrap resamples
+        by_year = rec["test"][target]["by_year"]
+        for i, year in enumerate((2012, 2013)):
+            rows = (test.date.dt.year == year).to_numpy() & ok
+            assert by_year["n"][i] == int(rows.sum())
+            assert by_year["sse"][i] == pytest.approx(
+                float(((predicted[target][rows] - test[target].to_numpy()[rows]) ** 2).sum()), rel=1e-9)
 
 
 @needs_data
@@ -447,3 +465,45 @@ def test_satellite_like_route_degrades_every_sites_gpp_and_nothing_else(fluxnet_
     assert np.array_equal(satellite.windows.inputs[..., gpp], satellite.windows.gpp)
     ratio = satellite.windows.gpp.sum(axis=1) / tower.windows.gpp.sum(axis=1)
     assert 0.05 < ratio.std() < 0.3 and not np.allclose(ratio, 1)
+
+
+def test_bootstrap_over_test_years_is_paired_seeded_and_needs_two_years() -> None:
+    """add_bootstrap on hand-made records: resampling years of a method that is exactly half as
+    wrong as the baseline every year gives a skill interval of exactly [0.5, 0.5]; one test year
+    gives no interval; different test years within a cell are refused."""
+    from kgml_peft.experiments.realsites_report import add_bootstrap, add_skill
+
+    def record(sse: list[float], years: list[int]) -> dict:
+        by_year = {"sse": sse, "n": [10] * len(sse)}
+        mse = sum(sse) / (10 * len(sse))
+        return {"test": {"years": years, **{t: {"mse": mse, "by_year": by_year} for t in ("NEE", "Reco")}}}
+
+    def cell(years: list[int], scale: float = 0.5) -> tuple[dict, dict]:
+        base = [float(v) for v in range(10, 10 + 10 * len(years), 10)]
+        records = {"climatology": [record(base, years)], "regression_site": [record([2 * v for v in base], years)],
+                   "regression_global": [record([3 * v for v in base], years)],
+                   "adapter/observed": [record([scale * v for v in base], years)] * 2}
+        rows = {name: {t: {"mse": {"mean": recs[0]["test"][t]["mse"]}} for t in ("NEE", "Reco")}
+                for name, recs in records.items()}
+        return rows, records
+
+    rows, records = cell([2004, 2005, 2006, 2007])
+    add_skill(rows)
+    add_bootstrap(rows, records)
+    assert rows["adapter/observed"]["skill_vs_best_baseline"]["NEE"] == pytest.approx(0.5)
+    assert rows["adapter/observed"]["skill_ci"]["NEE"] == pytest.approx([0.5, 0.5])
+    assert rows["climatology"]["skill_ci"]["NEE"] is None  # the best baseline itself
+    low, high = rows["adapter/observed"]["mse_ci"]["Reco"]
+    assert low < rows["adapter/observed"]["Reco"]["mse"]["mean"] < high
+    again, records = cell([2004, 2005, 2006, 2007])
+    add_skill(again)
+    add_bootstrap(again, records)
+    assert again == rows  # seeded
+    one, records = cell([2013])
+    add_skill(one)
+    add_bootstrap(one, records)
+    assert one["adapter/observed"]["mse_ci"] == {"NEE": None, "Reco": None} and one["adapter/observed"]["test_years_n"] == 1
+    rows, records = cell([2004, 2005])
+    records["climatology"] = [record([1.0], [2004])]
+    with pytest.raises(KgmlPeftError, match="different years"):
+        add_bootstrap(rows, records)

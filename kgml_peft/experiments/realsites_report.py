@@ -16,6 +16,7 @@ from kgml_peft.experiments.figures import _pyplot, _save
 from kgml_peft.experiments.report import seed_stats
 from kgml_peft.experiments.realsites import BASELINES, SCORED, RealRun, RealSiteBenchmark
 from kgml_peft.atomic import atomic_path
+from kgml_peft.errors import KgmlPeftError
 from kgml_peft.provenance import provenance
 
 FIGURES = ("timeseries.png", "mse_by_years.png", "annual_sums.png")
@@ -70,8 +71,8 @@ def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
     for site, by_k in cells.items():
         for k, by_label in by_k.items():
             for name, recs in by_label.items():
-                entry = {t: {key: _stats([r["test"][t][key] for r in recs])
-                             for key in ("mse", "r2", "annual_mae", "annual_bias")} for t in SCORED}
+                entry = {t: {key: _stats([r["test"][t].get(key) for r in recs])
+                             for key in ("mse", "r2", "r2_anomaly", "annual_mae", "annual_bias")} for t in SCORED}
                 entry.update(trained_parameters=recs[0]["trained_parameters"],
                              test_years=recs[0]["test"]["years"], train_years=recs[0]["train_years"],
                              seeds=len(recs), seconds=_stats([r["seconds"] for r in recs]))
@@ -82,9 +83,10 @@ def aggregate_realsites(bench: RealSiteBenchmark) -> dict:
                 if any("other_crop_test_years" in r for r in recs):
                     entry["other_crop_test_years"] = recs[0]["other_crop_test_years"]
                 out_cells.setdefault(site, {}).setdefault(k, {})[name] = entry
-    for by_k in out_cells.values():
-        for rows in by_k.values():
+    for site, by_k in out_cells.items():
+        for k, rows in by_k.items():
             add_skill(rows)
+            add_bootstrap(rows, cells[site][k])
     # the route shown in the figures: the one better on the development sites' validation years
     # (never chosen on the held-out sites), averaged over the main columns' backbones
     main = {scope.name for columns in bench.scopes.values() for scope in [columns["main"]]}
@@ -122,6 +124,50 @@ def add_skill(rows: dict[str, dict]) -> None:
         entry["best_baseline"] = {target: best[target][1] for target in best}
 
 
+#: bootstrap resamples of the test years, and the level of the intervals drawn from them
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def _draw_mse(recs: list[dict], target: str, draws: np.ndarray) -> np.ndarray:
+    """The mean over seeds of the test MSE of each resample of test years ``draws`` [B, years]."""
+    per_seed = []
+    for r in recs:
+        sse, n = (np.asarray(r["test"][target]["by_year"][key], dtype=float) for key in ("sse", "n"))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_seed.append(sse[draws].sum(axis=1) / n[draws].sum(axis=1))
+    return np.mean(per_seed, axis=0)
+
+
+def add_bootstrap(rows: dict[str, dict], records: dict[str, list[dict]], seed: int = 0) -> None:
+    """Give every row of one cell a bootstrap interval over its test years (every method of a
+    cell is tested on the same years; one set of resamples, seeded, serves them all, so the
+    intervals of skills are paired): per scored target ``mse_ci`` and, with baselines,
+    ``skill_ci`` (:data:`BOOTSTRAP_LEVEL`, percentiles of :data:`BOOTSTRAP_DRAWS` resamples of the
+    mean over seeds). None with fewer than two test years: one year cannot be resampled."""
+    years = {len(recs[0]["test"]["years"]) for recs in records.values()}
+    if len(years) != 1:
+        raise KgmlPeftError(f"the methods of one cell were tested on different years ({sorted(years)} years)")
+    n_years = years.pop()
+    draws = np.random.default_rng(seed).integers(0, n_years, size=(BOOTSTRAP_DRAWS, n_years))
+    tail = (1 - BOOTSTRAP_LEVEL) / 2 * 100
+    usable = n_years >= 2 and all("by_year" in recs[0]["test"][t] for recs in records.values() for t in SCORED)
+
+    def interval(values: np.ndarray) -> list[float] | None:
+        values = values[np.isfinite(values)]
+        return [float(v) for v in np.percentile(values, [tail, 100 - tail])] if usable and len(values) else None
+
+    mse = {name: {t: _draw_mse(recs, t, draws) for t in SCORED} for name, recs in records.items()} if usable else {}
+    for name, entry in rows.items():
+        entry["test_years_n"] = n_years
+        entry["mse_ci"] = {t: interval(mse[name][t]) if usable else None for t in SCORED}
+        best = entry.get("best_baseline")
+        if best is not None:
+            # the best baseline's own skill is 0 by definition: no interval
+            entry["skill_ci"] = {t: interval(1 - mse[name][t] / mse[best[t]][t])
+                                 if usable and t in best and best[t] != name else None for t in SCORED}
+
+
 def _interval_stats(records: list[dict]) -> dict:
     """Coverage and mean width of the daily and annual intervals over seeds (runs whose widths
     could not reach the level are counted, not averaged)."""
@@ -147,6 +193,35 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:+.0f} %"
 
 
+def _skill(entry: dict, target: str) -> str:
+    value = entry.get("skill_vs_best_baseline", {}).get(target)
+    ci = (entry.get("skill_ci") or {}).get(target)
+    return _percent(value) + ("" if ci is None or value is None else
+                              f" [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]")
+
+
+def reported_targets(results: dict) -> tuple[str, ...]:
+    """The targets results.md reports: with tower GPP only Reco, since ONEFlux's night-time
+    partitioning makes NEE = Reco - GPP hold exactly for the observations, so a model handed the
+    tower's GPP scores NEE through an identity (docs/fluxnet.md)."""
+    return ("Reco",) if results["config"].get("gpp_route") == "tower" else SCORED
+
+
+def _cell_table(rows: dict[str, dict], targets: tuple[str, ...]) -> list[str]:
+    """One cell's rows: per target MSE, R², R² on anomalies, annual error and skill vs the best
+    baseline with its bootstrap interval."""
+    head = ["method"] + [f"{t} {col}" for t in targets for col in ("MSE", "R²", "R² anomalies",
+                                                                 "annual abs. error", "skill")] + ["trained values"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in rows.items():
+        cols = [name]
+        for t in targets:
+            cols += [_fmt(e[t]["mse"]), _fmt(e[t]["r2"]), _fmt(e[t].get("r2_anomaly")),
+                     _fmt(e[t]["annual_mae"], 0), _skill(e, t)]
+        lines.append("| " + " | ".join(cols + [str(e["trained_parameters"])]) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     """The report as markdown tables."""
     lines = ["# Real-site benchmark (FLUXNET2015)", "",
@@ -160,20 +235,17 @@ def markdown(results: dict) -> str:
         d = b["dev_val"]
         lines.append(f"| {route} | {_fmt(d['NEE']['mse'])} | {_fmt(d['NEE']['r2'])} | {_fmt(d['Reco']['mse'])} | "
                      f"{_fmt(d['Reco']['r2'])} | {b['train_site_years']} / {b['val_site_years']} |")
+    targets = reported_targets(results)
+    if targets != SCORED:
+        lines += ["", "Tower GPP route: daily and annual NEE are not reported. ONEFlux partitions the tower's "
+                  "own NEE into GPP_NT and RECO_NT = GPP_NT + NEE, so with GPP_NT as an input NEE follows from "
+                  "Reco by that identity; Reco is the test (results.json keeps every figure)."]
     for site, by_k in results["cells"].items():
         for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0])):
             first = next(iter(rows.values()))
             lines += ["", f"## {site}: calibrated on {k} year(s) {first['train_years']}, tested on "
                           f"{len(first['test_years'])} ({first['test_years'][0]}-{first['test_years'][-1]})", "",
-                      "| method | NEE MSE | NEE R² | Reco MSE | Reco R² | annual NEE abs. error | "
-                      "annual Reco abs. error | trained values | NEE skill | Reco skill |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
-            for name, e in rows.items():
-                skill = e.get("skill_vs_best_baseline", {})
-                lines.append(f"| {name} | {_fmt(e['NEE']['mse'])} | {_fmt(e['NEE']['r2'])} | {_fmt(e['Reco']['mse'])} | "
-                             f"{_fmt(e['Reco']['r2'])} | {_fmt(e['NEE']['annual_mae'], 0)} | "
-                             f"{_fmt(e['Reco']['annual_mae'], 0)} | {e['trained_parameters']} | "
-                             f"{_percent(skill.get('NEE'))} | {_percent(skill.get('Reco'))} |")
+                      *_cell_table(rows, targets)]
     interval_rows = [(site, k, name, e) for site, by_k in results["cells"].items()
                      for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0]))
                      for name, e in rows.items() if "intervals" in e]
@@ -193,9 +265,11 @@ def markdown(results: dict) -> str:
                   "annual sums (annual) inside the interval; widths in gC m-2 d-1 (daily) and gC m-2 yr-1 "
                   "(annual)."]
     lines += ["", "MSE in (gC m-2 d-1)^2 on test days whose NEE passed the import's QC threshold; annual "
-              "errors in gC m-2 yr-1 against the gap-filled record (365-day years). Skill: 1 - MSE / MSE of "
-              "the cell's best baseline for that target (regression_global, regression_site, climatology; "
-              "the best picked on the test years), so > 0 beats every baseline."]
+              "errors in gC m-2 yr-1 against the gap-filled record (365-day years). R² anomalies: R² against "
+              "the test years' seasonal cycle (31-day running mean of the day-of-year mean) instead of their "
+              "mean. Skill: 1 - MSE / MSE of the cell's best baseline for that target (regression_global, "
+              "regression_site, climatology; the best picked on the test years), so > 0 beats every "
+              "baseline; in brackets its 95 % bootstrap interval over test years (none with one test year)."]
     return "\n".join(lines) + "\n"
 
 
