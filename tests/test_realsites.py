@@ -19,6 +19,7 @@ import kgml_peft
 from kgml_peft import schema
 from kgml_peft.cli import cli
 from kgml_peft.data.fluxnet import import_fluxnet
+from kgml_peft.data.gpp import satellite_like_gpp
 from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import make_windows
 from kgml_peft.errors import KgmlPeftError
@@ -168,7 +169,7 @@ def test_quick_run_writes_every_method_for_every_site(quick_run) -> None:
         daily, annual = intervals[target]["daily"], intervals[target]["annual"]
         assert daily["n"] == record["test"][target]["n"] and 0 <= daily["coverage"] <= 1
         assert daily["mean_width"] > 0 and annual["n"] >= 1 and annual["mean_width"] > 0
-    assert record["gpp_route"] == "tower"
+    assert record["gpp_route"] == "satellite-like"  # the default route
     assert record["other_crop_test_years"] == 0  # the table has no Crop_Type: no crop limit
     assert results["figure_route"] in ("observed", "simulated")
     # where the results came from: the commit of this checkout, the date, the config
@@ -214,7 +215,7 @@ def test_scores_recomputed_from_the_saved_backbone(quick_run, fluxnet_table: Pat
     out, _ = quick_run
     rec = _records(out)["global__observed__US-CRT__1y__s0"]
     backbone = load_backbone(out / "models" / "observed__s0.safetensors")
-    raw = pd.read_parquet(fluxnet_table)
+    raw = satellite_like_gpp(pd.read_parquet(fluxnet_table), seed=0)  # the quick run's (default) route
     site = raw[raw.site == "US-CRT"]
     windows = make_windows(validate_table(site, backbone.config.features), backbone.config.features)
     test = windows.subset(np.flatnonzero(windows.years >= 2012))
@@ -245,7 +246,7 @@ def test_regression_baseline_scored_by_hand(quick_run, fluxnet_table: Path) -> N
     days with the normal equations, predict NEE = Reco - GPP for 2012-2013, score by hand."""
     out, _ = quick_run
     rec = _records(out)["regression_site__none__US-CRT__1y__s0"]
-    raw = pd.read_parquet(fluxnet_table)
+    raw = satellite_like_gpp(pd.read_parquet(fluxnet_table), seed=0)  # the quick run's (default) route
     site = raw[(raw.site == "US-CRT") & ~((raw.date.dt.month == 2) & (raw.date.dt.day == 29))]
     fit = site[(site.date.dt.year == 2011) & site.Reco.notna()]
 
@@ -432,17 +433,19 @@ def test_cli_workflow_on_tower_data(tmp_path: Path, monkeypatch) -> None:
 
 @needs_data
 def test_exclude_removes_sites_before_anything(fluxnet_table: Path, tmp_path: Path) -> None:
-    """The development split (configs/fluxnet-dev.toml, and with satellite-like GPP
-    configs/fluxnet-dev-satellite.toml) removes the real held-out towers."""
+    """The development split (configs/fluxnet-dev.toml, and with tower GPP
+    configs/fluxnet-dev-tower.toml) removes the real held-out towers."""
 
     from kgml_peft.experiments.realsites import RealSiteBenchmark
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     dev = RealSiteConfig.from_toml(configs / "fluxnet-dev.toml")
     assert set(dev.exclude) == set(HELD_OUT) and not set(dev.held_out) & set(HELD_OUT)
-    # its satellite-like twin is the same split, only the GPP route differs
-    satellite = RealSiteConfig.from_toml(configs / "fluxnet-dev-satellite.toml")
-    assert satellite == dataclasses.replace(dev, gpp_route="satellite-like") and dev.gpp_route == "tower"
+    # its tower-GPP twin is the same split, only the GPP route differs; the held-out benchmark's
+    # tower config differs from the default in the route alone
+    tower = RealSiteConfig.from_toml(configs / "fluxnet-dev-tower.toml")
+    assert tower == dataclasses.replace(dev, gpp_route="tower") and dev.gpp_route == "satellite-like"
+    assert RealSiteConfig.from_toml(configs / "fluxnet-tower.toml") == RealSiteConfig(gpp_route="tower")
     config = dataclasses.replace(RealSiteConfig.quick(), held_out=dev.held_out, exclude=dev.exclude)
     bench = RealSiteBenchmark(pd.read_parquet(fluxnet_table), config, tmp_path / "out")
     assert not set(bench.windows.sites) & set(HELD_OUT)
@@ -456,7 +459,7 @@ def test_satellite_like_route_degrades_every_sites_gpp_and_nothing_else(fluxnet_
     balance's GPP), targets and other inputs stay as the tower measured them."""
     frame = pd.read_parquet(fluxnet_table)
     config = dataclasses.replace(RealSiteConfig.quick(), gpp_route="satellite-like")
-    tower = RealSiteBenchmark(frame, RealSiteConfig.quick(), "unused")
+    tower = RealSiteBenchmark(frame, dataclasses.replace(RealSiteConfig.quick(), gpp_route="tower"), "unused")
     satellite = RealSiteBenchmark(frame, config, "unused")
     gpp = list(tower.windows.features).index("GPP")
     assert np.array_equal(tower.windows.daily, satellite.windows.daily, equal_nan=True)

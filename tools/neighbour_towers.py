@@ -14,14 +14,14 @@ US-Ne1 and US-Ne2 among them), per seed:
     kgml-peft import fluxnet ../shared/data/fluxnet2015/daily --site-meta ../shared/data/fluxnet2015/sites.csv \\
         --crops ../shared/data/fluxnet2015/crops.csv --out data/fluxnet-meta.parquet
     python tools/neighbour_towers.py --data data/fluxnet-meta.parquet \\
-        --backbones results/fluxnet/models --out /tmp/ne3
+        --backbones results/fluxnet-tower/models --out /tmp/ne3
 
 The development split's version (how the prior's one-year rule was checked before US-Ne3 was
 run with it): US-Ne2 from US-Ne1 with the development backbones, which never trained on US-Ne2
-(``configs/fluxnet-dev.toml``):
+(``configs/fluxnet-dev-tower.toml``):
 
     python tools/neighbour_towers.py --data data/fluxnet-meta.parquet \\
-        --backbones results/fluxnet-dev/models --tower US-Ne2 --neighbours US-Ne1 --out /tmp/ne2
+        --backbones results/fluxnet-dev-tower/models --tower US-Ne2 --neighbours US-Ne1 --out /tmp/ne2
 """
 
 from __future__ import annotations

@@ -126,10 +126,11 @@ class RealSiteConfig:
     #: simulator size for the simulated route (sites per state, years per site; None = all)
     sim_sites_per_region: int | None = 6
     sim_years_per_site: int | None = None
-    #: GPP input: ``tower`` (GPP_NT, partitioned from the tower's own NEE: an upper bound) or
-    #: ``satellite-like`` (every site's tower GPP degraded as a satellite product would see it,
-    #: :mod:`kgml_peft.data.gpp`)
-    gpp_route: str = "tower"
+    #: GPP input: ``satellite-like`` (every site's tower GPP degraded as a satellite product would
+    #: see it, :mod:`kgml_peft.data.gpp`; the default: a field without a tower has such a product)
+    #: or ``tower`` (GPP_NT, partitioned from the tower's own NEE: NEE then follows from Reco by
+    #: ONEFlux's identity, an upper bound scored on Reco)
+    gpp_route: str = "satellite-like"
     #: coverage level of the intervals scored for ``adapter_cv``
     interval: float = 0.9
     #: leave-neighbours-out: a held-out tower's backbones train without the development towers
