@@ -882,12 +882,15 @@ def _experiment_fluxnet(data: Path | None, out: Path, config_path: Path | None, 
     if exclude_within_km is not None:
         config = dataclasses.replace(config, exclude_within_km=exclude_within_km)
     results = run_realsites(read_table(data), config, out, cpu=cpu, progress=_bars(quiet), jobs=jobs)
+    from kgml_peft.experiments.realsites_report import reported_targets
+
+    target = reported_targets(results)[0]  # tower GPP: Reco (NEE follows from it by ONEFlux's identity)
     click.echo(f"{results['runs']} runs ({results['resumed_runs']} resumed) in "
-               f"{time.perf_counter() - start:.0f} s; test NEE MSE (gC m-2 d-1)^2, mean over seeds:")
+               f"{time.perf_counter() - start:.0f} s; test {target} MSE (gC m-2 d-1)^2, mean over seeds:")
     for site, by_k in results["cells"].items():
         for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0])):
             click.echo(f"  {site} {k}y  " + "  ".join(
-                f"{name} {e['NEE']['mse']['mean']:.3f}" if e["NEE"]["mse"] else f"{name} -"
+                f"{name} {e[target]['mse']['mean']:.3f}" if e[target]["mse"] else f"{name} -"
                 for name, e in rows.items()))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and figures")
 

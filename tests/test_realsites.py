@@ -303,12 +303,19 @@ def test_resume_and_jobs_give_the_same_results(quick_run, fluxnet_table: Path, t
     assert result.exit_code == 0, result.stderr
     strip = lambda recs: {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in recs.items()}  # noqa: E731
     assert strip(_records(parallel)) == strip(before)
+    # the folder belongs to its config and table: another radius (the same run keys, other
+    # backbones) is refused, not resumed, and nothing in the folder changes
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    other = _runner().invoke(cli, ["experiment", "--suite", "fluxnet", "--quick", "--data", str(fluxnet_table),
+                                   "--out", str(out), "--quiet", "--exclude-within-km", "0"])
+    assert other.exit_code == 2 and "holds the runs of another experiment" in other.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
 
 
 @needs_data
 @pytest.mark.parametrize("case", ["no-data", "not-imported", "unknown-held-out", "bad-config",
                                   "no-test-year", "excluded-held-out", "no-coordinates", "negative-radius",
-                                  "radius-elsewhere"])
+                                  "radius-elsewhere", "unobserved-calibration-year"])
 def test_bad_input(case: str, fluxnet_table: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["experiment", "--suite", "fluxnet", "--quick", "--out", "out", "--quiet"]
@@ -343,6 +350,12 @@ def test_bad_input(case: str, fluxnet_table: Path, tmp_path: Path, monkeypatch) 
         pd.read_parquet(fluxnet_table).drop(columns=["lat", "lon"]).to_parquet("flat.parquet", index=False)
         args += ["--data", "flat.parquet"]
         expect = ("lat/lon", "--site-meta", "exclude_within_km = 0")
+    elif case == "unobserved-calibration-year":  # the calibration year has no observed NEE
+        table = pd.read_parquet(fluxnet_table)
+        table.loc[(table.site == "US-CRT") & (table.date.dt.year == 2011), "NEE"] = np.nan
+        table.to_parquet("blind.parquet", index=False)
+        args += ["--data", "blind.parquet"]
+        expect = ("US-CRT", "0 observed NEE days", "at least 16")
     elif case == "negative-radius":
         args += ["--data", str(fluxnet_table), "--exclude-within-km", "-1"]
         expect = ("exclude_within_km", ">= 0")
@@ -508,5 +521,10 @@ def test_bootstrap_over_test_years_is_paired_seeded_and_needs_two_years() -> Non
     assert one["adapter/observed"]["mse_ci"] == {"NEE": None, "Reco": None} and one["adapter/observed"]["test_years_n"] == 1
     rows, records = cell([2004, 2005])
     records["climatology"] = [record([1.0], [2004])]
+    with pytest.raises(KgmlPeftError, match="different years"):
+        add_bootstrap(rows, records)
+    # as many years, other years (a stale record), in one seed only: refused too
+    rows, records = cell([2004, 2005])
+    records["adapter/observed"] = [records["adapter/observed"][0], record([5.0, 10.0], [2005, 2006])]
     with pytest.raises(KgmlPeftError, match="different years"):
         add_bootstrap(rows, records)

@@ -67,9 +67,10 @@ def cv_table(results: dict, folder: Path, target: str) -> tuple[list[str], list[
         for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0])):
             for col in _columns(results, site):
                 for route in results["config"]["routes"]:
-                    g = rows[f"global/{route}{col}"][target]["mse"]["mean"]
-                    a = rows[f"adapter/{route}{col}"][target]["mse"]["mean"]
-                    c = rows[f"adapter_cv/{route}{col}"][target]["mse"]["mean"]
+                    mses = [rows[f"{m}/{route}{col}"][target]["mse"] for m in ("global", "adapter", "adapter_cv")]
+                    if any(m is None for m in mses):  # no observed test day of this target
+                        continue
+                    g, a, c = (m["mean"] for m in mses)
                     suffix = "__past" if col else ""
                     chose = []
                     for seed in seeds:

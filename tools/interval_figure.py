@@ -42,6 +42,10 @@ def main() -> None:
     backbone = results / "models" / (f"{args.route}__s{args.seed}.safetensors" if scope == "dev"
                                      else f"{args.route}__{scope}__s{args.seed}.safetensors")
     frame = pd.read_parquet(args.data)
+    if record.get("gpp_route") == "satellite-like":  # served on the GPP the benchmark scored it on
+        from kgml_peft.data.gpp import satellite_like_gpp
+
+        frame = satellite_like_gpp(frame, seed=0)  # seeded per site-year: filtering after is the same
     frame = frame[frame["site"] == args.site]
     test = frame[frame["date"].dt.year.isin(record["test"]["years"])]
     with tempfile.TemporaryDirectory() as tmp:

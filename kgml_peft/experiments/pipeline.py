@@ -148,6 +148,7 @@ def run_realsites(frame: pd.DataFrame, config, out: str | os.PathLike, *, cpu: b
     out = _check_out(out)
     bench = RealSiteBenchmark(frame, config, out, cpu=cpu)
     out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, bench.identity(frame))
     todo = [run for run in bench.plan if not bench.done(run)]
     first = [r for r in todo if r.method == "pretrain"]
     execute_runs(bench, partial(RealSiteBenchmark, frame, config, str(out), cpu=cpu), first,

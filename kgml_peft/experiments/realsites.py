@@ -3,16 +3,19 @@
 Data: a FLUXNET2015 table from ``kgml-peft import fluxnet``. The held-out sites (US-Ne3 and
 US-CRT by default) are never seen before calibration; every other site is a development site.
 
-1. **Backbones** (one per route and seed), built for the tower features (``FLUXNET_FEATURES``):
+1. **Backbones** (one per route, seed and scope), built for the tower features
+   (``FLUXNET_FEATURES``). A held-out tower's backbones never see the development towers within
+   ``exclude_within_km`` of it (``main`` column) and, in a second column (``past``), also none of
+   the years from its first calibration year on (:class:`Scope`):
 
-   * ``observed``: trained from random weights on the development sites' observed NEE and Reco
+   * ``observed``: trained from random weights on the scope's observed NEE and Reco
      (their last ``val_fraction`` of years steer early stopping);
    * ``simulated``: the KGML-ag route: first the process-model simulator's Ra, Rh, NEE and Reco
      (its weather converted to the tower features by
      :func:`~kgml_peft.data.meteo.add_flux_tower_weather`), then the development observations.
 
 2. **Per held-out site and k** in ``calibration_years`` (k < the site's years): the first k years
-   calibrate, the remaining years test. Methods: ``global`` (the backbone as it is), ``site_only``
+   calibrate; the years after the site's largest k test, the same for every k. Methods: ``global`` (the backbone as it is), ``site_only``
    (random weights, the k years only), ``full`` (Eq. 2, every weight from the backbone) and
    ``adapter`` (Eq. 3), and ``adapter_cv`` (Eq. 3 with ``cv = "folds"``: epochs, shape and
    strength chosen on folds of the k years, see :mod:`kgml_peft.calibration.selection`; the
@@ -81,6 +84,9 @@ from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
 ROUTES: tuple[str, ...] = ("observed", "simulated")
 #: Methods per held-out site and k; ``global``, ``full`` and ``adapter`` exist once per route.
 METHODS: tuple[str, ...] = ("global", "site_only", "full", "adapter", "adapter_cv")
+#: fewest observed days of each scored target a held-out tower's calibration years need (the Reco
+#: regression's four coefficients want four times their number)
+MIN_CALIBRATION_DAYS = 16
 #: Baselines per held-out site and k (:mod:`.baselines`), run once (they are deterministic, so
 #: seeds would repeat them): the Reco regression fitted on the development towers' training years
 #: or on the calibration years, and the calibration years' day-of-year climatology.
@@ -220,8 +226,8 @@ class RealSiteConfig:
 
 
 #: The backbones a held-out tower is calibrated from, one column each: ``main`` (every development
-#: tower but its neighbours within ``exclude_within_km``) and ``past`` (every development tower,
-#: only the years before the tower's first calibration year; with ``past_only``).
+#: tower but its neighbours within ``exclude_within_km``) and ``past`` (the same towers, only
+#: their years before the tower's first calibration year; with ``past_only``).
 COLUMNS: tuple[str, ...] = ("main", "past")
 
 
@@ -257,8 +263,8 @@ class RealRun:
 
     @property
     def key(self) -> str:
-        """A unique, file-name-safe name of the run (runs of the ``dev`` scope and the ``main``
-        column keep the names they had before scopes existed, so old results folders resume)."""
+        """A unique, file-name-safe name of the run within one results folder (a folder holds one
+        config and table: :meth:`RealSiteBenchmark.identity`)."""
         parts = [self.method, self.route or "none"]
         if self.scope != "dev":
             parts.append(self.scope)
@@ -433,6 +439,15 @@ class RealSiteBenchmark(RunFiles):
                 raise KgmlPeftError(
                     f"held-out site {site} has {n} complete years; calibrating on "
                     f"{min(config.calibration_years)} would leave no test year (use fewer calibration years)")
+        for site in config.held_out:
+            for k in (k for k in config.calibration_years if k < self.site_years[site]):
+                years, _ = self.site_split(site, k)
+                for target in SCORED:
+                    days = int(np.isfinite(years.target(target)).sum())
+                    if days < MIN_CALIBRATION_DAYS:
+                        raise KgmlPeftError(
+                            f"held-out site {site}: its first {k} year(s) have {days} observed {target} days; "
+                            f"calibrating (and the per-tower baselines) needs at least {MIN_CALIBRATION_DAYS}")
         #: per held-out site: the backbone scope of each column it has, and why a column is missing
         self.scopes, self.unavailable = self._scopes(frame)
         self.plan = plan_runs(config, self.site_years, self.scopes)
@@ -461,8 +476,8 @@ class RealSiteBenchmark(RunFiles):
         for site in c.held_out:
             first = int(self.windows.years[self.windows.sites == site].min())
             columns = {"main": Scope(without=near[site])}
-            if c.past_only:
-                columns["past"] = Scope(before=first)
+            if c.past_only:  # the neighbours stay out too: past differs from main in time alone
+                columns["past"] = Scope(without=near[site], before=first)
             for column, scope in columns.items():
                 why = self._scope_problem(scope)
                 if why is None:
@@ -511,6 +526,16 @@ class RealSiteBenchmark(RunFiles):
             found = {sc.name: sc for cols in self.scopes.values() for sc in cols.values()}
             return found[run.scope]
         return self.scopes[run.site][run.column]
+
+    def identity(self, frame: pd.DataFrame) -> dict:
+        """What the runs of a results folder depend on (``<out>/experiment.json``): the suite, the
+        config, the imported table's hash and each held-out tower's scopes. A folder written with
+        another radius, route or table is refused instead of resumed (run keys do not name them)."""
+        from kgml_peft.train.pretrain import frame_hash
+
+        return {"suite": "fluxnet", "config": self.config.to_dict(), "data": frame_hash(frame),
+                "scopes": {site: {column: scope.name for column, scope in columns.items()}
+                           for site, columns in self.scopes.items()}}
 
     # -- data -------------------------------------------------------------------------------------
 

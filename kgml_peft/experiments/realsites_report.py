@@ -145,10 +145,10 @@ def add_bootstrap(rows: dict[str, dict], records: dict[str, list[dict]], seed: i
     intervals of skills are paired): per scored target ``mse_ci`` and, with baselines,
     ``skill_ci`` (:data:`BOOTSTRAP_LEVEL`, percentiles of :data:`BOOTSTRAP_DRAWS` resamples of the
     mean over seeds). None with fewer than two test years: one year cannot be resampled."""
-    years = {len(recs[0]["test"]["years"]) for recs in records.values()}
+    years = {tuple(r["test"]["years"]) for recs in records.values() for r in recs}
     if len(years) != 1:
-        raise KgmlPeftError(f"the methods of one cell were tested on different years ({sorted(years)} years)")
-    n_years = years.pop()
+        raise KgmlPeftError(f"the runs of one cell were tested on different years: {sorted(years)}")
+    n_years = len(years.pop())
     draws = np.random.default_rng(seed).integers(0, n_years, size=(BOOTSTRAP_DRAWS, n_years))
     tail = (1 - BOOTSTRAP_LEVEL) / 2 * 100
     usable = n_years >= 2 and all("by_year" in recs[0]["test"][t] for recs in records.values() for t in SCORED)
@@ -341,7 +341,9 @@ def plot_mse_by_years(results: dict, path: Path) -> Path:
 
 
 def plot_annual(results: dict, path: Path) -> Path:
-    """Predicted against gap-filled annual NEE sums of every test year (seed 0, longest calibration)."""
+    """Predicted against gap-filled annual sums of every test year (seed 0, longest calibration):
+    NEE, or Reco on the tower-GPP route (:func:`reported_targets`)."""
+    target = reported_targets(results)[0]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     route = results["figure_route"]
@@ -352,7 +354,7 @@ def plot_annual(results: dict, path: Path) -> Path:
         for name, rec in results["series"][site][k].items():
             if "/" in name and not name.endswith(route):
                 continue
-            obs, pred = rec["NEE"]["annual_observed"], rec["NEE"]["annual_predicted"]
+            obs, pred = rec[target]["annual_observed"], rec[target]["annual_predicted"]
             keep = [(o, p) for o, p in zip(obs, pred) if o is not None]
             values += [v for pair in keep for v in pair]
             ax.scatter([o for o, _ in keep], [p for _, p in keep], marker=markers[s % len(markers)], s=22,
@@ -360,8 +362,8 @@ def plot_annual(results: dict, path: Path) -> Path:
     if values:
         lo, hi = min(values), max(values)
         ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8)
-    ax.set_xlabel("gap-filled annual NEE (gC m-2 yr-1)")
-    ax.set_ylabel("predicted annual NEE (gC m-2 yr-1)")
+    ax.set_xlabel(f"gap-filled annual {target} (gC m-2 yr-1)")
+    ax.set_ylabel(f"predicted annual {target} (gC m-2 yr-1)")
     ax.legend(fontsize=6)
     return _save(fig, path)
 
