@@ -312,14 +312,15 @@ def plot_timeseries(results: dict, path: Path) -> Path:
 
 
 def plot_mse_by_years(results: dict, path: Path) -> Path:
-    """Test MSE of NEE and Reco against the number of calibration years, per site and method."""
+    """Test MSE of NEE and Reco against the number of calibration years, per site and method (the
+    main column's backbones)."""
     plt = _pyplot()
     sites = list(results["cells"])
     fig, axes = plt.subplots(2, len(sites), figsize=(5.5 * len(sites), 6.5), squeeze=False)
     for j, site in enumerate(sites):
         by_k = results["cells"][site]
         ks = sorted(by_k, key=int)
-        names = list(by_k[ks[0]])
+        names = [n for n in by_k[ks[0]] if not n.endswith("/past")]  # the past column: in the tables
         for i, target in enumerate(SCORED):
             ax = axes[i, j]
             for n, name in enumerate(names):
