@@ -405,14 +405,12 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     click.echo(f"\ntest: the state adapters on the fields of seed {test_seed} (other fields and weather, "
                "never seen by the backbone's training, its early stopping or the calibration), every "
                "observed day, MSE in (gC m-2 d-1)^2:")
-    click.echo(state_table.to_string(index=False, float_format=lambda v: f"{v:.3f}",
-                                     formatters={c: "{:+.1f}".format for c in state_table if c.endswith("change_%")}))
+    click.echo(_change_table(state_table))
     if new_table is not None:
         click.echo("\nnew fields (never seen by the backbone): one adapter each from its earlier years; "
                    "test = its last year, used by neither training nor early stopping (MSE in "
                    "(gC m-2 d-1)^2, change per target):")
-        click.echo(new_table.to_string(index=False, float_format=lambda v: f"{v:.3f}",
-                                       formatters={c: "{:+.1f}".format for c in new_table if c.endswith("change_%")}))
+        click.echo(_change_table(new_table))
         better = int((new_table["NEE_change_%"] < 0).sum())
         click.echo(f"{better} of {len(new_table)} new fields predicted better with their adapter on NEE; "
                    f"mean change NEE {new_table['NEE_change_%'].mean():+.1f} %, "
@@ -420,6 +418,12 @@ def demo(backbone: Path, seed: int, out_dir: Path, quiet: bool, as_json: bool) -
     click.echo(f"\nserved all {served.site_years} observed site-years with the {len(served.used)} state "
                f"adapters from one AdapterBank (mixed-state batches) in {serve_seconds:.1f} s: "
                f"{out_dir / 'predictions.csv'} (daily Ra, Rh, Reco, NEE in gC m-2 d-1; Yield in t ha-1)")
+
+
+def _change_table(table) -> str:
+    """A demo table as text: MSEs with 3 decimals, ``*change_%`` columns signed with 1."""
+    return table.to_string(index=False, float_format=lambda v: f"{v:.3f}",
+                           formatters={c: "{:+.1f}".format for c in table if c.endswith("change_%")})
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -17,20 +17,8 @@ import json
 import statistics
 from pathlib import Path
 
-BASELINES = ("regression_global", "regression_site", "climatology")
-GRU = ("global", "full", "adapter", "adapter_cv")
-
-
-def _targets(results: dict) -> tuple[str, ...]:
-    return ("Reco",) if results["config"]["gpp_route"] == "tower" else ("NEE", "Reco")
-
-
-def _skill(entry: dict, target: str) -> str:
-    value = (entry.get("skill_vs_best_baseline") or {}).get(target)
-    if value is None:
-        return "-"
-    ci = (entry.get("skill_ci") or {}).get(target)
-    return f"{100 * value:+.0f} %" + ("" if ci is None else f" [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]")
+from kgml_peft.experiments.realsites import BACKBONE_METHODS, BASELINES
+from kgml_peft.experiments.realsites_report import reported_targets, skill_text
 
 
 def _columns(results: dict, site: str) -> list[str]:
@@ -40,18 +28,18 @@ def _columns(results: dict, site: str) -> list[str]:
 
 def skill_table(results: dict) -> list[str]:
     """Per tower and k: every baseline and GRU method, MSE and skill vs the best baseline."""
-    targets = _targets(results)
+    targets = reported_targets(results)
     head = ["tower, k", "method"] + [f"{t} {c}" for t in targets for c in ("MSE", "skill [95 % CI]")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for site, by_k in results["cells"].items():
         for k, rows in sorted(by_k.items(), key=lambda kv: int(kv[0])):
             names = list(BASELINES) + [f"{m}/{route}{col}" for col in _columns(results, site)
-                                       for route in results["config"]["routes"] for m in GRU]
+                                       for route in results["config"]["routes"] for m in BACKBONE_METHODS]
             for name in (n for n in names if n in rows):
                 e = rows[name]
                 cells = [f"{e[t]['mse']['mean']:.3f}" if e[t]["mse"] else "-" for t in targets]
                 lines.append("| " + " | ".join([f"{site}, {k}", name] + [v for t, m in zip(targets, cells)
-                                                                      for v in (m, _skill(e, t))]) + " |")
+                                                                      for v in (m, skill_text(e, t))]) + " |")
     return lines
 
 
@@ -93,7 +81,7 @@ def interval_lines(results: dict) -> list[str]:
             for route in results["config"]["routes"]:
                 parts = [by_k[k][f"adapter_cv/{route}{col}"].get("intervals") for k in by_k]
                 parts = [p for p in parts if p]
-                for target in _targets(results):
+                for target in reported_targets(results):
                     daily = [p[target]["daily"]["coverage"]["mean"] for p in parts if p[target]["daily"]["coverage"]]
                     annual = [p[target]["annual"]["coverage"]["mean"] for p in parts if p[target]["annual"]["coverage"]]
                     if daily:
@@ -112,7 +100,7 @@ def main() -> None:
           f"(commit {results.get('provenance', {}).get('commit')}) -->")
     print("\n".join(skill_table(results)))
     # the headline target: NEE, or Reco where NEE comes through the identity (tower GPP)
-    lines, summary = cv_table(results, args.results, _targets(results)[0])
+    lines, summary = cv_table(results, args.results, reported_targets(results)[0])
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in summary))
     print("\n" + "\n".join(interval_lines(results)))
 

@@ -79,7 +79,7 @@ from kgml_peft.model.backbone import BackboneConfig
 from kgml_peft.model.inference import predict_windows
 from kgml_peft.store.checkpoint import Backbone, load_backbone, save_backbone
 from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms
-from kgml_peft.train.pretrain import PretrainConfig, train_phases, with_reco
+from kgml_peft.train.pretrain import PretrainConfig, frame_hash, train_phases, with_reco
 
 ROUTES: tuple[str, ...] = ("observed", "simulated")
 #: Methods per held-out site and k; ``global``, ``full`` and ``adapter`` exist once per route.
@@ -429,6 +429,7 @@ class RealSiteBenchmark(RunFiles):
             raise KgmlPeftError("the data has no development site besides the held-out ones")
         self.dev_sites = sorted(set(self.windows.sites[dev]))
         self._dev_windows = self.windows.subset(dev)
+        self._splits: dict[Scope, tuple[YearWindows, YearWindows]] = {}
         self._dev: dict[Scope, tuple[tuple[YearWindows, YearWindows], Scalers]] = {}
         self._regressions: dict[Scope, RecoRegression] = {}
         self.table = table
@@ -450,6 +451,7 @@ class RealSiteBenchmark(RunFiles):
                             f"calibrating (and the per-tower baselines) needs at least {MIN_CALIBRATION_DAYS}")
         #: per held-out site: the backbone scope of each column it has, and why a column is missing
         self.scopes, self.unavailable = self._scopes(frame)
+        self._scope_names = {scope.name: scope for columns in self.scopes.values() for scope in columns.values()}
         self.plan = plan_runs(config, self.site_years, self.scopes)
         self._backbones: dict[tuple[str, int, str], Backbone] = {}
 
@@ -495,44 +497,51 @@ class RealSiteBenchmark(RunFiles):
             keep &= w.years < scope.before
         return w.subset(np.flatnonzero(keep))
 
+    def _scope_split(self, scope: Scope) -> tuple[YearWindows, YearWindows]:
+        """The development (training, validation) windows of ``scope``: the last ``val_fraction``
+        of each tower's years validate (computed once per scope)."""
+        if scope not in self._splits:
+            windows = self._scope_windows(scope)
+            train, val = split_by_year(windows, self.config.val_fraction)
+            self._splits[scope] = (windows.subset(train), windows.subset(val))
+        return self._splits[scope]
+
     def _scope_problem(self, scope: Scope) -> str | None:
         """Why ``scope`` leaves too little to pretrain on (None when it is enough)."""
-        windows = self._scope_windows(scope)
+        split = self._scope_split(scope)
         what = ("the development towers" + (f" without {', '.join(scope.without)}" if scope.without else "")
                 + (f" before {scope.before}" if scope.before is not None else ""))
-        if len(windows) == 0:
+        if not any(len(part) for part in split):
             return f"{what} have no complete year"
-        train, val = split_by_year(windows, self.config.val_fraction)
-        if not all(np.isfinite(windows.subset(i).target(t)).any() for i in (train, val) for t in SCORED):
+        if not all(np.isfinite(part.target(t)).any() for part in split for t in SCORED):
             return f"{what} need observed NEE and Reco in their training and validation years"
         return None
 
     def dev_data(self, scope: Scope = Scope()) -> tuple[tuple[YearWindows, YearWindows], Scalers]:
-        """The development (training, validation) windows of ``scope`` (the last ``val_fraction``
-        of each tower's years validate) and their scaling: the observed route's, fitted on the
-        training years only."""
+        """The development (training, validation) windows of ``scope`` (:meth:`_scope_split`) and
+        their scaling: the observed route's, fitted on the training years only."""
         if scope not in self._dev:
-            windows = self._scope_windows(scope)
-            train, val = split_by_year(windows, self.config.val_fraction)
-            split = (windows.subset(train), windows.subset(val))
+            split = self._scope_split(scope)
             scalers = _complete(Scalers.fit(split[0]))
             scalers.require([*self.config.backbone.features, *schema.FLUX_OUTPUTS, "Reco", "Yield"])
             self._dev[scope] = (split, scalers)
         return self._dev[scope]
 
+    def main_scalers(self, site: str) -> Scalers:
+        """The scaling of a held-out site's ``main`` scope: what its site-only model and its
+        baselines' scores use (the development training years it may see)."""
+        return self.dev_data(self.scopes[site]["main"])[1]
+
     def scope_of(self, run: RealRun) -> Scope:
         """The backbone scope of a pretraining run, or of a held-out run's site and column."""
         if run.method == "pretrain":
-            found = {sc.name: sc for cols in self.scopes.values() for sc in cols.values()}
-            return found[run.scope]
+            return self._scope_names[run.scope]
         return self.scopes[run.site][run.column]
 
     def identity(self, frame: pd.DataFrame) -> dict:
         """What the runs of a results folder depend on (``<out>/experiment.json``): the suite, the
         config, the imported table's hash and each held-out tower's scopes. A folder written with
         another radius, route or table is refused instead of resumed (run keys do not name them)."""
-        from kgml_peft.train.pretrain import frame_hash
-
         return {"suite": "fluxnet", "config": self.config.to_dict(), "data": frame_hash(frame),
                 "scopes": {site: {column: scope.name for column, scope in columns.items()}
                            for site, columns in self.scopes.items()}}
@@ -643,8 +652,7 @@ class RealSiteBenchmark(RunFiles):
         c = self.config
         train, val = split_by_day_blocks(years, c.val_block_days, c.val_every)
         if run.method == "site_only":
-            # the main scope's scaling (development training years), the only thing it takes from them
-            scalers = self.dev_data(self.scopes[run.site]["main"])[1]
+            scalers = self.main_scalers(run.site)  # the only thing it takes from the development towers
             phases = scratch_phases(c.site_only, WEIGHTS, c.physics_weight)
             model, results = self._train({"observed": (train, val)}, scalers, phases, run.seed)
             return model, scalers, {"trained_parameters": sum(p.numel() for p in model.parameters()),
@@ -687,8 +695,8 @@ class RealSiteBenchmark(RunFiles):
             train, test = self.site_split(run.site, run.years)
             baseline = self.baseline(run.method, run.site, train)
             record.update(trained_parameters=baseline.parameters, train_years=[int(y) for y in train.years],
-                          test=score(None, self.dev_data(self.scopes[run.site]["main"])[1], test, self.gapfilled(test), self.config.tolerance,
-                                     keep_series=True, preds=baseline.predict(test)))
+                          test=score(None, self.main_scalers(run.site), test, self.gapfilled(test),
+                                     self.config.tolerance, keep_series=True, preds=baseline.predict(test)))
         elif run.method == "pretrain":
             model, scalers, results = self._pretrain(run)
             scope = self.scope_of(run)

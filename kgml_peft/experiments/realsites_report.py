@@ -193,7 +193,9 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:+.0f} %"
 
 
-def _skill(entry: dict, target: str) -> str:
+def skill_text(entry: dict, target: str) -> str:
+    """A row's skill against the best baseline for ``target`` as text: ``+12 % [-5, +30]`` (its
+    bootstrap interval in brackets where it has one), ``-`` where it has none."""
     value = entry.get("skill_vs_best_baseline", {}).get(target)
     ci = (entry.get("skill_ci") or {}).get(target)
     return _percent(value) + ("" if ci is None or value is None else
@@ -217,7 +219,7 @@ def _cell_table(rows: dict[str, dict], targets: tuple[str, ...]) -> list[str]:
         cols = [name]
         for t in targets:
             cols += [_fmt(e[t]["mse"]), _fmt(e[t]["r2"]), _fmt(e[t].get("r2_anomaly")),
-                     _fmt(e[t]["annual_mae"], 0), _skill(e, t)]
+                     _fmt(e[t]["annual_mae"], 0), skill_text(e, t)]
         lines.append("| " + " | ".join(cols + [str(e["trained_parameters"])]) + " |")
     return lines
 
