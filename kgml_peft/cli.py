@@ -834,20 +834,22 @@ def experiment(suite: str, data: Path | None, out: Path, config_path: Path | Non
         config = dataclasses.replace(config, new_sites_per_region=new_fields)
     frame = demo_table() if data is None else read_table(data)
     results = run_experiment(frame, config, out, cpu=cpu, progress=_bars(quiet), jobs=jobs)
-    regions = results["regions"]
+    regions, targets = results["regions"], results["targets"]
     click.echo(f"{results['runs']} runs ({results['resumed_runs']} resumed) in "
-               f"{time.perf_counter() - start:.0f} s; test MSE (scaled), mean over seeds:")
-    for regime in ("site_only", "global_only", "full_finetune", "adapters"):
+               f"{time.perf_counter() - start:.0f} s; daily test MSE (gC m-2 d-1)^2, mean over seeds:")
+    cols = [(r, t) for r in regions for t in targets]
+    for regime in ("site_only", "global_only", "full_finetune", "adapters", "regression_global",
+                   "regression_site", "climatology"):
         row = results["regimes"][regime]
-        click.echo(f"  {regime:<14}" + "  ".join(f"{r} {row[r]['mse_mean']:.4f}" for r in regions))
+        click.echo(f"  {regime:<18}" + "  ".join(f"{r} {t} {row[r][t]['mse']['mean']:.3f}" for r, t in cols))
     new = results.get("new_sites") or {}
     if new:
         ks = list(next(iter(new["global_only"].values())))
         click.echo("new fields (never seen by the global model), test MSE after calibrating on the first k years:")
         for method, by_region in new.items():
             for k in ks:
-                click.echo(f"  {method:<14}{k:<4}" + "  ".join(f"{r} {by_region[r][k]['mse_mean']:.4f}"
-                                                           for r in regions if r in by_region))
+                click.echo(f"  {method:<18}{k:<4}" + "  ".join(f"{r} {t} {by_region[r][k][t]['mse']['mean']:.3f}"
+                                                           for r, t in cols if r in by_region))
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and figures")
 
 

@@ -69,3 +69,63 @@ def flux_mse_scaled(group: dict, names: tuple[str, ...] = schema.DAILY_TARGETS) 
     """Mean of the scaled MSEs of the observed daily flux targets of a group (None if none)."""
     values = [group["targets"][n]["mse_scaled"] for n in names if n in group["targets"]]
     return float(np.mean(values)) if values else None
+
+
+#: days of the running mean that smooths the day-of-year mean into a seasonal cycle (anomaly R^2)
+SEASONAL_DAYS = 31
+
+
+def seasonal_cycle(observed: np.ndarray, days: int = SEASONAL_DAYS) -> np.ndarray:
+    """The seasonal cycle of daily values [N, 365] (NaN = not observed): the day-of-year mean over
+    the rows, smoothed by a centred running mean of ``days`` days around the year (so one test
+    year still has a cycle to be an anomaly from); NaN where a window holds no observation."""
+    with np.errstate(invalid="ignore"):
+        counts = np.isfinite(observed).sum(axis=0).astype(float)
+        sums = np.nansum(observed, axis=0)
+    half = days // 2
+    ring = lambda v: np.concatenate([v[-half:], v, v[:half]])  # noqa: E731
+    kernel = np.ones(days)
+    total, count = np.convolve(ring(sums), kernel, "valid"), np.convolve(ring(counts), kernel, "valid")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
+
+
+def anomaly_r2(predicted: np.ndarray, observed: np.ndarray) -> float | None:
+    """R^2 of daily values on their anomalies from the observations' :func:`seasonal_cycle`:
+    ``1 - SSE / sum((observed - cycle)^2)`` over the observed days. The errors are those of the
+    plain R^2; only the reference changes, from the mean to the seasonal cycle, so a model scores
+    above 0 only where it follows the weather, not the calendar. None without observed days."""
+    cycle = np.broadcast_to(seasonal_cycle(observed), observed.shape)
+    ok = np.isfinite(observed) & np.isfinite(cycle)
+    reference = float(((observed[ok] - cycle[ok]) ** 2).sum())
+    if not ok.any() or reference <= 0:
+        return None
+    return 1.0 - float(((predicted[ok] - observed[ok]) ** 2).sum()) / reference
+
+
+def window_errors(predicted: np.ndarray, observed: np.ndarray) -> dict[str, list]:
+    """Per window (row of [N, 365]): the sum of squared errors over its observed days (``sse``) and
+    the number of those days (``n``): what a bootstrap over site-years resamples."""
+    seen = np.isfinite(observed)
+    squared = np.where(seen, (predicted - np.where(seen, observed, 0.0)) ** 2, 0.0)
+    return {"sse": [float(v) for v in squared.sum(axis=1)], "n": [int(v) for v in seen.sum(axis=1)]}
+
+
+def site_year_errors(windows: YearWindows, preds: dict[str, np.ndarray],
+                     names: tuple[str, ...] = ("NEE", "Reco")) -> dict:
+    """Per window (a site-year) and target in ``names``: the squared-error sum and observed days
+    (:func:`window_errors`) and ``sst_anomaly``, the squared distance of the observations from their
+    site's :func:`seasonal_cycle` over that site's windows here. Summed over any set of units,
+    ``sse / n`` is their MSE and ``1 - sse / sst_anomaly`` their R^2 on anomalies, so both pool and
+    bootstrap over site-years. ``units`` names each window ``site:year``."""
+    out: dict = {"units": [f"{site}:{int(year)}" for site, year in zip(windows.sites, windows.years)]}
+    for name in names:
+        observed = windows.target(name)
+        cycle = np.full_like(observed, np.nan)
+        for site in dict.fromkeys(windows.sites):
+            rows = windows.sites == site
+            cycle[rows] = seasonal_cycle(observed[rows])
+        ok = np.isfinite(observed) & np.isfinite(cycle)
+        sst = np.where(ok, (np.where(ok, observed, 0.0) - np.where(ok, cycle, 0.0)) ** 2, 0.0).sum(axis=1)
+        out[name] = {**window_errors(preds[name], observed), "sst_anomaly": [float(v) for v in sst]}
+    return out

@@ -98,7 +98,7 @@ def test_climatology_needs_observations() -> None:
 
 
 def test_seasonal_cycle_and_anomaly_r2_by_hand() -> None:
-    from kgml_peft.experiments.realsites import anomaly_r2, seasonal_cycle
+    from kgml_peft.metrics import anomaly_r2, seasonal_cycle
 
     days = np.arange(365)
     cycle = 5 * np.sin(2 * np.pi * days / 365)

@@ -70,7 +70,7 @@ from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.experiments.baselines import Climatology, RecoRegression
 from kgml_peft.experiments.config import Training, config_from_dict
 from kgml_peft.experiments.runs import RunFiles, _complete, scratch_phases
-from kgml_peft.metrics import group_metrics
+from kgml_peft.metrics import anomaly_r2, group_metrics, window_errors
 from kgml_peft.serve.bank import AdapterBank
 from kgml_peft.serve.predict import ServedWindows, annual_table, serve_windows
 from kgml_peft.store.adapter import Adapter
@@ -319,13 +319,10 @@ def score(model: torch.nn.Module | None, scalers: Scalers, windows: YearWindows,
         ok = np.isfinite(observed)
         err = predicted[ok] - observed[ok]
         daily = windows.target(name)
-        seen = np.isfinite(daily)
-        squared = np.where(seen, (preds[name] - np.where(seen, daily, 0.0)) ** 2, 0.0)
         out[name] = {"n": m["n"], "mse": m.get("mse"), "r2": m.get("r2"),
                      "r2_anomaly": anomaly_r2(preds[name], daily),
                      # per test year: the sum of squared daily errors and the days scored (bootstrap)
-                     "by_year": {"sse": [float(v) for v in squared.sum(axis=1)],
-                                 "n": [int(v) for v in seen.sum(axis=1)]},
+                     "by_year": window_errors(preds[name], daily),
                      "annual_observed": [float(v) if np.isfinite(v) else None for v in observed],
                      "annual_predicted": [float(v) for v in predicted],
                      "annual_mae": float(np.abs(err).mean()) if ok.any() else None,
@@ -338,38 +335,6 @@ def score(model: torch.nn.Module | None, scalers: Scalers, windows: YearWindows,
             out[name]["daily_observed"] = _json_rows(windows.target(name))
             out[name]["daily_gapfilled"] = _json_rows(gapfilled[name])
     return out
-
-
-#: days of the running mean that smooths the day-of-year mean into a seasonal cycle (anomaly R^2)
-SEASONAL_DAYS = 31
-
-
-def seasonal_cycle(observed: np.ndarray, days: int = SEASONAL_DAYS) -> np.ndarray:
-    """The seasonal cycle of daily values [N, 365] (NaN = not observed): the day-of-year mean over
-    the rows, smoothed by a centred running mean of ``days`` days around the year (so one test
-    year still has a cycle to be an anomaly from); NaN where a window holds no observation."""
-    with np.errstate(invalid="ignore"):
-        counts = np.isfinite(observed).sum(axis=0).astype(float)
-        sums = np.nansum(observed, axis=0)
-    half = days // 2
-    ring = lambda v: np.concatenate([v[-half:], v, v[:half]])  # noqa: E731
-    kernel = np.ones(days)
-    total, count = np.convolve(ring(sums), kernel, "valid"), np.convolve(ring(counts), kernel, "valid")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / count, np.nan)
-
-
-def anomaly_r2(predicted: np.ndarray, observed: np.ndarray) -> float | None:
-    """R^2 of daily values on their anomalies from the observations' :func:`seasonal_cycle`:
-    ``1 - SSE / sum((observed - cycle)^2)`` over the observed days. The errors are those of the
-    plain R^2; only the reference changes, from the mean to the seasonal cycle, so a model scores
-    above 0 only where it follows the weather, not the calendar. None without observed days."""
-    cycle = np.broadcast_to(seasonal_cycle(observed), observed.shape)
-    ok = np.isfinite(observed) & np.isfinite(cycle)
-    reference = float(((observed[ok] - cycle[ok]) ** 2).sum())
-    if not ok.any() or reference <= 0:
-        return None
-    return 1.0 - float(((predicted[ok] - observed[ok]) ** 2).sum()) / reference
 
 
 def served_with_intervals(bank: AdapterBank, windows: YearWindows, served: np.ndarray,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kgml_peft.experiments.bootstrap import percentile_interval, resampled_mse, resamples
 from kgml_peft.experiments.figures import _pyplot, _save
 from kgml_peft.experiments.report import seed_stats
 from kgml_peft.experiments.realsites import BASELINES, SCORED, RealRun, RealSiteBenchmark
@@ -124,38 +125,27 @@ def add_skill(rows: dict[str, dict]) -> None:
         entry["best_baseline"] = {target: best[target][1] for target in best}
 
 
-#: bootstrap resamples of the test years, and the level of the intervals drawn from them
-BOOTSTRAP_DRAWS = 2000
-BOOTSTRAP_LEVEL = 0.95
-
-
 def _draw_mse(recs: list[dict], target: str, draws: np.ndarray) -> np.ndarray:
     """The mean over seeds of the test MSE of each resample of test years ``draws`` [B, years]."""
-    per_seed = []
-    for r in recs:
-        sse, n = (np.asarray(r["test"][target]["by_year"][key], dtype=float) for key in ("sse", "n"))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_seed.append(sse[draws].sum(axis=1) / n[draws].sum(axis=1))
-    return np.mean(per_seed, axis=0)
+    return resampled_mse([(r["test"][target]["by_year"]["sse"], r["test"][target]["by_year"]["n"])
+                          for r in recs], draws)
 
 
 def add_bootstrap(rows: dict[str, dict], records: dict[str, list[dict]], seed: int = 0) -> None:
     """Give every row of one cell a bootstrap interval over its test years (every method of a
     cell is tested on the same years; one set of resamples, seeded, serves them all, so the
     intervals of skills are paired): per scored target ``mse_ci`` and, with baselines,
-    ``skill_ci`` (:data:`BOOTSTRAP_LEVEL`, percentiles of :data:`BOOTSTRAP_DRAWS` resamples of the
-    mean over seeds). None with fewer than two test years: one year cannot be resampled."""
+    ``skill_ci`` (:mod:`.bootstrap`: percentile intervals over resamples of the mean over
+    seeds). None with fewer than two test years: one year cannot be resampled."""
     years = {tuple(r["test"]["years"]) for recs in records.values() for r in recs}
     if len(years) != 1:
         raise KgmlPeftError(f"the runs of one cell were tested on different years: {sorted(years)}")
     n_years = len(years.pop())
-    draws = np.random.default_rng(seed).integers(0, n_years, size=(BOOTSTRAP_DRAWS, n_years))
-    tail = (1 - BOOTSTRAP_LEVEL) / 2 * 100
+    draws = resamples(n_years, seed)
     usable = n_years >= 2 and all("by_year" in recs[0]["test"][t] for recs in records.values() for t in SCORED)
 
     def interval(values: np.ndarray) -> list[float] | None:
-        values = values[np.isfinite(values)]
-        return [float(v) for v in np.percentile(values, [tail, 100 - tail])] if usable and len(values) else None
+        return percentile_interval(values) if usable else None
 
     mse = {name: {t: _draw_mse(recs, t, draws) for t in SCORED} for name, recs in records.items()} if usable else {}
     for name, entry in rows.items():
