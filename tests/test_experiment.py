@@ -16,6 +16,7 @@ from kgml_peft.data.windows import make_windows
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.config import MAIN_REGIMES, ExperimentConfig
 from kgml_peft.experiments.runs import plan, split_years
+from kgml_peft.experiments.suite_baselines import BASELINES
 from kgml_peft.model.backbone import BackboneConfig
 from tests.conftest import make_frame
 from tests.test_cli_validation import _runner, _snapshot, _write, check_user_error
@@ -129,10 +130,21 @@ def test_quick_experiment_writes_every_output(quick_run) -> None:
     results = json.loads((out / "results.json").read_text())
     regions = results["regions"]
     assert regions == ["IA", "IL", "IN"]
-    for regime in MAIN_REGIMES:
+    assert results["targets"] == ["NEE", "Reco"]
+    for regime in (*MAIN_REGIMES, *BASELINES):
         for region in regions:
             entry = results["regimes"][regime][region]
-            assert np.isfinite(entry["mse_mean"]) and entry["mse_mean"] > 0 and entry["mse_std"] == 0.0
+            for target in ("NEE", "Reco"):
+                figures = entry[target]
+                assert np.isfinite(figures["mse"]["mean"]) and figures["mse"]["mean"] > 0
+                assert figures["mse"]["std"] == 0.0 and entry["seeds"] == 1
+                lo, hi = figures["mse_ci"]  # 6-8 test site-years per region: an interval
+                assert 0 < lo <= hi
+                best = entry["best_baseline"][target]
+                assert best in BASELINES
+                base = results["regimes"][best][region][target]["mse"]["mean"]
+                assert figures["skill"] == pytest.approx(1 - figures["mse"]["mean"] / base)
+                assert (figures["skill_ci"] is None) == (regime == best)
     adapters, full = results["regimes"]["adapters"]["IA"], results["regimes"]["full_finetune"]["IA"]
     assert adapters["trainable_parameters"] < 0.1 * full["trainable_parameters"]
     assert adapters["adapter_bytes"] > 0 and full["trainable_parameters"] == full["backbone_parameters"]
@@ -142,26 +154,34 @@ def test_quick_experiment_writes_every_output(quick_run) -> None:
     assert results["scaling"]["targets"] == ["NEE", "Reco"]
     # new fields: one per region, calibrated on 1 year, tested on its years after it
     assert results["new_site_ids"] == {"IA": ["IA-008"], "IL": ["IL-004"], "IN": ["IN-006"]}
-    for method in ("global_only", "site_only", "full_finetune", "adapters"):
+    for method in ("global_only", "site_only", "full_finetune", "adapters", *BASELINES):
         for region in regions:
             entry = results["new_sites"][method][region]["k1"]
-            assert np.isfinite(entry["mse_mean"]) and entry["mse_mean"] > 0 and entry["seeds"] == 1
-            assert list(entry["sites"]) == results["new_site_ids"][region]
+            assert np.isfinite(entry["NEE"]["mse"]["mean"]) and entry["NEE"]["mse"]["mean"] > 0
+            assert entry["seeds"] == 1 and entry["NEE"]["mse_ci"] is not None
+            if method not in BASELINES:
+                assert list(entry["sites"]) == results["new_site_ids"][region]
     assert 0 <= results["new_sites"]["adapters"]["IA"]["k1"]["kept_global_share"] <= 1
-    change = results["new_sites_relative"]["adapters"]["IN"]["k1"]["vs_global_only_pct"]
+    change = results["new_sites_relative"]["adapters"]["IN"]["k1"]["Reco"]["vs_global_only_pct"]
     ia = results["new_sites"]
-    assert change == pytest.approx(100 * (ia["adapters"]["IN"]["k1"]["mse_mean"]
-                                          / ia["global_only"]["IN"]["k1"]["mse_mean"] - 1))
+    assert change == pytest.approx(100 * (ia["adapters"]["IN"]["k1"]["Reco"]["mse"]["mean"]
+                                          / ia["global_only"]["IN"]["k1"]["Reco"]["mse"]["mean"] - 1))
+    # the cross-regional matrix has a regression row per training unit
+    assert set(results["cross_regional_regression"]) == set(results["cross_regional"])
     run = json.loads(next((out / "runs").glob("adapter__IA-008__*__first1y__s0.json")).read_text())
     assert len(run["train_years"]) == 1 and min(run["test_years"]) > run["train_years"][0]
     assert (out / "models" / "global-known__s0.safetensors").is_file()
     assert set(results["regimes"]["adapters"]["IA"]["physics"]) >= {"mass_balance_violation_rate_relative"}
     text = (out / "results.md").read_text()
-    for heading in ("## Regimes per region", "## Relative MSE change", "## Cross-regional",
-                    "## Data scarcity", "## New fields", "## Physics audit"):
+    for heading in ("## Regimes and baselines per region: NEE", "## Regimes and baselines per region: Reco",
+                    "## R² on anomalies", "## Relative MSE change", "## Cross-regional: NEE",
+                    "## Data scarcity", "## New fields", "### Reco", "## Physics audit"):
         assert heading in text
-    for name in ("regimes", "cross_regional", "sensitivity", "scarcity", "ablations", "physics_audit",
-                 "global_training", "new_sites"):
+    assert "| climatology |" in text and "| scarcity_regression_site_1y |" not in text
+    assert "| regression_site_1y |" in text  # the scarcity table's baseline rows
+    names = ["physics_audit", "global_training"] + [f"{n}_{t}" for t in ("NEE", "Reco") for n in (
+        "regimes", "cross_regional", "sensitivity", "scarcity", "ablations", "new_sites")]
+    for name in names:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert len(list((out / "runs").glob("*.json"))) == results["runs"]
     assert "adapters" in result.stdout and "IA" in result.stdout
@@ -198,7 +218,7 @@ def test_two_worker_processes_give_the_same_results(quick_run, tmp_path: Path) -
         data["provenance"].pop("date")  # when each was written; the commit must agree
         for by_region in data["regimes"].values():
             for entry in by_region.values():
-                entry.pop("seconds_mean")
+                entry.pop("seconds_mean", None)
         return data
 
     assert numbers(tmp_path / "two") == numbers(out)
