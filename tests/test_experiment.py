@@ -151,7 +151,7 @@ def test_quick_experiment_writes_every_output(quick_run) -> None:
     assert set(results["cross_regional"]) == {"IA", "IL", "IN", "IA+IL", "IA+IN", "IL+IN"}
     assert {"scarcity_adapters_1y", "sensitivity_full_lr0.001_bs32", "ablation_head", "rank_2"} <= set(results["regimes"])
     assert set(results["regimes"]["adapters"]["IA"]["physics"]) >= {"l_phys", "mass_balance_violation_rate"}
-    assert results["scaling"]["targets"] == ["NEE", "Reco"]
+    assert results["scaling"]["trained_on"] == ["NEE", "Reco", "Yield"]
     # new fields: one per region, calibrated on 1 year, tested on its years after it
     assert results["new_site_ids"] == {"IA": ["IA-008"], "IL": ["IL-004"], "IN": ["IN-006"]}
     for method in ("global_only", "site_only", "full_finetune", "adapters", *BASELINES):
