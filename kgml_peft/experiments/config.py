@@ -17,7 +17,7 @@ from kgml_peft.config_files import check_keys, read_toml
 from kgml_peft.errors import KgmlPeftError, expect_type
 from kgml_peft.model.backbone import BackboneConfig
 
-#: The regimes the report compares per region (``regimes.<name>.<region>.mse_mean``).
+#: The regimes the report compares per region (``regimes.<name>.<region>.<target>.mse``).
 MAIN_REGIMES: tuple[str, ...] = ("site_only", "global_only", "full_finetune", "adapters")
 
 
