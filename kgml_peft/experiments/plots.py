@@ -80,8 +80,9 @@ def _scarcity(results: dict, path: Path, target: str) -> Path:
             ax.plot(range(len(xs)), means, "-o", ms=3, label=name)
             ax.set_xticks(range(len(xs)), [str(x) for x in xs])
         ax.set_title(region)
+        ax.set_yscale("log")  # the climatology and one-year site-only are far above the rest
         ax.set_xlabel("training years per site")
-    axes[0][0].set_ylabel(f"{target} {UNITS}")
+    axes[0][0].set_ylabel(f"{target} {UNITS}, log scale")
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)
 
@@ -113,8 +114,9 @@ def _new_sites(results: dict, path: Path, target: str) -> Path:
                         fmt="-o", ms=3, capsize=2, label=method)
         ax.set_xticks([int(k[1:]) for k in by_region[region]])
         ax.set_title(f"{region} new fields")
+        ax.set_yscale("log")  # the climatology and one-year site-only are far above the rest
         ax.set_xlabel("calibration years k")
-    axes[0][0].set_ylabel(f"{target} {UNITS}")
+    axes[0][0].set_ylabel(f"{target} {UNITS}, log scale")
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)
 
