@@ -189,3 +189,15 @@ def test_baseline_scores_need_no_training(experiment) -> None:
 
     _, exp = experiment
     assert region_baselines(exp, "IL") == region_baselines(exp, "IL")
+
+
+def test_a_region_without_observed_reco_in_its_test_years_is_refused(experiment, tmp_path) -> None:
+    from kgml_peft.experiments.runs import Experiment
+
+    frame, exp = experiment
+    frame = frame.copy()
+    test_years = {int(y) for s, y in zip(exp.split.test.sites, exp.split.test.years) if str(s).startswith("IL")}
+    hide = frame["site"].str.startswith("IL") & frame["date"].dt.year.isin(test_years)
+    frame.loc[hide, "Reco"] = np.nan
+    with pytest.raises(KgmlPeftError, match="region IL has no observed Reco in its test years"):
+        Experiment(frame, exp.config, tmp_path / "out")

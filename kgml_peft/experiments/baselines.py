@@ -29,11 +29,6 @@ from kgml_peft.errors import KgmlPeftError
 BASELINE_OUTPUTS: tuple[str, ...] = ("NEE", "Reco")
 
 
-def scored_targets(windows: YearWindows) -> tuple[str, ...]:
-    """The outputs of :data:`BASELINE_OUTPUTS` that ``windows`` observe on at least one day."""
-    return tuple(t for t in BASELINE_OUTPUTS if np.isfinite(windows.target(t)).any())
-
-
 def air_temperature(windows: YearWindows) -> np.ndarray:
     """Daily mean air temperature [N, 365] (degC): ``TAVG_AIR`` where the windows have it, else the
     midpoint of the day's range (``TMAX_AIR - TDIF_AIR / 2``)."""

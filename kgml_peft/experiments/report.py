@@ -69,10 +69,11 @@ def score_cell(rows: dict[str, list[dict]], seed: int = 0) -> dict[str, dict]:
         for t in targets:
             per_seed = [(e[t]["sse"], e[t]["n"]) for e in errors]
             drawn[name, t] = resampled_mse(per_seed, draws)
+            r2 = [1 - _ratio(e[t]["sse"], e[t]["sst_anomaly"]) for e in errors]
+            r2 = [v for v in r2 if np.isfinite(v)]  # none where no observation differs from its cycle
             entry[t] = {"mse": seed_stats([_ratio(sse, n) for sse, n in per_seed]),
                         "mse_ci": percentile_interval(drawn[name, t]) if usable else None,
-                        "r2_anomaly": statistics.fmean(1 - _ratio(e[t]["sse"], e[t]["sst_anomaly"])
-                                                       for e in errors)}
+                        "r2_anomaly": statistics.fmean(r2) if r2 else None}
         out[name] = entry
     baselines = [name for name in BASELINES if name in out]
     if not baselines:
@@ -204,6 +205,10 @@ def new_site_results(experiment: Experiment, records: dict) -> dict:
     return out
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _interval(ci: list[float] | None, digits: int) -> str:
     return "" if ci is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
@@ -257,7 +262,7 @@ def markdown(results: dict) -> str:
               "| regime | " + " | ".join(f"{r} {t}" for r in regions for t in targets) + " |",
               "|---|" + "---|" * (len(regions) * len(targets))]
     for regime in (*MAIN_REGIMES, *baselines):
-        lines.append(f"| {regime} | " + " | ".join(f"{regimes[regime][r][t]['r2_anomaly']:.3f}"
+        lines.append(f"| {regime} | " + " | ".join(_number(regimes[regime][r][t]["r2_anomaly"])
                                                  for r in regions for t in targets) + " |")
     lines += ["", "## Relative MSE change (as the paper reports it, per target)", "",
               "| regime | vs | " + " | ".join(f"{r} {t}" for r in regions for t in targets) + " |",

@@ -33,7 +33,7 @@ from kgml_peft.data.tables import validate_table
 from kgml_peft.data.windows import Scalers, YearWindows, make_windows, split_by_day_blocks
 from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.config import ExperimentConfig, Training
-from kgml_peft.experiments.baselines import scored_targets
+from kgml_peft.experiments.baselines import BASELINE_OUTPUTS
 from kgml_peft.metrics import flux_mse_scaled, group_metrics, site_year_errors
 from kgml_peft.model.backbone import build_backbone
 from kgml_peft.model.inference import predict_windows
@@ -214,7 +214,7 @@ def held_out_metrics(model: torch.nn.Module, scalers: Scalers, windows: YearWind
     l_phys = float(physics_loss(phys, torch.as_tensor(windows.gpp), scalers, tolerance))
     return {"mse": flux_mse_scaled(group),
             "targets": {k: v["mse_scaled"] for k, v in group["targets"].items()},
-            "errors": site_year_errors(windows, preds, scored_targets(windows)),
+            "errors": site_year_errors(windows, preds, BASELINE_OUTPUTS),
             "site_years": len(windows), "physics": {**group["physics"], "l_phys": l_phys}}
 
 
@@ -342,6 +342,12 @@ class Experiment(RunFiles):
         if not any(t in schema.DAILY_TARGETS for t in observed):
             raise KgmlPeftError("the experiment needs observed daily fluxes (Ra, Rh, NEE or Reco) "
                                 "in the training and validation years")
+        for target in BASELINE_OUTPUTS:  # the report scores each of them on every cell's test years
+            for name, test in [(f"region {r}", self.split.region("test", (r,))) for r in self.regions] + [
+                    (f"new field {site}", self.new_site_test(site)) for site in self.new_windows]:
+                if not np.isfinite(test.target(target)).any():
+                    raise KgmlPeftError(f"{name} has no observed {target} in its test years; the report "
+                                        "scores NEE and Reco on every region's and new field's test years")
         self.weights = {t: 1.0 for t in observed}
         #: new fields calibrate on daily fluxes only (one to three annual yields say nothing)
         self.daily_weights = {t: w for t, w in self.weights.items() if t in schema.DAILY_TARGETS}

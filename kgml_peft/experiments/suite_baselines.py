@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from kgml_peft.data.windows import YearWindows
-from kgml_peft.experiments.baselines import Climatology, RecoRegression, scored_targets
+from kgml_peft.experiments.baselines import BASELINE_OUTPUTS, Climatology, RecoRegression
 from kgml_peft.metrics import site_year_errors
 
 #: the baselines of every cell, and the ones a cell's skill is measured against
@@ -40,7 +40,7 @@ def site_climatology(train: YearWindows, test: YearWindows) -> dict[str, np.ndar
 
 
 def _errors(test: YearWindows, preds: dict[str, np.ndarray]) -> dict:
-    return site_year_errors(test, preds, scored_targets(test))
+    return site_year_errors(test, preds, BASELINE_OUTPUTS)
 
 
 def region_baselines(experiment, region: str) -> dict[str, dict]:
