@@ -182,13 +182,35 @@ def test_new_site_baselines_fit_on_the_first_k_years(experiment) -> None:
     assert scores["climatology"]["units"] == [f"{site}:{int(y)}" for y in test.years]
 
 
-def test_baseline_scores_need_no_training(experiment) -> None:
-    """The baselines are computed from the split alone: a fresh experiment object (no run done)
-    gives the same numbers twice (nothing random)."""
-    from kgml_peft.experiments.suite_baselines import region_baselines
+def test_data_a_baseline_cannot_fit_is_refused_before_any_training(experiment, tmp_path) -> None:
+    """A new field whose first year has no observed Reco: the Reco regression of k = 1 cannot be
+    fitted, and run_experiment says so before it trains anything (no folder is written)."""
+    from kgml_peft.experiments.pipeline import run_experiment
+
+    frame, exp = experiment
+    site = exp.new_sites["IL"][0]
+    first = int(exp.new_windows[site].years[0])
+    frame = frame.copy()
+    frame.loc[(frame["site"] == site) & (frame["date"].dt.year == first), ["NEE", "Reco"]] = np.nan
+    out = tmp_path / "out"
+    with pytest.raises(KgmlPeftError, match=f"baseline for new field {site}, first 1 year"):
+        run_experiment(frame, exp.config, out, progress=False)
+    assert not out.exists()
+
+
+def test_a_folder_of_older_run_records_is_refused(experiment, tmp_path) -> None:
+    """Run records without per-site-year errors cannot be reported per target: a folder whose
+    experiment.json predates the record format is refused, not resumed."""
+    import json
+
+    from kgml_peft.experiments.pipeline import claim_folder
 
     _, exp = experiment
-    assert region_baselines(exp, "IL") == region_baselines(exp, "IL")
+    identity = exp.identity()
+    older = {k: v for k, v in identity.items() if k != "records"}
+    (tmp_path / "experiment.json").write_text(json.dumps(older))
+    with pytest.raises(KgmlPeftError, match="record format"):
+        claim_folder(tmp_path, identity)
 
 
 def test_a_region_without_observed_reco_in_its_test_years_is_refused(experiment, tmp_path) -> None:
@@ -201,3 +223,11 @@ def test_a_region_without_observed_reco_in_its_test_years_is_refused(experiment,
     frame.loc[hide, "Reco"] = np.nan
     with pytest.raises(KgmlPeftError, match="region IL has no observed Reco in its test years"):
         Experiment(frame, exp.config, tmp_path / "out")
+    # a new field's test years (after its largest k) likewise
+    frame, _ = experiment
+    frame = frame.copy()
+    site = exp.new_sites["IA"][0]
+    late = [int(y) for y in exp.new_site_test(site).years]
+    frame.loc[(frame["site"] == site) & frame["date"].dt.year.isin(late), "NEE"] = np.nan
+    with pytest.raises(KgmlPeftError, match=f"new field {site} has no observed NEE in its test years"):
+        Experiment(frame, exp.config, tmp_path / "out2")

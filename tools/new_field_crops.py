@@ -4,6 +4,7 @@ calibration year against the other crop of the rotation. Per target, from the ru
 errors; prints JSON (a table for docs/results.md).
 
     python tools/new_field_crops.py results/demo            # the default run on the demo data
+    python tools/new_field_crops.py results/mine data.parquet  # a run made with --data data.parquet
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from kgml_peft.data.tables import read_table
 from kgml_peft.experiments.pipeline import demo_table
 
 TARGETS = ("NEE", "Reco")
@@ -23,9 +25,11 @@ def _mse(errors: dict, target: str, keep=lambda unit: True) -> tuple[float, floa
     return sse, n
 
 
-def main(folder: str) -> dict:
+def main(folder: str, data: str | None = None) -> dict:
+    """The figures of the new fields of the experiment in ``folder`` (run on ``data``, default the
+    experiment's demo table)."""
     runs = [json.loads(p.read_text()) for p in sorted((Path(folder) / "runs").glob("*.json"))]
-    table = demo_table()
+    table = demo_table() if data is None else read_table(data)
     crops = table.assign(year=table["date"].dt.year).groupby(["site", "year"])["Crop_Type"].first()
     crop = {f"{site}:{year}": value for (site, year), value in crops.items()}
     globals_ = {r["seed"]: r["new_sites"] for r in runs if "new_sites" in r}
@@ -61,4 +65,4 @@ def main(folder: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1] if len(sys.argv) > 1 else "results/demo"), indent=1))
+    print(json.dumps(main(*(sys.argv[1:3] or ["results/demo"])), indent=1))

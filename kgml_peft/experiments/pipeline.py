@@ -14,6 +14,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.config import ExperimentConfig
 from kgml_peft.experiments.report import aggregate, write_report
 from kgml_peft.experiments.runs import Experiment
+from kgml_peft.experiments.suite_baselines import check_baselines
 from kgml_peft.atomic import atomic_path, check_output_folder
 
 
@@ -98,6 +99,7 @@ def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.
     check_jobs(jobs)
     out = _check_out(out)
     experiment = Experiment(frame, config, out, cpu=cpu)  # every data check before any training
+    check_baselines(experiment)  # the report's baselines too
     out.mkdir(parents=True, exist_ok=True)
     claim_folder(out, experiment.identity())
     todo = [run for run in experiment.plan.runs if not experiment.done(run)]
@@ -122,8 +124,9 @@ def claim_folder(out: Path, identity: dict) -> None:
         except (OSError, ValueError):
             same = False
         if not same:
-            raise KgmlPeftError(f"{out} holds the runs of another experiment (config, data, scaling or new "
-                                "fields differ); use a new --out folder or delete this one")
+            raise KgmlPeftError(f"{out} holds the runs of another experiment (config, data, scaling, new "
+                                "fields or the toolkit's record format differ); use a new --out folder or "
+                                "delete this one")
         return
     if any((out / "runs").glob("*.json")):
         raise KgmlPeftError(f"{out} holds runs without {record.name} (an older version wrote them); use a "

@@ -45,6 +45,10 @@ from kgml_peft.train.loop import PhaseConfig, deterministic_algorithms
 from kgml_peft.train.pretrain import PretrainConfig, frame_hash, train_phases, with_reco
 
 
+#: the version of a run record's content (2: per-site-year ``errors``); a folder of another is refused
+RECORD_FORMAT = 2
+
+
 @dataclass(frozen=True)
 class Split:
     """Per-site year split shared by every regime: train, validation (early stopping), test."""
@@ -377,7 +381,7 @@ class Experiment(RunFiles):
 
     def identity(self) -> dict:
         """What makes two invocations the same experiment (a folder resumes only its own runs)."""
-        return {"config": self.config.to_dict(), "data": frame_hash(self.table),
+        return {"config": self.config.to_dict(), "data": frame_hash(self.table), "records": RECORD_FORMAT,
                 "scaling": {"mean": self.scalers.mean, "std": self.scalers.std},
                 "new_sites": {region: list(sites) for region, sites in self.new_sites.items()}}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from kgml_peft.data.windows import YearWindows
+from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.baselines import BASELINE_OUTPUTS, Climatology, RecoRegression
 from kgml_peft.metrics import site_year_errors
 
@@ -33,10 +34,18 @@ def site_climatology(train: YearWindows, test: YearWindows) -> dict[str, np.ndar
     for site in dict.fromkeys(test.sites):
         own = np.flatnonzero(train.sites == site)
         rows = np.flatnonzero(test.sites == site)
-        fitted = Climatology.fit(train.subset(own)).predict(test.subset(rows))
+        fitted = _fitted(f"site {site}", lambda: Climatology.fit(train.subset(own))).predict(test.subset(rows))
         for name, values in fitted.items():
             preds.setdefault(name, np.full((len(test), values.shape[1]), np.nan))[rows] = values
     return preds
+
+
+def _fitted(what: str, fit):
+    """``fit()``, its error naming ``what`` the baseline was fitted for."""
+    try:
+        return fit()
+    except KgmlPeftError as exc:
+        raise KgmlPeftError(f"baseline for {what}: {exc}") from None
 
 
 def _errors(test: YearWindows, preds: dict[str, np.ndarray]) -> dict:
@@ -48,26 +57,41 @@ def region_baselines(experiment, region: str) -> dict[str, dict]:
     split, config = experiment.split, experiment.config
     test = split.region("test", (region,))
     own = split.region("train", (region,))
-    preds = {"regression_global": RecoRegression.fit(split.train).predict(test),
-             "regression_site": RecoRegression.fit(own).predict(test),
+
+    def regression(windows: YearWindows, what: str) -> dict[str, np.ndarray]:
+        return _fitted(what, lambda: RecoRegression.fit(windows)).predict(test)
+
+    preds = {"regression_global": regression(split.train, "every region"),
+             "regression_site": regression(own, f"region {region}"),
              "climatology": site_climatology(own, test)}
     for years in config.scarcity:
         recent = split.region("train", (region,), years)
-        preds[f"scarcity_regression_site_{years}y"] = RecoRegression.fit(recent).predict(test)
+        preds[f"scarcity_regression_site_{years}y"] = regression(recent, f"region {region}, {years} year(s)")
         preds[f"scarcity_climatology_{years}y"] = site_climatology(recent, test)
     for name, unit in experiment.plan.cross_units.items():
-        preds[f"cross_regression_{name}"] = RecoRegression.fit(split.region("train", unit)).predict(test)
+        preds[f"cross_regression_{name}"] = regression(split.region("train", unit), name)
     return {name: _errors(test, values) for name, values in preds.items()}
 
 
 def new_site_baselines(experiment, site: str, years: int) -> dict[str, dict]:
     """Per baseline, its errors on new field ``site``'s test years after calibrating on ``years``."""
     calibration, test = experiment.new_site_parts(site, years)
-    known = RecoRegression.fit(experiment.known(experiment.split.train))
+    what = f"new field {site}, first {years} year(s)"
+    known = _fitted("the known sites", lambda: RecoRegression.fit(experiment.known(experiment.split.train)))
     preds = {"regression_global": known.predict(test),
-             "regression_site": RecoRegression.fit(calibration).predict(test),
-             "climatology": Climatology.fit(calibration).predict(test)}
+             "regression_site": _fitted(what, lambda: RecoRegression.fit(calibration)).predict(test),
+             "climatology": _fitted(what, lambda: Climatology.fit(calibration)).predict(test)}
     return {name: _errors(test, values) for name, values in preds.items()}
+
+
+def check_baselines(experiment) -> None:
+    """Fit every baseline of ``experiment`` once (milliseconds), so data a baseline cannot be fitted
+    on is refused before any training instead of after it, when the report is built."""
+    for region in experiment.regions:
+        region_baselines(experiment, region)
+    for site in experiment.new_windows:
+        for years in experiment.config.new_site_years:
+            new_site_baselines(experiment, site, years)
 
 
 def fitted_values(name: str) -> int:
