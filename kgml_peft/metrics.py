@@ -90,17 +90,24 @@ def seasonal_cycle(observed: np.ndarray, days: int = SEASONAL_DAYS) -> np.ndarra
         return np.where(count > 0, total / count, np.nan)
 
 
-def anomaly_r2(predicted: np.ndarray, observed: np.ndarray) -> float | None:
-    """R^2 of daily values on their anomalies from the observations' :func:`seasonal_cycle`:
-    ``1 - SSE / sum((observed - cycle)^2)`` over the observed days. The errors are those of the
-    plain R^2; only the reference changes, from the mean to the seasonal cycle, so a model scores
-    above 0 only where it follows the weather, not the calendar. None without observed days."""
+def anomaly_reference(observed: np.ndarray) -> np.ndarray:
+    """Per row of daily values [N, 365]: the sum over its observed days of the squared distance
+    from the rows' :func:`seasonal_cycle` (the reference of :func:`anomaly_r2`)."""
     cycle = np.broadcast_to(seasonal_cycle(observed), observed.shape)
     ok = np.isfinite(observed) & np.isfinite(cycle)
-    reference = float(((observed[ok] - cycle[ok]) ** 2).sum())
-    if not ok.any() or reference <= 0:
+    return np.where(ok, (np.where(ok, observed, 0.0) - np.where(ok, cycle, 0.0)) ** 2, 0.0).sum(axis=1)
+
+
+def anomaly_r2(predicted: np.ndarray, observed: np.ndarray) -> float | None:
+    """R^2 of daily values on their anomalies from the observations' :func:`seasonal_cycle`:
+    ``1 - SSE / sum((observed - cycle)^2)`` over the observed days (the cycle exists wherever a
+    day is observed). The errors are those of the plain R^2; only the reference changes, from the
+    mean to the seasonal cycle, so a model scores above 0 only where it follows the weather, not
+    the calendar. None without observed days."""
+    reference = float(anomaly_reference(observed).sum())
+    if not np.isfinite(observed).any() or reference <= 0:
         return None
-    return 1.0 - float(((predicted[ok] - observed[ok]) ** 2).sum()) / reference
+    return 1.0 - float(sum(window_errors(predicted, observed)["sse"])) / reference
 
 
 def window_errors(predicted: np.ndarray, observed: np.ndarray) -> dict[str, list]:
@@ -121,11 +128,9 @@ def site_year_errors(windows: YearWindows, preds: dict[str, np.ndarray],
     out: dict = {"units": [f"{site}:{int(year)}" for site, year in zip(windows.sites, windows.years)]}
     for name in names:
         observed = windows.target(name)
-        cycle = np.full_like(observed, np.nan)
+        sst = np.zeros(len(observed))
         for site in dict.fromkeys(windows.sites):
             rows = windows.sites == site
-            cycle[rows] = seasonal_cycle(observed[rows])
-        ok = np.isfinite(observed) & np.isfinite(cycle)
-        sst = np.where(ok, (np.where(ok, observed, 0.0) - np.where(ok, cycle, 0.0)) ** 2, 0.0).sum(axis=1)
+            sst[rows] = anomaly_reference(observed[rows])
         out[name] = {**window_errors(preds[name], observed), "sst_anomaly": [float(v) for v in sst]}
     return out

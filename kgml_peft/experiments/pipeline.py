@@ -14,7 +14,7 @@ from kgml_peft.errors import KgmlPeftError
 from kgml_peft.experiments.config import ExperimentConfig
 from kgml_peft.experiments.report import aggregate, write_report
 from kgml_peft.experiments.runs import Experiment
-from kgml_peft.experiments.suite_baselines import check_baselines
+from kgml_peft.experiments.suite_baselines import fit_baselines
 from kgml_peft.atomic import atomic_path, check_output_folder
 
 
@@ -99,14 +99,14 @@ def run_experiment(frame: pd.DataFrame, config: ExperimentConfig, out: str | os.
     check_jobs(jobs)
     out = _check_out(out)
     experiment = Experiment(frame, config, out, cpu=cpu)  # every data check before any training
-    check_baselines(experiment)  # the report's baselines too
+    baselines = fit_baselines(experiment)  # the report's baselines: checked before any training too
     out.mkdir(parents=True, exist_ok=True)
     claim_folder(out, experiment.identity())
     todo = [run for run in experiment.plan.runs if not experiment.done(run)]
     first = [r for r in todo if r.method == "scratch" and r.regions == experiment.regions]
     execute_runs(experiment, partial(Experiment, frame, config, str(out), cpu=cpu), first,
                  [r for r in todo if r not in first], jobs=jobs, progress=progress)
-    results = aggregate(experiment)
+    results = aggregate(experiment, baselines)
     results["resumed_runs"] = len(experiment.plan.runs) - len(todo)
     write_report(results, out)
     return results

@@ -19,7 +19,7 @@ from kgml_peft.experiments.baselines import BASELINE_OUTPUTS
 from kgml_peft.experiments.bootstrap import percentile_interval, resampled_mse, resamples
 from kgml_peft.experiments.config import MAIN_REGIMES
 from kgml_peft.experiments.runs import Experiment
-from kgml_peft.experiments.suite_baselines import BASELINES, fitted_values, new_site_baselines, region_baselines
+from kgml_peft.experiments.suite_baselines import BASELINES, fit_baselines, fitted_values
 from kgml_peft.atomic import atomic_path
 from kgml_peft.provenance import provenance
 
@@ -89,9 +89,10 @@ def score_cell(rows: dict[str, list[dict]], seed: int = 0) -> dict[str, dict]:
     return out
 
 
-def aggregate(experiment: Experiment) -> dict:
+def aggregate(experiment: Experiment, baselines: dict | None = None) -> dict:
     """results.json's content from the runs of ``experiment`` (all must be finished) and its
-    baselines (:mod:`.suite_baselines`, computed here)."""
+    ``baselines`` (:func:`~.suite_baselines.fit_baselines`, fitted here when not given)."""
+    baselines = baselines or fit_baselines(experiment)
     plan = experiment.plan
     records = {run.key: experiment.load(run) for run in plan.runs}
     regions = experiment.regions
@@ -101,7 +102,7 @@ def aggregate(experiment: Experiment) -> dict:
                 for regime, by_region in plan.regimes.items()}
         rows.update({f"cross_{unit}": [records[k]["test"][region]["errors"] for k in by_region[region]]
                      for unit, by_region in plan.cross.items()})
-        rows.update({name: [errors] for name, errors in region_baselines(experiment, region).items()})
+        rows.update({name: [errors] for name, errors in baselines["regions"][region].items()})
         cells[region] = score_cell(rows)
     regimes: dict = {}
     for regime, by_region in plan.regimes.items():
@@ -132,7 +133,7 @@ def aggregate(experiment: Experiment) -> dict:
                          for region in regions}
                 for regime in ("full_finetune", "adapters")}
     global_runs = [records[k] for k in plan.regimes["global_only"][regions[0]]]
-    new = new_site_results(experiment, records)
+    new = new_site_results(experiment, records, baselines["new_sites"])
     return {
         "config": experiment.config.to_dict(),
         "regions": list(regions),
@@ -168,9 +169,10 @@ def _new_site_test(record: dict, site: str) -> dict:
     return record["new_sites"][site] if "new_sites" in record else record["test"]["site"]
 
 
-def new_site_results(experiment: Experiment, records: dict) -> dict:
+def new_site_results(experiment: Experiment, records: dict, baselines: dict) -> dict:
     """``new_sites.<method>.<region>.k<k>``: per target, the figures of :func:`score_cell` on the
-    region's new fields' test site-years pooled (per seed), the baselines beside the GRU methods;
+    region's new fields' test site-years pooled (per seed), the ``baselines`` (per ``(site, k)``,
+    :func:`~.suite_baselines.fit_baselines`) beside the GRU methods;
     with per-field MSEs (``sites``, mean over seeds) and, for calibrated methods, the share of runs
     whose early stopping kept epoch 0 (the global model)."""
     plan = experiment.plan
@@ -196,7 +198,7 @@ def new_site_results(experiment: Experiment, records: dict) -> dict:
     out: dict = {}
     for (region, k), rows in cells.items():
         fields = sorted(experiment.new_sites[region])
-        per_field = [new_site_baselines(experiment, site, k) for site in fields]
+        per_field = [baselines[site, k] for site in fields]
         for name in BASELINES:
             rows[name] = [merge_errors([errors[name] for errors in per_field])]
         for name, entry in score_cell(rows).items():

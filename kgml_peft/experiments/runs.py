@@ -222,7 +222,6 @@ def held_out_metrics(model: torch.nn.Module, scalers: Scalers, windows: YearWind
             "site_years": len(windows), "physics": {**group["physics"], "l_phys": l_phys}}
 
 
-
 def _complete(scalers: Scalers) -> Scalers:
     """Output scalers for outputs the data never observes (flux towers see Reco, not Ra and Rh):
     Ra and Rh get half of Reco's mean and std, a missing Yield mean 0 and std 1. They only set

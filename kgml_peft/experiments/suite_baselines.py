@@ -52,46 +52,57 @@ def _errors(test: YearWindows, preds: dict[str, np.ndarray]) -> dict:
     return site_year_errors(test, preds, BASELINE_OUTPUTS)
 
 
-def region_baselines(experiment, region: str) -> dict[str, dict]:
-    """Per baseline row name, its per-site-year errors on ``region``'s test years."""
+def region_baselines(experiment, region: str, everything: RecoRegression | None = None) -> dict[str, dict]:
+    """Per baseline row name, its per-site-year errors on ``region``'s test years; ``everything``
+    is the regression on every training year when it was fitted already (:func:`fit_baselines`)."""
     split, config = experiment.split, experiment.config
     test = split.region("test", (region,))
     own = split.region("train", (region,))
 
-    def regression(windows: YearWindows, what: str) -> dict[str, np.ndarray]:
-        return _fitted(what, lambda: RecoRegression.fit(windows)).predict(test)
+    def regression(windows: YearWindows, what: str) -> RecoRegression:
+        return _fitted(what, lambda: RecoRegression.fit(windows))
 
-    preds = {"regression_global": regression(split.train, "every region"),
-             "regression_site": regression(own, f"region {region}"),
+    everything = everything or regression(split.train, "every region")
+    preds = {"regression_global": everything.predict(test),
+             "regression_site": regression(own, f"region {region}").predict(test),
              "climatology": site_climatology(own, test)}
     for years in config.scarcity:
         recent = split.region("train", (region,), years)
-        preds[f"scarcity_regression_site_{years}y"] = regression(recent, f"region {region}, {years} year(s)")
+        fitted = regression(recent, f"region {region}, {years} year(s)")
+        preds[f"scarcity_regression_site_{years}y"] = fitted.predict(test)
         preds[f"scarcity_climatology_{years}y"] = site_climatology(recent, test)
     for name, unit in experiment.plan.cross_units.items():
-        preds[f"cross_regression_{name}"] = regression(split.region("train", unit), name)
+        preds[f"cross_regression_{name}"] = regression(split.region("train", unit), name).predict(test)
     return {name: _errors(test, values) for name, values in preds.items()}
 
 
-def new_site_baselines(experiment, site: str, years: int) -> dict[str, dict]:
-    """Per baseline, its errors on new field ``site``'s test years after calibrating on ``years``."""
+def new_site_baselines(experiment, site: str, years: int, known: RecoRegression | None = None) -> dict[str, dict]:
+    """Per baseline, its errors on new field ``site``'s test years after calibrating on ``years``;
+    ``known`` is the regression on the known sites' training years when it was fitted already."""
     calibration, test = experiment.new_site_parts(site, years)
     what = f"new field {site}, first {years} year(s)"
-    known = _fitted("the known sites", lambda: RecoRegression.fit(experiment.known(experiment.split.train)))
+    known = known or _fitted("the known sites",
+                             lambda: RecoRegression.fit(experiment.known(experiment.split.train)))
     preds = {"regression_global": known.predict(test),
              "regression_site": _fitted(what, lambda: RecoRegression.fit(calibration)).predict(test),
              "climatology": _fitted(what, lambda: Climatology.fit(calibration)).predict(test)}
     return {name: _errors(test, values) for name, values in preds.items()}
 
 
-def check_baselines(experiment) -> None:
-    """Fit every baseline of ``experiment`` once (milliseconds), so data a baseline cannot be fitted
-    on is refused before any training instead of after it, when the report is built."""
-    for region in experiment.regions:
-        region_baselines(experiment, region)
-    for site in experiment.new_windows:
-        for years in experiment.config.new_site_years:
-            new_site_baselines(experiment, site, years)
+def fit_baselines(experiment) -> dict:
+    """Every baseline of ``experiment``: ``regions[region]`` (:func:`region_baselines`) and
+    ``new_sites[(site, k)]`` (:func:`new_site_baselines`), each global regression fitted once.
+    Milliseconds, so :func:`~.pipeline.run_experiment` calls it before any training: data a
+    baseline cannot be fitted on is refused then, not after the runs, and the report reuses it."""
+    split = experiment.split
+    everything = _fitted("every region", lambda: RecoRegression.fit(split.train))
+    out: dict = {"regions": {r: region_baselines(experiment, r, everything) for r in experiment.regions},
+                 "new_sites": {}}
+    if experiment.new_windows:
+        known = _fitted("the known sites", lambda: RecoRegression.fit(experiment.known(split.train)))
+        out["new_sites"] = {(site, k): new_site_baselines(experiment, site, k, known)
+                            for site in experiment.new_windows for k in experiment.config.new_site_years}
+    return out
 
 
 def fitted_values(name: str) -> int:
